@@ -1,0 +1,57 @@
+"""Loss settings as data: defaults from cfg/losses, overrides, and errors naming file, line and range."""
+
+import pytest
+
+from yolo_sizeloss.config import METHODS, LossConfigError, load_loss_config, parse_loss_names
+
+
+def test_defaults_follow_methods_md():
+    assert load_loss_config("baseline") == {}
+    cfg = load_loss_config("feedback+scb+plb+gradlibra")
+    assert list(cfg) == ["feedback", "scb", "plb", "gradlibra"]
+    assert cfg["feedback"] == {"small_area": 1024, "momentum": 0.9, "g_max": 4.0, "terms": ["box"]}
+    assert cfg["scb"] == {"alpha": 1.0, "beta": 3.0, "terms": ["cls"]}
+    assert cfg["plb"] == {"source": "predicted", "terms": ["box", "cls"]}
+    assert cfg["gradlibra"] == {"alpha_pos": 0.8, "alpha_neg": 0.8}
+
+
+@pytest.mark.parametrize("spec", ["focal", "plb+foo", "plb+plb", "baseline+scb", ""])
+def test_bad_loss_names(spec):
+    with pytest.raises(LossConfigError, match="valid names|twice|cannot be combined"):
+        parse_loss_names(spec)
+
+
+def test_override_file_changes_only_what_it_names(tmp_path):
+    path = tmp_path / "o.yaml"
+    path.write_text("plb:\n  source: gt\nscb:\n  terms: [box, cls]\n")
+    cfg = load_loss_config("plb+scb", path)
+    assert cfg["plb"] == {"source": "gt", "terms": ["box", "cls"]}
+    assert cfg["scb"] == {"alpha": 1.0, "beta": 3.0, "terms": ["box", "cls"]}
+
+
+@pytest.mark.parametrize(
+    "spec, text, message",
+    [
+        ("gradlibra", "gradlibra:\n  alpha_pos: 0.8\n  alpha_neg: 0\n", r"o\.yaml:3: gradlibra\.alpha_neg = 0 .*\(0, 1\]"),
+        ("gradlibra", "gradlibra:\n  alpha_pos: 1.5\n", r"o\.yaml:2: gradlibra\.alpha_pos = 1\.5 .*\(0, 1\]"),
+        ("scb", "scb:\n  beta: -1\n", r"o\.yaml:2: scb\.beta = -1 .*> 0"),
+        ("feedback", "feedback:\n  g_max: 0.5\n", r"o\.yaml:2: feedback\.g_max = 0\.5 .*>= 1"),
+        ("feedback", "feedback:\n  small_area: -4\n", r"o\.yaml:2: feedback\.small_area = -4 .*>= 0"),
+        ("feedback", "feedback:\n  momentum: 1\n", r"o\.yaml:2: feedback\.momentum = 1 .*\[0, 1\)"),
+        ("plb", "plb:\n  source: anchors\n", r"o\.yaml:2: plb\.source = 'anchors' .*predicted, gt"),
+        ("plb", "plb:\n  terms: [box, obj]\n", r"o\.yaml:2: plb\.terms .*box, cls"),
+        ("plb", "plb:\n  sorce: gt\n", r"o\.yaml:2: unknown key 'plb\.sorce' \(known: source, terms\)"),
+        ("plb", "scb:\n  beta: 2\n", r"o\.yaml:1: section 'scb' is not selected by --loss plb"),
+        ("plb", "plb: [1, 2\n", r"o\.yaml:\d+: not valid YAML"),
+    ],
+)
+def test_override_errors_name_file_line_and_range(tmp_path, spec, text, message):
+    path = tmp_path / "o.yaml"
+    path.write_text(text)
+    with pytest.raises(LossConfigError, match=message):
+        load_loss_config(spec, path)
+
+
+def test_every_method_has_a_default_file():
+    for method in METHODS:
+        assert load_loss_config(method)[method]

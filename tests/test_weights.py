@@ -1,0 +1,101 @@
+"""The pure weight functions and the feedback state, against values computed by hand."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from yolo_sizeloss.weights import FeedbackBalancer, feedback_gain, gradlibra_weights, plb_weights, scb_weights
+
+
+def test_plb_hand_values():
+    assert torch.allclose(plb_weights(torch.tensor([1.0, 3.0])), torch.tensor([4 / 3, 4 / 5]), atol=1e-6)
+    assert torch.allclose(plb_weights(torch.tensor([7.0])), torch.tensor([1.0]))
+    # range [2/(n+1), 2): one big box among many tiny ones
+    w = plb_weights(torch.tensor([0.0, 0.0, 0.0, 100.0]))
+    assert torch.allclose(w[3], torch.tensor(2 / 5), atol=1e-6) and torch.all(w[:3] < 2) and torch.all(w[:3] > 1.99)
+
+
+def test_plb_degenerate_inputs_stay_finite():
+    assert torch.equal(plb_weights(torch.zeros(3)), torch.ones(3))
+    assert plb_weights(torch.zeros(0)).shape == (0,)
+    assert torch.isfinite(plb_weights(torch.tensor([0.0, 1e-12, 5.0]))).all()
+
+
+def test_scb_hand_values():
+    expected = [3.0, 3 * (math.log(2) + 1) / 2, 3 * (math.log(5) + 1) / 5, 3 * (math.log(10) + 1) / 10]
+    got = scb_weights(torch.tensor([1, 2, 5, 10]))
+    assert torch.allclose(got, torch.tensor(expected))
+    assert torch.allclose(got, torch.tensor([3.0, 2.5397, 1.5657, 0.9908]), atol=1e-4)
+    assert torch.allclose(scb_weights(torch.tensor([20.0])), torch.tensor([0.5994]), atol=1e-4)
+    assert torch.isfinite(scb_weights(torch.tensor([0.0]))).all() and scb_weights(torch.zeros(0)).shape == (0,)
+
+
+def test_gradlibra_hand_values():
+    p = torch.tensor([0.9, 0.2, 0.7, 0.0, 0.5])
+    t = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.6])  # 0.6: a soft positive
+    g = torch.tensor([0.1, 0.8, 0.7, 0.0, 0.1])
+    expected = g - torch.tensor([0.8, 0.8, 0.5, 0.5, 0.8]) * torch.sin(g)
+    assert torch.allclose(gradlibra_weights(p, t, alpha_pos=0.8, alpha_neg=0.5), expected)
+    assert torch.allclose(gradlibra_weights(torch.tensor([0.0]), torch.tensor([1.0])), torch.tensor([1 - 0.8 * math.sin(1)]))
+    assert gradlibra_weights(torch.zeros(0), torch.zeros(0)).shape == (0,)
+
+
+def test_feedback_gain_edges():
+    r, q = torch.tensor(0.25, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    assert feedback_gain(r, q, 4.0) == 2.0
+    assert feedback_gain(torch.tensor(0.0), torch.tensor(0.5), 4.0) == 4.0  # no small loss at all: the cap
+    assert feedback_gain(torch.tensor(0.5), torch.tensor(0.0), 4.0) == 1.0
+    assert feedback_gain(torch.tensor(0.6), torch.tensor(0.3), 4.0) == 1.0  # small objects already loud: 1
+    assert feedback_gain(torch.tensor(0.01), torch.tensor(0.5), 4.0) == 4.0
+
+
+def test_feedback_sequence_by_hand():
+    b = FeedbackBalancer(momentum=0.5, g_max=4.0)
+    assert b.gain == 1.0  # before any step
+    # step 1: small loss 1 of 4 (r=.25), 1 of 2 instances small (q=.5): EMA starts at the values, G=2
+    assert b.update(1.0, 4.0, 1, 2) == 2.0
+    assert (b.r, b.q, b.steps) == (0.25, 0.5, 1)
+    # step 2: no small object: EMAs unchanged, G=1
+    assert b.update(0.0, 4.0, 0, 2) == 1.0
+    assert (b.r, b.q, b.steps) == (0.25, 0.5, 1)
+    # step 3: r=.1, q=.5 -> r_ema=.175, q_ema=.5 -> G=.5/.175
+    assert torch.isclose(b.update(0.4, 4.0, 2, 4), torch.tensor(0.5 / 0.175, dtype=torch.float64))
+    assert torch.isclose(b.r, torch.tensor(0.175, dtype=torch.float64))
+    # step 4: no box loss at all (r = 0/0): G=1, state kept
+    assert b.update(0.0, 0.0, 1, 1) == 1.0 and b.steps == 2
+    # step 5: r=.9 -> r_ema=.5375, q=.25 -> q_ema=.375: ratio < 1 -> G=1
+    assert b.update(0.9, 1.0, 1, 4) == 1.0
+    assert torch.isclose(b.q, torch.tensor(0.375, dtype=torch.float64))
+    # momentum 0 is Stitcher's raw previous step; the state travels in state_dict
+    s = FeedbackBalancer(momentum=0.0, g_max=3.0)
+    s.update(1.0, 4.0, 1, 2)
+    assert s.update(0.1, 1.0, 1, 2) == 3.0  # q/r = 5, capped
+    copy = FeedbackBalancer(momentum=0.0, g_max=3.0)
+    copy.load_state_dict(s.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), s.state_dict().values()))
+
+
+def _distributed_worker(rank: int, world: int, port: int, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    b = FeedbackBalancer(momentum=0.0, g_max=4.0)
+    # rank 0 sees small loss 1 of 2 and 1 of 1 instances; rank 1 sees 0 of 2 and 1 of 3
+    step = [(1.0, 2.0, 1, 1), (0.0, 2.0, 1, 3)][rank]
+    b.update(*step)
+    results[rank] = [float(v) for v in b.state_dict().values()]
+    dist.destroy_process_group()
+
+
+def test_feedback_state_is_averaged_across_two_gloo_processes():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_distributed_worker, args=(2, port, results), nprocs=2, join=True)
+    # summed: small loss 1 of 4 (r=.25), small 2 of 4 instances (q=.5) -> G=2, on both ranks
+    assert results[0] == results[1] == [0.25, 0.5, 2.0, 1.0]

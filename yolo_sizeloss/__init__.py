@@ -1,0 +1,1 @@
+"""Size-aware loss weightings for Ultralytics YOLO and torchvision Faster R-CNN."""

@@ -1,0 +1,169 @@
+"""Loss settings as data: ``cfg/losses/<method>.yaml`` holds each method's defaults, validated here.
+
+A loss specification names methods joined by ``+`` (``plb+scb``) or ``baseline``. The resolved
+settings are a plain dict ``{method: {key: value}}`` (empty for baseline), saved with every run.
+Every error names the file, the line and the allowed range, and is raised before training starts.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from yolo_sizeloss.paths import CFG_DIR
+
+LOSS_CFG_DIR = CFG_DIR / "losses"
+METHODS = ("feedback", "scb", "plb", "gradlibra")
+TERMS = ("box", "cls")
+
+
+class LossConfigError(ValueError):
+    """A loss setting is unknown or out of range; the message says where and what is allowed."""
+
+
+def _number(check: Callable[[float], bool], allowed: str):
+    def validate(value: Any) -> tuple[bool, str]:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return ok and check(value), allowed
+
+    return validate
+
+
+def _choice(*options: str):
+    def validate(value: Any) -> tuple[bool, str]:
+        return value in options, f"one of {', '.join(options)}"
+
+    return validate
+
+
+def _terms(value: Any) -> tuple[bool, str]:
+    ok = isinstance(value, list) and all(t in TERMS for t in value) and len(set(value)) == len(value)
+    return ok, f"a list of distinct terms from {', '.join(TERMS)} (may be empty)"
+
+
+SCHEMA: dict[str, dict[str, Callable[[Any], tuple[bool, str]]]] = {
+    "plb": {"source": _choice("predicted", "gt"), "terms": _terms},
+    "scb": {
+        "alpha": _number(lambda v: v > 0, "a number > 0"),
+        "beta": _number(lambda v: v > 0, "a number > 0"),
+        "terms": _terms,
+    },
+    "feedback": {
+        "small_area": _number(lambda v: v >= 0, "a number >= 0 (network-input pixels squared)"),
+        "momentum": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        "g_max": _number(lambda v: v >= 1, "a number >= 1"),
+        "terms": _terms,
+    },
+    "gradlibra": {
+        "alpha_pos": _number(lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        "alpha_neg": _number(lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    },
+}
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path of a YAML mapping to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                path = (*prefix, str(key.value))
+                lines[path] = key.start_mark.line + 1
+                walk(value, path)
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict[tuple[str, ...], int]]:
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text)
+        lines = _key_lines(text)
+    except OSError as e:
+        raise LossConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise LossConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}, lines
+    if not isinstance(data, dict):
+        raise LossConfigError(f"{path}:1: expected a mapping of method sections, got {type(data).__name__}")
+    return data, lines
+
+
+def _merge_section(
+    target: dict, method: str, section: Any, path: Path, lines: dict[tuple[str, ...], int]
+) -> None:
+    where = f"{path}:{lines.get((method,), 1)}"
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise LossConfigError(f"{where}: section '{method}' must be a mapping of settings")
+    for key, value in section.items():
+        line = lines.get((method, str(key)), lines.get((method,), 1))
+        if key not in SCHEMA[method]:
+            known = ", ".join(SCHEMA[method])
+            raise LossConfigError(f"{path}:{line}: unknown key '{method}.{key}' (known: {known})")
+        ok, allowed = SCHEMA[method][key](value)
+        if not ok:
+            raise LossConfigError(f"{path}:{line}: {method}.{key} = {value!r} is out of range: must be {allowed}")
+        target[key] = value
+
+
+def parse_loss_names(spec: str) -> list[str]:
+    """Split a loss specification (``baseline``, ``plb``, ``plb+scb``) into method names, validated."""
+    names = [n.strip() for n in spec.split("+")]
+    valid = ("baseline", *METHODS)
+    for name in names:
+        if name not in valid:
+            raise LossConfigError(
+                f"unknown loss {name!r} in {spec!r}: valid names are {', '.join(valid)}, combined with '+'"
+            )
+    if len(set(names)) != len(names):
+        raise LossConfigError(f"loss {spec!r} names a method twice")
+    if "baseline" in names and len(names) > 1:
+        raise LossConfigError(f"loss {spec!r}: 'baseline' is the stock loss and cannot be combined")
+    return [] if names == ["baseline"] else names
+
+
+def load_loss_config(spec: str, override: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """Resolve ``spec`` into ``{method: settings}``: defaults from ``cfg/losses``, then ``override``.
+
+    ``override`` is a YAML file with sections for (some of) the selected methods; a section for a
+    method that ``spec`` does not select, an unknown key or an out-of-range value is an error.
+    """
+    config: dict[str, dict[str, Any]] = {}
+    for method in parse_loss_names(spec):
+        path = LOSS_CFG_DIR / f"{method}.yaml"
+        data, lines = _read_yaml(path)
+        if set(data) != {method}:
+            raise LossConfigError(f"{path}:1: must hold exactly one section, '{method}'")
+        config[method] = {}
+        _merge_section(config[method], method, data[method], path, lines)
+        missing = set(SCHEMA[method]) - set(config[method])
+        if missing:
+            raise LossConfigError(f"{path}: defaults missing for {', '.join(sorted(missing))}")
+    if override is not None:
+        path = Path(override)
+        data, lines = _read_yaml(path)
+        for method, section in data.items():
+            if method not in config:
+                raise LossConfigError(
+                    f"{path}:{lines.get((str(method),), 1)}: section '{method}' is not selected by --loss {spec} "
+                    f"(selected: {', '.join(config) or 'baseline'})"
+                )
+            _merge_section(config[method], method, section, path, lines)
+    return config
+
+
+def loss_name(config: dict[str, dict[str, Any]]) -> str:
+    """The ``--loss`` specification a resolved config came from (``baseline`` when empty)."""
+    return "+".join(config) or "baseline"

@@ -1,0 +1,169 @@
+"""Convert a Pascal-VOC data set (XML boxes) to the Ultralytics YOLO format.
+
+    python -m yolo_sizeloss.convert SRC DST [--classes RBC,WBC,Platelets] [--splits train,val,test]
+
+SRC holds ``Annotations/*.xml``, ``JPEGImages/*`` and ``ImageSets/Main/<split>.txt``. DST gets
+``images/<split>/`` (copies), ``labels/<split>/*.txt`` (``cls xc yc w h``, normalised) and a
+``data.yaml`` with an absolute ``path``. Nothing is dropped silently: degenerate boxes are dropped
+with a warning, boxes past the image border are clipped with a warning, and the summary counts both.
+An unknown class, an unreadable XML file or a missing image is an error that names the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+BCCD_CLASSES = ("RBC", "WBC", "Platelets")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class ConversionError(ValueError):
+    """Bad VOC input: the message names the file (and the object) at fault."""
+
+
+@dataclass
+class ConversionSummary:
+    """What a conversion kept, dropped and clipped, per split and per class."""
+
+    images: dict[str, int] = field(default_factory=dict)
+    kept: int = 0
+    dropped: int = 0
+    clipped: int = 0
+    per_class: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        splits = ", ".join(f"{k} {v}" for k, v in self.images.items())
+        classes = ", ".join(f"{k} {v}" for k, v in self.per_class.items())
+        return (
+            f"images: {sum(self.images.values())} ({splits}); boxes kept: {self.kept} ({classes}); "
+            f"dropped: {self.dropped}; clipped: {self.clipped}"
+        )
+
+
+def _read_number(obj: ET.Element, tag: str, xml_path: Path, index: int) -> float:
+    node = obj.find(f"bndbox/{tag}")
+    try:
+        return float(node.text)  # type: ignore[union-attr]
+    except (AttributeError, TypeError, ValueError):
+        raise ConversionError(f"{xml_path}: object {index}: missing or non-numeric <{tag}>") from None
+
+
+def voc_to_yolo_lines(
+    xml_path: Path, classes: tuple[str, ...], summary: ConversionSummary
+) -> list[str]:
+    """Return the YOLO label lines of one VOC file, updating ``summary`` and warning on bad boxes."""
+    try:
+        root = ET.parse(xml_path).getroot()
+        width = float(root.find("size/width").text)  # type: ignore[union-attr]
+        height = float(root.find("size/height").text)  # type: ignore[union-attr]
+    except ET.ParseError as e:
+        raise ConversionError(f"{xml_path}: unreadable XML ({e})") from None
+    except (AttributeError, TypeError, ValueError):
+        raise ConversionError(f"{xml_path}: missing or non-numeric <size><width>/<height>") from None
+    if width <= 0 or height <= 0:
+        raise ConversionError(f"{xml_path}: image size {width}x{height} is not positive")
+
+    lines = []
+    for index, obj in enumerate(root.findall("object")):
+        name = (obj.findtext("name") or "").strip()
+        if name not in classes:
+            raise ConversionError(
+                f"{xml_path}: object {index}: unknown class {name!r} (known: {', '.join(classes)})"
+            )
+        box = [_read_number(obj, t, xml_path, index) for t in ("xmin", "ymin", "xmax", "ymax")]
+        x0, y0 = max(box[0], 0.0), max(box[1], 0.0)
+        x1, y1 = min(box[2], width), min(box[3], height)
+        where = f"{xml_path}: object {index} ({name}) box {[int(v) if v.is_integer() else v for v in box]}"
+        if x1 <= x0 or y1 <= y0:
+            summary.dropped += 1
+            summary.warnings.append(f"{where}: zero-area or inverted, dropped")
+            continue
+        if (x0, y0, x1, y1) != tuple(box):
+            summary.clipped += 1
+            summary.warnings.append(f"{where}: outside the {width:g}x{height:g} image, clipped")
+        summary.kept += 1
+        summary.per_class[name] = summary.per_class.get(name, 0) + 1
+        xc, yc = (x0 + x1) / 2 / width, (y0 + y1) / 2 / height
+        w, h = (x1 - x0) / width, (y1 - y0) / height
+        lines.append(f"{classes.index(name)} {xc:.6f} {yc:.6f} {w:.6f} {h:.6f}")
+    return lines
+
+
+def _find_image(images_dir: Path, stem: str, xml_path: Path) -> Path:
+    for suffix in IMAGE_SUFFIXES:
+        for candidate in (images_dir / f"{stem}{suffix}", images_dir / f"{stem}{suffix.upper()}"):
+            if candidate.is_file():
+                return candidate
+    raise ConversionError(f"{xml_path}: image {stem}.* not found in {images_dir}")
+
+
+def convert_voc(
+    src: str | Path,
+    dst: str | Path,
+    classes: tuple[str, ...] = BCCD_CLASSES,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+    log=print,
+) -> ConversionSummary:
+    """Convert the VOC tree at ``src`` into a YOLO tree at ``dst``; return the summary.
+
+    Each warning and the summary line go through ``log``. The whole input is checked before ``dst``
+    is written, so an error leaves no half-converted output behind.
+    """
+    src, dst = Path(src), Path(dst)
+    summary = ConversionSummary(per_class={c: 0 for c in classes})
+    plan: list[tuple[str, Path, list[str]]] = []
+    for split in splits:
+        list_file = src / "ImageSets" / "Main" / f"{split}.txt"
+        if not list_file.is_file():
+            raise ConversionError(f"{list_file}: split list not found")
+        stems = [s.strip() for s in list_file.read_text().splitlines() if s.strip()]
+        for stem in stems:
+            xml_path = src / "Annotations" / f"{stem}.xml"
+            if not xml_path.is_file():
+                raise ConversionError(f"{list_file}: {stem}: annotation {xml_path} not found")
+            lines = voc_to_yolo_lines(xml_path, classes, summary)
+            plan.append((split, _find_image(src / "JPEGImages", stem, xml_path), lines))
+        summary.images[split] = len(stems)
+
+    for split in splits:
+        for sub in ("images", "labels"):
+            shutil.rmtree(dst / sub / split, ignore_errors=True)
+            (dst / sub / split).mkdir(parents=True)
+    for split, image, lines in plan:
+        shutil.copy2(image, dst / "images" / split / image.name)
+        (dst / "labels" / split / f"{image.stem}.txt").write_text("".join(f"{ln}\n" for ln in lines))
+    data = {"path": str(dst.resolve()), **{s: f"images/{s}" for s in splits}}
+    data["names"] = dict(enumerate(classes))
+    (dst / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+    for warning in summary.warnings:
+        log(f"WARNING {warning}")
+    log(str(summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m yolo_sizeloss.convert", description=__doc__.split("\n")[0])
+    parser.add_argument("src", help="VOC root (Annotations/, JPEGImages/, ImageSets/Main/)")
+    parser.add_argument("dst", help="output root for images/, labels/ and data.yaml")
+    parser.add_argument("--classes", default=",".join(BCCD_CLASSES), help="class names in index order")
+    parser.add_argument("--splits", default="train,val,test", help="split lists to convert")
+    args = parser.parse_args(argv)
+    try:
+        convert_voc(args.src, args.dst, tuple(args.classes.split(",")), tuple(args.splits.split(",")))
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

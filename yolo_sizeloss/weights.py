@@ -1,0 +1,110 @@
+"""The size-aware weight formulas, as pure functions of detached tensors (see shared METHODS.md).
+
+Each function returns weights that scale a loss; none is ever differentiated. The detector glue
+(``yolo_sizeloss.yolo.loss`` for Ultralytics, ``yolo_sizeloss.rcnn`` for torchvision) decides which
+boxes or anchors enter and which loss terms the weights multiply.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+PLB_EPS = 1e-6  # keeps the PLB mean away from zero for an all-zero batch
+
+
+def plb_weights(areas: torch.Tensor, eps: float = PLB_EPS) -> torch.Tensor:
+    """Pixel Level Balancing (Hu et al., Frontiers in Physiology 2022).
+
+    ``PLB_i = 2*m / (a_i + m)`` with ``m`` the mean of all ``areas`` passed in (pool them over the
+    whole batch before calling). An average-sized box gets 1, a box of area -> 0 tends to 2, a lone
+    box gets 1; the range is ``[2/(n+1), 2)``. ``eps`` is added to every area, so zero areas give
+    finite weights (all-zero areas are all average-sized: 1 each).
+    """
+    areas = areas.detach().float() + eps
+    if areas.numel() == 0:
+        return areas
+    mean = areas.mean()
+    return 2 * mean / (areas + mean)
+
+
+def scb_weights(counts: torch.Tensor, alpha: float = 1.0, beta: float = 3.0) -> torch.Tensor:
+    """Scale-balanced weight (Shuang et al., Pattern Recognition 117, 2021).
+
+    ``W_i = beta * (ln(M_i) + alpha) / M_i`` for an object matched by ``M_i`` positive anchors in its
+    image (natural log). With alpha 1, beta 3: M=1 gives 3.0, 2 gives 2.54, 5 gives 1.57, 10 gives
+    0.99. Counts below 1 (objects no anchor matched) are clamped to 1, so weights stay finite.
+    """
+    m = counts.detach().float().clamp(min=1.0)
+    return beta * (torch.log(m) + alpha) / m
+
+
+def gradlibra_weights(
+    probs: torch.Tensor, targets: torch.Tensor, alpha_pos: float = 0.8, alpha_neg: float = 0.8
+) -> torch.Tensor:
+    """Grad-Libra hardness weight (Liu et al., MICCAI 2022, arXiv 2208.03779).
+
+    With ``g = |p - t|`` (the gradient of BCE with respect to the logit), ``G = g - alpha*sin(g)``
+    element-wise, ``alpha = alpha_pos`` where ``t > 0`` (soft targets count as positive) and
+    ``alpha_neg`` where ``t == 0``. Multiply the element-wise BCE by ``G``.
+    """
+    g = (probs.detach().float() - targets.detach().float()).abs()
+    alpha = torch.where(targets > 0, alpha_pos, alpha_neg)
+    return g - alpha * torch.sin(g)
+
+
+def feedback_gain(r: torch.Tensor, q: torch.Tensor, g_max: float) -> torch.Tensor:
+    """Feedback-driven gain (this project's definition after Liu, Han, Rong, IVC 111, 2021).
+
+    ``G = clip(q / r, 1, g_max)``: ``r`` is the small objects' share of the box loss, ``q`` their
+    share of the matched instances. ``r == 0`` with ``q > 0`` gives ``g_max``; ``q == 0`` gives 1.
+    """
+    ratio = torch.where(r > 0, q / r.clamp(min=torch.finfo(r.dtype).tiny), g_max)
+    return torch.where(q > 0, ratio.clamp(1.0, g_max), 1.0)
+
+
+class FeedbackBalancer(nn.Module):
+    """Running state of the feedback-driven loss: EMAs of ``r`` and ``q`` and the next step's gain.
+
+    After each step, ``update`` takes the step's detached sums: the box loss of small objects and of
+    all objects, and the count of small and of all matched instances (summed across processes when
+    ``torch.distributed`` is initialised, so every rank holds the same state). Then
+    ``r = small_loss / total_loss``, ``q = small_count / total_count``,
+    ``ema <- momentum * ema + (1 - momentum) * value`` (the first update sets the EMA directly;
+    momentum 0 keeps only the last step, as in Stitcher), and ``gain = feedback_gain(r_ema, q_ema)``.
+    A step with no small object, or with no box loss at all (r = 0/0), leaves the EMAs as they were
+    and sets the gain for the next step to 1. The buffers travel with ``state_dict``.
+    """
+
+    def __init__(self, momentum: float = 0.9, g_max: float = 4.0):
+        super().__init__()
+        self.momentum = momentum
+        self.g_max = g_max
+        self.register_buffer("r", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("q", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("gain", torch.tensor(1.0, dtype=torch.float64))
+        self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
+
+    @torch.no_grad()
+    def update(
+        self, small_loss: torch.Tensor, total_loss: torch.Tensor, small_count: torch.Tensor, total_count: torch.Tensor
+    ) -> torch.Tensor:
+        """Fold one step's sums into the running state; return the gain for the next step.
+
+        Branch-free on the tensors, so a GPU step does not wait for the host.
+        """
+        sums = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.r.device) for v in
+                            (small_loss, total_loss, small_count, total_count)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        small_loss, total_loss, small_count, total_count = sums
+        informative = (small_count > 0) & (total_loss > 0)
+        keep = torch.where(self.steps > 0, self.momentum, 0.0).to(self.r)
+        r = keep * self.r + (1 - keep) * small_loss / total_loss.clamp(min=torch.finfo(sums.dtype).tiny)
+        q = keep * self.q + (1 - keep) * small_count / total_count.clamp(min=1.0)
+        self.r.copy_(torch.where(informative, r, self.r))
+        self.q.copy_(torch.where(informative, q, self.q))
+        self.steps += informative.long()
+        self.gain.copy_(torch.where(informative, feedback_gain(self.r, self.q, self.g_max), 1.0))
+        return self.gain
