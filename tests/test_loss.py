@@ -1,0 +1,142 @@
+"""The size-aware Ultralytics loss: stock equality to the last bit, and the direction of each method."""
+
+import copy
+
+import pytest
+import torch
+from ultralytics.cfg import get_cfg
+from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils.loss import E2ELoss, v8DetectionLoss
+
+from yolo_sizeloss.config import load_loss_config
+from yolo_sizeloss.detections import read_yolo_labels
+from yolo_sizeloss.yolo.loss import AnchorWeighting, SizeAwareDetectionLoss, SizeAwareE2ELoss, build_size_aware_loss
+
+from conftest import BCCD
+
+IMGSZ = 256
+
+
+def bccd_batch(n_images=2, seed=0) -> dict:
+    """A training batch of real BCCD labels (normalised xywh) over seeded random pixels."""
+    torch.manual_seed(seed)
+    files = sorted((BCCD / "labels" / "train").glob("*.txt"))[:n_images]
+    idx, cls, boxes = [], [], []
+    for i, f in enumerate(files):
+        for line in f.read_text().splitlines():
+            c, *xywh = map(float, line.split())
+            idx.append(i), cls.append(c), boxes.append(xywh)
+    return {
+        "img": torch.rand(n_images, 3, IMGSZ, IMGSZ),
+        "batch_idx": torch.tensor(idx),
+        "cls": torch.tensor(cls).view(-1, 1),
+        "bboxes": torch.tensor(boxes),
+    }
+
+
+def build_model(yaml_name: str) -> DetectionModel:
+    torch.manual_seed(0)
+    model = DetectionModel(yaml_name, nc=3, verbose=False)
+    model.args = get_cfg()
+    return model.train()
+
+
+def neutral_configs() -> dict[str, dict]:
+    """Every method configured to give weight 1 (Grad-Libra has no such setting: G < 1 always)."""
+    cfg = load_loss_config("plb+scb+feedback")
+    cfg["plb"]["terms"] = []
+    cfg["scb"]["terms"] = []
+    cfg["feedback"]["g_max"] = 1.0  # the gain is exactly 1, applied to the box term
+    return {"plb": {"plb": cfg["plb"]}, "scb": {"scb": cfg["scb"]}, "feedback": {"feedback": cfg["feedback"]}, "all": cfg}
+
+
+@pytest.mark.parametrize("yaml_name, stock_type", [("yolov8n.yaml", v8DetectionLoss), ("yolo26n.yaml", E2ELoss)])
+def test_neutral_weights_give_the_stock_loss_bit_for_bit(yaml_name, stock_type):
+    model = build_model(yaml_name)
+    batch = bccd_batch()
+    preds = model(batch["img"])
+    stock = model.init_criterion()
+    assert type(stock) is stock_type
+    expected_loss, expected_items = stock(preds, batch)
+    for name, cfg in neutral_configs().items():
+        ours = build_size_aware_loss(model, AnchorWeighting(cfg))
+        assert isinstance(ours, (SizeAwareE2ELoss if stock_type is E2ELoss else SizeAwareDetectionLoss))
+        for _ in range(2):  # the second call runs with the feedback state of the first
+            loss, items = ours(preds, batch)
+            assert torch.equal(loss, expected_loss), name
+            assert items.keys() == expected_items.keys()
+            assert all(torch.equal(items[k], expected_items[k]) for k in items), name
+
+
+def test_each_method_changes_the_loss_on_a_real_model():
+    model = build_model("yolov8n.yaml")
+    batch = bccd_batch()
+    preds = model(batch["img"])
+    stock_loss, _ = model.init_criterion()(preds, batch)
+    for spec in ("plb", "scb", "gradlibra"):
+        loss, _ = build_size_aware_loss(model, AnchorWeighting(load_loss_config(spec)))(preds, batch)
+        assert torch.isfinite(loss).all() and not torch.equal(loss, stock_loss), spec
+    # Grad-Libra shrinks the class term (G <= 1 - 0.8 sin 1 ~ 0.33) and leaves the box terms alone
+    stock_items = model.init_criterion()(preds, batch)[1]
+    items = build_size_aware_loss(model, AnchorWeighting(load_loss_config("gradlibra")))(preds, batch)[1]
+    assert items["cls_loss"] < 0.34 * stock_items["cls_loss"]
+    assert torch.equal(items["box_loss"], stock_items["box_loss"]) and torch.equal(items["dfl_loss"], stock_items["dfl_loss"])
+
+
+def one_small_one_large():
+    """Hand-built assignment: one image, anchors 0-1 on a 10x10 object, anchors 2-7 on a 60x60 one."""
+    fg = torch.tensor([[True] * 8 + [False] * 2])
+    gt_idx = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 0, 0]])
+    gt = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [100.0, 100.0, 160.0, 160.0]]])
+    target = gt[0][gt_idx[0]][None]
+    scores = torch.zeros(1, 10, 3)
+    scores[0, :8, 2] = 0.5
+    pred = target.clone()  # a little off everywhere, the large object more: a nonzero box loss on both
+    pred[0, :2] += torch.tensor([0.0, 0.0, 1.0, 1.0])
+    pred[0, 2:] += torch.tensor([3.0, 3.0, 9.0, 9.0])
+    logits = torch.full((1, 10, 3), -2.0)
+    return fg, gt_idx, target, scores, pred, logits, gt
+
+
+def small_share(weights: torch.Tensor, losses: torch.Tensor, small: torch.Tensor) -> float:
+    return float((weights * losses)[small].sum() / (weights * losses).sum())
+
+
+def test_each_method_raises_the_small_objects_share_as_its_paper_claims():
+    fg, gt_idx, target, scores, pred, logits, gt = one_small_one_large()
+    small = torch.tensor([True, True] + [False] * 6)
+    unit = torch.ones(8)  # each foreground anchor's unweighted loss, equal: shares are then the anchor shares
+    stock_share = small_share(torch.ones(8), unit, small)  # 2 of 8 anchors
+    assert stock_share == 0.25
+
+    w_box, w_cls = AnchorWeighting(load_loss_config("plb"))(fg, gt_idx, target, scores, pred, logits, gt)
+    areas = torch.tensor([121.0] * 2 + [4356.0] * 6)  # predicted 11x11 and 66x66
+    m = areas.mean()
+    assert torch.allclose(w_box[0, :8], 2 * m / (areas + m), rtol=1e-5)
+    assert torch.equal(w_box[0, 8:], torch.ones(2)) and torch.equal(w_cls[0, :, 0], w_box[0])
+    assert small_share(w_box[0, :8], unit, small) > stock_share
+
+    w_box, w_cls = AnchorWeighting(load_loss_config("scb"))(fg, gt_idx, target, scores, pred, logits, gt)
+    assert w_box is None  # SCB: class term only, by default
+    expected = torch.tensor([3 * (torch.log(torch.tensor(2.0)) + 1) / 2] * 2 + [3 * (torch.log(torch.tensor(6.0)) + 1) / 6] * 6)
+    assert torch.allclose(w_cls[0, :8, 0], expected)
+    assert small_share(w_cls[0, :8, 0], unit, small) > stock_share
+
+    weighting = AnchorWeighting(load_loss_config("feedback"))
+    w_box, _ = weighting(fg, gt_idx, target, scores, pred, logits, gt)
+    assert torch.equal(w_box, torch.ones(1, 10))  # gain 1 before any feedback
+    weighting.end_step()
+    # the small object is half the instances; its (well-fitted) share of the box loss is below half: G = q / r > 1
+    r, q = float(weighting.feedback.r), float(weighting.feedback.q)
+    assert q == 0.5 and 0 < r < 0.5 and float(weighting.feedback.gain) == pytest.approx(min(q / r, 4.0))
+    w_box, _ = weighting(fg, gt_idx, target, scores, pred, logits, gt)
+    assert torch.allclose(w_box[0, :2], weighting.feedback.gain.float()) and torch.equal(w_box[0, 2:], torch.ones(8))
+    assert small_share(w_box[0, :8], unit, small) > stock_share
+
+    # Grad-Libra is a hardness weight: the harder of two positives gets the larger share
+    logits = logits.clone()
+    logits[0, :2, 2], logits[0, 2:8, 2] = -3.0, 0.0  # the small object's anchors are the hard ones
+    _, g = AnchorWeighting(load_loss_config("gradlibra"))(fg, gt_idx, target, scores, pred, logits, gt)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, scores, reduction="none")
+    stock = float(bce[0, :2, 2].sum() / bce[0, :8, 2].sum())
+    assert float((g * bce)[0, :2, 2].sum() / (g * bce)[0, :8, 2].sum()) > stock

@@ -1,0 +1,162 @@
+"""Real training on BCCD images: every mode trains, checkpoints stay stock, resume and DDP carry the loss."""
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from yolo_sizeloss.config import load_loss_config
+
+ROOT = Path(__file__).resolve().parent.parent
+IMGSZ = 160
+COMMON = ["--epochs", "1", "--imgsz", str(IMGSZ), "--batch", "8", "--workers", "0", "--device", "cpu", "plots=False"]
+MODES = [("baseline", "yolov8n.yaml"), ("feedback", "yolov8n.yaml"), ("scb", "yolov8n.yaml"), ("plb", "yolov8n.yaml"),
+         ("gradlibra", "yolov8n.yaml"), ("plb+scb", "yolov8n.yaml"), ("feedback", "yolo26n.yaml")]
+
+# Loads and validates checkpoints in a process where yolo_sizeloss cannot be imported.
+STOCK_ONLY = """
+import sys
+sys.modules["yolo_sizeloss"] = None  # any pickled reference to our package would fail to load
+from ultralytics import YOLO
+data, *weights = sys.argv[1:]
+for w in weights:
+    metrics = YOLO(w).val(data=data, imgsz=%d, batch=8, device="cpu", plots=False, workers=0, verbose=False)
+    print("VALIDATED", w, metrics.box.map)
+""" % IMGSZ
+
+
+def run(cmd, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=kwargs.pop("cwd", ROOT), **kwargs)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def results_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained_runs(bccd_subset, tmp_path_factory) -> dict[str, Path]:
+    """One epoch of every mode through train.py, each in its own run folder."""
+    project = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for loss, model in MODES:
+        name = f"{loss}-{Path(model).stem}"
+        run([sys.executable, "train.py", "--data", str(bccd_subset), "--loss", loss, "--model", model,
+             "--project", str(project), "--name", name, *COMMON])
+        runs[name] = project / name
+    return runs
+
+
+@pytest.mark.parametrize("loss, model", MODES)
+def test_every_mode_trains_and_records_its_loss(trained_runs, loss, model):
+    run_dir = trained_runs[f"{loss}-{Path(model).stem}"]
+    assert (run_dir / "weights" / "best.pt").is_file()
+    saved = yaml.safe_load((run_dir / "loss.yaml").read_text())
+    assert saved == {"loss": loss, "settings": load_loss_config(loss)}
+    row = results_rows(run_dir)[0]
+    assert float(row["train/box_loss"]) > 0
+    if loss == "baseline":
+        assert not any(k.startswith(("sizeloss/", "feedback/")) for k in row)
+    else:
+        for key in ("sizeloss/box_w_small", "sizeloss/box_w_other", "sizeloss/cls_w_small", "sizeloss/cls_w_other"):
+            assert np.isfinite(float(row[key])), key
+    if loss == "feedback":
+        assert float(row["feedback/steps"]) >= 1 and 1.0 <= float(row["feedback/gain"]) <= 4.0
+        assert 0 < float(row["feedback/q"]) <= 1
+    if loss == "gradlibra":
+        assert float(row["sizeloss/cls_w_other"]) < 0.34  # G <= 1 - 0.8 sin(1)
+
+
+def test_checkpoints_load_and_validate_without_yolo_sizeloss(trained_runs, bccd_subset):
+    weights = [str(r / "weights" / "best.pt") for r in trained_runs.values()]
+    out = run([sys.executable, "-c", STOCK_ONLY, str(bccd_subset), *weights], cwd="/").stdout
+    assert out.count("VALIDATED") == len(weights)
+
+
+def test_stock_cli_validates_and_exports_onnx_matching_pytorch(trained_runs, bccd_subset, tmp_path):
+    best = tmp_path / "best.pt"
+    shutil.copy(trained_runs["feedback-yolov8n"] / "weights" / "best.pt", best)
+    run(["yolo", "val", f"model={best}", f"data={bccd_subset}", f"imgsz={IMGSZ}", "device=cpu", "plots=False"], cwd=tmp_path)
+    run(["yolo", "export", f"model={best}", "format=onnx", f"imgsz={IMGSZ}"], cwd=tmp_path)
+    onnx_file = tmp_path / "best.onnx"
+    assert onnx_file.is_file()
+
+    import cv2
+    import onnxruntime as ort
+    from ultralytics import YOLO
+    from ultralytics.data.augment import LetterBox
+
+    image = cv2.imread(str(next((Path(bccd_subset).parent / "images" / "test").glob("*.jpg"))))
+    x = LetterBox((IMGSZ, IMGSZ), auto=False)(image=image)[..., ::-1].transpose(2, 0, 1)
+    x = np.ascontiguousarray(x, dtype=np.float32)[None] / 255.0
+    model = YOLO(str(best)).model.float().eval()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x))[0].numpy()
+    got = ort.InferenceSession(str(onnx_file)).run(None, {"images": x})[0]
+    assert got.shape == expected.shape == (1, 4 + 3, (IMGSZ // 8) ** 2 + (IMGSZ // 16) ** 2 + (IMGSZ // 32) ** 2)
+    np.testing.assert_allclose(got[:, :4], expected[:, :4], atol=1e-2)  # boxes, input pixels
+    np.testing.assert_allclose(got[:, 4:], expected[:, 4:], atol=1e-4)  # class scores
+
+
+def test_unknown_loss_fails_at_once_with_the_valid_names():
+    result = subprocess.run([sys.executable, "train.py", "--loss", "focal"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert "unknown loss 'focal'" in result.stderr and "baseline, feedback, scb, plb, gradlibra" in result.stderr
+
+
+def test_resume_restores_the_feedback_state(bccd_subset, tmp_path):
+    from ultralytics.utils.patches import torch_load
+
+    from yolo_sizeloss.yolo.trainer import SizeAwareTrainer
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(trainer):
+        raise Interrupted
+
+    overrides = dict(model="yolov8n.yaml", data=str(bccd_subset), epochs=2, imgsz=IMGSZ, batch=8, workers=0,
+                     device="cpu", plots=False, project=str(tmp_path), name="fb")
+    first = SizeAwareTrainer.with_loss(load_loss_config("feedback"))(overrides=overrides)
+    first.add_callback("on_model_save", interrupt)  # stop after epoch 1 is saved, as a killed run would
+    with pytest.raises(Interrupted):
+        first.train()
+    last = tmp_path / "fb" / "weights" / "last.pt"
+    saved = torch_load(last, map_location="cpu", weights_only=False)["train_metrics"]
+    assert saved["feedback/steps"] >= 1
+
+    restored = {}
+    resumed = SizeAwareTrainer(overrides={"resume": str(last), "model": str(last)})  # the class knows no loss
+    resumed.add_callback("on_pretrain_routine_end", lambda t: restored.update(t.weighting.feedback_state()))
+    resumed.train()
+    assert resumed.loss_config == load_loss_config("feedback")  # from the run's loss.yaml
+    assert restored == {k: saved[k] for k in restored} and len(restored) == 4
+    assert len(results_rows(tmp_path / "fb")) == 2
+
+
+def test_ddp_worker_file_rebuilds_the_trainer_with_its_loss(bccd_subset, tmp_path):
+    from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
+
+    from yolo_sizeloss.yolo.trainer import SizeAwareTrainer
+
+    config = load_loss_config("plb+feedback")
+    config["plb"]["source"] = "gt"
+    trainer = SizeAwareTrainer.with_loss(config)(overrides=dict(
+        model="yolov8n.yaml", data=str(bccd_subset), epochs=1, imgsz=IMGSZ, batch=8, workers=0, device="cpu",
+        plots=False, project=str(tmp_path), name="ddp"))
+    shutil.rmtree(trainer.save_dir)  # as generate_ddp_command does before launching the workers
+    file = generate_ddp_file(trainer)
+    try:
+        run([sys.executable, file], cwd=tmp_path)  # a fresh process, as each torch.distributed worker is
+    finally:
+        ddp_cleanup(trainer, file)
+    assert yaml.safe_load((tmp_path / "ddp" / "loss.yaml").read_text())["settings"] == config
+    assert "feedback/gain" in results_rows(tmp_path / "ddp")[0]

@@ -1,0 +1,83 @@
+"""``SizeAwareTrainer``: Ultralytics' ``DetectionTrainer`` that trains with the size-aware loss.
+
+The loss settings (a plain ``{method: settings}`` dict, see ``yolo_sizeloss.config``) are bound to a
+trainer *class* by ``SizeAwareTrainer.with_loss(config)``, not to Ultralytics' args, which reject
+unknown keys. A class is what Ultralytics builds trainers from (``YOLO(...).train(trainer=cls)``),
+and what its multi-GPU worker file (``ultralytics.utils.dist.generate_ddp_file``) pickles to rebuild
+the trainer in a fresh process: cloudpickle keeps a class made at run time by value, settings
+included. The settings are saved as ``loss.yaml`` in the run folder, and a resumed run reads them
+back from there. The model keeps its stock class: the loss is installed as ``model.criterion`` on
+the live model only, and Ultralytics strips criteria from what it saves, so checkpoints stay stock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
+from ultralytics.utils.loss import E2ELoss
+from ultralytics.utils.torch_utils import unwrap_model
+
+from yolo_sizeloss.config import loss_name
+from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss
+
+LOSS_FILE = "loss.yaml"
+
+
+class SizeAwareTrainer(DetectionTrainer):
+    """Detection trainer whose criterion applies the size-aware weightings of ``loss_config``."""
+
+    loss_config: dict[str, dict[str, Any]] = {}  # baseline; bind settings with with_loss()
+
+    @classmethod
+    def with_loss(cls, config: dict[str, dict[str, Any]]) -> type[SizeAwareTrainer]:
+        """A subclass bound to the resolved loss settings ``config`` (``load_loss_config``)."""
+        return type(cls.__name__, (cls,), {"loss_config": config, "__module__": cls.__module__})
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks: dict | None = None):
+        super().__init__(cfg, overrides, _callbacks)
+        self.loss_config = self._resumed_loss_config() if self.resume else type(self).loss_config
+        self.weighting = AnchorWeighting(self.loss_config) if self.loss_config else None
+        if RANK in {-1, 0}:
+            record = {"loss": loss_name(self.loss_config), "settings": self.loss_config}
+            (self.save_dir / LOSS_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+
+    def _resumed_loss_config(self) -> dict[str, dict[str, Any]]:
+        """The interrupted run's settings from its ``loss.yaml`` (they win over the class's)."""
+        path = self.save_dir / LOSS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot resume with the run's loss: {path} not found")
+        saved = yaml.safe_load(path.read_text())["settings"]
+        if type(self).loss_config and saved != type(self).loss_config:
+            LOGGER.warning(f"Resume keeps the run's loss {loss_name(saved)}, ignoring {loss_name(type(self).loss_config)}.")
+        return saved
+
+    def setup_model(self):
+        """Stock model setup; on resume, the feedback state comes back from the checkpoint's metrics."""
+        ckpt = super().setup_model()
+        if self.resume and ckpt and self.weighting is not None:
+            if self.weighting.load_feedback_state(ckpt.get("train_metrics") or {}):
+                LOGGER.info(f"Resumed feedback state {self.weighting.feedback_state()}")
+        return ckpt
+
+    def _setup_train(self):
+        """Stock set-up, then the size-aware criterion on the live model (baseline keeps the stock one)."""
+        super()._setup_train()
+        if self.weighting is None:
+            return
+        model = unwrap_model(self.model)
+        self.weighting.to(self.device)
+        model.criterion = build_size_aware_loss(model, self.weighting)
+        if self.resume and isinstance(model.criterion, E2ELoss):  # as stock resume_training does
+            model.criterion.updates = self.start_epoch - 1
+            model.criterion.update()
+
+    def save_metrics(self, metrics: dict) -> None:
+        """Add the epoch's weighting statistics (and feedback state) to results.csv and the checkpoint."""
+        if self.weighting is not None:
+            stats = self.weighting.epoch_stats()
+            self.metrics.update(stats)  # saved as the checkpoint's train_metrics: resume reads them back
+            metrics = {**{k: v for k, v in metrics.items() if k not in stats}, **stats}  # fixed column order
+        super().save_metrics(metrics)
