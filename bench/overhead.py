@@ -1,0 +1,108 @@
+"""Time the size-aware loss against the stock Ultralytics loss on identical batches, in one process.
+
+    python bench/overhead.py [--model yolov8n.yaml] [--imgsz 416] [--batch 16] [--repeats 10] [--device cpu]
+
+Two figures per mode, each the median over ``--repeats`` rounds (the modes interleaved within each
+round, so drift of the machine hits them alike) and the ratio to stock:
+- loss: the loss call alone, forward and backward (predictions are leaf tensors: no network);
+- step: a whole training step (network forward, loss, backward, SGD step).
+The batch is real: the first ``--batch`` BCCD training images, letterboxed, with their labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from ultralytics.cfg import get_cfg
+from ultralytics.data import build_yolo_dataset
+from ultralytics.data.utils import check_det_dataset
+from ultralytics.nn.tasks import DetectionModel
+
+from yolo_sizeloss.config import load_loss_config
+from yolo_sizeloss.paths import resolve_data
+from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss
+
+MODES = ("baseline", "feedback", "scb", "plb", "gradlibra", "plb+scb+feedback+gradlibra")
+
+
+def real_batch(imgsz: int, batch_size: int, device: torch.device) -> dict:
+    """The first ``batch_size`` BCCD training images, letterboxed without augmentation, collated."""
+    cfg = get_cfg(overrides={"imgsz": imgsz})
+    data = check_det_dataset(resolve_data("bccd.yaml"))
+    dataset = build_yolo_dataset(cfg, data["train"], batch_size, data, mode="val", stride=32)
+    batch = dataset.collate_fn([dataset[i] for i in range(batch_size)])
+    batch["img"] = batch["img"].float().div(255).to(device)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def criterion_for(mode: str, model: DetectionModel):
+    return model.init_criterion() if mode == "baseline" else build_size_aware_loss(
+        model, AnchorWeighting(load_loss_config(mode)).to(next(model.parameters()).device))
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="yolov8n.yaml")
+    parser.add_argument("--imgsz", type=int, default=416)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    base = DetectionModel(args.model, nc=3, verbose=False).to(device).train()
+    base.args = get_cfg()
+    batch = real_batch(args.imgsz, args.batch, device)
+
+    preds = base(batch["img"])
+    leaves = {k: [t.detach().requires_grad_() for t in v] if isinstance(v, list) else v.detach().requires_grad_()
+              for k, v in preds.items()}
+    models = {mode: copy.deepcopy(base) for mode in MODES}  # one model per mode: identical weights at the start
+    criteria = {mode: criterion_for(mode, models[mode]) for mode in MODES}
+    optimizers = {mode: torch.optim.SGD(models[mode].parameters(), lr=1e-4, momentum=0.9) for mode in MODES}
+
+    def loss_call(mode):
+        criteria[mode](leaves, batch)[0].sum().backward()
+
+    def train_step(mode):
+        model, optimizer = models[mode], optimizers[mode]
+        criteria[mode](model(batch["img"]), batch)[0].sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    times = {(kind, mode): [] for kind in ("loss", "step") for mode in MODES}
+    for mode in MODES:  # warm-up
+        loss_call(mode), train_step(mode)
+    for _ in range(args.repeats):
+        for mode in MODES:
+            times["loss", mode].append(timed(lambda: loss_call(mode), device))
+            times["step", mode].append(timed(lambda: train_step(mode), device))
+
+    print(f"{args.model} imgsz {args.imgsz} batch {args.batch} on {device} ({torch.get_num_threads()} threads), "
+          f"median of {args.repeats}")
+    print(f"| mode | loss call ms | ratio | training step ms | ratio |\n|---|---|---|---|---|")
+    for mode in MODES:
+        loss_ms = statistics.median(times["loss", mode]) * 1e3
+        step_ms = statistics.median(times["step", mode]) * 1e3
+        base_loss = statistics.median(times["loss", "baseline"]) * 1e3
+        base_step = statistics.median(times["step", "baseline"]) * 1e3
+        print(f"| {mode} | {loss_ms:.1f} | {loss_ms / base_loss:.3f} | {step_ms:.0f} | {step_ms / base_step:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
