@@ -42,8 +42,6 @@ class AnchorWeighting(nn.Module):
     feedback state (``feedback.*``), the current step's feedback sums and the epoch's weight sums.
     """
 
-    STAT_NAMES = ("box_w_small", "box_w_other", "cls_w_small", "cls_w_other")
-
     def __init__(self, config: dict[str, dict[str, Any]]):
         super().__init__()
         self.config = config

@@ -46,12 +46,13 @@ class SizeAwareTrainer(DetectionTrainer):
 
     def _resumed_loss_config(self) -> dict[str, dict[str, Any]]:
         """The interrupted run's settings from its ``loss.yaml`` (they win over the class's)."""
-        path = self.save_dir / LOSS_FILE
+        path, requested = self.save_dir / LOSS_FILE, type(self).loss_config
         if not path.is_file():
-            raise FileNotFoundError(f"cannot resume with the run's loss: {path} not found")
+            LOGGER.warning(f"{path} not found (a run not trained here?): resuming with loss {loss_name(requested)}.")
+            return requested
         saved = yaml.safe_load(path.read_text())["settings"]
-        if type(self).loss_config and saved != type(self).loss_config:
-            LOGGER.warning(f"Resume keeps the run's loss {loss_name(saved)}, ignoring {loss_name(type(self).loss_config)}.")
+        if requested and saved != requested:
+            LOGGER.warning(f"Resume keeps the run's loss {loss_name(saved)}, ignoring {loss_name(requested)}.")
         return saved
 
     def setup_model(self):
