@@ -1,0 +1,405 @@
+"""Faster R-CNN path: stock equality, each size-aware switch by hand, training, DDP, prediction, ONNX.
+
+Run with YOLO_OFFLINE=1 YOLO_AUTOINSTALL=0. Nothing is downloaded: models start from random weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.ops import MultiScaleRoIAlign
+
+from yolo_sizeloss.detections import load_split
+from yolo_sizeloss.paths import ROOT
+from yolo_sizeloss.rcnn import export_onnx, predict_records
+from yolo_sizeloss.rcnn.cli import build_parser, train
+from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection
+from yolo_sizeloss.rcnn.heads import (
+    LossSwitches,
+    SizeBalancedRoIHeads,
+    SizeBalancedRPN,
+    anchor_scb_weights,
+    weighted_fastrcnn_loss,
+    weighted_rpn_loss,
+)
+from yolo_sizeloss.rcnn.model import build_model, load_checkpoint
+
+BCCD = ROOT / "datasets" / "bccd"
+IMGSZ = 128
+SMOOTH_L1_BETA = 1 / 9
+
+
+def plb_by_hand(areas: list[float]) -> list[float]:
+    """METHODS.md section 1: PLB_i = 2m / (a_i + m), m the mean area."""
+    m = sum(areas) / len(areas)
+    return [2 * m / (a + m) for a in areas]
+
+
+def scb_by_hand(m: int) -> float:
+    """METHODS.md section 2: W = 3 (ln M + 1) / M."""
+    return 3 * (math.log(m) + 1) / m
+
+
+def sl1_sum(target: torch.Tensor) -> float:
+    """Smooth-L1 (beta 1/9) of a zero prediction against ``target``, summed."""
+    return F.smooth_l1_loss(torch.zeros_like(target), target, beta=SMOOTH_L1_BETA, reduction="sum").item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stock equality
+
+
+def bccd_batch(count: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    records, _ = load_split(ROOT / "cfg" / "bccd.yaml", "train")
+    images, targets, _ = collate_detection([DetectionDataset(records[:count], flip_p=0.0)[i] for i in range(count)])
+    return images, targets
+
+
+def test_switches_off_equal_stock_torchvision_bit_for_bit():
+    images, targets = bccd_batch(2)
+    torch.manual_seed(0)
+    ours = build_model("mobilenet_v3_large_fpn", 4, IMGSZ, LossSwitches()).train()
+    stock = fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None, num_classes=4, min_size=IMGSZ, max_size=IMGSZ
+    ).train()
+    assert type(stock.rpn) is RegionProposalNetwork and type(stock.roi_heads) is RoIHeads
+    stock.load_state_dict(ours.state_dict())
+    torch.manual_seed(1)
+    ours_losses = ours(images, targets)
+    torch.manual_seed(1)
+    stock_losses = stock(images, targets)
+    assert set(ours_losses) == set(stock_losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
+    for name in stock_losses:
+        assert torch.equal(ours_losses[name], stock_losses[name]), name
+
+
+def test_weighted_losses_with_unit_weights_equal_stock_functions():
+    torch.manual_seed(0)
+    rpn = RegionProposalNetwork(AnchorGenerator(), RPNHead(1, 3), 0.7, 0.3, 256, 0.5, {"training": 1, "testing": 1},
+                                {"training": 1, "testing": 1}, 0.7)
+    labels = [torch.randint(-1, 2, (3000,)).float() for _ in range(2)]
+    objectness, deltas, targets = torch.randn(6000, 1), torch.randn(6000, 4), [torch.randn(3000, 4) for _ in range(2)]
+    torch.manual_seed(5)
+    stock = rpn.compute_loss(objectness, deltas, labels, targets)
+    torch.manual_seed(5)
+    pos, neg = rpn.fg_bg_sampler(labels)
+    pos, neg = torch.where(torch.cat(pos))[0], torch.where(torch.cat(neg))[0]
+    ours = weighted_rpn_loss(objectness.flatten(), deltas, torch.cat(labels), torch.cat(targets), pos, neg,
+                             torch.ones(len(pos) + len(neg)), torch.ones(len(pos)))
+    assert all(torch.equal(a, b) for a, b in zip(ours, stock))
+
+    for rois_per_image in (256, 512, 2049):  # sizes where a plain mean of the weighted terms would round differently
+        logits, regression = torch.randn(2 * rois_per_image, 4), torch.randn(2 * rois_per_image, 16)
+        roi_labels = [torch.randint(0, 4, (rois_per_image,)) for _ in range(2)]
+        roi_targets = [torch.randn(rois_per_image, 4) for _ in range(2)]
+        stock = fastrcnn_loss(logits, regression, roi_labels, roi_targets)
+        all_labels = torch.cat(roi_labels)
+        ours = weighted_fastrcnn_loss(logits, regression, all_labels, torch.cat(roi_targets),
+                                      torch.ones(len(all_labels)), torch.ones(int((all_labels > 0).sum())))
+        assert all(torch.equal(a, b) for a, b in zip(ours, stock)), rois_per_image
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Each switch on a hand-built batch. RPN: one 6x6 feature map of stride 8 (48x48 image), anchors of
+# side 8 and 16 at every grid point, a head with zero weights and biases except one: the width delta
+# of the side-16 anchors is ln 2. So every objectness logit is 0 (BCE ln 2 for every anchor), a
+# side-8 anchor's proposal is the anchor (area 64) and a side-16 anchor's proposal is twice as wide
+# (area 512 instead of 256).
+# Ground truth: g0 is matched by the side-8 anchor at (8, 8) (IoU 0.89), g1 by the side-16 anchor at
+# (16, 16) (IoU 0.94), g2 lies between two side-16 anchors (IoU 0.6 each: both positive as its best,
+# low-quality matches). Positives in anchor order: matched g0, g1, g2, g2.
+
+LN2 = math.log(2)
+RPN_GT = torch.tensor([[4.0, 4, 12, 13], [8, 8, 24, 25], [20, 24, 36, 40]])
+RPN_POSITIVES = [14, 29, 55, 57]  # anchor indices: (y * 6 + x) * 2 + side, side 0: 8 pixels, 1: 16 pixels
+RPN_POS_MATCHED = [0, 1, 2, 2]
+RPN_POS_M = [1, 1, 2, 2]  # anchors matched per ground truth
+# Sizing areas per source: (positives, a negative side-8 anchor, a negative side-16 anchor).
+RPN_AREAS = {"predicted": ([64.0, 512, 512, 512], 64.0, 512.0), "gt": ([72.0, 272, 256, 256], 64.0, 256.0)}
+
+
+def tiny_rpn(switches: LossSwitches) -> SizeBalancedRPN:
+    head = RPNHead(in_channels=1, num_anchors=2)
+    for p in (*head.cls_logits.parameters(), *head.bbox_pred.parameters()):
+        torch.nn.init.zeros_(p)
+    with torch.no_grad():
+        head.bbox_pred.bias[4 + 2] = LN2  # anchor type 1 (side 16), delta dw
+    return SizeBalancedRPN(AnchorGenerator(((8, 16),), ((1.0,),)), head, 0.7, 0.3, 256, 0.5,
+                           {"training": 100, "testing": 100}, {"training": 100, "testing": 100}, 0.7,
+                           switches=switches).train()
+
+
+def run_tiny_rpn(switches: LossSwitches) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Losses, labels and anchors of the hand-built RPN batch."""
+    rpn = tiny_rpn(switches)
+    images = ImageList(torch.zeros(1, 1, 48, 48), [(48, 48)])
+    features = {"0": torch.zeros(1, 1, 6, 6)}
+    targets = [{"boxes": RPN_GT.clone(), "labels": torch.tensor([1, 1, 1])}]
+    _, losses = rpn(images, features, targets)
+    anchors = rpn.anchor_generator(images, list(features.values()))
+    labels, _ = RegionProposalNetwork.assign_targets_to_anchors(rpn, anchors, targets)
+    return losses, labels[0], anchors[0]
+
+
+def test_rpn_hand_built_batch_matches_the_setup():
+    losses, labels, anchors = run_tiny_rpn(LossSwitches())
+    assert torch.where(labels == 1)[0].tolist() == RPN_POSITIVES
+    assert (labels >= 0).sum() <= 256  # the sampler takes every positive and negative: no randomness
+    areas = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
+    assert areas[RPN_POSITIVES].tolist() == [64.0, 256, 256, 256]
+    assert losses["loss_objectness"].item() == pytest.approx(LN2, rel=1e-6)
+
+
+def rpn_expected_objectness(labels: torch.Tensor, source: str, pos_extra: list[float], plb: bool) -> float:
+    """ln 2 times the mean weight over the sampled anchors (positives first, then negatives)."""
+    pos_areas, neg_area_8, neg_area_16 = RPN_AREAS[source]
+    negatives = torch.where(labels == 0)[0].tolist()
+    neg_areas = [neg_area_8 if i % 2 == 0 else neg_area_16 for i in negatives]
+    weights = plb_by_hand(pos_areas + neg_areas) if plb else [1.0] * (len(pos_areas) + len(neg_areas))
+    weights = [w * e for w, e in zip(weights, pos_extra + [1.0] * len(negatives))]
+    return LN2 * sum(weights) / len(weights)
+
+
+@pytest.mark.parametrize("source", ["predicted", "gt"])
+def test_plb1c_weights_objectness_only(source):
+    stock, labels, _ = run_tiny_rpn(LossSwitches())
+    losses, _, _ = run_tiny_rpn(LossSwitches(("1C",), source))
+    expected = rpn_expected_objectness(labels, source, [1.0] * 4, plb=True)
+    assert losses["loss_objectness"].item() == pytest.approx(expected, rel=1e-5)
+    assert losses["loss_objectness"].item() != pytest.approx(stock["loss_objectness"].item(), rel=1e-3)
+    assert torch.equal(losses["loss_rpn_box_reg"], stock["loss_rpn_box_reg"])
+
+
+@pytest.mark.parametrize("source", ["predicted", "gt"])
+def test_plb1b_weights_rpn_box_only(source):
+    stock, labels, anchors = run_tiny_rpn(LossSwitches())
+    losses, _, _ = run_tiny_rpn(LossSwitches(("1B",), source))
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    per_anchor = []
+    for anchor, gt in zip(RPN_POSITIVES, RPN_POS_MATCHED):
+        predicted_deltas = torch.tensor([[0.0, 0, LN2 if anchor % 2 else 0, 0]])
+        target = coder.encode_single(RPN_GT[[gt]], anchors[[anchor]])
+        per_anchor.append(F.smooth_l1_loss(predicted_deltas, target, beta=SMOOTH_L1_BETA, reduction="sum").item())
+    sampled = int((labels >= 0).sum())
+    assert stock["loss_rpn_box_reg"].item() == pytest.approx(sum(per_anchor) / sampled, rel=1e-5)
+    expected = sum(w * s for w, s in zip(plb_by_hand(RPN_AREAS[source][0]), per_anchor)) / sampled
+    assert losses["loss_rpn_box_reg"].item() == pytest.approx(expected, rel=1e-5)
+    assert torch.equal(losses["loss_objectness"], stock["loss_objectness"])
+
+
+def test_scb_rpn_weights_positive_objectness_only():
+    stock, labels, _ = run_tiny_rpn(LossSwitches())
+    losses, _, _ = run_tiny_rpn(LossSwitches(scb_rpn=True))
+    scb = [scb_by_hand(m) for m in RPN_POS_M]
+    assert scb[:2] == [3.0, 3.0] and scb[2] == pytest.approx(2.5397, abs=1e-4)
+    expected = rpn_expected_objectness(labels, "predicted", scb, plb=False)
+    assert losses["loss_objectness"].item() == pytest.approx(expected, rel=1e-6)
+    assert torch.equal(losses["loss_rpn_box_reg"], stock["loss_rpn_box_reg"])
+    combined, _, _ = run_tiny_rpn(LossSwitches(("1C",), scb_rpn=True))  # PLB x SCB multiply
+    expected = rpn_expected_objectness(labels, "predicted", scb, plb=True)
+    assert combined["loss_objectness"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_anchor_scb_weights_count_matches_per_ground_truth():
+    matched = torch.tensor([0, -1, 0, 1, -2, 0, 2, 2, 2, 2, 2])  # M = 3, 1, 5
+    weights = anchor_scb_weights(matched, 3)
+    expected = [scb_by_hand(3), 1, scb_by_hand(3), 3.0, 1, scb_by_hand(3)] + [scb_by_hand(5)] * 5
+    assert weights.tolist() == pytest.approx(expected, rel=1e-6)
+    assert scb_by_hand(5) == pytest.approx(1.5657, abs=1e-4)
+
+
+# RoI heads: one 1-channel 8x8 feature map for a 64x64 image, a predictor with zero weights and
+# biases except one: class 2's width delta is 5 ln 2 (ln 2 after torchvision's weight 5). So every
+# class logit is 0 (cross-entropy ln 3 for every RoI); a class-1 RoI's predicted box is the RoI, a
+# class-2 RoI's is twice as wide. Proposals p0, p1, p2 plus the two ground-truth boxes torchvision
+# appends; sampled RoIs in order: p0 (matches g0), p1 (g1), p2 (background), g0, g1.
+
+ROI_GT = torch.tensor([[0.0, 0, 8, 9], [0, 0, 16, 17]])
+ROI_GT_LABELS = torch.tensor([1, 2])
+ROI_PROPOSALS = torch.tensor([[0.0, 0, 8, 8], [0, 0, 16, 16], [20, 20, 28, 36]])
+ROI_MATCHED = [0, 1, None, 0, 1]  # per sampled RoI: matched ground truth (None: background)
+# 2C sizes every sampled RoI; 2B the positives p0, p1, g0, g1.
+ROI_AREAS_2C = {"predicted": [64.0, 256, 128, 72, 272], "gt": [72.0, 272, 128, 72, 272]}
+ROI_AREAS_2B = {"predicted": [64.0, 512, 72, 544], "gt": [72.0, 272, 72, 272]}
+
+
+def run_tiny_roi_heads(switches: LossSwitches) -> dict[str, torch.Tensor]:
+    predictor = FastRCNNPredictor(8, 3)
+    for p in predictor.parameters():
+        torch.nn.init.zeros_(p)
+    with torch.no_grad():
+        predictor.bbox_pred.bias[2 * 4 + 2] = 5 * LN2  # class 2, delta dw
+    heads = SizeBalancedRoIHeads(MultiScaleRoIAlign(["0"], 2, 1), TwoMLPHead(4, 8), predictor, 0.5, 0.5, 512, 0.25,
+                                 None, 0.05, 0.5, 100, switches=switches).train()
+    targets = [{"boxes": ROI_GT.clone(), "labels": ROI_GT_LABELS.clone()}]
+    _, losses = heads({"0": torch.rand(1, 1, 8, 8)}, [ROI_PROPOSALS.clone()], [(64, 64)], targets)
+    return losses
+
+
+def roi_box_terms() -> list[float]:
+    """Smooth-L1 of each positive RoI (p0, p1, g0, g1) against its target (torchvision's weights 10, 10, 5, 5)."""
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    rois = torch.cat([ROI_PROPOSALS, ROI_GT])
+    terms = []
+    for roi, gt in enumerate(ROI_MATCHED):
+        if gt is not None:
+            predicted = torch.tensor([[0.0, 0, 5 * LN2 if ROI_GT_LABELS[gt] == 2 else 0, 0]])
+            target = coder.encode_single(ROI_GT[[gt]], rois[[roi]])
+            terms.append(F.smooth_l1_loss(predicted, target, beta=SMOOTH_L1_BETA, reduction="sum").item())
+    return terms
+
+
+@pytest.mark.parametrize("source", ["predicted", "gt"])
+def test_plb2c_weights_classifier_only(source):
+    stock = run_tiny_roi_heads(LossSwitches())
+    losses = run_tiny_roi_heads(LossSwitches(("2C",), source))
+    assert stock["loss_classifier"].item() == pytest.approx(math.log(3), rel=1e-6)
+    weights = plb_by_hand(ROI_AREAS_2C[source])
+    assert losses["loss_classifier"].item() == pytest.approx(math.log(3) * sum(weights) / 5, rel=1e-5)
+    assert torch.equal(losses["loss_box_reg"], stock["loss_box_reg"])
+
+
+@pytest.mark.parametrize("source", ["predicted", "gt"])
+def test_plb2b_weights_roi_box_only(source):
+    stock = run_tiny_roi_heads(LossSwitches())
+    losses = run_tiny_roi_heads(LossSwitches(("2B",), source))
+    terms = roi_box_terms()
+    assert stock["loss_box_reg"].item() == pytest.approx(sum(terms) / 5, rel=1e-5)
+    expected = sum(w * t for w, t in zip(plb_by_hand(ROI_AREAS_2B[source]), terms)) / 5
+    assert losses["loss_box_reg"].item() == pytest.approx(expected, rel=1e-5)
+    assert torch.equal(losses["loss_classifier"], stock["loss_classifier"])
+
+
+def test_bad_flags_name_the_flag(tmp_path):
+    with pytest.raises(ValueError, match="--plb"):
+        train(build_parser().parse_args(["--plb", "1C,3X", "--project", str(tmp_path)]))
+    with pytest.raises(FileNotFoundError, match="--weights"):
+        build_model("mobilenet_v3_large_fpn", 4, IMGSZ, LossSwitches(), weights=str(tmp_path / "missing.pt"))
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training on real BCCD images, prediction, resume, DDP, ONNX
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """A data yaml with 4 BCCD train and 2 val images (copied, with labels)."""
+    root = tmp_path_factory.mktemp("bccd_tiny")
+    for split, count in (("train", 4), ("val", 2)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for image in sorted((BCCD / "images" / split).glob("*.jpg"))[:count]:
+            shutil.copy(image, root / "images" / split)
+            shutil.copy(BCCD / "labels" / split / f"{image.stem}.txt", root / "labels" / split)
+    data = root / "data.yaml"
+    data.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val",
+                                    "names": {0: "RBC", 1: "WBC", 2: "Platelets"}}))
+    return data
+
+
+TRAIN_FLAGS = ["--backbone", "mobilenet_v3_large_fpn", "--imgsz", str(IMGSZ), "--epochs", "1", "--batch", "2",
+               "--workers", "0", "--device", "cpu", "--plb", "1C,1B", "--scb-rpn"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_data, tmp_path_factory) -> Path:
+    project = tmp_path_factory.mktemp("runs")
+    return train(build_parser().parse_args(["--data", str(tiny_data), "--project", str(project), *TRAIN_FLAGS]))
+
+
+def test_one_epoch_writes_results_weights_and_settings(trained_run):
+    rows = (trained_run / "results.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    for column in ("train/loss_objectness", "train/loss_rpn_box_reg", "train/loss_classifier", "train/loss_box_reg",
+                   "metrics/mAP50(B)", "metrics/mAP50-95(B)"):
+        assert column in header
+    assert len(rows) == 2 and all(math.isfinite(float(v)) for v in rows[1].split(","))
+    checkpoint = load_checkpoint(trained_run / "weights" / "last.pt")
+    assert checkpoint["backbone"] == "mobilenet_v3_large_fpn" and checkpoint["imgsz"] == IMGSZ
+    assert checkpoint["num_classes"] == 4 and checkpoint["names"] == {0: "RBC", 1: "WBC", 2: "Platelets"}
+    assert checkpoint["plb"] == {"plb": ["1C", "1B"], "plb_source": "predicted", "scb_rpn": True}
+    assert checkpoint["epoch"] == 0 and {"optimizer", "scheduler", "best_fitness", "train_args"} <= set(checkpoint)
+    assert (trained_run / "weights" / "best.pt").is_file()
+    settings = yaml.safe_load((trained_run / "args.yaml").read_text())
+    assert settings["loss"] == checkpoint["plb"] and settings["lr"] == 0.005 and settings["lr_step"] == 3
+
+
+def test_predict_records_in_original_pixels(trained_run, tiny_data):
+    records = predict_records(trained_run / "weights" / "best.pt", tiny_data, "val", None, "cpu")
+    assert [Path(r.file).name for r in records] == [Path(r.file).name for r in load_split(tiny_data, "val")[0]]
+    for r in records:
+        assert (r.width, r.height) == (640, 480) and len(r.gt_boxes) > 0
+        assert len(r.pred_boxes) == len(r.pred_scores) == len(r.pred_classes) > 0
+        assert r.pred_boxes[:, [0, 2]].max() <= 640 and r.pred_boxes[:, [1, 3]].max() <= 480
+        assert r.pred_boxes[:, 2].max() > IMGSZ  # scaled back from the 128-pixel network input
+        assert set(r.pred_classes.tolist()) <= {0, 1, 2}
+
+
+def test_resume_continues_the_run(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    last = run / "weights" / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["train_args"]["epochs"] = 2  # as if the run had been started for 2 epochs and stopped after 1
+    torch.save(checkpoint, last)
+    assert train(build_parser().parse_args(["--resume", str(last)])) == run
+    assert len((run / "results.csv").read_text().splitlines()) == 3
+    resumed = load_checkpoint(last)
+    assert resumed["epoch"] == 1 and resumed["scheduler"]["last_epoch"] == 2
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train(build_parser().parse_args(["--resume", str(last)]))
+
+
+def test_two_process_gloo_training(tiny_data, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               "-m", "yolo_sizeloss.rcnn.cli", "--data", str(tiny_data), "--project", str(tmp_path), *TRAIN_FLAGS]
+    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["train"]  # one run directory, written by rank 0
+    rows = (tmp_path / "train" / "results.csv").read_text().splitlines()
+    assert len(rows) == 2
+    checkpoint = load_checkpoint(tmp_path / "train" / "weights" / "last.pt")
+    assert not any(k.startswith("module.") for k in checkpoint["model"])
+
+
+def test_onnx_export_matches_pytorch(trained_run, tmp_path):
+    import onnxruntime
+
+    from yolo_sizeloss.rcnn.data import read_image
+    from yolo_sizeloss.rcnn.model import model_from_checkpoint, set_inference_limits
+
+    weights = trained_run / "weights" / "last.pt"
+    onnx_file = export_onnx(weights, tmp_path / "model.onnx", conf=0.05, max_det=100)
+    image = read_image(str(sorted((BCCD / "images" / "val").glob("*.jpg"))[0]))
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    boxes, labels, scores = session.run(None, {"image": image.numpy()})
+    model = model_from_checkpoint(load_checkpoint(weights)).eval()
+    set_inference_limits(model, 0.05, 100)
+    with torch.no_grad():
+        expected = model([image])[0]
+    assert len(boxes) > 0 and len(boxes) == len(expected["boxes"])
+    for box, label, score in zip(boxes, labels, scores):  # each ONNX detection has its PyTorch twin
+        same_label = expected["labels"].numpy() == label
+        distance = np.abs(expected["boxes"].numpy()[same_label] - box).max(1)
+        nearest = distance.argmin()
+        assert distance[nearest] < 0.05
+        assert expected["scores"].numpy()[same_label][nearest] == pytest.approx(score, abs=1e-4)

@@ -1,0 +1,95 @@
+"""val.py end to end: a real checkpoint trained here, its report files, stock-equal metrics, bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+IMGSZ = 320
+STOCK_VAL = """
+import json, sys
+from ultralytics import YOLO
+m = YOLO(sys.argv[1]).val(data=sys.argv[2], split="test", imgsz=%d, batch=16, conf=0.001, iou=0.7, device="cpu",
+                          plots=False, project=sys.argv[3], name="stock")
+print(json.dumps({"mAP50": m.box.map50, "mAP50-95": m.box.map, "precision": m.box.mp, "recall": m.box.mr}))
+""" % IMGSZ
+
+
+def val_py(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "val.py"), *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> Path:
+    """A real BCCD checkpoint of the stock loss (tests/assets/README.md says how it was trained)."""
+    return ROOT / "tests" / "assets" / "yolov8n_bccd_baseline.pt"
+
+
+def test_val_writes_the_report_and_matches_stock_yolo_val(checkpoint, bccd_subset, tmp_path):
+    run = val_py("--model", checkpoint, "--data", bccd_subset, "--split", "test", "--imgsz", IMGSZ, "--device", "cpu",
+                 "--project", tmp_path, "--name", "report")
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "report"
+    assert {"metrics.json", "metrics.md", "size_metrics.png"} <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"coco", "per_class", "recall_by_size", "ultralytics", "meta"} <= set(metrics)
+    for frame in ("original", "input"):
+        assert {"ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar100", "ar_small", "ar_medium",
+                "ar_large"} <= set(metrics["coco"][frame])
+    assert set(metrics["per_class"]) == {"RBC", "WBC", "Platelets"}
+    assert set(metrics["recall_by_size"]) == {"0.01", "0.1", "0.3"}
+    assert metrics["meta"]["split"] == "test" and metrics["meta"]["imgsz"] == IMGSZ
+    assert "Platelets" in (out / "metrics.md").read_text() and "Platelets" in run.stdout
+
+    stock = subprocess.run([sys.executable, "-c", STOCK_VAL, str(checkpoint), str(bccd_subset), str(tmp_path)],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert stock.returncode == 0, stock.stderr[-3000:]
+    expected = json.loads(stock.stdout.strip().splitlines()[-1])
+    assert sum(expected.values()) > 0  # a model that finds something, so that equality means something
+    for key, value in expected.items():
+        assert metrics["ultralytics"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_compare_prints_runs_side_by_side(checkpoint, bccd_subset, tmp_path):
+    for name, buckets in (("a", "0,32,96,inf"), ("b", "0,32,96,inf")):
+        assert val_py("--model", checkpoint, "--data", bccd_subset, "--imgsz", IMGSZ, "--device", "cpu",
+                      "--project", tmp_path, "--name", name, "--size-buckets", buckets).returncode == 0
+    run = val_py("--compare", tmp_path / "a", tmp_path / "b" / "metrics.json")
+    assert run.returncode == 0, run.stderr
+    assert "a" in run.stdout and "b" in run.stdout and "+0.000" in run.stdout
+
+
+def one_error_line(run: subprocess.CompletedProcess, fragment: str) -> None:
+    assert run.returncode != 0
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_bad_input_gives_one_clear_error_line(checkpoint, bccd_subset, tmp_path):
+    one_error_line(val_py("--model", tmp_path / "missing.pt", "--data", bccd_subset), "not found")
+
+    no_test = tmp_path / "no_test.yaml"
+    data = yaml.safe_load(Path(bccd_subset).read_text())
+    no_test.write_text(yaml.safe_dump({k: v for k, v in data.items() if k != "test"}))
+    one_error_line(val_py("--model", checkpoint, "--data", no_test, "--split", "test"), "test")
+
+    from ultralytics.nn.tasks import ClassificationModel
+
+    classifier = tmp_path / "cls.pt"
+    torch.save({"model": ClassificationModel("yolov8n-cls.yaml", nc=3, verbose=False), "train_args": {}}, classifier)
+    one_error_line(val_py("--model", classifier, "--data", bccd_subset), "classify")
+
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(yaml.safe_dump({**data, "test": str(tmp_path / "empty" / "images")}))
+    one_error_line(val_py("--model", checkpoint, "--data", empty, "--split", "test"), "no images")
+
+    one_error_line(val_py("--model", checkpoint, "--data", bccd_subset, "--size-buckets", "0,96,32"), "increasing")
+    run = val_py("--model", tmp_path / "missing.pt", "--data", bccd_subset, "--verbose")
+    assert run.returncode != 0 and "Traceback" in run.stderr

@@ -1,0 +1,508 @@
+"""Small-object validation report for any detector: COCO AP in two frames, per-class AP, recall by size.
+
+Input is a ``list[ImageRecord]`` (``yolo_sizeloss.detections``) with ground truth and detections in
+original image pixels, plus one *input scale* per image (original pixels -> network-input pixels;
+``letterbox_scales`` for YOLO). Two frames are evaluated:
+
+* ``original``: box areas in original image pixels (the COCO convention);
+* ``input``: box areas in network-input pixels, i.e. original area times scale**2.
+
+Size buckets are given as side lengths (``0, 32, 96, inf`` = COCO small/medium/large); their area
+thresholds are the squares. COCO AP/AR come from faster-coco-eval; the recall-by-size protocol
+(Shuang et al., scale-balanced loss) is implemented here on top of greedy per-class matching.
+
+Entry points: ``evaluate_records`` (the metrics dict), ``write_report`` (metrics.json, metrics.md,
+size_metrics.png), ``format_report`` (the readable tables), ``compare_report`` (runs side by side).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from faster_coco_eval import COCO, COCOeval_faster
+from torchvision.ops import batched_nms, box_iou
+
+from yolo_sizeloss.detections import ImageRecord
+
+COCO_EDGES = (0.0, 32.0, 96.0, math.inf)  # side lengths; COCO's areaRng is their squares
+COCO_NAMES = ("small", "medium", "large")
+COCO_MAX_SIDE = 1e5  # faster-coco-eval's 'all' range ends at 1e5**2; an infinite edge maps to it
+FRAMES = ("original", "input")
+RECALL_THRESHOLDS = (0.01, 0.1, 0.3)
+RECALL_NMS_IOU = 0.45
+RECALL_MAX_DET = 200
+RECALL_MATCH_IOU = 0.5
+COCO_MAX_DETS = [1, 10, 100]
+
+
+# ----------------------------------------------------------------------------------------- buckets
+def parse_size_buckets(text: str) -> tuple[float, ...]:
+    """Parse ``"0,16,32,96,inf"`` into side-length edges; at least two, non-negative, strictly increasing."""
+    try:
+        edges = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--size-buckets must be comma-separated numbers such as 0,32,96,inf, got {text!r}") from None
+    if len(edges) < 2 or edges[0] < 0 or any(math.isnan(e) for e in edges):
+        raise ValueError(f"--size-buckets needs at least two non-negative side lengths, got {text!r}")
+    if any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"--size-buckets must be strictly increasing side lengths, got {text!r}")
+    return edges
+
+
+def format_edge(edge: float) -> str:
+    """Side length as text: ``32`` for 32.0, ``inf`` for infinity, ``12.5`` otherwise."""
+    return "inf" if math.isinf(edge) else f"{edge:g}"
+
+
+def bucket_names(edges: tuple[float, ...]) -> list[str]:
+    """COCO's ``small/medium/large`` for the COCO edges, else ``"lo-hi"`` per bucket (``"96-inf"``)."""
+    if tuple(edges) == COCO_EDGES:
+        return list(COCO_NAMES)
+    return [f"{format_edge(lo)}-{format_edge(hi)}" for lo, hi in zip(edges, edges[1:])]
+
+
+def bucket_index(areas: np.ndarray, edges: tuple[float, ...]) -> np.ndarray:
+    """Bucket of each area, half-open ``[lo**2, hi**2)``; -1 for areas outside all buckets."""
+    thresholds = np.square(np.asarray(edges, dtype=np.float64))
+    index = np.searchsorted(thresholds, np.asarray(areas, dtype=np.float64), side="right") - 1
+    index[index >= len(edges) - 1] = -1
+    return index
+
+
+def letterbox_scales(records: list[ImageRecord], imgsz: int) -> np.ndarray:
+    """Per-image scale original -> network input for a square letterbox of side ``imgsz``: imgsz / max(w, h)."""
+    return np.array([imgsz / max(r.width, r.height) for r in records], dtype=np.float64)
+
+
+def box_areas(boxes: np.ndarray) -> np.ndarray:
+    """Areas of xyxy boxes, shape (N,)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
+
+
+# ------------------------------------------------------------------------------------- predictions
+def coco_image_id(file: str) -> int | str:
+    """The image id Ultralytics writes in predictions.json: the file stem, as int when numeric."""
+    stem = Path(file).stem
+    return int(stem) if stem.isnumeric() else stem
+
+
+def attach_coco_predictions(
+    records: list[ImageRecord], predictions: list[dict], category_to_class: dict[int, int]
+) -> list[ImageRecord]:
+    """Copies of ``records`` holding the COCO-style ``predictions`` (image_id, category_id, xywh bbox, score).
+
+    Images are matched by ``coco_image_id`` of their file; a prediction for an unknown image or
+    category raises ValueError, as do two records with the same id.
+    """
+    index = {}
+    for i, record in enumerate(records):
+        key = coco_image_id(record.file)
+        if key in index:
+            raise ValueError(f"two images share the id {key!r}; predictions cannot be assigned unambiguously")
+        index[key] = i
+    per_image: list[list[dict]] = [[] for _ in records]
+    for p in predictions:
+        if p["image_id"] not in index:
+            raise ValueError(f"prediction for image {p['image_id']!r} that is not in the split")
+        if p["category_id"] not in category_to_class:
+            raise ValueError(f"prediction with unknown category_id {p['category_id']}")
+        per_image[index[p["image_id"]]].append(p)
+    return [_with_predictions(record, preds, category_to_class) for record, preds in zip(records, per_image)]
+
+
+def _with_predictions(record: ImageRecord, preds: list[dict], category_to_class: dict[int, int]) -> ImageRecord:
+    """One record with its COCO-style predictions converted to xyxy boxes, scores and class indices."""
+    xywh = np.array([p["bbox"] for p in preds], dtype=np.float32).reshape(-1, 4)
+    return replace(
+        record,
+        pred_boxes=np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
+        pred_scores=np.array([p["score"] for p in preds], dtype=np.float32),
+        pred_classes=np.array([category_to_class[p["category_id"]] for p in preds], dtype=np.int64),
+    )
+
+
+# ------------------------------------------------------------------------------------------- COCO
+def to_coco(records: list[ImageRecord], num_classes: int, scales: np.ndarray) -> tuple[dict, list[dict]]:
+    """COCO ground truth dict and detection list, every box multiplied by its image's scale.
+
+    Image ids are 1-based record positions, category ids are class index + 1, GT 'area' is the
+    scaled box area (so scale 1 gives the original frame), iscrowd is 0.
+    """
+    images, annotations, detections = [], [], []
+    for image_id, (record, scale) in enumerate(zip(records, scales), 1):
+        images.append(
+            {"id": image_id, "file_name": Path(record.file).name,
+             "width": round(record.width * scale), "height": round(record.height * scale)}
+        )
+        for box, cls in zip(_xywh(record.gt_boxes, scale), record.gt_classes):
+            annotations.append(
+                {"id": len(annotations) + 1, "image_id": image_id, "category_id": int(cls) + 1,
+                 "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
+            )
+        for box, score, cls in zip(_xywh(record.pred_boxes, scale), record.pred_scores, record.pred_classes):
+            detections.append({"image_id": image_id, "category_id": int(cls) + 1, "bbox": box, "score": float(score)})
+    categories = [{"id": k + 1, "name": str(k)} for k in range(num_classes)]
+    return {"images": images, "annotations": annotations, "categories": categories}, detections
+
+
+def _xywh(boxes: np.ndarray, scale: float) -> list[list[float]]:
+    """xyxy boxes -> scaled COCO [x, y, w, h] lists."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale
+    return np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1).tolist()
+
+
+def coco_area_ranges(edges: tuple[float, ...]) -> tuple[list[list[float]], list[str]]:
+    """faster-coco-eval ``areaRng``/``areaRngLbl``: 'all', COCO small/medium/large, then custom buckets."""
+    ranges = [[0.0, COCO_MAX_SIDE**2]]
+    labels = ["all"]
+    bucket_sets = [(COCO_EDGES, COCO_NAMES)]
+    if tuple(edges) != COCO_EDGES:
+        bucket_sets.append((edges, bucket_names(edges)))
+    for bucket_edges, names in bucket_sets:
+        for lo, hi, name in zip(bucket_edges, bucket_edges[1:], names):
+            ranges.append([lo**2, min(hi, COCO_MAX_SIDE) ** 2])
+            labels.append(name)
+    return ranges, labels
+
+
+def run_cocoeval(coco_gt: COCO, coco_dt: COCO, edges: tuple[float, ...], cat_ids: list[int] | None = None) -> dict:
+    """faster-coco-eval bbox evaluation; returns its ``stats_as_dict`` (AP_<label>, AR_<label>, AR_100, ...)."""
+    evaluator = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=_silent)
+    evaluator.params.areaRng, evaluator.params.areaRngLbl = coco_area_ranges(edges)
+    evaluator.params.maxDets = COCO_MAX_DETS
+    if cat_ids is not None:
+        evaluator.params.catIds = cat_ids
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return evaluator.stats_as_dict
+
+
+def _silent(*_args) -> None:
+    """A print function that prints nothing (keeps faster-coco-eval's summary off the console)."""
+
+
+def _value(x: float) -> float | None:
+    """COCO's -1 (nothing to evaluate) becomes None; anything else a rounded float."""
+    return None if x < 0 else round(float(x), 6)
+
+
+def load_coco(records: list[ImageRecord], num_classes: int, scales: np.ndarray) -> tuple[COCO, COCO]:
+    """faster-coco-eval ground-truth and detection objects for ``records`` in the frame given by ``scales``."""
+    gt, detections = to_coco(records, num_classes, scales)
+    coco_gt = COCO(gt)
+    return coco_gt, coco_gt.loadRes(detections)
+
+
+def coco_metrics(records: list[ImageRecord], num_classes: int, scales: np.ndarray, edges: tuple[float, ...]) -> dict:
+    """COCO AP/AR in one frame (areas scaled by ``scales**2``); ``buckets`` holds AP/AR per size bucket."""
+    stats = run_cocoeval(*load_coco(records, num_classes, scales), edges)
+    # faster-coco-eval labels AR at maxDets [1, 10, 100] as AR_all, AR_second, AR_third
+    result = {"ap": stats["AP_all"], "ap50": stats["AP_50"], "ap75": stats["AP_75"], "ar100": stats["AR_third"]}
+    for name in COCO_NAMES:
+        result[f"ap_{name}"] = stats[f"AP_{name}"]
+        result[f"ar_{name}"] = stats[f"AR_{name}"]
+    result = {key: _value(value) for key, value in result.items()}
+    result["buckets"] = {
+        name: {"ap": _value(stats[f"AP_{name}"]), "ar": _value(stats[f"AR_{name}"])} for name in bucket_names(edges)
+    }
+    return result
+
+
+def per_class_ap(records: list[ImageRecord], names: list[str]) -> dict:
+    """AP50-95 and AP50 of each class (original frame; size plays no part), None for a class without GT."""
+    coco_gt, coco_dt = load_coco(records, len(names), np.ones(len(records)))
+    result = {}
+    for k, name in enumerate(names):
+        stats = run_cocoeval(coco_gt, coco_dt, COCO_EDGES, cat_ids=[k + 1])
+        result[name] = {"ap": _value(stats["AP_all"]), "ap50": _value(stats["AP_50"])}
+    return result
+
+
+# ----------------------------------------------------------------------------------------- recall
+def nms_top_k(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, max_det: int) -> np.ndarray:
+    """Indices kept by per-class NMS at ``iou``, by descending score, at most ``max_det``."""
+    if len(scores) == 0:
+        return np.zeros(0, dtype=np.int64)
+    keep = batched_nms(
+        torch.as_tensor(boxes, dtype=torch.float32),
+        torch.as_tensor(scores, dtype=torch.float32),
+        torch.as_tensor(classes, dtype=torch.int64),
+        iou,
+    )
+    return keep[:max_det].numpy()
+
+
+def greedy_match(
+    gt_boxes: np.ndarray,
+    gt_classes: np.ndarray,
+    det_boxes: np.ndarray,
+    det_scores: np.ndarray,
+    det_classes: np.ndarray,
+    iou_threshold: float = RECALL_MATCH_IOU,
+) -> np.ndarray:
+    """Which ground truths are found: detections by descending score each take the unmatched GT of their
+    class with the highest IoU >= ``iou_threshold``; a detection matches at most one GT. Bool (G,)."""
+    matched = np.zeros(len(gt_boxes), dtype=bool)
+    if len(gt_boxes) == 0 or len(det_boxes) == 0:
+        return matched
+    iou = box_iou(torch.as_tensor(det_boxes, dtype=torch.float64), torch.as_tensor(gt_boxes, dtype=torch.float64))
+    iou = iou.numpy()
+    for d in np.argsort(-np.asarray(det_scores), kind="stable"):
+        candidates = (gt_classes == det_classes[d]) & ~matched & (iou[d] >= iou_threshold)
+        if candidates.any():
+            matched[np.argmax(np.where(candidates, iou[d], -1.0))] = True
+    return matched
+
+
+def found_ground_truth(
+    record: ImageRecord, threshold: float, nms_iou: float = RECALL_NMS_IOU, max_det: int = RECALL_MAX_DET
+) -> np.ndarray:
+    """Bool per GT of one image: found by its detections with score >= ``threshold`` after NMS and top-k."""
+    keep = np.flatnonzero(record.pred_scores >= threshold)
+    keep = keep[nms_top_k(record.pred_boxes[keep], record.pred_scores[keep], record.pred_classes[keep], nms_iou, max_det)]
+    return greedy_match(
+        record.gt_boxes, record.gt_classes, record.pred_boxes[keep], record.pred_scores[keep], record.pred_classes[keep]
+    )
+
+
+def recall_by_size(
+    records: list[ImageRecord],
+    scales: np.ndarray,
+    edges: tuple[float, ...],
+    thresholds: tuple[float, ...] = RECALL_THRESHOLDS,
+) -> dict:
+    """Recall per size bucket (GT area times scale**2) and overall, at each confidence threshold.
+
+    Returns ``{"0.1": {bucket: {"recall", "hits", "total"}, ..., "all": {...}}, ...}``; recall is
+    None for an empty bucket.
+    """
+    gt_buckets = np.concatenate(
+        [bucket_index(box_areas(r.gt_boxes) * s**2, edges) for r, s in zip(records, scales)] + [np.zeros(0, np.int64)]
+    )
+    names = bucket_names(edges)
+    result = {}
+    for threshold in thresholds:
+        found = np.concatenate([found_ground_truth(r, threshold) for r in records] + [np.zeros(0, bool)])
+        row = {name: _recall(found[gt_buckets == b]) for b, name in enumerate(names)}
+        row["all"] = _recall(found)
+        result[f"{threshold:g}"] = row
+    return result
+
+
+def _recall(found: np.ndarray) -> dict:
+    """``{"recall", "hits", "total"}`` of a bool array of found ground truths."""
+    hits, total = int(found.sum()), int(found.size)
+    return {"recall": round(hits / total, 6) if total else None, "hits": hits, "total": total}
+
+
+# ---------------------------------------------------------------------------------------- report
+def evaluate_records(
+    records: list[ImageRecord],
+    names: list[str],
+    input_scales: np.ndarray,
+    edges: tuple[float, ...] = COCO_EDGES,
+    recall_frame: str = "input",
+) -> dict:
+    """The whole report for detections in original pixels: ``coco`` (per frame), ``per_class``,
+    ``recall_by_size`` (buckets in ``recall_frame``) and ``meta`` describing buckets and protocol.
+
+    ``input_scales[i]`` maps image i from original to network-input pixels (``letterbox_scales``).
+    """
+    if recall_frame not in FRAMES:
+        raise ValueError(f"recall_frame must be one of {FRAMES}, got {recall_frame!r}")
+    scales = {"original": np.ones(len(records)), "input": np.asarray(input_scales, dtype=np.float64)}
+    return {
+        "coco": {frame: coco_metrics(records, len(names), scales[frame], edges) for frame in FRAMES},
+        "per_class": per_class_ap(records, names),
+        "recall_by_size": recall_by_size(records, scales[recall_frame], edges),
+        "meta": {
+            "images": len(records),
+            "size_buckets": [format_edge(e) for e in edges],
+            "bucket_names": bucket_names(edges),
+            "recall_frame": recall_frame,
+            "recall_protocol": (
+                f"score >= threshold, per-class NMS IoU {RECALL_NMS_IOU}, top {RECALL_MAX_DET} per image, "
+                f"greedy match by descending score at IoU >= {RECALL_MATCH_IOU} to an unmatched GT of the same class; "
+                f"GT bucket by its area in the {recall_frame} frame, [lo^2, hi^2)"
+            ),
+            "coco_protocol": "faster-coco-eval bbox, maxDets 100; area ranges are squared side lengths, inclusive",
+        },
+    }
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    """A metric for a table: fixed decimals, ``n/a`` for None."""
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def bucket_labels(meta: dict) -> list[str]:
+    """``small (0-32 px)`` style label per bucket, from a report's meta."""
+    edges = meta["size_buckets"]
+    return [f"{name} ({lo}-{hi} px)" for name, lo, hi in zip(meta["bucket_names"], edges, edges[1:])]
+
+
+def format_report(metrics: dict) -> str:
+    """Readable Markdown tables of a report (also the console output)."""
+    meta = metrics["meta"]
+    frame_label = {"original": "original", "input": f"input ({meta.get('imgsz', '?')} px)"}
+    keys = ["ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar100", "ar_small", "ar_medium", "ar_large"]
+    header = ["frame", "AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "ARs", "ARm", "ARl"]
+    sections = [
+        f"# Small-object report: {meta.get('model', '?')} on {meta.get('data', '?')} [{meta.get('split', '?')}], "
+        f"imgsz {meta.get('imgsz', '?')}, {meta['images']} images",
+        "## COCO box metrics (faster-coco-eval, COCO small/medium/large = side < 32 / 32-96 / > 96 px)",
+        _table(header, [[frame_label[f]] + [_fmt(metrics["coco"][f][k]) for k in keys] for f in FRAMES]),
+        "## AP50-95 / AR100 by size bucket (side length in px of the frame; area = side^2)",
+        _table(
+            ["bucket"] + [f"AP {frame_label[f]}" for f in FRAMES] + [f"AR {frame_label[f]}" for f in FRAMES],
+            [
+                [label]
+                + [_fmt(metrics["coco"][f]["buckets"][name]["ap"]) for f in FRAMES]
+                + [_fmt(metrics["coco"][f]["buckets"][name]["ar"]) for f in FRAMES]
+                for name, label in zip(meta["bucket_names"], bucket_labels(meta))
+            ],
+        ),
+        "## Per class (original frame)",
+        _table(
+            ["class", "AP50-95", "AP50"],
+            [[name, _fmt(v["ap"]), _fmt(v["ap50"])] for name, v in metrics["per_class"].items()],
+        ),
+        f"## Recall % (hits/GT) by size, buckets in the {frame_label[meta['recall_frame']]} frame",
+        meta["recall_protocol"],
+        _table(
+            ["conf >="] + bucket_labels(meta) + ["all"],
+            [
+                [threshold] + [_recall_cell(row[name]) for name in meta["bucket_names"] + ["all"]]
+                for threshold, row in metrics["recall_by_size"].items()
+            ],
+        ),
+    ]
+    if metrics.get("ultralytics"):
+        ultra = metrics["ultralytics"]
+        sections += [
+            "## Ultralytics DetectionValidator (stock metrics, original frame)",
+            _table(list(ultra), [[_fmt(v, 4) for v in ultra.values()]]),
+        ]
+    return "\n\n".join(sections) + "\n"
+
+
+def _recall_cell(entry: dict) -> str:
+    """``42.83 (221/516)``, or ``n/a (0/0)`` for an empty bucket."""
+    percent = "n/a" if entry["recall"] is None else f"{100 * entry['recall']:.2f}"
+    return f"{percent} ({entry['hits']}/{entry['total']})"
+
+
+def plot_size_metrics(metrics: dict, path: Path) -> Path:
+    """PNG: left AP50-95 per bucket in both frames, right recall per bucket at each confidence threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = metrics["meta"]
+    names = meta["bucket_names"]
+    x = np.arange(len(names))
+    fig, (ax_ap, ax_rec) = plt.subplots(1, 2, figsize=(max(12, 3.2 * len(names)), 5.2), constrained_layout=True)
+
+    frame_label = {"original": "original frame", "input": f"input frame ({meta.get('imgsz', '?')} px)"}
+    width = 0.8 / len(FRAMES)
+    for i, frame in enumerate(FRAMES):
+        values = [metrics["coco"][frame]["buckets"][n]["ap"] for n in names]
+        bars = ax_ap.bar(x + (i - (len(FRAMES) - 1) / 2) * width, [v or 0 for v in values], width, label=frame_label[frame])
+        ax_ap.bar_label(bars, labels=[_fmt(v) for v in values], fontsize=9, padding=2)
+    ax_ap.set_title("COCO AP50-95 by size bucket")
+    ax_ap.set_ylabel("AP50-95")
+    ax_ap.set_ylim(0, 1.1)
+    ax_ap.set_xticks(x, [label.replace(" (", "\n(") for label in bucket_labels(meta)])
+    ax_ap.set_xlabel("size bucket (box side length in the frame)")
+    ax_ap.legend(loc="upper left")
+
+    recall = metrics["recall_by_size"]
+    width = 0.8 / len(recall)
+    for i, (threshold, row) in enumerate(recall.items()):
+        values = [row[n]["recall"] for n in names]
+        offset = (i - (len(recall) - 1) / 2) * width
+        bars = ax_rec.bar(x + offset, [100 * (v or 0) for v in values], width, label=f"conf >= {threshold}")
+        ax_rec.bar_label(bars, labels=["n/a" if v is None else f"{100 * v:.1f}" for v in values], fontsize=9, padding=2)
+    first = next(iter(recall.values()))
+    ax_rec.set_title(f"Recall by size bucket ({meta['recall_frame']} frame, IoU >= {RECALL_MATCH_IOU})")
+    ax_rec.set_ylabel("recall (%)")
+    ax_rec.set_ylim(0, 110)
+    ax_rec.set_xticks(x, [f"{label}\nn={first[n]['total']}" for label, n in zip(meta["bucket_names"], names)])
+    ax_rec.set_xlabel(f"size bucket ({meta['recall_frame']} frame), number of ground truths")
+    ax_rec.legend(loc="upper left")
+
+    fig.suptitle(f"{meta.get('model', '')} on {meta.get('data', '')} [{meta.get('split', '')}]", fontsize=11)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(metrics: dict, save_dir: Path) -> list[Path]:
+    """Write ``metrics.json``, ``metrics.md`` and ``size_metrics.png`` into ``save_dir``; return their paths."""
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = save_dir / "metrics.json", save_dir / "metrics.md"
+    json_path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    md_path.write_text(format_report(metrics))
+    return [json_path, md_path, plot_size_metrics(metrics, save_dir / "size_metrics.png")]
+
+
+# --------------------------------------------------------------------------------------- compare
+def load_metrics(path: str | Path) -> dict:
+    """A report's metrics: ``path`` is a metrics.json or a val output folder containing one."""
+    path = Path(path)
+    file = path / "metrics.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no metrics.json at {path}")
+    return json.loads(file.read_text())
+
+
+def key_metrics(metrics: dict) -> dict[str, float | None]:
+    """The metrics compared across runs: COCO AP per frame, per-class AP, first-bucket recall at 0.1 and 0.3."""
+    rows = {}
+    for frame in FRAMES:
+        for key in ("ap", "ap_small", "ap_medium", "ap_large"):
+            rows[f"coco.{frame}.{key}"] = metrics["coco"][frame][key]
+    for name, values in metrics["per_class"].items():
+        rows[f"per_class.{name}.ap"] = values["ap"]
+    first = metrics["meta"]["bucket_names"][0]
+    for threshold in ("0.1", "0.3"):
+        entry = metrics["recall_by_size"].get(threshold, {}).get(first)
+        rows[f"recall.{first}@{threshold}"] = entry["recall"] if entry else None
+    return rows
+
+
+def compare_report(paths: list[str | Path]) -> str:
+    """Markdown table of ``key_metrics`` of each run, with the delta to the first run in brackets."""
+    runs = [key_metrics(load_metrics(p)) for p in paths]
+    labels = [_run_label(Path(p)) for p in paths]
+    keys = list(dict.fromkeys(k for run in runs for k in run))
+    rows = []
+    for key in keys:
+        base = runs[0].get(key)
+        cells = [_fmt(base, 4)]
+        for run in runs[1:]:
+            value = run.get(key)
+            delta = "" if value is None or base is None else f" ({value - base:+.4f})"
+            cells.append(_fmt(value, 4) + delta)
+        rows.append([key] + cells)
+    return _table(["metric"] + labels, rows) + "\n"
+
+
+def _run_label(path: Path) -> str:
+    """A run's column title: its folder name (the folder holding metrics.json for a file path)."""
+    return path.name if path.is_dir() else f"{path.parent.name}/{path.name}"

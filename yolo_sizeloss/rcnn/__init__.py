@@ -1,0 +1,13 @@
+"""torchvision Faster R-CNN with the size-aware losses (PLB 1C/1B/2C/2B, SCB on the RPN).
+
+Public entry points: ``yolo_sizeloss.rcnn.cli`` (``build_parser``, ``add_arguments``, ``train``),
+``predict_records`` (detections of a data split for a checkpoint, in original image pixels) and
+``export_onnx``.
+"""
+
+from yolo_sizeloss.rcnn.engine import predict_records
+from yolo_sizeloss.rcnn.export import export_onnx
+from yolo_sizeloss.rcnn.heads import LossSwitches
+from yolo_sizeloss.rcnn.model import build_model
+
+__all__ = ["LossSwitches", "build_model", "export_onnx", "predict_records"]

@@ -1,0 +1,402 @@
+"""Training and evaluation loop of the Faster R-CNN path (single process or torchrun + DDP).
+
+Schedule (Hu et al. 2022, torchvision's detection tutorial): SGD, StepLR per epoch, a linear warm-up
+from ``lr * WARMUP_FACTOR`` over the first ``min(warmup_iters, iterations per epoch - 1)`` iterations
+of the first epoch, horizontal flip as the only augmentation. ``--batch`` is the total batch over
+all processes (as on the YOLO path); each of N processes loads ``batch // N`` images.
+Under ``torchrun`` every process trains on its DistributedSampler shard; validation is sharded too
+and the predictions are gathered on rank 0, which alone writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from ultralytics.utils import LOGGER, TQDM
+from ultralytics.utils.files import increment_path
+
+from yolo_sizeloss.detections import ImageRecord, load_split
+from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics
+from yolo_sizeloss.paths import resolve_data
+from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection
+from yolo_sizeloss.rcnn.heads import LossSwitches, parse_plb
+from yolo_sizeloss.rcnn.model import (
+    ARCH,
+    build_model,
+    load_checkpoint,
+    model_from_checkpoint,
+    set_inference_limits,
+    unwrap,
+)
+
+LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
+WARMUP_FACTOR = 1e-3  # first warm-up learning rate, as a fraction of --lr
+VAL_CONF, VAL_MAX_DET = 0.001, 300  # Ultralytics' validation defaults, for comparable mAP
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the run: rank, number of processes, device; ``owns_group`` if we
+    initialised the process group (and so destroy it)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def select_device(device: str, local_rank: int, world_size: int) -> torch.device:
+    """Parse ``--device``: '' (CUDA if available, else CPU), 'cpu', a CUDA index ('0', 'cuda:0'), or a
+    list ('0,1') whose ``local_rank``-th entry this torchrun process takes."""
+    spec = str(device or "").strip().lower().replace("cuda:", "")
+    if spec == "cpu" or (spec == "" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    ids = [s.strip() for s in spec.split(",") if s.strip()]
+    if not all(s.isdigit() for s in ids):
+        raise ValueError(f"--device {device}: expected cpu, a CUDA index such as 0, or a list such as 0,1")
+    if not ids:
+        return torch.device(f"cuda:{local_rank}")
+    if len(ids) == 1 and world_size == 1:
+        return torch.device(f"cuda:{ids[0]}")
+    if len(ids) == world_size:
+        return torch.device(f"cuda:{ids[local_rank]}")
+    raise ValueError(f"--device {device}: {len(ids)} device(s) for {world_size} process(es); several devices "
+                     f"train under torchrun --nproc_per_node {len(ids)}")
+
+
+def setup_distributed(device: str) -> DistContext:
+    """Join the torchrun process group (nccl on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    torch_device = select_device(device, local_rank, world_size)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+    owns_group = world_size > 1 and not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo")
+    return DistContext(rank, world_size, torch_device, owns_group)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_save_dir(project: str | None, name: str, exist_ok: bool, ctx: DistContext) -> Path:
+    """``project/name`` (default project ``<cwd>/runs/rcnn``), incremented by Ultralytics' rule unless
+    ``exist_ok``; rank 0 decides and every rank gets the same path."""
+    chosen = [None]
+    if ctx.is_main:
+        base = Path(project).expanduser() if project else Path.cwd() / "runs" / "rcnn"
+        chosen[0] = str(increment_path(base.resolve() / name, exist_ok=exist_ok, mkdir=True))
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(chosen, src=0, device=ctx.device)
+    return Path(chosen[0])
+
+
+def shard_indices(count: int, ctx: DistContext) -> list[int]:
+    """The indices of ``count`` items that this rank handles (strided)."""
+    return list(range(ctx.rank, count, ctx.world_size))
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    device: torch.device,
+    warmup_iters: int,
+    desc: str,
+    show_progress: bool,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns the mean of each loss item over the epoch (all ranks)."""
+    model.train()
+    warmup = None
+    if warmup_iters > 0:
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, WARMUP_FACTOR, total_iters=warmup_iters)
+    sums = torch.zeros(len(LOSS_NAMES) + 1, dtype=torch.float64, device=device)  # loss items, steps
+    bar = TQDM(loader, desc=desc, disable=not show_progress)
+    for step, (images, targets, _) in enumerate(bar):
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        losses = model(images, targets)
+        loss = sum(losses[name] for name in LOSS_NAMES)
+        if not torch.isfinite(loss):
+            items = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise FloatingPointError(f"{desc}: non-finite loss at iteration {step} ({items})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if warmup is not None:
+            warmup.step()
+        sums += torch.stack([*(losses[n].detach().double() for n in LOSS_NAMES), sums.new_ones(())])
+        bar.set_description(f"{desc} loss {sums[:-1].sum().item() / sums[-1].item():.4f}")
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return {name: (sums[i] / sums[-1].clamp(min=1)).item() for i, name in enumerate(LOSS_NAMES)}
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, records: list[ImageRecord], device: torch.device, batch: int, workers: int
+) -> list[ImageRecord]:
+    """Copies of ``records`` with the model's detections (original image pixels, YOLO class ids)."""
+    net = unwrap(model)
+    net.eval()
+    loader = DataLoader(
+        DetectionDataset(records, flip_p=0.0), batch_size=batch, num_workers=workers, collate_fn=collate_detection
+    )
+    predicted = list(records)
+    for images, _, indices in loader:
+        for index, out in zip(indices, net([image.to(device) for image in images])):
+            predicted[index] = dataclasses.replace(
+                records[index],
+                pred_boxes=out["boxes"].float().cpu().numpy(),
+                pred_scores=out["scores"].float().cpu().numpy(),
+                pred_classes=(out["labels"] - 1).cpu().numpy(),
+            )
+    return predicted
+
+
+def coco_map(records: list[ImageRecord], num_classes: int) -> dict[str, float]:
+    """COCO box mAP50 and mAP50-95 in original pixels, from the report's evaluation
+    (``yolo_sizeloss.evaluation``, faster-coco-eval); 0 when there is nothing to evaluate."""
+    metrics = coco_metrics(records, num_classes, np.ones(len(records)), COCO_EDGES)
+    return {"mAP50": metrics["ap50"] or 0.0, "mAP50-95": metrics["ap"] or 0.0}
+
+
+def validate(
+    model: torch.nn.Module, records: list[ImageRecord], num_classes: int, ctx: DistContext, batch: int, workers: int
+) -> dict[str, float] | None:
+    """Predict each rank's shard of ``records``, gather on rank 0 and return its mAPs there (None elsewhere)."""
+    shard = shard_indices(len(records), ctx)
+    predicted = predict(model, [records[i] for i in shard], ctx.device, batch, workers)
+    if ctx.world_size > 1:
+        gathered: list = [None] * ctx.world_size
+        dist.all_gather_object(gathered, list(zip(shard, predicted)))
+        predicted = [r for _, r in sorted((pair for part in gathered for pair in part), key=lambda p: p[0])]
+    return coco_map(predicted, num_classes) if ctx.is_main else None
+
+
+def fitness(metrics: dict[str, float]) -> float:
+    """Ultralytics' model fitness: 0.1 mAP50 + 0.9 mAP50-95."""
+    return 0.1 * metrics["mAP50"] + 0.9 * metrics["mAP50-95"]
+
+
+def append_results(path: Path, row: dict) -> None:
+    """Append one epoch's row to ``results.csv`` (header written with the first row)."""
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def plain_args(args: argparse.Namespace) -> dict:
+    """The run's arguments as YAML/torch.load-safe plain values."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def resumed_args(checkpoint: dict, args: argparse.Namespace) -> argparse.Namespace:
+    """The checkpoint's training arguments, with ``resume`` and, where given now, ``device`` and ``workers``."""
+    restored = argparse.Namespace(**checkpoint["train_args"])
+    restored.resume = str(args.resume)
+    for key in ("device", "workers"):
+        if getattr(args, key, None) is not None:
+            setattr(restored, key, getattr(args, key))
+    if checkpoint["epoch"] + 1 >= restored.epochs:
+        raise ValueError(f"--resume {args.resume}: training to {restored.epochs} epochs is finished, nothing to "
+                         f"resume; start a new run with --weights {args.resume}")
+    return restored
+
+
+def make_train_loader(
+    records: list[ImageRecord], batch: int, workers: int, seed: int, ctx: DistContext
+) -> tuple[DataLoader, DistributedSampler]:
+    """Shuffled, flipped training batches of this rank (``batch`` images per rank)."""
+    sampler = DistributedSampler(
+        DetectionDataset(records, flip_p=0.5), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed
+    )
+    loader = DataLoader(
+        sampler.dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+        collate_fn=collate_detection, pin_memory=ctx.device.type == "cuda", drop_last=False,
+    )
+    return loader, sampler
+
+
+def fit(args: argparse.Namespace) -> Path:
+    """Train Faster R-CNN as ``args`` says (see ``yolo_sizeloss.rcnn.cli``); return the run directory."""
+    ctx = setup_distributed(args.device)
+    try:
+        return _fit(args, ctx)
+    finally:
+        if ctx.owns_group:
+            dist.destroy_process_group()
+
+
+def _fit(args: argparse.Namespace, ctx: DistContext) -> Path:
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        args = resumed_args(checkpoint, args)
+    else:
+        args.data = resolve_data(args.data)
+    switches = LossSwitches(parse_plb(args.plb), args.plb_source, args.scb_rpn)
+    if args.batch < ctx.world_size:
+        raise ValueError(f"--batch {args.batch}: must be at least the number of processes ({ctx.world_size})")
+    train_records, data = load_split(args.data, "train")
+    val_records, _ = load_split(args.data, "val")
+    train_records = train_records[: max(1, round(len(train_records) * args.fraction))]
+    if checkpoint is not None:
+        save_dir = Path(args.resume).resolve().parent.parent
+    else:
+        save_dir = make_save_dir(args.project, args.name, args.exist_ok, ctx)
+    seed_everything(args.seed)
+    model = checkpoint_or_new_model(checkpoint, args, switches, data["nc"] + 1)
+    set_inference_limits(model, VAL_CONF, VAL_MAX_DET)
+    model.to(ctx.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step, gamma=args.lr_gamma)
+    start_epoch, best_fitness = 0, -math.inf
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_epoch, best_fitness = checkpoint["epoch"] + 1, checkpoint["best_fitness"]
+    if ctx.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+
+    per_rank_batch = args.batch // ctx.world_size
+    workers = min(args.workers, (os.cpu_count() or 1) // ctx.world_size)
+    loader, sampler = make_train_loader(train_records, per_rank_batch, workers, args.seed, ctx)
+    weights_dir = save_dir / "weights"
+    if ctx.is_main:
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / "args.yaml").write_text(yaml.safe_dump({**plain_args(args), "loss": switches.as_dict()},
+                                                           sort_keys=False))
+        LOGGER.info(f"Faster R-CNN {args.backbone}, loss {switches.as_dict()}, {len(train_records)} train / "
+                    f"{len(val_records)} val images, {ctx.world_size} process(es) on {ctx.device}; saving to {save_dir}")
+
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        torch.manual_seed(args.seed + epoch * ctx.world_size + ctx.rank)  # flips and RPN/RoI sampling
+        start = time.time()
+        warmup_iters = min(args.warmup_iters, len(loader) - 1) if epoch == 0 else 0
+        losses = train_one_epoch(model, optimizer, loader, ctx.device, warmup_iters,
+                                 f"{epoch + 1}/{args.epochs}", ctx.is_main)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        metrics = validate(model, val_records, len(data["names"]), ctx, per_rank_batch, workers)
+        if ctx.is_main:
+            best_fitness = save_epoch(save_dir, epoch, time.time() - start, losses, metrics, lr, best_fitness,
+                                      model, optimizer, scheduler, args, switches, data)
+    return save_dir
+
+
+def checkpoint_or_new_model(
+    checkpoint: dict | None, args: argparse.Namespace, switches: LossSwitches, num_classes: int
+) -> torch.nn.Module:
+    """The resumed checkpoint's model, or a new one from ``--backbone``/``--weights``."""
+    if checkpoint is None:
+        return build_model(args.backbone, num_classes, args.imgsz, switches, args.weights)
+    if checkpoint["num_classes"] != num_classes:
+        raise ValueError(f"--resume {args.resume}: checkpoint has {checkpoint['num_classes'] - 1} classes, "
+                         f"data {args.data} has {num_classes - 1}")
+    return model_from_checkpoint(checkpoint)
+
+
+def save_epoch(
+    save_dir: Path,
+    epoch: int,
+    seconds: float,
+    losses: dict[str, float],
+    metrics: dict[str, float],
+    lr: float,
+    best_fitness: float,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    args: argparse.Namespace,
+    switches: LossSwitches,
+    data: dict,
+) -> float:
+    """Write the epoch's ``results.csv`` row, ``weights/last.pt`` and (if fitter) ``best.pt``; return the best fitness."""
+    append_results(save_dir / "results.csv", {
+        "epoch": epoch + 1,
+        "time": round(seconds, 2),
+        **{f"train/{k}": round(v, 6) for k, v in losses.items()},
+        "metrics/mAP50(B)": round(metrics["mAP50"], 6),
+        "metrics/mAP50-95(B)": round(metrics["mAP50-95"], 6),
+        "lr/pg0": lr,
+    })
+    current = fitness(metrics)
+    best_fitness = max(best_fitness, current)
+    checkpoint = {
+        "arch": ARCH,
+        "backbone": args.backbone,
+        "num_classes": len(data["names"]) + 1,
+        "names": {int(k): str(v) for k, v in data["names"].items()},
+        "imgsz": args.imgsz,
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "best_fitness": best_fitness,
+        "train_args": plain_args(args),
+        "plb": switches.as_dict(),
+    }
+    torch.save(checkpoint, save_dir / "weights" / "last.pt")
+    if current >= best_fitness:
+        torch.save(checkpoint, save_dir / "weights" / "best.pt")
+    LOGGER.info(f"epoch {epoch + 1}: {seconds:.1f}s, " + ", ".join(f"{k} {v:.4f}" for k, v in {**losses, **metrics}.items()))
+    return best_fitness
+
+
+def predict_records(
+    checkpoint_path: str | Path,
+    data: str | Path,
+    split: str,
+    imgsz: int | None = None,
+    device: str | None = None,
+    *,
+    batch: int = 4,
+    workers: int = 0,
+    conf: float = VAL_CONF,
+    max_det: int = VAL_MAX_DET,
+) -> list[ImageRecord]:
+    """Ground truth and detections of ``split`` of the data yaml ``data`` for a trained checkpoint.
+
+    Boxes are xyxy in original image pixels; classes are YOLO class ids. ``imgsz`` None: the size the
+    checkpoint was trained at. ``device``: as ``--device`` ('' or None: CUDA if available).
+    """
+    checkpoint = load_checkpoint(checkpoint_path)
+    records, data_dict = load_split(data, split)
+    if len(data_dict["names"]) + 1 != checkpoint["num_classes"]:
+        raise ValueError(f"{checkpoint_path}: trained for {checkpoint['num_classes'] - 1} classes, "
+                         f"data {data} has {len(data_dict['names'])}")
+    torch_device = select_device(device or "", 0, 1)
+    model = model_from_checkpoint(checkpoint, imgsz).to(torch_device)
+    set_inference_limits(model, conf, max_det)
+    return predict(model, records, torch_device, batch, workers)

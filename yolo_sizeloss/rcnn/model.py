@@ -1,0 +1,118 @@
+"""Build torchvision Faster R-CNN with the size-aware loss heads, and read and write its checkpoints.
+
+Image size: ``GeneralizedRCNNTransform`` gets ``min_size = max_size = imgsz``. torchvision scales an
+image by ``min(min_size / short_side, max_size / long_side)``, so the long side becomes ``imgsz`` with
+the aspect ratio kept (BCCD's 640x480 at ``imgsz`` 416 runs at 416x312), as YOLO's letterbox does.
+The same rule serves training, validation, ``predict_records`` and ONNX export, and the checkpoint
+records ``imgsz``. Detections come back in the pixels of the image that was passed in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.models.detection import (
+    FasterRCNN,
+    FasterRCNN_MobileNet_V3_Large_FPN_Weights,
+    FasterRCNN_ResNet50_FPN_Weights,
+    fasterrcnn_mobilenet_v3_large_fpn,
+    fasterrcnn_resnet50_fpn,
+)
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from ultralytics.utils import LOGGER
+
+from yolo_sizeloss.rcnn.heads import LossSwitches, SizeBalancedRoIHeads, SizeBalancedRPN
+
+ARCH = "faster_rcnn"
+BACKBONES = {
+    "resnet50_fpn": (fasterrcnn_resnet50_fpn, FasterRCNN_ResNet50_FPN_Weights),
+    "mobilenet_v3_large_fpn": (fasterrcnn_mobilenet_v3_large_fpn, FasterRCNN_MobileNet_V3_Large_FPN_Weights),
+}
+CHECKPOINT_KEYS = ("arch", "backbone", "num_classes", "names", "imgsz", "model", "plb")
+
+
+def build_model(
+    backbone: str, num_classes: int, imgsz: int, switches: LossSwitches, weights: str = "none"
+) -> FasterRCNN:
+    """Faster R-CNN with ``num_classes`` outputs (background included) and the size-aware loss heads.
+
+    ``weights``: ``none`` (random init, nothing is downloaded; torchvision then trains BatchNorm and
+    every backbone layer), ``DEFAULT`` (torchvision's COCO weights, downloaded once, with its frozen
+    BatchNorm and 3 trainable backbone layers; the class predictor is new) or the path of a file
+    holding a state dict or one of this project's checkpoints (tensors whose name and shape match are
+    loaded into the ``none`` architecture; the rest are listed in the log).
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"--backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
+    if imgsz < 32:
+        raise ValueError(f"--imgsz {imgsz}: must be at least 32")
+    builder, weights_enum = BACKBONES[backbone]
+    size = {"min_size": imgsz, "max_size": imgsz}
+    if weights.upper() == "DEFAULT":
+        model = builder(weights=weights_enum.DEFAULT, **size)
+        in_features = model.roi_heads.box_predictor.cls_score.in_features
+        model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
+    else:
+        model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **size)
+        if weights.lower() != "none":
+            load_matching_weights(model, Path(weights))
+    model.rpn = SizeBalancedRPN.from_stock(model.rpn, switches)
+    model.roi_heads = SizeBalancedRoIHeads.from_stock(model.roi_heads, switches)
+    return model
+
+
+def load_matching_weights(model: torch.nn.Module, path: Path) -> list[str]:
+    """Copy the tensors of ``path`` whose name and shape match into ``model``; return the names skipped."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--weights {path}: no such file (use a checkpoint path, DEFAULT or none)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"--weights {path}: expected a state dict or a checkpoint with a 'model' state dict")
+    own = model.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matching:
+        raise ValueError(f"--weights {path}: no tensor matches this model's names and shapes")
+    model.load_state_dict(matching, strict=False)
+    skipped = sorted(set(own) - set(matching))
+    LOGGER.info(f"Loaded {len(matching)}/{len(own)} tensors from {path}" + (f"; new: {', '.join(skipped)}" if skipped else ""))
+    return skipped
+
+
+def set_inference_limits(model: FasterRCNN, conf: float, max_det: int) -> None:
+    """Keep detections with class score above ``conf``, at most ``max_det`` per image."""
+    model.roi_heads.score_thresh = conf
+    model.roi_heads.detections_per_img = max_det
+
+
+def unwrap(model: torch.nn.Module) -> FasterRCNN:
+    """The Faster R-CNN inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by the Faster R-CNN trainer; errors name the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Faster R-CNN checkpoint {path}: no such file")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or checkpoint.get("arch") != ARCH:
+        raise ValueError(f"{path}: not a Faster R-CNN checkpoint of this project (expected 'arch': '{ARCH}')")
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, imgsz: int | None = None) -> FasterRCNN:
+    """Rebuild the checkpoint's model (at its own ``imgsz`` unless one is given) with its weights loaded."""
+    model = build_model(
+        checkpoint["backbone"],
+        checkpoint["num_classes"],
+        imgsz or checkpoint["imgsz"],
+        LossSwitches.from_dict(checkpoint["plb"]),
+    )
+    model.load_state_dict(checkpoint["model"])
+    return model
