@@ -1,0 +1,207 @@
+"""Train each loss mode with identical seeds, schedule and data; evaluate on the test split; tabulate.
+
+    python bench/compare.py --preset cpu                      # five YOLO modes, one seed, ~2 h on 2 cores
+    python bench/compare.py --preset full --device 0          # GPU: three seeds, a paper-like schedule
+    python bench/compare.py --losses baseline plb --seeds 0 1 --epochs 30 --out bench/mine
+    python bench/compare.py --arch faster_rcnn --plb-sets none 1C,1B --epochs 15
+
+Each run trains with train.py into OUT/runs/<mode>-s<seed> and is evaluated with val.py (split
+test) into OUT/val/<mode>-s<seed>. It resumes: a run whose metrics.json exists is not trained or
+evaluated again, and an interrupted training continues from its last.pt. Writes OUT/results.md (mean
+and spread over seeds), OUT/results.json and OUT/results.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = {
+    "cpu": dict(losses=["baseline", "feedback", "scb", "plb", "gradlibra"], seeds=[0], epochs=20, imgsz=416, batch=16),
+    "full": dict(losses=["baseline", "feedback", "scb", "plb", "gradlibra", "plb+scb"], seeds=[0, 1, 2], epochs=100,
+                 imgsz=416, batch=16),
+}
+# (label, path into metrics.json); per-class AP is read from per_class.Platelets
+COLUMNS = [
+    ("mAP50-95", ("ultralytics", "mAP50-95")),
+    ("AP orig", ("coco", "original", "ap")),
+    ("APs orig", ("coco", "original", "ap_small")),
+    ("APm orig", ("coco", "original", "ap_medium")),
+    ("APl orig", ("coco", "original", "ap_large")),
+    ("APs input", ("coco", "input", "ap_small")),
+    ("APm input", ("coco", "input", "ap_medium")),
+    ("APl input", ("coco", "input", "ap_large")),
+    ("Platelets AP", ("per_class", "Platelets", "ap")),
+    ("R small@0.1", ("recall_by_size", "0.1", "small", "recall")),
+    ("R small@0.3", ("recall_by_size", "0.3", "small", "recall")),
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, default="cpu")
+    p.add_argument("--arch", choices=("yolo", "faster_rcnn"), default="yolo")
+    p.add_argument("--losses", nargs="+", help="YOLO modes (default: the preset's)")
+    p.add_argument("--plb-sets", nargs="+", default=["none", "1C,1B"], help="Faster R-CNN PLB switch sets")
+    p.add_argument("--model", default="yolov8n.yaml", help="YOLO model yaml or local .pt")
+    p.add_argument("--backbone", default="mobilenet_v3_large_fpn", help="Faster R-CNN backbone")
+    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--imgsz", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--device", default=None)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--data", default="bccd.yaml")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.arch == "faster_rcnn" and args.batch == PRESETS[args.preset]["batch"]:
+        args.batch = 4  # the paper's batch
+    return args
+
+
+def runs_of(args) -> list[tuple[str, list[str]]]:
+    """(mode label, the train.py flags that select it) for every mode to compare."""
+    if args.arch == "yolo":
+        return [(loss, ["--loss", loss, "--model", args.model]) for loss in args.losses]
+    return [(f"rcnn-{'stock' if s == 'none' else 'plb' + s.replace(',', '+')}",
+             ["--arch", "faster_rcnn", "--backbone", args.backbone, *([] if s == "none" else ["--plb", s])])
+            for s in args.plb_sets]
+
+
+def run(cmd: list[str]) -> None:
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path) -> Path:
+    """Train one (mode, seed) unless done, evaluate it on the test split; return its metrics.json."""
+    name = f"{label}-s{seed}"
+    metrics = out / "val" / name / "metrics.json"
+    if metrics.is_file():
+        return metrics
+    run_dir = out / "runs" / name
+    best, last = run_dir / "weights" / "best.pt", run_dir / "weights" / "last.pt"
+    device = ["--device", args.device] if args.device is not None else []
+    if not best.is_file() or not (run_dir / "results.csv").is_file() or _unfinished(run_dir, args.epochs):
+        if last.is_file() and _unfinished(run_dir, args.epochs):
+            run([sys.executable, "train.py", *flags[:2], "--resume", str(last)])
+        else:
+            run([sys.executable, "train.py", *flags, "--data", args.data, "--epochs", str(args.epochs),
+                 "--imgsz", str(args.imgsz), "--batch", str(args.batch), "--workers", str(args.workers),
+                 "--seed", str(seed), "--project", str(out / "runs"), "--name", name, "--exist-ok", *device])
+    run([sys.executable, "val.py", "--model", str(best), "--data", args.data, "--split", "test",
+         "--imgsz", str(args.imgsz), "--project", str(out / "val"), "--name", name, "--exist-ok", *device])
+    epoch_times = _epoch_seconds(run_dir)
+    report = json.loads(metrics.read_text())
+    report["train"] = {"epochs": len(epoch_times), "seconds_per_epoch": statistics.mean(epoch_times) if epoch_times else None}
+    metrics.write_text(json.dumps(report, indent=2))
+    return metrics
+
+
+def _results(run_dir: Path) -> list[dict]:
+    path = run_dir / "results.csv"
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _unfinished(run_dir: Path, epochs: int) -> bool:
+    return len(_results(run_dir)) < epochs
+
+
+def _epoch_seconds(run_dir: Path) -> list[float]:
+    """Wall seconds of each epoch (training and validation), from results.csv's cumulative time."""
+    times = [float(r["time"]) for r in _results(run_dir) if "time" in r]
+    return [b - a for a, b in zip([0.0, *times], times)] if times else []
+
+
+def dig(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def summarise(per_mode: dict[str, list[dict]]) -> dict:
+    """mean, spread (sample std, 0 for one seed) and values of every column, per mode."""
+    summary = {}
+    for label, reports in per_mode.items():
+        row = {}
+        for column, path in [*COLUMNS, ("s/epoch", ("train", "seconds_per_epoch"))]:
+            values = [v for v in (dig(r, path) for r in reports) if v is not None]
+            row[column] = {
+                "mean": statistics.mean(values) if values else None,
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "values": values,
+            }
+        summary[label] = row
+    return summary
+
+
+def markdown(summary: dict, args) -> str:
+    columns = [c for c, _ in COLUMNS] + ["s/epoch"]
+    scale = {c: (1 if c == "s/epoch" else 100) for c in columns}  # AP and recall in percent
+    lines = [f"| mode | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
+    for label, row in summary.items():
+        cells = []
+        for c in columns:
+            m, s = row[c]["mean"], row[c]["std"]
+            cells.append("n/a" if m is None else f"{m * scale[c]:.1f}" + (f" ± {s * scale[c]:.1f}" if len(row[c]["values"]) > 1 else ""))
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    seeds = ", ".join(map(str, args.seeds))
+    lines.append(f"\nAP and recall in percent on the test split; mean ± sample std over seeds {seeds}; "
+                 f"{args.epochs} epochs, imgsz {args.imgsz}, batch {args.batch}. 'input' = areas in network-input pixels.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = ["mAP50-95", "APs input", "APm input", "APl input", "Platelets AP", "R small@0.3"]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / max(len(summary), 1)
+    for i, (label, row) in enumerate(summary.items()):
+        means = [100 * (row[c]["mean"] or 0) for c in columns]
+        stds = [100 * row[c]["std"] for c in columns]
+        ax.bar([x + i * width for x in range(len(columns))], means, width, yerr=stds, label=label, capsize=2)
+    ax.set_xticks([x + width * (len(summary) - 1) / 2 for x in range(len(columns))], columns)
+    ax.set_ylabel("percent (test split)")
+    ax.set_title("Size-aware losses on BCCD")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    per_mode = {}
+    for label, flags in runs_of(args):
+        per_mode[label] = [json.loads(train_and_validate(args, label, flags, seed, out).read_text()) for seed in args.seeds]
+    summary = summarise(per_mode)
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "summary": summary}, indent=2))
+    (out / "results.md").write_text(markdown(summary, args))
+    plot(summary, out / "results.png")
+    print(markdown(summary, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
