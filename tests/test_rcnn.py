@@ -5,6 +5,7 @@ Run with YOLO_OFFLINE=1 YOLO_AUTOINSTALL=0. Nothing is downloaded: models start 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -403,3 +404,22 @@ def test_onnx_export_matches_pytorch(trained_run, tmp_path):
         nearest = distance.argmin()
         assert distance[nearest] < 0.05
         assert expected["scores"].numpy()[same_label][nearest] == pytest.approx(score, abs=1e-4)
+
+
+def test_train_py_and_val_py_cover_faster_rcnn(tiny_data, tmp_path):
+    """The common command line: train.py --arch faster_rcnn, then val.py's report on its checkpoint."""
+    train_run = subprocess.run(
+        [sys.executable, "train.py", "--arch", "faster_rcnn", "--data", str(tiny_data), "--project", str(tmp_path),
+         "--name", "frcnn", *TRAIN_FLAGS], capture_output=True, text=True, cwd=ROOT)
+    assert train_run.returncode == 0, train_run.stderr[-3000:]
+    best = tmp_path / "frcnn" / "weights" / "best.pt"
+    val_run = subprocess.run(
+        [sys.executable, "val.py", "--model", str(best), "--data", str(tiny_data), "--split", "val", "--device", "cpu",
+         "--project", str(tmp_path), "--name", "report"], capture_output=True, text=True, cwd=ROOT)
+    assert val_run.returncode == 0, val_run.stderr[-3000:]
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["meta"]["detector"] == "faster_rcnn" and metrics["meta"]["imgsz"] == IMGSZ
+    assert set(metrics["per_class"]) == {"RBC", "WBC", "Platelets"}
+    assert metrics["recall_by_size"]["0.01"]["all"]["total"] == sum(
+        len(r.gt_boxes) for r in load_split(tiny_data, "val")[0])
+    assert (tmp_path / "report" / "size_metrics.png").is_file()
