@@ -371,7 +371,8 @@ def test_resume_continues_the_run(trained_run, tmp_path):
 
 def test_two_process_gloo_training(tiny_data, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               "-m", "yolo_sizeloss.rcnn.cli", "--data", str(tiny_data), "--project", str(tmp_path), *TRAIN_FLAGS]
+               str(ROOT / "train.py"), "--arch", "faster_rcnn", "--data", str(tiny_data), "--project", str(tmp_path),
+               *TRAIN_FLAGS]
     env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
