@@ -3,7 +3,8 @@
     python bench/overhead.py [--model yolov8n.yaml] [--imgsz 416] [--batch 16] [--repeats 10] [--device cpu]
 
 Two figures per mode, each the median over ``--repeats`` rounds (the modes interleaved within each
-round, so drift of the machine hits them alike) and the ratio to stock:
+round, so drift of the machine hits them alike) and the ratio to stock; on the CPU the clock is the
+process's CPU time, on a GPU synchronised wall time:
 - loss: the loss call alone, forward and backward (predictions are leaf tensors: no network);
 - step: a whole training step (network forward, loss, backward, SGD step).
 The batch is real: the first ``--batch`` BCCD training images, letterboxed, with their labels.
@@ -46,13 +47,17 @@ def criterion_for(mode: str, model: DetectionModel):
 
 
 def timed(fn, device: torch.device) -> float:
+    """Seconds of ``fn``: wall time on a GPU (synchronised), CPU time of this process on the CPU,
+    which other processes on a shared machine disturb far less than wall time."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+    start = time.process_time()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def main() -> None:
@@ -93,8 +98,9 @@ def main() -> None:
             times["loss", mode].append(timed(lambda: loss_call(mode), device))
             times["step", mode].append(timed(lambda: train_step(mode), device))
 
+    clock = "wall time" if device.type == "cuda" else "process CPU time"
     print(f"{args.model} imgsz {args.imgsz} batch {args.batch} on {device} ({torch.get_num_threads()} threads), "
-          f"median of {args.repeats}")
+          f"{clock}, median of {args.repeats}")
     print(f"| mode | loss call ms | ratio | training step ms | ratio |\n|---|---|---|---|---|")
     for mode in MODES:
         loss_ms = statistics.median(times["loss", mode]) * 1e3
