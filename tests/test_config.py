@@ -55,3 +55,26 @@ def test_override_errors_name_file_line_and_range(tmp_path, spec, text, message)
 def test_every_method_has_a_default_file():
     for method in METHODS:
         assert load_loss_config(method)[method]
+
+
+def test_data_names_resolve_from_any_working_directory(tmp_path, monkeypatch):
+    from yolo_sizeloss.paths import CFG_DIR, resolve_data
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_data("bccd.yaml") == resolve_data("bccd") == str(CFG_DIR / "bccd.yaml")
+    (tmp_path / "mine.yaml").write_text("names: {0: a}\n")
+    assert resolve_data("mine.yaml") == str(tmp_path / "mine.yaml")  # a file here wins
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        resolve_data("nope.yaml")
+
+
+def test_bccd_yaml_resolves_its_splits_against_its_own_folder(tmp_path, monkeypatch):
+    from ultralytics.data.utils import check_det_dataset
+
+    from yolo_sizeloss.paths import ROOT, resolve_data
+
+    monkeypatch.chdir(tmp_path)
+    data = check_det_dataset(resolve_data("bccd.yaml"))
+    for split, count in (("train", 205), ("val", 87), ("test", 72)):
+        assert data[split] == str(ROOT / "datasets" / "bccd" / "images" / split)
+        assert len(list((ROOT / "datasets" / "bccd" / "images" / split).glob("*.jpg"))) == count
