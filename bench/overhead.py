@@ -5,7 +5,8 @@
 Two figures per mode, each the median over ``--repeats`` rounds (the modes interleaved within each
 round, so drift of the machine hits them alike) and the ratio to stock; on the CPU the clock is the
 process's CPU time, on a GPU synchronised wall time:
-- loss: the loss call alone, forward and backward (predictions are leaf tensors: no network);
+- loss: the loss call alone, forward and backward (predictions are leaf tensors: no network),
+  timed 10 times per round;
 - step: a whole training step (network forward, loss, backward, SGD step).
 The batch is real: the first ``--batch`` BCCD training images, letterboxed, with their labels.
 """
@@ -28,6 +29,7 @@ from yolo_sizeloss.config import load_loss_config
 from yolo_sizeloss.paths import resolve_data
 from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss
 
+LOSS_CALLS_PER_ROUND = 10  # the loss call is short: more samples of it per round
 MODES = ("baseline", "feedback", "scb", "plb", "gradlibra", "plb+scb+feedback+gradlibra")
 
 
@@ -95,12 +97,12 @@ def main() -> None:
         loss_call(mode), train_step(mode)
     for _ in range(args.repeats):
         for mode in MODES:
-            times["loss", mode].append(timed(lambda: loss_call(mode), device))
+            times["loss", mode] += [timed(lambda: loss_call(mode), device) for _ in range(LOSS_CALLS_PER_ROUND)]
             times["step", mode].append(timed(lambda: train_step(mode), device))
 
     clock = "wall time" if device.type == "cuda" else "process CPU time"
     print(f"{args.model} imgsz {args.imgsz} batch {args.batch} on {device} ({torch.get_num_threads()} threads), "
-          f"{clock}, median of {args.repeats}")
+          f"{clock}, median of {args.repeats} rounds")
     print(f"| mode | loss call ms | ratio | training step ms | ratio |\n|---|---|---|---|---|")
     for mode in MODES:
         loss_ms = statistics.median(times["loss", mode]) * 1e3
