@@ -67,12 +67,13 @@ class AnchorWeighting(nn.Module):
         (B, A, 4), ``gt_bboxes`` per ground-truth slot (B, G, 4); ``pred_scores`` are logits.
         """
         gt_area = box_areas(target_bboxes)
+        fg = fg_mask.nonzero(as_tuple=True)  # index the foreground once; long-index gathers are cheap
         factors = {"box": [], "cls": []}
 
         if "plb" in self.config:
             area = gt_area if self.config["plb"]["source"] == "gt" else box_areas(pred_bboxes)
             w = torch.ones_like(gt_area)
-            w[fg_mask] = plb_weights(area[fg_mask])
+            w[fg] = plb_weights(area[fg])
             for term in self.config["plb"]["terms"]:
                 factors[term].append(w)
         counts = matched_counts(fg_mask, target_gt_idx, gt_bboxes.shape[1])
@@ -87,7 +88,7 @@ class AnchorWeighting(nn.Module):
             w = torch.where(small, self.feedback.gain.to(gt_area.dtype), 1.0)
             for term in self.config["feedback"]["terms"]:
                 factors[term].append(w)
-            self._observe_feedback(fg_mask, small, counts, gt_bboxes, target_bboxes, target_scores, pred_bboxes)
+            self._observe_feedback(fg, small, counts, gt_bboxes, target_bboxes, target_scores, pred_bboxes)
 
         w_box = torch.stack(factors["box"]).prod(0) if factors["box"] else None
         w_cls = torch.stack(factors["cls"]).prod(0)[..., None] if factors["cls"] else None
@@ -97,27 +98,25 @@ class AnchorWeighting(nn.Module):
         self._accumulate_epoch_stats(fg_mask, gt_area, target_scores, w_box, w_cls)
         return w_box, w_cls
 
-    def _observe_feedback(self, fg_mask, small, counts, gt_bboxes, target_bboxes, target_scores, pred_bboxes):
+    def _observe_feedback(self, fg, small, counts, gt_bboxes, target_bboxes, target_scores, pred_bboxes):
         """Add this branch's unweighted per-anchor box loss and matched instances to the step sums."""
-        iou = bbox_iou(pred_bboxes[fg_mask], target_bboxes[fg_mask], xywh=False, CIoU=True).squeeze(-1)
-        anchor_loss = (1.0 - iou) * target_scores[fg_mask].sum(-1)
+        iou = bbox_iou(pred_bboxes[fg], target_bboxes[fg], xywh=False, CIoU=True).squeeze(-1)
+        anchor_loss = (1.0 - iou) * target_scores[fg].sum(-1)
         matched = counts > 0
         small_gt = matched & (box_areas(gt_bboxes) < self.config["feedback"]["small_area"])
         self.step_sums += torch.stack(
-            [anchor_loss[small[fg_mask]].sum(), anchor_loss.sum(), small_gt.sum(), matched.sum()]
+            [(anchor_loss * small[fg]).sum(), anchor_loss.sum(), small_gt.sum(), matched.sum()]
         ).to(self.step_sums)
 
     def _accumulate_epoch_stats(self, fg_mask, gt_area, target_scores, w_box, w_cls):
-        small = (gt_area < COCO_SMALL_AREA)[fg_mask]
-        ones = torch.ones(int(small.numel()), device=small.device)
-        box = w_box[fg_mask] if w_box is not None else ones
-        if w_cls is None:
-            cls = ones
-        else:  # the weight on each foreground anchor's target class
-            cls = w_cls.expand_as(target_scores)[fg_mask].gather(1, target_scores[fg_mask].argmax(-1, keepdim=True))
-            cls = cls.squeeze(1)
+        """Add the weights on small (< 32^2) and other foreground anchors to the epoch sums (masked sums)."""
+        small = fg_mask & (gt_area < COCO_SMALL_AREA)
+        other = fg_mask & ~small
+        box = w_box if w_box is not None else torch.ones_like(gt_area)
+        cls = torch.ones_like(gt_area) if w_cls is None else (  # the weight on each anchor's target class
+            w_cls.expand_as(target_scores).gather(-1, target_scores.argmax(-1, keepdim=True)).squeeze(-1))
         self.epoch_sums += torch.stack(
-            [box[small].sum(), cls[small].sum(), small.sum(), box[~small].sum(), cls[~small].sum(), (~small).sum()]
+            [(box * small).sum(), (cls * small).sum(), small.sum(), (box * other).sum(), (cls * other).sum(), other.sum()]
         ).to(self.epoch_sums)
 
     def end_step(self) -> None:
