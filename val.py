@@ -1,11 +1,11 @@
 """Small-object validation report for a trained detector (project issue 4).
 
     python val.py --model runs/train/exp/weights/best.pt --data bccd.yaml [--split test] [--imgsz 416]
-    python val.py --compare runs/val/exp runs/val/exp2/metrics.json
+    python val.py --compare runs/val/exp runs/val/exp-2/metrics.json
 
 Reports COCO AP/AR in the original and the network-input frame, AP per class, recall by size bucket
 at confidence 0.01/0.1/0.3, and the stock Ultralytics validator's metrics; writes metrics.json,
-metrics.md and size_metrics.png to ``--project/--name`` (default runs/val/exp, then exp2, ...).
+metrics.md and size_metrics.png to ``--project/--name`` (default runs/val/exp, then exp-2, ... as Ultralytics names runs).
 
 Detector dispatch lives in ``predict_records``: it turns a checkpoint into ``list[ImageRecord]``
 (detections in original pixels) and everything after it is detector-agnostic.
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--recall-frame", choices=FRAMES, default="input", help="frame of the recall buckets")
     parser.add_argument("--project", default="runs/val", help="output parent folder (default runs/val)")
-    parser.add_argument("--name", default="exp", help="output folder name, incremented exp2, exp3, ...")
+    parser.add_argument("--name", default="exp", help="output folder name, incremented exp-2, exp-3, ...")
     parser.add_argument("--exist-ok", action="store_true", help="reuse --project/--name instead of incrementing")
     parser.add_argument("--compare", nargs="+", metavar="RUN", help="print val runs (folders or metrics.json) side by side")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
@@ -231,7 +231,7 @@ def run_report(args: argparse.Namespace) -> Path:
     if not args.model or not args.data:
         raise ValueError("--model and --data are required (or use --compare)")
     edges = parse_size_buckets(args.size_buckets)
-    save_dir = increment_path(Path(args.project) / args.name, exist_ok=args.exist_ok, sep="")
+    save_dir = increment_path(Path(args.project) / args.name, exist_ok=args.exist_ok)
     records, names, meta = predict_records(
         args.model, args.data, args.split, args.imgsz, args.device, args.conf,
         iou=args.iou, batch=args.batch, save_dir=save_dir,

@@ -1,94 +1,234 @@
-"""The small-object report on hand-built ground truth and detections (no detector involved)."""
+"""The small-object report on hand-built ground truth and detections (no model involved)."""
+
+from __future__ import annotations
+
+import json
+import math
 
 import numpy as np
 import pytest
 
 from yolo_sizeloss.detections import ImageRecord
-from yolo_sizeloss.evaluation import evaluate_records, letterbox_scales, parse_size_buckets
+from yolo_sizeloss.evaluation import (
+    COCO_EDGES,
+    attach_coco_predictions,
+    bucket_index,
+    bucket_names,
+    coco_metrics,
+    compare_report,
+    evaluate_records,
+    greedy_match,
+    letterbox_scales,
+    parse_size_buckets,
+    recall_by_size,
+    write_report,
+)
 
 NAMES = ["RBC", "WBC", "Platelets"]
-# one image, 640x480: a small (20x20), a medium (50x50) and a large (150x150) object, original pixels
-GT = np.array([[10, 10, 30, 30], [100, 100, 150, 150], [300, 200, 450, 350]], dtype=np.float32)
-GT_CLASSES = np.array([2, 0, 1])
+W, H = 640, 480
 
 
-def record(pred_boxes, pred_scores, pred_classes, gt=GT, gt_classes=GT_CLASSES) -> ImageRecord:
-    return ImageRecord("a.jpg", 640, 480, gt, gt_classes, np.asarray(pred_boxes, np.float32).reshape(-1, 4),
-                       np.asarray(pred_scores, np.float32), np.asarray(pred_classes, np.int64))
+def square(x: float, y: float, side: float) -> list[float]:
+    """An xyxy box of the given side with its top-left corner at (x, y)."""
+    return [x, y, x + side, y + side]
 
 
-def report(records, imgsz=640, **kwargs) -> dict:
-    return evaluate_records(records, NAMES, letterbox_scales(records, imgsz), **kwargs)
+def record(gt: list[list[float]], gt_cls: list[int], pred=(), pred_cls=(), scores=()) -> ImageRecord:
+    """A 640x480 image with the given xyxy ground truth and detections."""
+    return ImageRecord(
+        file="img.jpg",
+        width=W,
+        height=H,
+        gt_boxes=np.array(gt, dtype=np.float32).reshape(-1, 4),
+        gt_classes=np.array(gt_cls, dtype=np.int64),
+        pred_boxes=np.array(pred, dtype=np.float32).reshape(-1, 4),
+        pred_scores=np.array(scores, dtype=np.float32),
+        pred_classes=np.array(pred_cls, dtype=np.int64),
+    )
 
 
-def test_perfect_predictions_give_ap_1_and_full_recall_everywhere():
-    metrics = report([record(GT, [0.9, 0.8, 0.7], GT_CLASSES)])
+def sized_scene(detect_small: bool) -> list[ImageRecord]:
+    """Three images, each with a small (20 px), a medium (50 px) and a large (150 px) object of
+    different classes; detections are exact copies of the GT, small ones only if ``detect_small``."""
+    records = []
+    for i in range(3):
+        gt = [square(10, 10, 20), square(100, 100, 50), square(300, 200, 150)]
+        classes = [2, i % 2, (i + 1) % 2]
+        keep = [detect_small, True, True]
+        pred = [b for b, k in zip(gt, keep) if k]
+        pred_cls = [c for c, k in zip(classes, keep) if k]
+        records.append(record(gt, classes, pred, pred_cls, [0.9] * len(pred)))
+    return records
+
+
+def unit_scales(records: list[ImageRecord]) -> np.ndarray:
+    """Input frame == original frame (so both frames bucket alike)."""
+    return np.ones(len(records))
+
+
+def test_parse_size_buckets():
+    assert parse_size_buckets("0,16,32,96,inf") == (0.0, 16.0, 32.0, 96.0, math.inf)
+    assert parse_size_buckets("0,32,96,inf") == COCO_EDGES
+    for bad in ("0,32,16,inf", "0,32,32,96", "32", "0,a,96", "-1,32"):
+        with pytest.raises(ValueError):
+            parse_size_buckets(bad)
+
+
+def test_bucket_names_and_index_are_half_open_on_squared_sides():
+    assert bucket_names(COCO_EDGES) == ["small", "medium", "large"]
+    assert bucket_names((0, 16, 32, math.inf)) == ["0-16", "16-32", "32-inf"]
+    areas = np.array([0, 31.9**2, 32**2, 95**2, 96**2, 1e9])
+    assert bucket_index(areas, COCO_EDGES).tolist() == [0, 0, 1, 1, 2, 2]
+    assert bucket_index(np.array([5**2, 50**2]), (10, 20, 40)).tolist() == [-1, -1]
+
+
+def test_perfect_predictions_give_ap_one_and_full_recall_everywhere():
+    records = sized_scene(detect_small=True)
+    metrics = evaluate_records(records, NAMES, unit_scales(records))
     for frame in ("original", "input"):
         coco = metrics["coco"][frame]
-        assert coco["ap"] == coco["ap50"] == coco["ap75"] == pytest.approx(1.0)
-        assert coco["ap_small"] == coco["ap_medium"] == coco["ap_large"] == pytest.approx(1.0)
-        assert coco["ar100"] == pytest.approx(1.0)
-    assert all(v["ap"] == pytest.approx(1.0) for v in metrics["per_class"].values())
-    for threshold in ("0.01", "0.1", "0.3"):
-        for bucket in ("small", "medium", "large"):
-            assert metrics["recall_by_size"][threshold][bucket] == {"recall": 1.0, "hits": 1, "total": 1}
+        for key in ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar100", "ar_small", "ar_medium"):
+            assert coco[key] == pytest.approx(1.0), (frame, key)
+    assert all(v == {"ap": pytest.approx(1.0), "ap50": pytest.approx(1.0)} for v in metrics["per_class"].values())
+    assert set(metrics["recall_by_size"]) == {"0.01", "0.1", "0.3"}
+    for row in metrics["recall_by_size"].values():
+        assert row["small"] == {"recall": 1.0, "hits": 3, "total": 3}
+        assert row["medium"]["recall"] == row["large"]["recall"] == row["all"]["recall"] == 1.0
+        assert row["all"]["total"] == 9
 
 
-def test_missing_every_small_object_zeroes_only_the_small_figures():
-    metrics = report([record(GT[1:], [0.8, 0.7], GT_CLASSES[1:])])
+def test_missing_every_small_object_zeroes_small_metrics_only():
+    records = sized_scene(detect_small=False)
+    metrics = evaluate_records(records, NAMES, unit_scales(records))
     coco = metrics["coco"]["original"]
     assert coco["ap_small"] == 0.0 and coco["ar_small"] == 0.0
     assert coco["ap_medium"] == pytest.approx(1.0) and coco["ap_large"] == pytest.approx(1.0)
-    assert metrics["per_class"]["Platelets"]["ap"] == 0.0 and metrics["per_class"]["RBC"]["ap"] == pytest.approx(1.0)
-    for threshold in ("0.01", "0.1", "0.3"):
-        row = metrics["recall_by_size"][threshold]
-        assert row["small"]["recall"] == 0.0 and row["medium"]["recall"] == row["large"]["recall"] == 1.0
+    assert coco["ap"] < 1.0
+    assert metrics["per_class"]["Platelets"]["ap"] == 0.0  # all small objects are platelets here
+    for row in metrics["recall_by_size"].values():
+        assert row["small"] == {"recall": 0.0, "hits": 0, "total": 3}
+        assert row["medium"]["recall"] == row["large"]["recall"] == 1.0
+        assert row["all"] == {"recall": pytest.approx(6 / 9, abs=1e-6), "hits": 6, "total": 9}
 
 
-def test_a_detection_below_a_threshold_does_not_count_there():
-    metrics = report([record(GT, [0.05, 0.2, 0.9], GT_CLASSES)])
-    recall = metrics["recall_by_size"]
-    assert recall["0.01"]["all"]["hits"] == 3
-    assert recall["0.1"]["small"]["hits"] == 0 and recall["0.1"]["all"]["hits"] == 2
-    assert recall["0.3"]["all"]["hits"] == 1 and recall["0.3"]["large"]["hits"] == 1
+def test_detection_below_a_threshold_does_not_count_there():
+    gt = [square(100, 100, 50)]
+    records = [record(gt, [0], gt, [0], [0.05]), record(gt, [0], gt, [0], [0.1])]
+    recall = recall_by_size(records, unit_scales(records), COCO_EDGES)
+    assert recall["0.01"]["medium"]["hits"] == 2
+    assert recall["0.1"]["medium"]["hits"] == 1  # the 0.1 score counts at 0.1 (score >= threshold)
+    assert recall["0.3"]["medium"]["hits"] == 0
 
 
 def test_one_detection_cannot_match_two_ground_truths():
-    twins = np.array([[100, 100, 150, 150], [101, 101, 151, 151]], dtype=np.float32)  # IoU 0.92 with each other
-    metrics = report([record([[100, 100, 150, 150]], [0.9], [0], gt=twins, gt_classes=np.array([0, 0]))])
-    assert metrics["recall_by_size"]["0.1"]["all"] == {"recall": 0.5, "hits": 1, "total": 2}
-    # a detection of another class finds nothing
-    metrics = report([record([[100, 100, 150, 150]], [0.9], [1], gt=twins, gt_classes=np.array([0, 0]))])
-    assert metrics["recall_by_size"]["0.1"]["all"]["hits"] == 0
+    box = square(100, 100, 50)
+    found = greedy_match(
+        np.array([box, box], dtype=np.float32), np.array([0, 0]), np.array([box], dtype=np.float32),
+        np.array([0.9]), np.array([0]),
+    )
+    assert found.tolist().count(True) == 1
+    recall = recall_by_size([record([box, box], [0, 0], [box], [0], [0.9])], np.ones(1), COCO_EDGES)
+    assert recall["0.1"]["medium"] == {"recall": 0.5, "hits": 1, "total": 2}
 
 
-def test_input_frame_moves_a_39px_box_at_imgsz_416_from_medium_to_small():
-    box = np.array([[300, 200, 339, 239]], dtype=np.float32)  # 39x39 on a 640x480 image
-    records = [record(box, [0.9], [2], gt=box, gt_classes=np.array([2]))]
-    assert letterbox_scales(records, 416)[0] == pytest.approx(0.65)
-    metrics = report(records, imgsz=416)
-    assert metrics["coco"]["original"]["ap_medium"] == pytest.approx(1.0)
-    assert metrics["coco"]["original"]["ap_small"] is None  # no small ground truth in the original frame
-    assert metrics["coco"]["input"]["ap_small"] == pytest.approx(1.0)  # 39 * 0.65 = 25.4 px < 32
-    assert metrics["coco"]["input"]["ap_medium"] is None
-    assert metrics["recall_by_size"]["0.1"]["small"]["total"] == 1  # recall buckets in the input frame
-    original = evaluate_records(records, NAMES, letterbox_scales(records, 416), recall_frame="original")
+def test_greedy_match_needs_same_class_and_iou_and_prefers_high_scores():
+    gt = np.array([square(0, 0, 100), square(20, 0, 100)], dtype=np.float32)
+    classes = np.array([0, 0])
+    # the 0.9 detection overlaps both (IoU 0.67 with GT0, 1.0 with GT1): it takes GT1, the 0.5 one then takes GT0
+    dets = np.array([square(20, 0, 100), square(0, 0, 100)], dtype=np.float32)
+    assert greedy_match(gt, classes, dets, np.array([0.9, 0.5]), np.array([0, 0])).tolist() == [True, True]
+    assert greedy_match(gt, classes, dets, np.array([0.9, 0.5]), np.array([1, 1])).tolist() == [False, False]
+    # a matched GT is taken: the 0.5 detection (IoU 0.90 with GT0, 0.60 with GT2) falls back to GT2
+    gt2 = np.array([square(0, 0, 100), square(30, 0, 100)], dtype=np.float32)
+    dets2 = np.array([square(0, 0, 100), square(5, 0, 100)], dtype=np.float32)
+    assert greedy_match(gt2, classes, dets2, np.array([0.9, 0.5]), np.array([0, 0])).tolist() == [True, True]
+    shifted = np.array([square(60, 0, 100)], dtype=np.float32)  # IoU 0.43 with GT1
+    assert greedy_match(gt, classes, shifted, np.array([0.9]), np.array([0])).tolist() == [False, False]
+
+
+def test_recall_applies_per_class_nms_and_top_200():
+    a, b = square(100, 100, 100), square(130, 100, 100)  # IoU 0.54 > 0.45
+    same_class = record([a, b], [0, 0], [a, b], [0, 0], [0.9, 0.8])
+    other_class = record([a, b], [0, 1], [a, b], [0, 1], [0.9, 0.8])
+    recall = recall_by_size([same_class, other_class], np.ones(2), COCO_EDGES)
+    assert recall["0.1"]["large"]["hits"] == 1 + 2  # NMS drops b's detection only when the classes agree
+
+    clutter = [square(5 * (i % 100), 400 + 5 * (i // 100), 4) for i in range(200)]
+    target = square(300, 100, 50)
+    crowded = record([target], [0], clutter + [target], [1] * 200 + [0], [0.9] * 200 + [0.5])
+    assert recall_by_size([crowded], np.ones(1), COCO_EDGES)["0.1"]["medium"]["hits"] == 0  # 201st by score
+
+
+def test_input_frame_moves_a_39px_box_from_medium_to_small():
+    box = square(100, 100, 39)
+    records = [record([box], [2], [box], [2], [0.9])]
+    scales = letterbox_scales(records, 416)
+    assert scales.tolist() == [pytest.approx(0.65)]
+    original = coco_metrics(records, 3, np.ones(1), COCO_EDGES)
+    scaled = coco_metrics(records, 3, scales, COCO_EDGES)
+    assert original["ap_medium"] == pytest.approx(1.0) and original["ap_small"] is None
+    assert scaled["ap_small"] == pytest.approx(1.0) and scaled["ap_medium"] is None
+    recall = recall_by_size(records, scales, COCO_EDGES)["0.1"]
+    assert recall["small"]["total"] == 1 and recall["medium"]["total"] == 0
+    assert evaluate_records(records, NAMES, scales)["recall_by_size"]["0.1"]["small"]["total"] == 1
+    original = evaluate_records(records, NAMES, scales, recall_frame="original")
     assert original["recall_by_size"]["0.1"]["medium"]["total"] == 1
+    assert original["meta"]["recall_frame"] == "original"
 
 
-def test_custom_size_buckets():
+def test_custom_buckets_are_evaluated_by_faster_coco_eval():
+    tiny, small = square(10, 10, 10), square(100, 100, 20)  # 10 px in 0-16, 20 px in 16-32
+    records = [record([tiny, small], [2, 2], [tiny], [2], [0.9])]
     edges = parse_size_buckets("0,16,32,96,inf")
-    metrics = report([record(GT[1:], [0.8, 0.7], GT_CLASSES[1:])], edges=edges)  # the 20 px object missed
-    assert metrics["recall_by_size"]["0.1"] == {
-        "0-16": {"recall": None, "hits": 0, "total": 0},
-        "16-32": {"recall": 0.0, "hits": 0, "total": 1},
-        "32-96": {"recall": 1.0, "hits": 1, "total": 1},
-        "96-inf": {"recall": 1.0, "hits": 1, "total": 1},
-        "all": {"recall": 0.666667, "hits": 2, "total": 3},
-    }
+    metrics = evaluate_records(records, NAMES, np.ones(1), edges)
     buckets = metrics["coco"]["original"]["buckets"]
-    assert buckets["0-16"]["ap"] is None and buckets["16-32"]["ap"] == 0.0
-    assert buckets["32-96"]["ap"] == pytest.approx(1.0) and buckets["96-inf"]["ap"] == pytest.approx(1.0)
-    for bad in ("0,96,32", "32", "a,b", "-1,32"):
-        with pytest.raises(ValueError):
-            parse_size_buckets(bad)
+    assert list(buckets) == ["0-16", "16-32", "32-96", "96-inf"]
+    assert buckets["0-16"]["ap"] == pytest.approx(1.0) and buckets["16-32"]["ap"] == 0.0
+    assert buckets["32-96"]["ap"] is None
+    assert 0.0 < metrics["coco"]["original"]["ap_small"] < 1.0  # COCO's small holds both objects
+    assert metrics["recall_by_size"]["0.3"] == {
+        "0-16": {"recall": 1.0, "hits": 1, "total": 1},
+        "16-32": {"recall": 0.0, "hits": 0, "total": 1},
+        "32-96": {"recall": None, "hits": 0, "total": 0},
+        "96-inf": {"recall": None, "hits": 0, "total": 0},
+        "all": {"recall": 0.5, "hits": 1, "total": 2},
+    }
+    assert metrics["meta"]["size_buckets"] == ["0", "16", "32", "96", "inf"]
+
+
+def test_attach_coco_predictions_maps_images_categories_and_boxes():
+    records = [
+        ImageRecord("/d/images/BloodImage_00007.jpg", W, H),
+        ImageRecord("/d/images/42.jpg", W, H),
+    ]
+    predictions = [
+        {"image_id": "BloodImage_00007", "category_id": 3, "bbox": [10, 20, 30, 40], "score": 0.5},
+        {"image_id": 42, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.25},
+    ]
+    filled = attach_coco_predictions(records, predictions, {1: 0, 2: 1, 3: 2})
+    assert filled[0].pred_boxes.tolist() == [[10, 20, 40, 60]] and filled[0].pred_classes.tolist() == [2]
+    assert filled[1].pred_scores.tolist() == [0.25] and filled[1].pred_classes.tolist() == [0]
+    assert len(records[0].pred_boxes) == 0  # inputs untouched
+    with pytest.raises(ValueError, match="not in the split"):
+        attach_coco_predictions(records, [{**predictions[0], "image_id": "other"}], {3: 2})
+    with pytest.raises(ValueError, match="category_id"):
+        attach_coco_predictions(records, predictions, {3: 2})
+
+
+def test_write_report_and_compare(tmp_path):
+    runs = []
+    for name, detect_small in (("good", True), ("worse", False)):
+        records = sized_scene(detect_small)
+        metrics = evaluate_records(records, NAMES, unit_scales(records))
+        metrics["meta"].update(model=name, data="synthetic", split="test", imgsz=640)
+        paths = write_report(metrics, tmp_path / name)
+        assert [p.name for p in paths] == ["metrics.json", "metrics.md", "size_metrics.png"]
+        assert json.loads(paths[0].read_text()) == json.loads(json.dumps(metrics))
+        assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        runs.append(paths[0])
+    markdown = (tmp_path / "good" / "metrics.md").read_text()
+    assert "| input (640 px) | 1.000 |" in markdown and "100.00 (3/3)" in markdown
+    table = compare_report([tmp_path / "good", runs[1]])
+    small_row = next(line for line in table.splitlines() if line.startswith("| coco.original.ap_small "))
+    assert small_row.split("|")[2:4] == [" 1.0000 ", " 0.0000 (-1.0000) "]
+    assert "| recall.small@0.3 | 1.0000 | 0.0000 (-1.0000) |" in table

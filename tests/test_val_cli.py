@@ -53,15 +53,26 @@ def test_val_writes_the_report_and_matches_stock_yolo_val(checkpoint, bccd_subse
     assert sum(expected.values()) > 0  # a model that finds something, so that equality means something
     for key, value in expected.items():
         assert metrics["ultralytics"][key] == pytest.approx(value, abs=1e-6), key
+    # our COCO numbers come from the validator's own detections: its faster-coco-eval size split agrees
+    for size in ("small", "medium", "large"):
+        ours, theirs = metrics["coco"]["original"][f"ap_{size}"], metrics["ultralytics"][f"mAP_{size}"]
+        assert (ours is None and theirs == -1) or ours == pytest.approx(theirs, abs=1e-4), size
+    assert metrics["meta"]["recall_frame"] == "input"
+    assert set(metrics["meta"]["versions"]) == {"ultralytics", "torch", "faster_coco_eval"}
 
 
 def test_compare_prints_runs_side_by_side(checkpoint, bccd_subset, tmp_path):
-    for name, buckets in (("a", "0,32,96,inf"), ("b", "0,32,96,inf")):
-        assert val_py("--model", checkpoint, "--data", bccd_subset, "--imgsz", IMGSZ, "--device", "cpu",
-                      "--project", tmp_path, "--name", name, "--size-buckets", buckets).returncode == 0
-    run = val_py("--compare", tmp_path / "a", tmp_path / "b" / "metrics.json")
+    for buckets in ("0,32,96,inf", "0,16,32,96,inf"):  # the same --name twice: the second run goes to a-2, as Ultralytics names runs
+        run = val_py("--model", checkpoint, "--data", bccd_subset, "--imgsz", IMGSZ, "--device", "cpu",
+                     "--project", tmp_path, "--name", "a", "--size-buckets", buckets)
+        assert run.returncode == 0, run.stderr[-3000:]
+    custom = json.loads((tmp_path / "a-2" / "metrics.json").read_text())
+    assert list(custom["coco"]["input"]["buckets"]) == ["0-16", "16-32", "32-96", "96-inf"]
+    assert set(custom["recall_by_size"]["0.1"]) == {"0-16", "16-32", "32-96", "96-inf", "all"}
+    run = val_py("--compare", tmp_path / "a", tmp_path / "a-2" / "metrics.json")
     assert run.returncode == 0, run.stderr
-    assert "a" in run.stdout and "b" in run.stdout and "+0.000" in run.stdout
+    assert run.stdout.splitlines()[0] == "| metric | a | a-2/metrics.json |"
+    assert "| coco.input.ap_small | " in run.stdout and "(+0.0000)" in run.stdout  # same detections, same AP
 
 
 def one_error_line(run: subprocess.CompletedProcess, fragment: str) -> None:

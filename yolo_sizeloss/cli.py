@@ -45,7 +45,7 @@ def build_yolo_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--project", default="runs/train", help="runs go to PROJECT/NAME (made absolute)")
     p.add_argument("--name", help="run name (default: the loss name)")
-    p.add_argument("--exist-ok", action="store_true", help="reuse PROJECT/NAME instead of NAME2, NAME3 ...")
+    p.add_argument("--exist-ok", action="store_true", help="reuse PROJECT/NAME instead of NAME-2, NAME-3 ...")
     p.add_argument("--resume", metavar="LAST_PT", help="continue an interrupted run from its weights/last.pt")
     p.add_argument("--fraction", type=float, default=1.0, help="fraction of the training images to use")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="further Ultralytics training arguments")

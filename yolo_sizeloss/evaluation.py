@@ -349,9 +349,12 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def bucket_labels(meta: dict) -> list[str]:
-    """``small (0-32 px)`` style label per bucket, from a report's meta."""
+    """Per bucket ``small (0-32 px)``, or ``16-32 px`` for a custom bucket, from a report's meta."""
     edges = meta["size_buckets"]
-    return [f"{name} ({lo}-{hi} px)" for name, lo, hi in zip(meta["bucket_names"], edges, edges[1:])]
+    return [
+        f"{lo}-{hi} px" if name == f"{lo}-{hi}" else f"{name} ({lo}-{hi} px)"
+        for name, lo, hi in zip(meta["bucket_names"], edges, edges[1:])
+    ]
 
 
 def format_report(metrics: dict) -> str:
@@ -425,10 +428,11 @@ def plot_size_metrics(metrics: dict, path: Path) -> Path:
         ax_ap.bar_label(bars, labels=[_fmt(v) for v in values], fontsize=9, padding=2)
     ax_ap.set_title("COCO AP50-95 by size bucket")
     ax_ap.set_ylabel("AP50-95")
-    ax_ap.set_ylim(0, 1.1)
-    ax_ap.set_xticks(x, [label.replace(" (", "\n(") for label in bucket_labels(meta)])
+    ax_ap.set_ylim(0, 1.25)  # headroom above 1.0 keeps the one-row legend off the bars
+    ax_ap.set_yticks(np.linspace(0, 1, 6))
+    ax_ap.set_xticks(x, [_tick(label) for label in bucket_labels(meta)])
     ax_ap.set_xlabel("size bucket (box side length in the frame)")
-    ax_ap.legend(loc="upper left")
+    ax_ap.legend(loc="upper center", ncol=len(FRAMES))
 
     recall = metrics["recall_by_size"]
     width = 0.8 / len(recall)
@@ -440,15 +444,22 @@ def plot_size_metrics(metrics: dict, path: Path) -> Path:
     first = next(iter(recall.values()))
     ax_rec.set_title(f"Recall by size bucket ({meta['recall_frame']} frame, IoU >= {RECALL_MATCH_IOU})")
     ax_rec.set_ylabel("recall (%)")
-    ax_rec.set_ylim(0, 110)
-    ax_rec.set_xticks(x, [f"{label}\nn={first[n]['total']}" for label, n in zip(meta["bucket_names"], names)])
+    ax_rec.set_ylim(0, 125)
+    ax_rec.set_yticks(np.linspace(0, 100, 6))
+    ax_rec.set_xticks(x, [f"{_tick(label)}\nn={first[n]['total']}" for label, n in zip(bucket_labels(meta), names)])
     ax_rec.set_xlabel(f"size bucket ({meta['recall_frame']} frame), number of ground truths")
-    ax_rec.legend(loc="upper left")
+    ax_rec.legend(loc="upper center", ncol=len(recall))
 
-    fig.suptitle(f"{meta.get('model', '')} on {meta.get('data', '')} [{meta.get('split', '')}]", fontsize=11)
+    title = f"{Path(meta.get('model', '')).name} on {Path(meta.get('data', '')).name} [{meta.get('split', '')}]"
+    fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _tick(label: str) -> str:
+    """A bucket label on two lines for an axis tick: name, then the side-length range."""
+    return label.replace(" (", "\n(")
 
 
 def write_report(metrics: dict, save_dir: Path) -> list[Path]:
