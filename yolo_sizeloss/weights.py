@@ -14,6 +14,11 @@ from torch import nn
 PLB_EPS = 1e-6  # keeps the PLB mean away from zero for an all-zero batch
 
 
+def box_areas(boxes: torch.Tensor) -> torch.Tensor:
+    """Areas of xyxy boxes ``(..., 4)`` (widths and heights below zero count as zero)."""
+    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+
+
 def plb_weights(areas: torch.Tensor, eps: float = PLB_EPS) -> torch.Tensor:
     """Pixel Level Balancing (Hu et al., Frontiers in Physiology 2022).
 

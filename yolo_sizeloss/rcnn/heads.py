@@ -37,7 +37,7 @@ from torch import Tensor
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
-from yolo_sizeloss.weights import plb_weights, scb_weights
+from yolo_sizeloss.weights import box_areas, plb_weights, scb_weights
 
 PLB_SWITCHES = ("1C", "1B", "2C", "2B")
 SIZE_SOURCES = ("predicted", "gt")
@@ -84,11 +84,6 @@ def parse_plb(text: str) -> tuple[str, ...]:
     switches = tuple(s.strip().upper() for s in text.split(",") if s.strip())
     LossSwitches(plb=switches)  # validates, naming the flag
     return switches
-
-
-def box_areas(boxes: Tensor) -> Tensor:
-    """Areas of xyxy boxes (negative widths or heights count as zero)."""
-    return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
 
 
 def anchor_scb_weights(matched_idxs: Tensor, num_gt: int) -> Tensor:

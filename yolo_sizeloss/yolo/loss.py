@@ -18,14 +18,9 @@ from ultralytics.utils.loss import E2ELoss, v8DetectionLoss
 from ultralytics.utils.metrics import bbox_iou
 from ultralytics.utils.tal import make_anchors
 
-from yolo_sizeloss.weights import FeedbackBalancer, gradlibra_weights, plb_weights, scb_weights
+from yolo_sizeloss.weights import FeedbackBalancer, box_areas, gradlibra_weights, plb_weights, scb_weights
 
 COCO_SMALL_AREA = 32 * 32  # the 'small' of the per-epoch statistics, in network-input pixels
-
-
-def box_areas(boxes: torch.Tensor) -> torch.Tensor:
-    """Areas of xyxy boxes (widths and heights below zero count as zero)."""
-    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
 
 
 def matched_counts(fg_mask: torch.Tensor, target_gt_idx: torch.Tensor, num_gt: int) -> torch.Tensor:
