@@ -90,14 +90,7 @@ def train_main(argv: list[str] | None = None) -> int:
     if arch.parse_known_args(argv)[0].arch == "faster_rcnn":
         from yolo_sizeloss.rcnn import cli as rcnn_cli
 
-        parser = rcnn_cli.build_parser()
-        args = rcnn_cli.fill_defaults(parser.parse_args(argv))
-        try:
-            if not args.resume:
-                rcnn_cli.check_args(args)
-        except ValueError as e:
-            parser.error(str(e))
-        rcnn_cli.train(args)
+        rcnn_cli.main(argv)
         return 0
 
     parser = build_yolo_parser()

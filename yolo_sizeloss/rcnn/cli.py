@@ -109,8 +109,16 @@ def train(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """Entry point of ``python -m yolo_sizeloss.rcnn.cli`` and ``torchrun ... -m yolo_sizeloss.rcnn.cli``."""
-    return train(build_parser().parse_args(argv))
+    """Entry point of ``train.py --arch faster_rcnn`` and ``python -m yolo_sizeloss.rcnn.cli`` (also under
+    torchrun): a flag no run could use is a usage error naming it, before anything is written."""
+    parser = build_parser()
+    args = fill_defaults(parser.parse_args(argv))
+    try:
+        if not args.resume:
+            check_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    return fit(args)
 
 
 if __name__ == "__main__":
