@@ -71,7 +71,8 @@ class AnchorWeighting(nn.Module):
             w[fg] = plb_weights(area[fg])
             for term in self.config["plb"]["terms"]:
                 factors[term].append(w)
-        counts = matched_counts(fg_mask, target_gt_idx, gt_bboxes.shape[1])
+        if "scb" in self.config or self.feedback is not None:
+            counts = matched_counts(fg_mask, target_gt_idx, gt_bboxes.shape[1])
         if "scb" in self.config:
             scb = self.config["scb"]
             per_gt = scb_weights(counts, scb["alpha"], scb["beta"])
@@ -178,9 +179,10 @@ class SizeAwareDetectionLoss(v8DetectionLoss):
         gt_labels, gt_bboxes = targets.split((1, 4), 2)  # cls, xyxy
         mask_gt = gt_bboxes.sum(2, keepdim=True).gt_(0.0)
         pred_bboxes = self.bbox_decode(anchor_points, pred_distri)  # xyxy, (b, h*w, 4)
+        pred_pixels = pred_bboxes.detach() * stride_tensor  # size-aware: shared with the weighting below
         _, target_bboxes, target_scores, fg_mask, target_gt_idx = self.assigner(
             pred_scores.detach().sigmoid(),
-            (pred_bboxes.detach() * stride_tensor).type(gt_bboxes.dtype),
+            pred_pixels.type(gt_bboxes.dtype),
             anchor_points * stride_tensor,
             gt_labels,
             gt_bboxes,
@@ -191,8 +193,7 @@ class SizeAwareDetectionLoss(v8DetectionLoss):
 
         # size-aware: per-anchor weights from the assignment (all detached)
         w_box, w_cls = self.weighting(
-            fg_mask, target_gt_idx, target_bboxes, target_scores,
-            pred_bboxes.detach() * stride_tensor, pred_scores.detach(), gt_bboxes,
+            fg_mask, target_gt_idx, target_bboxes, target_scores, pred_pixels, pred_scores.detach(), gt_bboxes,
         )
 
         bce_loss = self.bce(pred_scores, target_scores.to(dtype))  # (bs, num_anchors, nc)
