@@ -91,8 +91,9 @@ def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path)
     run_dir = out / "runs" / name
     best, last = run_dir / "weights" / "best.pt", run_dir / "weights" / "last.pt"
     device = ["--device", args.device] if args.device is not None else []
-    if not best.is_file() or not (run_dir / "results.csv").is_file() or _unfinished(run_dir, args.epochs):
-        if last.is_file() and _unfinished(run_dir, args.epochs):
+    unfinished = len(_results(run_dir)) < args.epochs  # also when results.csv is missing
+    if unfinished or not best.is_file():
+        if last.is_file() and unfinished:
             run([sys.executable, "train.py", *flags[:2], "--resume", str(last)])
         else:
             run([sys.executable, "train.py", *flags, "--data", args.data, "--epochs", str(args.epochs),
@@ -113,10 +114,6 @@ def _results(run_dir: Path) -> list[dict]:
         return []
     with open(path) as f:
         return [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def _unfinished(run_dir: Path, epochs: int) -> bool:
-    return len(_results(run_dir)) < epochs
 
 
 def _epoch_seconds(run_dir: Path) -> list[float]:
