@@ -109,34 +109,34 @@ def test_each_method_raises_the_small_objects_share_as_its_paper_claims():
     stock_share = small_share(torch.ones(8), unit, small)  # 2 of 8 anchors
     assert stock_share == 0.25
 
-    w_box, w_cls = AnchorWeighting(load_loss_config("plb"))(fg, gt_idx, target, scores, pred, logits, gt)
+    w_box, w_cls = AnchorWeighting(load_loss_config("plb"))(fg, gt_idx, target, scores, pred, logits.sigmoid(), gt)
     areas = torch.tensor([121.0] * 2 + [4356.0] * 6)  # predicted 11x11 and 66x66
     m = areas.mean()
     assert torch.allclose(w_box[0, :8], 2 * m / (areas + m), rtol=1e-5)
     assert torch.equal(w_box[0, 8:], torch.ones(2)) and torch.equal(w_cls[0, :, 0], w_box[0])
     assert small_share(w_box[0, :8], unit, small) > stock_share
 
-    w_box, w_cls = AnchorWeighting(load_loss_config("scb"))(fg, gt_idx, target, scores, pred, logits, gt)
+    w_box, w_cls = AnchorWeighting(load_loss_config("scb"))(fg, gt_idx, target, scores, pred, logits.sigmoid(), gt)
     assert w_box is None  # SCB: class term only, by default
     expected = torch.tensor([3 * (torch.log(torch.tensor(2.0)) + 1) / 2] * 2 + [3 * (torch.log(torch.tensor(6.0)) + 1) / 6] * 6)
     assert torch.allclose(w_cls[0, :8, 0], expected)
     assert small_share(w_cls[0, :8, 0], unit, small) > stock_share
 
     weighting = AnchorWeighting(load_loss_config("feedback"))
-    w_box, _ = weighting(fg, gt_idx, target, scores, pred, logits, gt)
+    w_box, _ = weighting(fg, gt_idx, target, scores, pred, logits.sigmoid(), gt)
     assert torch.equal(w_box, torch.ones(1, 10))  # gain 1 before any feedback
     weighting.end_step()
     # the small object is half the instances; its (well-fitted) share of the box loss is below half: G = q / r > 1
     r, q = float(weighting.feedback.r), float(weighting.feedback.q)
     assert q == 0.5 and 0 < r < 0.5 and float(weighting.feedback.gain) == pytest.approx(min(q / r, 4.0))
-    w_box, _ = weighting(fg, gt_idx, target, scores, pred, logits, gt)
+    w_box, _ = weighting(fg, gt_idx, target, scores, pred, logits.sigmoid(), gt)
     assert torch.allclose(w_box[0, :2], weighting.feedback.gain.float()) and torch.equal(w_box[0, 2:], torch.ones(8))
     assert small_share(w_box[0, :8], unit, small) > stock_share
 
     # Grad-Libra is a hardness weight: the harder of two positives gets the larger share
     logits = logits.clone()
     logits[0, :2, 2], logits[0, 2:8, 2] = -3.0, 0.0  # the small object's anchors are the hard ones
-    _, g = AnchorWeighting(load_loss_config("gradlibra"))(fg, gt_idx, target, scores, pred, logits, gt)
+    _, g = AnchorWeighting(load_loss_config("gradlibra"))(fg, gt_idx, target, scores, pred, logits.sigmoid(), gt)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, scores, reduction="none")
     stock = float(bce[0, :2, 2].sum() / bce[0, :8, 2].sum())
     assert float((g * bce)[0, :2, 2].sum() / (g * bce)[0, :8, 2].sum()) > stock

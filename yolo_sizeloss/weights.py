@@ -55,7 +55,7 @@ def gradlibra_weights(
     ``alpha_neg`` where ``t == 0``. Multiply the element-wise BCE by ``G``.
     """
     g = (probs.detach().float() - targets.detach().float()).abs()
-    alpha = torch.where(targets > 0, alpha_pos, alpha_neg)
+    alpha = alpha_pos if alpha_pos == alpha_neg else torch.where(targets > 0, alpha_pos, alpha_neg)
     return g - alpha * torch.sin(g)
 
 

@@ -29,6 +29,11 @@ def matched_counts(fg_mask: torch.Tensor, target_gt_idx: torch.Tensor, num_gt: i
     return counts.scatter_add_(1, target_gt_idx, fg_mask.float())
 
 
+def scatter_foreground(fg_mask: torch.Tensor, fg: tuple[torch.Tensor, ...], values: torch.Tensor) -> torch.Tensor:
+    """A (B, A) tensor holding ``values`` at the foreground anchors ``fg`` and 1 elsewhere."""
+    return torch.ones(fg_mask.shape, dtype=values.dtype, device=values.device).index_put_(fg, values)
+
+
 class AnchorWeighting(nn.Module):
     """Per-anchor weights of the configured methods, their running state and per-epoch statistics.
 
@@ -53,45 +58,48 @@ class AnchorWeighting(nn.Module):
         target_bboxes: torch.Tensor,
         target_scores: torch.Tensor,
         pred_bboxes: torch.Tensor,
-        pred_scores: torch.Tensor,
+        pred_probs: torch.Tensor,
         gt_bboxes: torch.Tensor,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Return the box weight (B, A) and the class weight (B, A, C or 1), each None if untouched.
 
         Boxes are xyxy in network-input pixels: ``target_bboxes`` and ``pred_bboxes`` per anchor
-        (B, A, 4), ``gt_bboxes`` per ground-truth slot (B, G, 4); ``pred_scores`` are logits.
+        (B, A, 4), ``gt_bboxes`` per ground-truth slot (B, G, 4); ``pred_probs`` are class probabilities.
+        PLB, SCB and feedback weigh foreground anchors only, so they are computed on those alone
+        and scattered into a tensor of ones; Grad-Libra weighs every anchor and class.
         """
-        gt_area = box_areas(target_bboxes)
-        fg = fg_mask.nonzero(as_tuple=True)  # index the foreground once; long-index gathers are cheap
+        fg = fg_mask.nonzero(as_tuple=True)
+        gt_area = box_areas(target_bboxes[fg])  # per foreground anchor, as every weight below
         factors = {"box": [], "cls": []}
 
         if "plb" in self.config:
-            area = gt_area if self.config["plb"]["source"] == "gt" else box_areas(pred_bboxes)
-            w = torch.ones_like(gt_area)
-            w[fg] = plb_weights(area[fg])
+            area = gt_area if self.config["plb"]["source"] == "gt" else box_areas(pred_bboxes[fg])
             for term in self.config["plb"]["terms"]:
-                factors[term].append(w)
+                factors[term].append(plb_weights(area))
         if "scb" in self.config or self.feedback is not None:
             counts = matched_counts(fg_mask, target_gt_idx, gt_bboxes.shape[1])
         if "scb" in self.config:
             scb = self.config["scb"]
-            per_gt = scb_weights(counts, scb["alpha"], scb["beta"])
-            w = torch.where(fg_mask, per_gt.gather(1, target_gt_idx), 1.0)
-            for term in self.config["scb"]["terms"]:
+            w = scb_weights(counts, scb["alpha"], scb["beta"])[fg[0], target_gt_idx[fg]]
+            for term in scb["terms"]:
                 factors[term].append(w)
         if self.feedback is not None:
-            small = fg_mask & (gt_area < self.config["feedback"]["small_area"])
+            small = gt_area < self.config["feedback"]["small_area"]
             w = torch.where(small, self.feedback.gain.to(gt_area.dtype), 1.0)
             for term in self.config["feedback"]["terms"]:
                 factors[term].append(w)
             self._observe_feedback(fg, small, counts, gt_bboxes, target_bboxes, target_scores, pred_bboxes)
 
-        w_box = torch.stack(factors["box"]).prod(0) if factors["box"] else None
-        w_cls = torch.stack(factors["cls"]).prod(0)[..., None] if factors["cls"] else None
+        box_fg, cls_fg = (torch.stack(ws).prod(0) if ws else None for ws in (factors["box"], factors["cls"]))
+        w_box = None if box_fg is None else scatter_foreground(fg_mask, fg, box_fg)
+        w_cls = None if cls_fg is None else scatter_foreground(fg_mask, fg, cls_fg)[..., None]
         if "gradlibra" in self.config:
-            g = gradlibra_weights(pred_scores.sigmoid(), target_scores, **self.config["gradlibra"])
+            g = gradlibra_weights(pred_probs, target_scores, **self.config["gradlibra"])
             w_cls = g if w_cls is None else g * w_cls
-        self._accumulate_epoch_stats(fg_mask, gt_area, target_scores, w_box, w_cls)
+            # the weight on each foreground anchor's target class
+            cls_fg = g[fg].gather(-1, target_scores[fg].argmax(-1, keepdim=True)).squeeze(-1) * (
+                1.0 if cls_fg is None else cls_fg)
+        self._accumulate_epoch_stats(gt_area, box_fg, cls_fg)
         return w_box, w_cls
 
     def _observe_feedback(self, fg, small, counts, gt_bboxes, target_bboxes, target_scores, pred_bboxes):
@@ -101,18 +109,17 @@ class AnchorWeighting(nn.Module):
         matched = counts > 0
         small_gt = matched & (box_areas(gt_bboxes) < self.config["feedback"]["small_area"])
         self.step_sums += torch.stack(
-            [(anchor_loss * small[fg]).sum(), anchor_loss.sum(), small_gt.sum(), matched.sum()]
+            [(anchor_loss * small).sum(), anchor_loss.sum(), small_gt.sum(), matched.sum()]
         ).to(self.step_sums)
 
-    def _accumulate_epoch_stats(self, fg_mask, gt_area, target_scores, w_box, w_cls):
-        """Add the weights on small (< 32^2) and other foreground anchors to the epoch sums (masked sums)."""
-        small = fg_mask & (gt_area < COCO_SMALL_AREA)
-        other = fg_mask & ~small
-        box = w_box if w_box is not None else torch.ones_like(gt_area)
-        cls = torch.ones_like(gt_area) if w_cls is None else (  # the weight on each anchor's target class
-            w_cls.expand_as(target_scores).gather(-1, target_scores.argmax(-1, keepdim=True)).squeeze(-1))
+    def _accumulate_epoch_stats(self, gt_area, box_fg, cls_fg):
+        """Add the weights on small (< 32^2) and other foreground anchors to the epoch sums (None: 1)."""
+        small = (gt_area < COCO_SMALL_AREA).to(gt_area.dtype)
+        other = 1.0 - small
+        box = torch.ones_like(gt_area) if box_fg is None else box_fg
+        cls = torch.ones_like(gt_area) if cls_fg is None else cls_fg
         self.epoch_sums += torch.stack(
-            [(box * small).sum(), (cls * small).sum(), small.sum(), (box * other).sum(), (cls * other).sum(), other.sum()]
+            [box @ small, cls @ small, small.sum(), box @ other, cls @ other, other.sum()]
         ).to(self.epoch_sums)
 
     def end_step(self) -> None:
@@ -180,8 +187,9 @@ class SizeAwareDetectionLoss(v8DetectionLoss):
         mask_gt = gt_bboxes.sum(2, keepdim=True).gt_(0.0)
         pred_bboxes = self.bbox_decode(anchor_points, pred_distri)  # xyxy, (b, h*w, 4)
         pred_pixels = pred_bboxes.detach() * stride_tensor  # size-aware: shared with the weighting below
+        pred_probs = pred_scores.detach().sigmoid()  # size-aware: likewise
         _, target_bboxes, target_scores, fg_mask, target_gt_idx = self.assigner(
-            pred_scores.detach().sigmoid(),
+            pred_probs,
             pred_pixels.type(gt_bboxes.dtype),
             anchor_points * stride_tensor,
             gt_labels,
@@ -193,7 +201,7 @@ class SizeAwareDetectionLoss(v8DetectionLoss):
 
         # size-aware: per-anchor weights from the assignment (all detached)
         w_box, w_cls = self.weighting(
-            fg_mask, target_gt_idx, target_bboxes, target_scores, pred_pixels, pred_scores.detach(), gt_bboxes,
+            fg_mask, target_gt_idx, target_bboxes, target_scores, pred_pixels, pred_probs, gt_bboxes,
         )
 
         bce_loss = self.bce(pred_scores, target_scores.to(dtype))  # (bs, num_anchors, nc)
