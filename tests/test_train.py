@@ -61,6 +61,8 @@ def test_every_mode_trains_and_records_its_loss(trained_runs, loss, model):
     assert (run_dir / "weights" / "best.pt").is_file()
     saved = yaml.safe_load((run_dir / "loss.yaml").read_text())
     assert saved == {"loss": loss, "settings": load_loss_config(loss)}
+    args = yaml.safe_load((run_dir / "args.yaml").read_text())
+    assert (args["epochs"], args["imgsz"], args["plots"]) == (1, IMGSZ, False)  # flags and key=value pairs arrive
     row = results_rows(run_dir)[0]
     assert float(row["train/box_loss"]) > 0
     if loss == "baseline":
@@ -110,6 +112,22 @@ def test_unknown_loss_fails_at_once_with_the_valid_names():
     result = subprocess.run([sys.executable, "train.py", "--loss", "focal"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert "unknown loss 'focal'" in result.stderr and "baseline, feedback, scb, plb, gradlibra" in result.stderr
+
+
+def test_key_value_pairs_reach_ultralytics_and_may_not_shadow_a_flag(tmp_path):
+    from yolo_sizeloss.cli import build_yolo_parser, train_main, yolo_overrides
+
+    parse = build_yolo_parser().parse_args
+    new_run = yolo_overrides(parse(["--epochs", "3", "cls=2.5", "mosaic=0"]))
+    assert (new_run["epochs"], new_run["batch"], new_run["cls"], new_run["mosaic"]) == (3, 16, 2.5, 0)
+    last = tmp_path / "last.pt"
+    last.write_bytes(b"")
+    resumed = yolo_overrides(parse(["--resume", str(last), "--batch", "8", "--epochs", "9", "close_mosaic=2"]))
+    # resume: what Ultralytics allows to change is passed (it warns about the rest); new-run defaults are not
+    assert resumed == {"resume": str(last), "model": str(last), "batch": 8, "close_mosaic": 2}
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--loss", "feedback", "epochs=5"])
+    assert exit_info.value.code == 2
 
 
 def test_resume_restores_the_feedback_state(bccd_subset, tmp_path):

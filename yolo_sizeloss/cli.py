@@ -28,58 +28,64 @@ def _loss_spec(value: str) -> str:
     return value
 
 
+NEW_RUN_DEFAULTS = {"epochs": 50, "imgsz": 416, "batch": 16, "workers": 2, "seed": 0, "fraction": 1.0}
+RESUME_FLAGS = ("imgsz", "batch", "workers", "device")  # what Ultralytics lets a resumed run change
+FLAG_KEYS = {"model", "data", "project", "name", "exist_ok", "resume", *NEW_RUN_DEFAULTS, *RESUME_FLAGS}
+
+
 def build_yolo_parser() -> argparse.ArgumentParser:
-    """The YOLO flags of train.py (defaults suit BCCD on a CPU)."""
+    """The YOLO flags of train.py (defaults suit BCCD on a CPU; those of NEW_RUN_DEFAULTS apply to new runs)."""
     p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=ARCHS, default="yolo", help="detector family (default yolo)")
     p.add_argument("--data", default="bccd.yaml", help="data yaml; a bare name is looked up in cfg/")
     p.add_argument("--model", default="yolov8n.yaml", help="model yaml (trained from scratch) or a local .pt")
-    p.add_argument("--loss", type=_loss_spec, default="baseline",
-                   help="baseline | feedback | scb | plb | gradlibra, or methods joined by '+' (plb+scb)")
+    p.add_argument("--loss", type=_loss_spec,
+                   help="baseline (default) | feedback | scb | plb | gradlibra, or methods joined by '+' (plb+scb)")
     p.add_argument("--loss-cfg", help="YAML overriding the methods' settings in cfg/losses/")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--imgsz", type=int, default=416)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--device", default=None, help="cpu, 0, 0,1 ... (default: first GPU if any, else cpu)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, help="default 50")
+    p.add_argument("--imgsz", type=int, help="default 416")
+    p.add_argument("--batch", type=int, help="default 16")
+    p.add_argument("--device", help="cpu, 0, 0,1 ... (default: first GPU if any, else cpu)")
+    p.add_argument("--workers", type=int, help="default 2")
+    p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--project", default="runs/train", help="runs go to PROJECT/NAME (made absolute)")
     p.add_argument("--name", help="run name (default: the loss name)")
     p.add_argument("--exist-ok", action="store_true", help="reuse PROJECT/NAME instead of NAME-2, NAME-3 ...")
-    p.add_argument("--resume", metavar="LAST_PT", help="continue an interrupted run from its weights/last.pt")
-    p.add_argument("--fraction", type=float, default=1.0, help="fraction of the training images to use")
+    p.add_argument("--resume", metavar="LAST_PT", help="continue an interrupted run from its weights/last.pt; "
+                   "--imgsz, --batch, --workers, --device and key=value pairs that Ultralytics allows apply")
+    p.add_argument("--fraction", type=float, help="fraction of the training images to use (default 1.0)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="further Ultralytics training arguments")
     return p
 
 
 def yolo_overrides(args: argparse.Namespace) -> dict:
-    """Ultralytics trainer overrides from train.py's flags (the loss settings travel separately)."""
+    """Ultralytics trainer overrides from train.py's flags and key=value pairs (the loss settings travel
+    separately). A pair that names a flag's setting is an error, so that neither silently wins."""
     from ultralytics.cfg import parse_key_value_pair
 
+    pairs = dict(parse_key_value_pair(kv) for kv in args.overrides)
+    clash = sorted(FLAG_KEYS & pairs.keys())
+    if clash:
+        raise ValueError(f"'{clash[0]}={pairs[clash[0]]}': use train.py's --{clash[0].replace('_', '-')} flag instead")
+    given = {k: getattr(args, k) for k in (*NEW_RUN_DEFAULTS, *RESUME_FLAGS) if getattr(args, k) is not None}
     if args.resume:
         if not Path(args.resume).is_file():
             raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint")
-        return {"resume": str(Path(args.resume).resolve()), "model": str(Path(args.resume).resolve())}
+        last = str(Path(args.resume).resolve())
+        return {**pairs, **{k: given[k] for k in RESUME_FLAGS if k in given}, "resume": last, "model": last}
     model = args.model
     if model.endswith(".pt") and not Path(model).is_file():
         raise FileNotFoundError(f"--model {model}: no such file (nothing is downloaded; give a local .pt or a yaml)")
-    overrides = dict(parse_key_value_pair(kv) for kv in args.overrides)
-    overrides.update(
-        model=str(Path(model).resolve()) if Path(model).is_file() else model,
-        data=resolve_data(args.data),
-        epochs=args.epochs,
-        imgsz=args.imgsz,
-        batch=args.batch,
-        workers=args.workers,
-        seed=args.seed,
-        project=str(Path(args.project).resolve()),
-        name=args.name or args.loss,
-        exist_ok=args.exist_ok,
-        fraction=args.fraction,
-    )
-    if args.device is not None:
-        overrides["device"] = args.device
-    return overrides
+    return {
+        **pairs,
+        **NEW_RUN_DEFAULTS,
+        **given,
+        "model": str(Path(model).resolve()) if Path(model).is_file() else model,
+        "data": resolve_data(args.data),
+        "project": str(Path(args.project).resolve()),
+        "name": args.name or args.loss or "baseline",
+        "exist_ok": args.exist_ok,
+    }
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -97,7 +103,9 @@ def train_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         overrides = yolo_overrides(args)
-        loss_config = {} if args.resume else load_loss_config(args.loss, args.loss_cfg)
+        # a resumed run keeps the loss in its loss.yaml; a --loss given with --resume is checked against it
+        asked = args.loss or args.loss_cfg or not args.resume
+        loss_config = load_loss_config(args.loss or "baseline", args.loss_cfg) if asked else {}
     except (FileNotFoundError, LossConfigError, SyntaxError, ValueError) as e:
         parser.error(str(e))
     from yolo_sizeloss.yolo.trainer import SizeAwareTrainer
