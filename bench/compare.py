@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from yolo_sizeloss.config import LossConfigError, parse_loss_names
+
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {
     "cpu": dict(losses=["baseline", "feedback", "scb", "plb", "gradlibra"], seeds=[0], epochs=20, imgsz=416, batch=16),
@@ -60,11 +62,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default="bccd.yaml")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
+    if args.arch == "faster_rcnn" and args.batch is None:
+        args.batch = 4  # the paper's batch
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.arch == "faster_rcnn" and args.batch == PRESETS[args.preset]["batch"]:
-        args.batch = 4  # the paper's batch
+    for loss in args.losses:  # a typo fails now, not after hours of earlier runs
+        try:
+            parse_loss_names(loss)
+        except LossConfigError as e:
+            p.error(str(e))
     return args
 
 
@@ -82,13 +89,12 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path) -> Path:
-    """Train one (mode, seed) unless done, evaluate it on the test split; return its metrics.json."""
+def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path) -> dict:
+    """Train one (mode, seed) unless done, evaluate it on the test split; return its report."""
     name = f"{label}-s{seed}"
-    metrics = out / "val" / name / "metrics.json"
+    metrics, run_dir = out / "val" / name / "metrics.json", out / "runs" / name
     if metrics.is_file():
-        return metrics
-    run_dir = out / "runs" / name
+        return run_report(metrics, run_dir)
     best, last = run_dir / "weights" / "best.pt", run_dir / "weights" / "last.pt"
     device = ["--device", args.device] if args.device is not None else []
     unfinished = len(_results(run_dir)) < args.epochs  # also when results.csv is missing
@@ -101,11 +107,14 @@ def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path)
                  "--seed", str(seed), "--project", str(out / "runs"), "--name", name, "--exist-ok", *device])
     run([sys.executable, "val.py", "--model", str(best), "--data", args.data, "--split", "test",
          "--imgsz", str(args.imgsz), "--project", str(out / "val"), "--name", name, "--exist-ok", *device])
+    return run_report(metrics, run_dir)
+
+
+def run_report(metrics: Path, run_dir: Path) -> dict:
+    """val.py's report of one run, with its training time per epoch (key ``train``)."""
     epoch_times = _epoch_seconds(run_dir)
-    report = json.loads(metrics.read_text())
-    report["train"] = {"epochs": len(epoch_times), "seconds_per_epoch": statistics.mean(epoch_times) if epoch_times else None}
-    metrics.write_text(json.dumps(report, indent=2))
-    return metrics
+    mean = statistics.mean(epoch_times) if epoch_times else None
+    return {**json.loads(metrics.read_text()), "train": {"epochs": len(epoch_times), "seconds_per_epoch": mean}}
 
 
 def _results(run_dir: Path) -> list[dict]:
@@ -117,9 +126,10 @@ def _results(run_dir: Path) -> list[dict]:
 
 
 def _epoch_seconds(run_dir: Path) -> list[float]:
-    """Wall seconds of each epoch (training and validation), from results.csv's cumulative time."""
+    """Wall seconds of each epoch (training and validation), from results.csv's time column: seconds
+    since training started, which restarts from 0 when a run is resumed (a drop marks that)."""
     times = [float(r["time"]) for r in _results(run_dir) if "time" in r]
-    return [b - a for a, b in zip([0.0, *times], times)] if times else []
+    return [b - a if b >= a else b for a, b in zip([0.0, *times], times)]
 
 
 def dig(tree: dict, path: tuple[str, ...]):
@@ -158,7 +168,8 @@ def markdown(summary: dict, args) -> str:
         lines.append(f"| {label} | {' | '.join(cells)} |")
     seeds = ", ".join(map(str, args.seeds))
     lines.append(f"\nAP and recall in percent on the test split; mean ± sample std over seeds {seeds}; "
-                 f"{args.epochs} epochs, imgsz {args.imgsz}, batch {args.batch}. 'input' = areas in network-input pixels.")
+                 f"{args.epochs} epochs, imgsz {args.imgsz}, batch {args.batch}. 'input' = areas in network-input pixels; "
+                 "mAP50-95 is Ultralytics' validator's (YOLO only), 'AP orig' the COCO AP of either family.")
     return "\n".join(lines) + "\n"
 
 
@@ -191,7 +202,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     per_mode = {}
     for label, flags in runs_of(args):
-        per_mode[label] = [json.loads(train_and_validate(args, label, flags, seed, out).read_text()) for seed in args.seeds]
+        per_mode[label] = [train_and_validate(args, label, flags, seed, out) for seed in args.seeds]
     summary = summarise(per_mode)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "summary": summary}, indent=2))
     (out / "results.md").write_text(markdown(summary, args))

@@ -299,10 +299,10 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Path:
         LOGGER.info(f"Faster R-CNN {args.backbone}, loss {switches.as_dict()}, {len(train_records)} train / "
                     f"{len(val_records)} val images, {ctx.world_size} process(es) on {ctx.device}; saving to {save_dir}")
 
+    train_start = time.time()  # results.csv 'time' counts from here, as Ultralytics' (restarting on resume)
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         torch.manual_seed(args.seed + epoch * ctx.world_size + ctx.rank)  # flips and RPN/RoI sampling
-        start = time.time()
         warmup_iters = min(args.warmup_iters, len(loader) - 1) if epoch == 0 else 0
         losses = train_one_epoch(model, optimizer, loader, ctx.device, warmup_iters,
                                  f"{epoch + 1}/{args.epochs}", ctx.is_main)
@@ -310,7 +310,7 @@ def _fit(args: argparse.Namespace, ctx: DistContext) -> Path:
         scheduler.step()
         metrics = validate(model, val_records, len(data["names"]), ctx, per_rank_batch, workers)
         if ctx.is_main:
-            best_fitness = save_epoch(save_dir, epoch, time.time() - start, losses, metrics, lr, best_fitness,
+            best_fitness = save_epoch(save_dir, epoch, time.time() - train_start, losses, metrics, lr, best_fitness,
                                       model, optimizer, scheduler, args, switches, data)
     return save_dir
 
@@ -330,7 +330,7 @@ def checkpoint_or_new_model(
 def save_epoch(
     save_dir: Path,
     epoch: int,
-    seconds: float,
+    elapsed: float,
     losses: dict[str, float],
     metrics: dict[str, float],
     lr: float,
@@ -345,7 +345,7 @@ def save_epoch(
     """Write the epoch's ``results.csv`` row, ``weights/last.pt`` and (if fitter) ``best.pt``; return the best fitness."""
     append_results(save_dir / "results.csv", {
         "epoch": epoch + 1,
-        "time": round(seconds, 2),
+        "time": round(elapsed, 2),
         **{f"train/{k}": round(v, 6) for k, v in losses.items()},
         "metrics/mAP50(B)": round(metrics["mAP50"], 6),
         "metrics/mAP50-95(B)": round(metrics["mAP50-95"], 6),

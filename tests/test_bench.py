@@ -1,0 +1,38 @@
+"""bench/compare.py's bookkeeping: epoch times across a resume, presets, and the table's mean and spread."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("compare", ROOT / "bench" / "compare.py")
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+
+def test_epoch_seconds_follow_a_time_column_that_restarts_on_resume(tmp_path):
+    (tmp_path / "results.csv").write_text("epoch,time\n1,10\n2,25\n3,5\n4,12\n")  # resumed after epoch 2
+    assert compare._epoch_seconds(tmp_path) == [10.0, 15.0, 5.0, 7.0]
+    assert compare._epoch_seconds(tmp_path / "missing") == []
+
+
+def test_faster_rcnn_gets_the_paper_batch_unless_one_is_given():
+    assert compare.parse_args(["--arch", "faster_rcnn"]).batch == 4
+    assert compare.parse_args(["--arch", "faster_rcnn", "--batch", "16"]).batch == 16
+    assert compare.parse_args([]).batch == 16
+
+
+def test_unknown_loss_is_refused_before_any_run():
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--losses", "baseline", "focal"])
+
+
+def test_table_gives_mean_and_sample_spread_over_seeds():
+    reports = [{"ultralytics": {"mAP50-95": 0.30}, "train": {"seconds_per_epoch": 50.0}},
+               {"ultralytics": {"mAP50-95": 0.34}, "train": {"seconds_per_epoch": 54.0}}]
+    summary = compare.summarise({"feedback": reports})
+    assert summary["feedback"]["mAP50-95"]["mean"] == pytest.approx(0.32)
+    assert summary["feedback"]["mAP50-95"]["std"] == pytest.approx(0.02 * 2 ** 0.5)  # sample std of 0.30, 0.34
+    row = compare.markdown(summary, compare.parse_args(["--seeds", "0", "1"])).splitlines()[2]
+    assert row.startswith("| feedback | 32.0 ± 2.8 | n/a |") and row.endswith("| 52.0 ± 2.8 |")
