@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
 
 import torch
 from ultralytics.cfg import get_cfg
@@ -44,6 +43,15 @@ def real_batch(imgsz: int, batch_size: int, device: torch.device) -> dict:
     batch = dataset.collate_fn([dataset[i] for i in range(batch_size)])
     batch["img"] = batch["img"].float().div(255).to(device)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def as_leaves(preds):
+    """The predictions, nested as they come (end-to-end heads give a dict per branch), as leaf tensors."""
+    if isinstance(preds, dict):
+        return {k: as_leaves(v) for k, v in preds.items()}
+    if isinstance(preds, (list, tuple)):
+        return [as_leaves(v) for v in preds]
+    return preds.detach().requires_grad_()
 
 
 def criterion_for(mode: str, model: DetectionModel):
@@ -82,9 +90,7 @@ def main() -> None:
     base.args = get_cfg()
     batch = real_batch(args.imgsz, args.batch, device)
 
-    preds = base(batch["img"])
-    leaves = {k: [t.detach().requires_grad_() for t in v] if isinstance(v, list) else v.detach().requires_grad_()
-              for k, v in preds.items()}
+    leaves = as_leaves(base(batch["img"]))
     models = {mode: copy.deepcopy(base) for mode in MODES}  # one model per mode: identical weights at the start
     criteria = {mode: criterion_for(mode, models[mode]) for mode in MODES}
     optimizers = {mode: torch.optim.SGD(models[mode].parameters(), lr=1e-4, momentum=0.9) for mode in MODES}

@@ -1,6 +1,5 @@
 """The size-aware Ultralytics loss: stock equality to the last bit, and the direction of each method."""
 
-import copy
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils.loss import E2ELoss, v8DetectionLoss
 
 from yolo_sizeloss.config import load_loss_config
-from yolo_sizeloss.detections import read_yolo_labels
 from yolo_sizeloss.yolo.loss import AnchorWeighting, SizeAwareDetectionLoss, SizeAwareE2ELoss, build_size_aware_loss
 
 from conftest import BCCD

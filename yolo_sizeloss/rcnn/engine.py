@@ -370,7 +370,7 @@ def save_epoch(
     torch.save(checkpoint, save_dir / "weights" / "last.pt")
     if current >= best_fitness:
         torch.save(checkpoint, save_dir / "weights" / "best.pt")
-    LOGGER.info(f"epoch {epoch + 1}: {seconds:.1f}s, " + ", ".join(f"{k} {v:.4f}" for k, v in {**losses, **metrics}.items()))
+    LOGGER.info(f"epoch {epoch + 1}: {elapsed:.0f}s since start, " + ", ".join(f"{k} {v:.4f}" for k, v in {**losses, **metrics}.items()))
     return best_fitness
 
 
