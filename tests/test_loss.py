@@ -1,6 +1,5 @@
 """The size-aware Ultralytics loss: stock equality to the last bit, and the direction of each method."""
 
-
 import pytest
 import torch
 from ultralytics.cfg import get_cfg
@@ -44,7 +43,8 @@ def neutral_configs() -> dict[str, dict]:
     cfg = load_loss_config("plb+scb+feedback")
     cfg["plb"]["terms"] = []
     cfg["scb"]["terms"] = []
-    cfg["feedback"]["g_max"] = 1.0  # the gain is exactly 1, applied to the box term
+    cfg["feedback"]["g_max"] = 1.0  # the gain is exactly 1, multiplied into both terms
+    cfg["feedback"]["terms"] = ["box", "cls"]
     return {"plb": {"plb": cfg["plb"]}, "scb": {"scb": cfg["scb"]}, "feedback": {"feedback": cfg["feedback"]}, "all": cfg}
 
 
@@ -101,24 +101,28 @@ def small_share(weights: torch.Tensor, losses: torch.Tensor, small: torch.Tensor
 
 
 def test_each_method_raises_the_small_objects_share_as_its_paper_claims():
+    from ultralytics.utils.metrics import bbox_iou
+
     fg, gt_idx, target, scores, pred, logits, gt = one_small_one_large()
     small = torch.tensor([True, True] + [False] * 6)
-    unit = torch.ones(8)  # each foreground anchor's unweighted loss, equal: shares are then the anchor shares
-    stock_share = small_share(torch.ones(8), unit, small)  # 2 of 8 anchors
-    assert stock_share == 0.25
+    # the stock per-anchor losses of the foreground: CIoU box loss weighted by target score, class BCE
+    box_loss = (1 - bbox_iou(pred[0, :8], target[0, :8], xywh=False, CIoU=True).squeeze(-1)) * scores[0, :8].sum(-1)
+    cls_loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, scores, reduction="none")[0, :8].sum(-1)
+    stock_box, stock_cls = small_share(1, box_loss, small), small_share(1, cls_loss, small)
 
     w_box, w_cls = AnchorWeighting(load_loss_config("plb"))(fg, gt_idx, target, scores, pred, logits.sigmoid(), gt)
     areas = torch.tensor([121.0] * 2 + [4356.0] * 6)  # predicted 11x11 and 66x66
     m = areas.mean()
     assert torch.allclose(w_box[0, :8], 2 * m / (areas + m), rtol=1e-5)
     assert torch.equal(w_box[0, 8:], torch.ones(2)) and torch.equal(w_cls[0, :, 0], w_box[0])
-    assert small_share(w_box[0, :8], unit, small) > stock_share
+    assert small_share(w_box[0, :8], box_loss, small) > stock_box
+    assert small_share(w_cls[0, :8, 0], cls_loss, small) > stock_cls
 
     w_box, w_cls = AnchorWeighting(load_loss_config("scb"))(fg, gt_idx, target, scores, pred, logits.sigmoid(), gt)
     assert w_box is None  # SCB: class term only, by default
     expected = torch.tensor([3 * (torch.log(torch.tensor(2.0)) + 1) / 2] * 2 + [3 * (torch.log(torch.tensor(6.0)) + 1) / 6] * 6)
     assert torch.allclose(w_cls[0, :8, 0], expected)
-    assert small_share(w_cls[0, :8, 0], unit, small) > stock_share
+    assert small_share(w_cls[0, :8, 0], cls_loss, small) > stock_cls
 
     weighting = AnchorWeighting(load_loss_config("feedback"))
     w_box, _ = weighting(fg, gt_idx, target, scores, pred, logits.sigmoid(), gt)
@@ -126,10 +130,10 @@ def test_each_method_raises_the_small_objects_share_as_its_paper_claims():
     weighting.end_step()
     # the small object is half the instances; its (well-fitted) share of the box loss is below half: G = q / r > 1
     r, q = float(weighting.feedback.r), float(weighting.feedback.q)
-    assert q == 0.5 and 0 < r < 0.5 and float(weighting.feedback.gain) == pytest.approx(min(q / r, 4.0))
+    assert r == pytest.approx(stock_box) and q == 0.5 and float(weighting.feedback.gain) == pytest.approx(min(q / r, 4.0))
     w_box, _ = weighting(fg, gt_idx, target, scores, pred, logits.sigmoid(), gt)
     assert torch.allclose(w_box[0, :2], weighting.feedback.gain.float()) and torch.equal(w_box[0, 2:], torch.ones(8))
-    assert small_share(w_box[0, :8], unit, small) > stock_share
+    assert small_share(w_box[0, :8], box_loss, small) > stock_box
 
     # Grad-Libra is a hardness weight: the harder of two positives gets the larger share
     logits = logits.clone()
