@@ -30,7 +30,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from yolo_sizeloss.detections import load_split
 from yolo_sizeloss.paths import ROOT
 from yolo_sizeloss.rcnn import export_onnx, predict_records
-from yolo_sizeloss.rcnn.cli import build_parser, train
+from yolo_sizeloss.rcnn.cli import main
 from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection
 from yolo_sizeloss.rcnn.heads import (
     LossSwitches,
@@ -288,11 +288,14 @@ def test_plb2b_weights_roi_box_only(source):
     assert torch.equal(losses["loss_classifier"], stock["loss_classifier"])
 
 
-def test_bad_flags_name_the_flag(tmp_path):
-    with pytest.raises(ValueError, match="--plb"):
-        train(build_parser().parse_args(["--plb", "1C,3X", "--project", str(tmp_path)]))
-    with pytest.raises(FileNotFoundError, match="--weights"):
-        build_model("mobilenet_v3_large_fpn", 4, IMGSZ, LossSwitches(), weights=str(tmp_path / "missing.pt"))
+@pytest.mark.parametrize("flags, message", [
+    (["--plb", "1C,3X"], "--plb"), (["--weights", "missing.pt"], "--weights missing.pt: no such file"),
+    (["--data", "nope.yaml"], "data yaml 'nope.yaml' not found"), (["--resume", "gone.pt"], "--resume gone.pt"),
+])
+def test_bad_flags_are_usage_errors_naming_the_flag(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*flags, "--project", str(tmp_path)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing was written
 
 
@@ -323,7 +326,7 @@ TRAIN_FLAGS = ["--backbone", "mobilenet_v3_large_fpn", "--imgsz", str(IMGSZ), "-
 @pytest.fixture(scope="module")
 def trained_run(tiny_data, tmp_path_factory) -> Path:
     project = tmp_path_factory.mktemp("runs")
-    return train(build_parser().parse_args(["--data", str(tiny_data), "--project", str(project), *TRAIN_FLAGS]))
+    return main(["--data", str(tiny_data), "--project", str(project), *TRAIN_FLAGS])
 
 
 def test_one_epoch_writes_results_weights_and_settings(trained_run):
@@ -361,12 +364,12 @@ def test_resume_continues_the_run(trained_run, tmp_path):
     checkpoint = torch.load(last, weights_only=True)
     checkpoint["train_args"]["epochs"] = 2  # as if the run had been started for 2 epochs and stopped after 1
     torch.save(checkpoint, last)
-    assert train(build_parser().parse_args(["--resume", str(last)])) == run
+    assert main(["--resume", str(last)]) == run
     assert len((run / "results.csv").read_text().splitlines()) == 3
     resumed = load_checkpoint(last)
     assert resumed["epoch"] == 1 and resumed["scheduler"]["last_epoch"] == 2
     with pytest.raises(ValueError, match="nothing to resume"):
-        train(build_parser().parse_args(["--resume", str(last)]))
+        main(["--resume", str(last)])
 
 
 def test_two_process_gloo_training(tiny_data, tmp_path):

@@ -1,9 +1,8 @@
 """Command line of the Faster R-CNN path: ``train.py --arch faster_rcnn ...`` or ``python -m yolo_sizeloss.rcnn.cli``.
 
-``build_parser()`` holds the common flags (shared with the YOLO path; defaults ``None`` here, filled
-by ``fill_defaults`` with the Faster R-CNN defaults below, so a caller whose parser has other
-defaults can pass ``None`` through) and, via ``add_arguments``, the Faster-R-CNN-only flags.
-Multi-process training: ``torchrun --nproc_per_node N -m yolo_sizeloss.rcnn.cli ...``.
+The run flags (``add_common_arguments``) default to ``None``: a new run fills them from
+``COMMON_DEFAULTS``, a resumed run takes its settings from the checkpoint and only a ``--device`` or
+``--workers`` given now. Multi-process training: ``torchrun --nproc_per_node N -m yolo_sizeloss.rcnn.cli ...``.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from yolo_sizeloss.paths import resolve_data
 from yolo_sizeloss.rcnn.engine import fit
 from yolo_sizeloss.rcnn.heads import PLB_SWITCHES, SIZE_SOURCES, LossSwitches, parse_plb
 from yolo_sizeloss.rcnn.model import BACKBONES
@@ -32,7 +32,7 @@ COMMON_DEFAULTS = {  # the paper's schedule where it sets one (Hu et al. 2022: 1
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags both detector families share (defaults None: see ``COMMON_DEFAULTS``)."""
+    """The run flags (defaults None: ``COMMON_DEFAULTS`` for a new run, the checkpoint's on --resume)."""
     parser.add_argument("--data", help=f"YOLO-format data yaml (default {COMMON_DEFAULTS['data']})")
     parser.add_argument("--epochs", type=int, help="training epochs (default 15)")
     parser.add_argument("--imgsz", type=int, help="long image side in pixels, aspect kept (default 640)")
@@ -86,7 +86,7 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Reject values no run could use, naming the flag."""
+    """Reject values no run could use, naming the flag (a new run's, after ``fill_defaults``)."""
     positive = {"epochs": args.epochs, "imgsz": args.imgsz, "batch": args.batch, "lr-step": args.lr_step}
     for flag, value in positive.items():
         if value < 1:
@@ -97,26 +97,24 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr {args.lr}: must be positive")
     if not 0 < args.fraction <= 1:
         raise ValueError(f"--fraction {args.fraction}: must be in (0, 1]")
+    if args.weights.upper() != "DEFAULT" and args.weights.lower() != "none" and not Path(args.weights).is_file():
+        raise ValueError(f"--weights {args.weights}: no such file (give a checkpoint path, DEFAULT or none)")
+    resolve_data(args.data)
     LossSwitches(parse_plb(args.plb), args.plb_source, args.scb_rpn)
-
-
-def train(args: argparse.Namespace) -> Path:
-    """Train Faster R-CNN from parsed arguments (common + ``add_arguments`` flags); return the run directory."""
-    fill_defaults(args)
-    if not args.resume:
-        check_args(args)
-    return fit(args)
 
 
 def main(argv: list[str] | None = None) -> Path:
     """Entry point of ``train.py --arch faster_rcnn`` and ``python -m yolo_sizeloss.rcnn.cli`` (also under
     torchrun): a flag no run could use is a usage error naming it, before anything is written."""
     parser = build_parser()
-    args = fill_defaults(parser.parse_args(argv))
+    args = parser.parse_args(argv)
     try:
-        if not args.resume:
-            check_args(args)
-    except ValueError as e:
+        if args.resume:
+            if not Path(args.resume).is_file():
+                raise ValueError(f"--resume {args.resume}: no such checkpoint")
+        else:
+            check_args(fill_defaults(args))
+    except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     return fit(args)
 

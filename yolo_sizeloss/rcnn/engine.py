@@ -248,21 +248,21 @@ def make_train_loader(
 
 def fit(args: argparse.Namespace) -> Path:
     """Train Faster R-CNN as ``args`` says (see ``yolo_sizeloss.rcnn.cli``); return the run directory."""
-    ctx = setup_distributed(args.device)
-    try:
-        return _fit(args, ctx)
-    finally:
-        if ctx.owns_group:
-            dist.destroy_process_group()
-
-
-def _fit(args: argparse.Namespace, ctx: DistContext) -> Path:
     checkpoint = None
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
         args = resumed_args(checkpoint, args)
     else:
         args.data = resolve_data(args.data)
+    ctx = setup_distributed(args.device)
+    try:
+        return _fit(args, ctx, checkpoint)
+    finally:
+        if ctx.owns_group:
+            dist.destroy_process_group()
+
+
+def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) -> Path:
     switches = LossSwitches(parse_plb(args.plb), args.plb_source, args.scb_rpn)
     if args.batch < ctx.world_size:
         raise ValueError(f"--batch {args.batch}: must be at least the number of processes ({ctx.world_size})")
