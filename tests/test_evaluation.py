@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from yolo_sizeloss.detections import ImageRecord
+from yolo_sizeloss.detections import ImageRecord, read_yolo_labels
 from yolo_sizeloss.evaluation import (
     COCO_EDGES,
     attach_coco_predictions,
@@ -232,3 +232,16 @@ def test_write_report_and_compare(tmp_path):
     small_row = next(line for line in table.splitlines() if line.startswith("| coco.original.ap_small "))
     assert small_row.split("|")[2:4] == [" 1.0000 ", " 0.0000 (-1.0000) "]
     assert "| recall.small@0.3 | 1.0000 | 0.0000 (-1.0000) |" in table
+
+
+def test_label_files_are_read_in_pixels_and_bad_lines_are_named(tmp_path):
+    label = tmp_path / "a.txt"
+    label.write_text("2 0.5 0.5 0.25 0.5\n\n0 0.1 0.2 0.1 0.2\n")
+    boxes, classes = read_yolo_labels(label, 640, 480, 3)
+    np.testing.assert_allclose(boxes, [[240, 120, 400, 360], [32, 48, 96, 144]])
+    assert classes.tolist() == [2, 0]
+    for line, message in (("3 0.5 0.5 0.1 0.1", "class 3 is not one of 0..2"), ("1.5 0.5 0.5 0.1 0.1", "class 1.5"),
+                          ("0 0.5 0.5 0.1", "expected 'cls xc yc w h'")):
+        label.write_text(f"0 0.5 0.5 0.1 0.1\n{line}\n")
+        with pytest.raises(ValueError, match=f"a.txt:2: {message}"):
+            read_yolo_labels(label, 640, 480, 3)

@@ -40,11 +40,11 @@ class ImageRecord:
     pred_classes: np.ndarray = field(default_factory=_empty_ints)
 
 
-def read_yolo_labels(label_file: Path, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+def read_yolo_labels(label_file: Path, width: int, height: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Read ``cls xc yc w h`` (normalised) lines into xyxy pixel boxes and class ids.
 
-    A missing file means no objects. A line that is not five numbers raises ValueError naming the
-    file and the line number.
+    A missing file means no objects. A line that is not five numbers, or whose class is not an
+    integer in ``[0, num_classes)``, raises ValueError naming the file and the line number.
     """
     if not label_file.is_file():
         return _empty_boxes(), _empty_ints()
@@ -58,6 +58,8 @@ def read_yolo_labels(label_file: Path, width: int, height: int) -> tuple[np.ndar
             values = []
         if len(values) != 5:
             raise ValueError(f"{label_file}:{number}: expected 'cls xc yc w h', got {line!r}")
+        if not (values[0].is_integer() and 0 <= values[0] < num_classes):
+            raise ValueError(f"{label_file}:{number}: class {line.split()[0]} is not one of 0..{num_classes - 1}")
         rows.append(values)
     if not rows:
         return _empty_boxes(), _empty_ints()
@@ -97,6 +99,6 @@ def load_split(data_yaml: str | Path, split: str) -> tuple[list[ImageRecord], di
     for image, label in zip(images, img2label_paths([str(p) for p in images])):
         with Image.open(image) as im:
             width, height = im.size
-        boxes, classes = read_yolo_labels(Path(label), width, height)
+        boxes, classes = read_yolo_labels(Path(label), width, height, len(data["names"]))
         records.append(ImageRecord(str(image), width, height, boxes, classes))
     return records, data
