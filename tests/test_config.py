@@ -42,6 +42,7 @@ def test_override_file_changes_only_what_it_names(tmp_path):
         ("plb", "plb:\n  terms: [box, obj]\n", r"o\.yaml:2: plb\.terms .*box, cls"),
         ("plb", "plb:\n  sorce: gt\n", r"o\.yaml:2: unknown key 'plb\.sorce' \(known: source, terms\)"),
         ("plb", "scb:\n  beta: 2\n", r"o\.yaml:1: section 'scb' is not selected by --loss plb"),
+        ("plb", "plb:\n  source: gt\nfocal:\n  gamma: 2\n", r"o\.yaml:3: unknown method 'focal' \(valid: feedback, scb"),
         ("plb", "plb: [1, 2\n", r"o\.yaml:\d+: not valid YAML"),
     ],
 )

@@ -155,6 +155,9 @@ def load_loss_config(spec: str, override: str | Path | None = None) -> dict[str,
         path = Path(override)
         data, lines = _read_yaml(path)
         for method, section in data.items():
+            if method not in SCHEMA:
+                raise LossConfigError(f"{path}:{lines.get((str(method),), 1)}: unknown method '{method}' "
+                                      f"(valid: {', '.join(METHODS)})")
             if method not in config:
                 raise LossConfigError(
                     f"{path}:{lines.get((str(method),), 1)}: section '{method}' is not selected by --loss {spec} "
