@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from ultralytics.data.utils import IMG_FORMATS
 
 BCCD_CLASSES = ("RBC", "WBC", "Platelets")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 class ConversionError(ValueError):
@@ -98,8 +98,8 @@ def voc_to_yolo_lines(
 
 
 def _find_image(images_dir: Path, stem: str, xml_path: Path) -> Path:
-    for suffix in IMAGE_SUFFIXES:
-        for candidate in (images_dir / f"{stem}{suffix}", images_dir / f"{stem}{suffix.upper()}"):
+    for suffix in sorted(IMG_FORMATS):  # the image types Ultralytics reads
+        for candidate in (images_dir / f"{stem}.{suffix}", images_dir / f"{stem}.{suffix.upper()}"):
             if candidate.is_file():
                 return candidate
     raise ConversionError(f"{xml_path}: image {stem}.* not found in {images_dir}")

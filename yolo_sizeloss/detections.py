@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from ultralytics.data.utils import check_det_dataset, img2label_paths
+from ultralytics.data.utils import IMG_FORMATS, check_det_dataset, img2label_paths
 
 from yolo_sizeloss.paths import resolve_data
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def _empty_boxes() -> np.ndarray:
@@ -77,7 +76,7 @@ def split_images(data: dict, split: str) -> list[Path]:
     files: list[Path] = []
     for source in map(Path, sources):
         if source.is_dir():
-            files += sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(p for p in source.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
         elif source.suffix == ".txt":
             root = source.parent
             for line in source.read_text().splitlines():
