@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from yolo_sizeloss.config import LossConfigError, parse_loss_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +95,7 @@ def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path)
     """Train one (mode, seed) unless done, evaluate it on the test split; return its report."""
     name = f"{label}-s{seed}"
     metrics, run_dir = out / "val" / name / "metrics.json", out / "runs" / name
+    check_same_schedule(run_dir, args, seed)
     if metrics.is_file():
         return run_report(metrics, run_dir)
     best, last = run_dir / "weights" / "best.pt", run_dir / "weights" / "last.pt"
@@ -108,6 +111,18 @@ def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path)
     run([sys.executable, "val.py", "--model", str(best), "--data", args.data, "--split", "test",
          "--imgsz", str(args.imgsz), "--project", str(out / "val"), "--name", name, "--exist-ok", *device])
     return run_report(metrics, run_dir)
+
+
+def check_same_schedule(run_dir: Path, args, seed: int) -> None:
+    """Refuse to reuse a run trained with another schedule (its args.yaml); another --out keeps both."""
+    saved = run_dir / "args.yaml"
+    if not saved.is_file():
+        return
+    trained = yaml.safe_load(saved.read_text())
+    wanted = {"epochs": args.epochs, "imgsz": args.imgsz, "batch": args.batch, "seed": seed}
+    differ = [f"{k} {trained.get(k)} (asked {v})" for k, v in wanted.items() if trained.get(k) != v]
+    if differ:
+        raise SystemExit(f"{run_dir} was trained with {', '.join(differ)}: use another --out")
 
 
 def run_report(metrics: Path, run_dir: Path) -> dict:

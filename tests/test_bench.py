@@ -36,3 +36,12 @@ def test_table_gives_mean_and_sample_spread_over_seeds():
     assert summary["feedback"]["mAP50-95"]["std"] == pytest.approx(0.02 * 2 ** 0.5)  # sample std of 0.30, 0.34
     row = compare.markdown(summary, compare.parse_args(["--seeds", "0", "1"])).splitlines()[2]
     assert row.startswith("| feedback | 32.0 ± 2.8 | n/a |") and row.endswith("| 52.0 ± 2.8 |")
+
+
+def test_a_run_trained_with_another_schedule_is_not_reused(tmp_path):
+    args = compare.parse_args(["--epochs", "20", "--imgsz", "416"])
+    (tmp_path / "args.yaml").write_text("epochs: 20\nimgsz: 416\nbatch: 16\nseed: 0\n")
+    compare.check_same_schedule(tmp_path, args, seed=0)
+    with pytest.raises(SystemExit, match="epochs 20 \\(asked 30\\)"):
+        compare.check_same_schedule(tmp_path, compare.parse_args(["--epochs", "30"]), seed=0)
+    compare.check_same_schedule(tmp_path / "new", args, seed=0)  # nothing trained there yet
