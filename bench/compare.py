@@ -4,6 +4,7 @@
     python bench/compare.py --preset full --device 0          # GPU: three seeds, a paper-like schedule
     python bench/compare.py --losses baseline plb --seeds 0 1 --epochs 30 --out bench/mine
     python bench/compare.py --arch faster_rcnn --plb-sets none 1C,1B --epochs 15
+    python bench/compare.py --losses plb --loss-cfg bench/gt_areas.yaml     # run label plb-gt_areas
 
 Each run trains with train.py into OUT/runs/<mode>-s<seed> and is evaluated with val.py (split
 test) into OUT/val/<mode>-s<seed>. It resumes: a run whose metrics.json exists is not trained or
@@ -52,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=PRESETS, default="cpu")
     p.add_argument("--arch", choices=("yolo", "faster_rcnn"), default="yolo")
     p.add_argument("--losses", nargs="+", help="YOLO modes (default: the preset's)")
+    p.add_argument("--loss-cfg", help="train.py --loss-cfg for every YOLO mode; labels get '-<file stem>'")
     p.add_argument("--plb-sets", nargs="+", default=["none", "1C,1B"], help="Faster R-CNN PLB switch sets")
     p.add_argument("--model", default="yolov8n.yaml", help="YOLO model yaml or local .pt")
     p.add_argument("--backbone", default="mobilenet_v3_large_fpn", help="Faster R-CNN backbone")
@@ -80,7 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def runs_of(args) -> list[tuple[str, list[str]]]:
     """(mode label, the train.py flags that select it) for every mode to compare."""
     if args.arch == "yolo":
-        return [(loss, ["--loss", loss, "--model", args.model]) for loss in args.losses]
+        variant = ["--loss-cfg", str(Path(args.loss_cfg).resolve())] if args.loss_cfg else []
+        suffix = f"-{Path(args.loss_cfg).stem}" if args.loss_cfg else ""
+        return [(loss + suffix, ["--loss", loss, "--model", args.model, *variant]) for loss in args.losses]
     return [(f"rcnn-{'stock' if s == 'none' else 'plb' + s.replace(',', '+')}",
              ["--arch", "faster_rcnn", "--backbone", args.backbone, *([] if s == "none" else ["--plb", s])])
             for s in args.plb_sets]

@@ -45,3 +45,10 @@ def test_a_run_trained_with_another_schedule_is_not_reused(tmp_path):
     with pytest.raises(SystemExit, match="epochs 20 \\(asked 30\\)"):
         compare.check_same_schedule(tmp_path, compare.parse_args(["--epochs", "30"]), seed=0)
     compare.check_same_schedule(tmp_path / "new", args, seed=0)  # nothing trained there yet
+
+
+def test_a_loss_cfg_variant_gets_its_own_label_and_reaches_train_py():
+    variant = str(ROOT / "bench" / "gt_areas.yaml")
+    [(label, flags)] = compare.runs_of(compare.parse_args(["--losses", "plb", "--loss-cfg", variant]))
+    assert label == "plb-gt_areas"
+    assert flags[:2] == ["--loss", "plb"] and flags[-2:] == ["--loss-cfg", variant]
