@@ -102,19 +102,9 @@ def checkpoint_kind(ckpt: dict, model_path: str | Path) -> str:
     raise ValueError(f"{model_path} is neither an Ultralytics YOLO nor a Faster R-CNN checkpoint")
 
 
-def predict_records(
-    model_path: str | Path,
-    data: str | Path,
-    split: str,
-    imgsz: int | None,
-    device: str | None,
-    conf: float,
-    *,
-    iou: float,
-    batch: int,
-    save_dir: Path,
-) -> tuple[list[ImageRecord], list[str], dict]:
-    """Detections of a checkpoint on one split: the dispatch point for detector families.
+def predict_records(args: argparse.Namespace, save_dir: Path) -> tuple[list[ImageRecord], list[str], dict]:
+    """Detections of ``args.model`` on ``args.split`` of ``args.data`` (val.py's parsed arguments):
+    the dispatch point for detector families.
 
     Returns ``(records, names, meta)``: ``records`` from ``load_split`` with predictions filled in, in
     original image pixels; ``names`` the class names by index; ``meta`` a dict that must hold
@@ -124,62 +114,47 @@ def predict_records(
     keeps Ultralytics' own output in ``save_dir/ultralytics``).
     A new detector family adds a branch on ``checkpoint_kind``.
     """
-    ckpt = load_checkpoint(model_path)
-    kind = checkpoint_kind(ckpt, model_path)
-    if kind == "yolo":
-        imgsz = imgsz or int(ckpt.get("train_args", {}).get("imgsz", 640))
-        return predict_yolo(
-            ckpt, model_path, data, split, imgsz, device, conf, iou=iou, batch=batch, save_dir=save_dir
-        )
-    return predict_faster_rcnn(ckpt, model_path, data, split, imgsz or ckpt["imgsz"], device, conf, batch=batch)
+    ckpt = load_checkpoint(args.model)
+    if checkpoint_kind(ckpt, args.model) == "yolo":
+        return predict_yolo(ckpt, args, args.imgsz or int(ckpt.get("train_args", {}).get("imgsz", 640)), save_dir)
+    return predict_faster_rcnn(ckpt, args, args.imgsz or ckpt["imgsz"])
 
 
 def predict_faster_rcnn(
-    ckpt: dict, model_path: str | Path, data: str | Path, split: str, imgsz: int, device: str | None, conf: float,
-    *, batch: int,
+    ckpt: dict, args: argparse.Namespace, imgsz: int
 ) -> tuple[list[ImageRecord], list[str], dict]:
     """Detections of this project's Faster R-CNN checkpoint (long image side resized to ``imgsz``)."""
     from yolo_sizeloss.rcnn import predict_records as predict_rcnn
 
-    records = predict_rcnn(model_path, data, split, imgsz, device, batch=batch, conf=conf)
+    records = predict_rcnn(args.model, args.data, args.split, imgsz, args.device, batch=args.batch, conf=args.conf)
     names = [ckpt["names"][k] for k in sorted(ckpt["names"])]
-    meta = {"detector": "faster_rcnn", "backbone": ckpt["backbone"], "imgsz": imgsz, "conf": conf}
+    meta = {"detector": "faster_rcnn", "backbone": ckpt["backbone"], "imgsz": imgsz, "conf": args.conf}
     return records, names, meta
 
 
 def predict_yolo(
-    ckpt: dict,
-    model_path: str | Path,
-    data: str | Path,
-    split: str,
-    imgsz: int,
-    device: str | None,
-    conf: float,
-    *,
-    iou: float,
-    batch: int,
-    save_dir: Path,
+    ckpt: dict, args: argparse.Namespace, imgsz: int, save_dir: Path
 ) -> tuple[list[ImageRecord], list[str], dict]:
     """Run Ultralytics' stock DetectionValidator (save_json=True) and read its predictions.json back."""
     module = ckpt["ema"] if isinstance(ckpt.get("ema"), torch.nn.Module) else ckpt["model"]
     task = guess_model_task(module)
     if task != "detect":
-        raise ValueError(f"{model_path} is a '{task}' model; val.py evaluates detection models only")
-    records, data_dict = load_split(data, split)
+        raise ValueError(f"{args.model} is a '{task}' model; val.py evaluates detection models only")
+    records, data_dict = load_split(args.data, args.split)
     names = [data_dict["names"][k] for k in range(len(data_dict["names"]))]
     stride = max(int(module.stride.max()), 32)  # as Ultralytics' AutoBackend
     input_size = check_imgsz(imgsz, stride=stride)
 
     sink: dict = {}
-    metrics = YOLO(str(model_path)).val(
+    metrics = YOLO(str(args.model)).val(
         validator=stats_keeping_validator(sink),
-        data=resolve_data(data),
-        split=split,
+        data=resolve_data(args.data),
+        split=args.split,
         imgsz=imgsz,
-        batch=batch,
-        conf=conf,
-        iou=iou,
-        device=device,
+        batch=args.batch,
+        conf=args.conf,
+        iou=args.iou,
+        device=args.device,
         save_json=True,
         plots=False,
         project=str(Path(save_dir).resolve()),
@@ -194,9 +169,9 @@ def predict_yolo(
     meta = {
         "detector": "yolo",
         "imgsz": input_size,
-        "batch": batch,
-        "conf": conf,
-        "iou": iou,
+        "batch": args.batch,
+        "conf": args.conf,
+        "iou": args.iou,
         "ultralytics_dir": str(metrics.save_dir),
         "ultralytics": {name: float(stats[key]) for key, name in ULTRALYTICS_KEYS.items() if key in stats},
     }
@@ -232,10 +207,7 @@ def run_report(args: argparse.Namespace) -> Path:
         raise ValueError("--model and --data are required (or use --compare)")
     edges = parse_size_buckets(args.size_buckets)
     save_dir = increment_path(Path(args.project) / args.name, exist_ok=args.exist_ok)
-    records, names, meta = predict_records(
-        args.model, args.data, args.split, args.imgsz, args.device, args.conf,
-        iou=args.iou, batch=args.batch, save_dir=save_dir,
-    )
+    records, names, meta = predict_records(args, save_dir)
     metrics = evaluate_records(records, names, letterbox_scales(records, meta["imgsz"]), edges, args.recall_frame)
     metrics["ultralytics"] = meta.pop("ultralytics", None)
     metrics["meta"] = {
