@@ -1,11 +1,13 @@
 """Time the size-aware loss against the stock Ultralytics loss on identical batches, in one process.
 
-    python bench/overhead.py [--model yolov8n.yaml] [--imgsz 416] [--batch 16] [--repeats 10] [--device cpu] [--threads 1]
+    python bench/overhead.py [--model yolov8n.yaml] [--imgsz 416] [--batch 16] [--repeats 10] [--device cpu]
+                             [--threads 1] [--clock wall|cpu]
 
 Two figures per mode, each the fastest of all samples over ``--repeats`` rounds (as ``timeit``
 reports: the sample least disturbed by other work on the machine; the modes are interleaved within
-each round, so drift hits them alike) and the ratio to stock; on the CPU the clock is the process's
-CPU time, on a GPU synchronised wall time:
+each round, so drift hits them alike) and the ratio to stock; the clock is synchronised wall time on
+a GPU and by default the process's CPU time on the CPU (steadier on a shared machine; with several
+threads it also counts their waiting, so use ``--clock wall`` on a quiet one):
 - loss: the loss call alone, forward and backward (predictions are leaf tensors: no network),
   timed 10 times per round;
 - step: a whole training step (network forward, loss, backward, SGD step);
@@ -59,18 +61,17 @@ def criterion_for(mode: str, model: DetectionModel):
         model, AnchorWeighting(load_loss_config(mode)).to(next(model.parameters()).device))
 
 
-def timed(fn, device: torch.device) -> float:
-    """Seconds of ``fn``: wall time on a GPU (synchronised), CPU time of this process on the CPU,
-    which other processes on a shared machine disturb far less than wall time."""
+def timed(fn, device: torch.device, clock: str) -> float:
+    """Seconds of ``fn`` by ``clock``: ``wall`` (synchronised on a GPU) or ``cpu``, this process's CPU
+    time, which other processes on a shared machine disturb far less (but which counts every thread)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
-    start = time.process_time()
+    now = time.perf_counter if clock == "wall" else time.process_time
+    start = now()
     fn()
-    return time.process_time() - start
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return now() - start
 
 
 def main() -> None:
@@ -80,11 +81,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--clock", choices=("wall", "cpu"), help="default: wall on a GPU, cpu (process time) on the CPU")
     parser.add_argument("--threads", type=int, help="CPU threads (default torch's); 1 is steadiest on a busy machine")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    clock = args.clock or ("wall" if device.type == "cuda" else "cpu")
     torch.manual_seed(0)
     base = DetectionModel(args.model, nc=3, verbose=False).to(device).train()
     base.args = get_cfg()
@@ -109,12 +112,11 @@ def main() -> None:
         loss_call(mode), train_step(mode)
     for _ in range(args.repeats):
         for mode in MODES:
-            times["loss", mode] += [timed(lambda: loss_call(mode), device) for _ in range(LOSS_CALLS_PER_ROUND)]
-            times["step", mode].append(timed(lambda: train_step(mode), device))
+            times["loss", mode] += [timed(lambda: loss_call(mode), device, clock) for _ in range(LOSS_CALLS_PER_ROUND)]
+            times["step", mode].append(timed(lambda: train_step(mode), device, clock))
 
-    clock = "wall time" if device.type == "cuda" else "process CPU time"
     print(f"{args.model} imgsz {args.imgsz} batch {args.batch} on {device} ({torch.get_num_threads()} threads), "
-          f"{clock}, fastest of {args.repeats} rounds")
+          f"{'wall time' if clock == 'wall' else 'process CPU time'}, fastest of {args.repeats} rounds")
     print("| mode | loss call ms | ratio | training step ms | ratio | step ratio from loss |\n|---|---|---|---|---|---|")
     best = {key: min(samples) * 1e3 for key, samples in times.items()}
     base_loss, base_step = best["loss", "baseline"], best["step", "baseline"]
