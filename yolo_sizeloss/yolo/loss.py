@@ -69,7 +69,8 @@ class AnchorWeighting(nn.Module):
         and scattered into a tensor of ones; Grad-Libra weighs every anchor and class.
         """
         fg = fg_mask.nonzero(as_tuple=True)
-        gt_area = box_areas(target_bboxes[fg])  # per foreground anchor, as every weight below
+        target_fg, scores_fg = target_bboxes[fg], target_scores[fg]  # per foreground anchor, as every weight below
+        gt_area = box_areas(target_fg)
         factors = {"box": [], "cls": []}
 
         if "plb" in self.config:
@@ -88,7 +89,7 @@ class AnchorWeighting(nn.Module):
             w = torch.where(small, self.feedback.gain.to(gt_area.dtype), 1.0)
             for term in self.config["feedback"]["terms"]:
                 factors[term].append(w)
-            self._observe_feedback(fg, small, counts, gt_bboxes, target_bboxes, target_scores, pred_bboxes)
+            self._observe_feedback(small, counts, gt_bboxes, target_fg, scores_fg, pred_bboxes[fg])
 
         box_fg, cls_fg = (torch.stack(ws).prod(0) if ws else None for ws in (factors["box"], factors["cls"]))
         w_box = None if box_fg is None else scatter_foreground(fg_mask, fg, box_fg)
@@ -97,15 +98,16 @@ class AnchorWeighting(nn.Module):
             g = gradlibra_weights(pred_probs, target_scores, **self.config["gradlibra"])
             w_cls = g if w_cls is None else g * w_cls
             # the weight on each foreground anchor's target class
-            cls_fg = g[fg].gather(-1, target_scores[fg].argmax(-1, keepdim=True)).squeeze(-1) * (
+            cls_fg = g[fg].gather(-1, scores_fg.argmax(-1, keepdim=True)).squeeze(-1) * (
                 1.0 if cls_fg is None else cls_fg)
         self._accumulate_epoch_stats(gt_area, box_fg, cls_fg)
         return w_box, w_cls
 
-    def _observe_feedback(self, fg, small, counts, gt_bboxes, target_bboxes, target_scores, pred_bboxes):
-        """Add this branch's unweighted per-anchor box loss and matched instances to the step sums."""
-        iou = bbox_iou(pred_bboxes[fg], target_bboxes[fg], xywh=False, CIoU=True).squeeze(-1)
-        anchor_loss = (1.0 - iou) * target_scores[fg].sum(-1)
+    def _observe_feedback(self, small, counts, gt_bboxes, target_fg, scores_fg, pred_fg):
+        """Add this branch's unweighted per-anchor box loss and matched instances to the step sums
+        (``*_fg``: the foreground anchors' target boxes, target scores and predicted boxes)."""
+        iou = bbox_iou(pred_fg, target_fg, xywh=False, CIoU=True).squeeze(-1)
+        anchor_loss = (1.0 - iou) * scores_fg.sum(-1)
         matched = counts > 0
         small_gt = matched & (box_areas(gt_bboxes) < self.config["feedback"]["small_area"])
         self.step_sums += torch.stack(
