@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {
     "cpu": dict(losses=["baseline", "feedback", "scb", "plb", "gradlibra"], seeds=[0], epochs=20, imgsz=416, batch=16),
     # 60 epochs: where the stock baseline's validation mAP50-95 has flattened on BCCD from scratch
-    "converged": dict(losses=["baseline", "feedback", "plb:bench/gt_areas.yaml"], seeds=[0, 1, 2], epochs=60,
+    "converged": dict(losses=["baseline", "feedback", "nwd"], seeds=[0, 1, 2], epochs=60,
                       imgsz=416, batch=16),
     "full": dict(losses=["baseline", "feedback", "scb", "plb", "gradlibra", "plb+scb"], seeds=[0, 1, 2], epochs=100,
                  imgsz=416, batch=16),

@@ -92,9 +92,9 @@ def test_the_converged_preset_reuses_the_runs_started_by_name():
     args = compare.parse_args(["--preset", "converged"])
     assert (args.epochs, args.imgsz, args.batch, args.seeds) == (60, 416, 16, [0, 1, 2])
     runs = compare.runs_of(args)
-    assert [label for label, _ in runs] == ["baseline", "feedback", "plb-gt_areas"]
+    assert [label for label, _ in runs] == ["baseline", "feedback", "nwd"]
     assert runs[0][1] == ["--loss", "baseline", "--model", "yolov8n.yaml"]
-    assert runs[2][1][:2] == ["--loss", "plb"] and runs[2][1][-2:] == ["--loss-cfg", str(ROOT / "bench" / "gt_areas.yaml")]
+    assert runs[2][1] == ["--loss", "nwd", "--model", "yolov8n.yaml"]
 
 
 def test_one_invocation_mixes_modes_with_and_without_a_settings_file():
