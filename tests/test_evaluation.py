@@ -17,6 +17,7 @@ from yolo_sizeloss.evaluation import (
     bucket_names,
     coco_metrics,
     evaluate_records,
+    fit_by_size,
     greedy_match,
     letterbox_scales,
     load_detections,
@@ -235,6 +236,9 @@ def test_write_report_and_compare(tmp_path):
     small_row = next(line for line in table.splitlines() if line.startswith("| coco.original.ap_small "))
     assert small_row.split("|")[2:4] == [" 1.0000 ", " 0.0000 (-1.0000) "]
     assert "| recall.small@0.3 | 1.0000 | 0.0000 (-1.0000) |" in table
+    assert "| good, small (0-32 px) | 3 | 1.000 | 100.0 | 0.900 |" in table  # box fit, from detections.json
+    assert "| worse/metrics.json, small (0-32 px) | 3 | 0.000 | 0.0 | 0.000 |" in table
+    assert "| small (0-32 px) | 3 | 1.000 | 100.0 | 0.900 |" in markdown
 
 
 def test_detections_file_keeps_what_a_paired_comparison_needs(tmp_path):
@@ -253,3 +257,24 @@ def test_detections_file_keeps_what_a_paired_comparison_needs(tmp_path):
     assert second.gt_boxes.shape == (0, 4) and second.pred_boxes.shape == (0, 4) and second.pred_scores.shape == (0,)
     with pytest.raises(FileNotFoundError, match="no detections.json"):
         load_detections(tmp_path / "elsewhere")
+
+
+def test_box_fit_and_confidence_by_size_by_hand():
+    small, medium, large = square(10, 10, 20), square(100, 100, 50), square(300, 200, 150)
+    pred = [
+        square(15, 10, 20),    # small's class, shifted 5 px: IoU 300 / 500 = 0.6
+        square(20, 10, 20),    # small's class, shifted 10 px: IoU 200 / 600 = 1/3, below 0.5: its score does not count
+        small,                 # exact, but another class
+        medium,                # exact
+        square(110, 100, 50),  # medium's class, shifted 10 px: IoU 2000 / 3000 = 2/3
+    ]
+    scene = [
+        record([small, medium, large], [2, 0, 1], pred, [2, 2, 0, 0, 0], [0.4, 0.8, 0.9, 0.7, 0.95]),
+        record([square(200, 200, 40)], [0]),  # a medium object nothing found
+    ]
+    fit = fit_by_size(scene, unit_scales(scene), (0.0, 16.0, 32.0, 96.0, math.inf))
+    assert fit["0-16"] == {"total": 0, "iou": None, "tight": None, "score": None}
+    assert fit["16-32"] == {"total": 1, "iou": pytest.approx(0.6), "tight": 0.0, "score": pytest.approx(0.4)}
+    assert fit["32-96"] == {"total": 2, "iou": pytest.approx(0.5), "tight": 0.5, "score": pytest.approx(0.475)}
+    assert fit["96-inf"] == {"total": 1, "iou": 0.0, "tight": 0.0, "score": 0.0}
+    assert fit["all"] == {"total": 4, "iou": pytest.approx(1.6 / 4), "tight": 0.25, "score": pytest.approx(1.35 / 4)}

@@ -149,6 +149,6 @@ def test_compare_report_adds_paired_intervals_when_reports_have_detections(bccd_
     assert row.endswith("] * |") and "| -0." in row
     assert "Paired" not in compare_report(folders, bootstrap=0)
     (tmp_path / "worse" / "detections.json").unlink()
-    assert f"no detections.json (written by val since the paired comparison exists) in {folders[1]}" in " ".join(
+    assert f"no detections.json (written by val since they exist) in {folders[1]}" in " ".join(
         compare_report(folders).split()
     )

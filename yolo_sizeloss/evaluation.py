@@ -11,6 +11,9 @@ Size buckets are given as side lengths (``0, 32, 96, inf`` = COCO small/medium/l
 thresholds are the squares. COCO AP/AR come from faster-coco-eval; the recall-by-size protocol
 (Shuang et al., scale-balanced loss) is implemented here on top of greedy per-class matching.
 
+``fit_by_size`` splits what AP mixes: how well the boxes fit each ground truth and how confident the
+detector is where it found one.
+
 Entry points: ``evaluate_records`` (the metrics dict), ``write_report`` (metrics.json, metrics.md,
 size_metrics.png, detections.json), ``format_report`` (the readable tables), ``load_detections`` (a
 report's per-image detections back as records). Comparing runs is ``yolo_sizeloss.paired``.
@@ -38,6 +41,8 @@ RECALL_THRESHOLDS = (0.01, 0.1, 0.3)
 RECALL_NMS_IOU = 0.45
 RECALL_MAX_DET = 200
 RECALL_MATCH_IOU = 0.5
+FIT_TIGHT_IOU = 0.75  # half of AP50-95's IoU thresholds (0.75-0.95) need a box this tight
+FIT_FOUND_IOU = 0.5  # a detection at this IoU finds its object (AP50, recall by size)
 COCO_MAX_DET = 100  # COCO's maxDets for AP and AR
 DETECTIONS_FILE = "detections.json"
 
@@ -315,6 +320,51 @@ def _recall(found: np.ndarray) -> dict:
     return {"recall": round(hits / total, 6) if total else None, "hits": hits, "total": total}
 
 
+# ------------------------------------------------------------------------ box fit and confidence
+def fit_and_confidence(record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
+    """Per ground truth of one image: the highest IoU of any detection of its class (0 without one),
+    and the highest score among detections of its class at IoU >= ``FIT_FOUND_IOU`` (0 without one).
+    Every detection val kept counts, whatever its score and whether it also covers another object."""
+    best_iou = np.zeros(len(record.gt_boxes))
+    best_score = np.zeros(len(record.gt_boxes))
+    if len(record.gt_boxes) == 0 or len(record.pred_boxes) == 0:
+        return best_iou, best_score
+    iou = box_iou(torch.as_tensor(record.gt_boxes, dtype=torch.float64),
+                  torch.as_tensor(record.pred_boxes, dtype=torch.float64)).numpy()
+    iou = np.where(record.gt_classes[:, None] == record.pred_classes[None, :], iou, 0.0)
+    best_iou = iou.max(1)
+    best_score = np.where(iou >= FIT_FOUND_IOU, record.pred_scores[None, :].astype(np.float64), 0.0).max(1)
+    return best_iou, best_score
+
+
+def fit_by_size(records: list[ImageRecord], scales: np.ndarray, edges: tuple[float, ...]) -> dict:
+    """Per size bucket (GT area times scale**2) and overall: ``total`` ground truths, ``iou`` the mean
+    of their best IoU, ``tight`` the share whose best IoU is >= ``FIT_TIGHT_IOU`` and ``score`` the mean
+    of their best score at IoU >= ``FIT_FOUND_IOU``; None for an empty bucket.
+
+    AP rises when boxes fit tighter (the IoU thresholds above 0.5) or when the found objects score
+    above the false positives (the ranking); a size-aware loss may buy either, and these tell which.
+    """
+    gt_buckets = np.concatenate(
+        [bucket_index(box_areas(r.gt_boxes) * s**2, edges) for r, s in zip(records, scales)] + [np.zeros(0, np.int64)]
+    )
+    per_gt = [fit_and_confidence(r) for r in records]
+    best_iou = np.concatenate([i for i, _ in per_gt] + [np.zeros(0)])
+    best_score = np.concatenate([c for _, c in per_gt] + [np.zeros(0)])
+
+    def summary(mask: np.ndarray) -> dict:
+        total = int(mask.sum())
+        if total == 0:
+            return {"total": 0, "iou": None, "tight": None, "score": None}
+        return {"total": total, "iou": round(float(best_iou[mask].mean()), 6),
+                "tight": round(float((best_iou[mask] >= FIT_TIGHT_IOU).mean()), 6),
+                "score": round(float(best_score[mask].mean()), 6)}
+
+    result = {name: summary(gt_buckets == b) for b, name in enumerate(bucket_names(edges))}
+    result["all"] = summary(np.ones(len(gt_buckets), dtype=bool))
+    return result
+
+
 # ---------------------------------------------------------------------------------------- report
 def evaluate_records(
     records: list[ImageRecord],
@@ -325,7 +375,8 @@ def evaluate_records(
     max_det: int = COCO_MAX_DET,
 ) -> dict:
     """The whole report for detections in original pixels: ``coco`` (per frame), ``per_class``,
-    ``recall_by_size`` (buckets in ``recall_frame``) and ``meta`` describing buckets and protocol.
+    ``recall_by_size`` and ``fit_by_size`` (buckets in ``recall_frame``) and ``meta`` describing buckets
+    and protocol.
 
     ``input_scales[i]`` maps image i from original to network-input pixels (``letterbox_scales``);
     ``max_det`` is COCO's maxDets for AP and AR.
@@ -337,6 +388,7 @@ def evaluate_records(
         "coco": {frame: coco_metrics(records, len(names), scales[frame], edges, max_det) for frame in FRAMES},
         "per_class": per_class_ap(records, names, max_det),
         "recall_by_size": recall_by_size(records, scales[recall_frame], edges),
+        "fit_by_size": fit_by_size(records, scales[recall_frame], edges),
         "meta": {
             "images": len(records),
             "size_buckets": [format_edge(e) for e in edges],
@@ -408,6 +460,12 @@ def format_report(metrics: dict) -> str:
             ],
         ),
     ]
+    if "fit_by_size" in metrics:  # reports written before it existed lack it
+        sections += [
+            f"## Box fit and confidence by size, buckets in the {frame_label[meta['recall_frame']]} frame",
+            FIT_PROTOCOL,
+            markdown_table(["bucket"] + FIT_COLUMNS, fit_rows(metrics["fit_by_size"], bucket_labels(meta) + ["all"])),
+        ]
     if metrics.get("ultralytics"):
         ultra = metrics["ultralytics"]
         sections += [
@@ -415,6 +473,23 @@ def format_report(metrics: dict) -> str:
             markdown_table(list(ultra), [[format_value(v, 4) for v in ultra.values()]]),
         ]
     return "\n\n".join(sections) + "\n"
+
+
+FIT_PROTOCOL = (
+    f"Per ground truth: its best IoU with any detection of its class (0 without one), and the best score "
+    f"among those at IoU >= {FIT_FOUND_IOU} (0 without one); every detection val kept counts. Means over the "
+    f"bucket's ground truths; 'IoU >= {FIT_TIGHT_IOU}' is the share of them with a box that tight."
+)
+
+
+FIT_COLUMNS = ["GT", "mean best IoU", f"IoU >= {FIT_TIGHT_IOU} %", f"mean score at IoU >= {FIT_FOUND_IOU}"]
+
+
+def fit_rows(fit: dict, row_labels: list[str]) -> list[list[str]]:
+    """``fit_by_size``'s buckets (and ``all``) as table rows under ``FIT_COLUMNS``, labelled in order."""
+    return [[label, str(v["total"]), format_value(v["iou"]),
+             "n/a" if v["tight"] is None else f"{100 * v['tight']:.1f}", format_value(v["score"])]
+            for label, v in zip(row_labels, fit.values(), strict=True)]
 
 
 def _recall_cell(entry: dict) -> str:

@@ -36,13 +36,18 @@ from yolo_sizeloss.evaluation import (
     COCO_EDGES,
     COCO_MAX_DET,
     COCO_NAMES,
+    FIT_COLUMNS,
+    FIT_PROTOCOL,
     FRAMES,
     RECALL_THRESHOLDS,
     RunDetections,
     box_areas,
     bucket_index,
+    bucket_labels,
     bucket_names,
     coco_area_ranges,
+    fit_by_size,
+    fit_rows,
     format_value,
     found_ground_truth,
     load_coco,
@@ -297,20 +302,35 @@ def compare_report(paths: list[str | Path], bootstrap: int = 1000, seed: int = 0
             cells.append(format_value(value, 4) + delta)
         rows.append([key] + cells)
     text = markdown_table(["metric"] + labels, rows) + "\n"
-    if len(paths) < 2 or bootstrap <= 0:
-        return text
     missing = [str(p) for p in paths if not (report_folder(p) / "detections.json").is_file()]
     if missing:
-        return text + (f"\nNo paired bootstrap: no detections.json (written by val since the paired comparison "
-                       f"exists) in {', '.join(missing)}; evaluate those runs again to get it.\n")
+        return text + (f"\nNo box fit table and no paired bootstrap: no detections.json (written by val since "
+                       f"they exist) in {', '.join(missing)}; evaluate those runs again to get it.\n")
     meta = reports[0]["meta"]
     edges = tuple(float(e) for e in meta["size_buckets"])
+    runs_detections = [load_detections(report_folder(p)) for p in paths]
+    text += "\n" + format_fit(runs_detections, labels, meta)
+    if len(paths) < 2 or bootstrap <= 0:
+        return text
     thresholds = tuple(float(t) for t in reports[0]["recall_by_size"])
     differences = paired_bootstrap(  # reports written before val took --max-det were evaluated at COCO's 100
-        [load_detections(report_folder(p)) for p in paths], edges, bootstrap, seed, meta["recall_frame"], thresholds,
-        meta.get("max_det", COCO_MAX_DET),
+        runs_detections, edges, bootstrap, seed, meta["recall_frame"], thresholds, meta.get("max_det", COCO_MAX_DET),
     )
     return text + "\n" + format_differences(differences, labels[1:], labels[0], bootstrap, seed)
+
+
+def format_fit(runs: list[RunDetections], labels: list[str], meta: dict) -> str:
+    """``fit_by_size`` of each run, computed from its detections in the buckets and frame of the first
+    report, as one Markdown table with a row per run and bucket."""
+    edges = tuple(float(e) for e in meta["size_buckets"])
+    buckets = bucket_labels(meta) + ["all"]
+    frame = meta["recall_frame"]
+    rows = []
+    for run, label in zip(runs, labels):
+        scales = run.input_scales if frame == "input" else np.ones(len(run.records))
+        rows += fit_rows(fit_by_size(run.records, scales, edges), [f"{label}, {bucket}" for bucket in buckets])
+    table = markdown_table(["run, bucket"] + FIT_COLUMNS, rows)
+    return f"Box fit and confidence by size ({frame} frame)\n\n{table}\n\n{FIT_PROTOCOL}\n"
 
 
 def format_differences(differences: list[dict[str, dict]], labels: list[str], base: str, resamples: int, seed: int) -> str:
