@@ -288,7 +288,9 @@ def markdown(summary: dict, differences: dict, bootstrap: dict, cols: list[tuple
     seeds = ", ".join(map(str, args.seeds))
     lines.append(f"\nAP and recall in percent on the test split; mean ± sample std over seeds {seeds}; "
                  f"{args.epochs} epochs, imgsz {args.imgsz}, batch {args.batch}. 'input' = areas in network-input pixels; "
-                 "mAP50-95 is Ultralytics' validator's (YOLO only), 'AP' the COCO AP (faster-coco-eval) of either family.")
+                 "mAP50-95 is Ultralytics' validator's (YOLO only), 'AP' the COCO AP (faster-coco-eval) of either family. "
+                 "s/epoch is each training's wall time as it ran, with whatever else shared the machine: "
+                 "bench/overhead.py measures what a loss costs.")
     reference = next(iter(summary))
     if differences:
         lines += [f"\n### Difference to {reference}, paired by seed (percentage points)\n"]
