@@ -42,7 +42,7 @@ RECALL_NMS_IOU = 0.45
 RECALL_MAX_DET = 200
 RECALL_MATCH_IOU = 0.5
 FIT_TIGHT_IOU = 0.75  # half of AP50-95's IoU thresholds (0.75-0.95) need a box this tight
-FIT_FOUND_IOU = 0.5  # a detection at this IoU finds its object (AP50, recall by size)
+FIT_FOUND_IOU = RECALL_MATCH_IOU  # a detection at this IoU finds its object, as recall by size counts it
 COCO_MAX_DET = 100  # COCO's maxDets for AP and AR
 DETECTIONS_FILE = "detections.json"
 
@@ -290,6 +290,14 @@ def found_ground_truth(
     )
 
 
+def gt_size_buckets(records: list[ImageRecord], scales: np.ndarray, edges: tuple[float, ...]) -> np.ndarray:
+    """The size bucket of every ground truth of ``records`` in order (its area times its image's
+    scale**2), as one int array."""
+    return np.concatenate(
+        [bucket_index(box_areas(r.gt_boxes) * s**2, edges) for r, s in zip(records, scales)] + [np.zeros(0, np.int64)]
+    )
+
+
 def recall_by_size(
     records: list[ImageRecord],
     scales: np.ndarray,
@@ -301,9 +309,7 @@ def recall_by_size(
     Returns ``{"0.1": {bucket: {"recall", "hits", "total"}, ..., "all": {...}}, ...}``; recall is
     None for an empty bucket.
     """
-    gt_buckets = np.concatenate(
-        [bucket_index(box_areas(r.gt_boxes) * s**2, edges) for r, s in zip(records, scales)] + [np.zeros(0, np.int64)]
-    )
+    gt_buckets = gt_size_buckets(records, scales, edges)
     names = bucket_names(edges)
     result = {}
     for threshold in thresholds:
@@ -345,9 +351,7 @@ def fit_by_size(records: list[ImageRecord], scales: np.ndarray, edges: tuple[flo
     AP rises when boxes fit tighter (the IoU thresholds above 0.5) or when the found objects score
     above the false positives (the ranking); a size-aware loss may buy either, and these tell which.
     """
-    gt_buckets = np.concatenate(
-        [bucket_index(box_areas(r.gt_boxes) * s**2, edges) for r, s in zip(records, scales)] + [np.zeros(0, np.int64)]
-    )
+    gt_buckets = gt_size_buckets(records, scales, edges)
     per_gt = [fit_and_confidence(r) for r in records]
     best_iou = np.concatenate([i for i, _ in per_gt] + [np.zeros(0)])
     best_score = np.concatenate([c for _, c in per_gt] + [np.zeros(0)])
