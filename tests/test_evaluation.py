@@ -11,6 +11,7 @@ import pytest
 from yolo_sizeloss.detections import ImageRecord
 from yolo_sizeloss.evaluation import (
     COCO_EDGES,
+    COCO_MAX_DET,
     RunDetections,
     attach_coco_predictions,
     bucket_index,
@@ -18,6 +19,7 @@ from yolo_sizeloss.evaluation import (
     coco_metrics,
     evaluate_records,
     fit_by_size,
+    format_report,
     greedy_match,
     letterbox_scales,
     load_detections,
@@ -239,6 +241,14 @@ def test_write_report_and_compare(tmp_path):
     assert "| good, small (0-32 px) | 3 | 1.000 | 100.0 | 0.900 |" in table  # box fit, from detections.json
     assert "| worse/metrics.json, small (0-32 px) | 3 | 0.000 | 0.0 | 0.000 |" in table
     assert "| small (0-32 px) | 3 | 1.000 | 100.0 | 0.900 |" in markdown
+
+
+def test_report_labels_recall_with_the_max_det_it_was_evaluated_at():
+    records = sized_scene(True)
+    for max_det, label in ((COCO_MAX_DET, "AR100"), (12, "AR12")):
+        markdown = format_report(evaluate_records(records, NAMES, unit_scales(records), max_det=max_det))
+        assert f"| frame | AP | AP50 | AP75 | APs | APm | APl | {label} | ARs |" in markdown
+        assert f"## AP50-95 / {label} by size bucket" in markdown
 
 
 def test_detections_file_keeps_what_a_paired_comparison_needs(tmp_path):

@@ -38,7 +38,8 @@ def test_val_writes_the_report_and_matches_stock_yolo_val(checkpoint, bccd_subse
     out = tmp_path / "report"
     assert {"metrics.json", "metrics.md", "size_metrics.png"} <= {p.name for p in out.iterdir()}
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"coco", "per_class", "recall_by_size", "ultralytics", "meta"} <= set(metrics)
+    assert list(metrics) == ["coco", "per_class", "recall_by_size", "fit_by_size", "ultralytics", "meta"]
+    assert set(metrics["fit_by_size"]) == {"small", "medium", "large", "all"}
     for frame in ("original", "input"):
         assert {"ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar100", "ar_small", "ar_medium",
                 "ar_large"} <= set(metrics["coco"][frame])
@@ -46,6 +47,7 @@ def test_val_writes_the_report_and_matches_stock_yolo_val(checkpoint, bccd_subse
     assert set(metrics["recall_by_size"]) == {"0.01", "0.1", "0.3"}
     assert metrics["meta"]["split"] == "test" and metrics["meta"]["imgsz"] == IMGSZ
     assert "Platelets" in (out / "metrics.md").read_text() and "Platelets" in run.stdout
+    assert "## Box fit and confidence by size" in (out / "metrics.md").read_text()
 
     stock = subprocess.run([sys.executable, "-c", STOCK_VAL, str(checkpoint), str(bccd_subset), str(tmp_path)],
                            capture_output=True, text=True, cwd=tmp_path)

@@ -290,6 +290,13 @@ def found_ground_truth(
     )
 
 
+def frame_scales(input_scales: np.ndarray) -> dict[str, np.ndarray]:
+    """Each frame's per-image scale from original pixels: 1 in ``original``, ``input_scales``
+    (``letterbox_scales``) in ``input``."""
+    scales = np.asarray(input_scales, dtype=np.float64)
+    return {"original": np.ones(len(scales)), "input": scales}
+
+
 def gt_size_buckets(records: list[ImageRecord], scales: np.ndarray, edges: tuple[float, ...]) -> np.ndarray:
     """The size bucket of every ground truth of ``records`` in order (its area times its image's
     scale**2), as one int array."""
@@ -387,7 +394,7 @@ def evaluate_records(
     """
     if recall_frame not in FRAMES:
         raise ValueError(f"recall_frame must be one of {FRAMES}, got {recall_frame!r}")
-    scales = {"original": np.ones(len(records)), "input": np.asarray(input_scales, dtype=np.float64)}
+    scales = frame_scales(input_scales)
     return {
         "coco": {frame: coco_metrics(records, len(names), scales[frame], edges, max_det) for frame in FRAMES},
         "per_class": per_class_ap(records, names, max_det),
@@ -398,6 +405,7 @@ def evaluate_records(
             "size_buckets": [format_edge(e) for e in edges],
             "bucket_names": bucket_names(edges),
             "recall_frame": recall_frame,
+            "max_det": max_det,
             "recall_protocol": (
                 f"score >= threshold, per-class NMS IoU {RECALL_NMS_IOU}, top {RECALL_MAX_DET} per image, "
                 f"greedy match by descending score at IoU >= {RECALL_MATCH_IOU} to an unmatched GT of the same class; "
@@ -433,13 +441,14 @@ def format_report(metrics: dict) -> str:
     meta = metrics["meta"]
     frame_label = {"original": "original", "input": f"input ({meta.get('imgsz', '?')} px)"}
     keys = ["ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar100", "ar_small", "ar_medium", "ar_large"]
-    header = ["frame", "AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "ARs", "ARm", "ARl"]
+    ar = f"AR{meta.get('max_det', COCO_MAX_DET)}"  # the key stays 'ar100'; the value is AR at val's --max-det
+    header = ["frame", "AP", "AP50", "AP75", "APs", "APm", "APl", ar, "ARs", "ARm", "ARl"]
     sections = [
         f"# Small-object report: {meta.get('model', '?')} on {meta.get('data', '?')} [{meta.get('split', '?')}], "
         f"imgsz {meta.get('imgsz', '?')}, {meta['images']} images",
         "## COCO box metrics (faster-coco-eval, COCO small/medium/large = side < 32 / 32-96 / > 96 px)",
         markdown_table(header, [[frame_label[f]] + [format_value(metrics["coco"][f][k]) for k in keys] for f in FRAMES]),
-        "## AP50-95 / AR100 by size bucket (side length in px of the frame; area = side^2)",
+        f"## AP50-95 / {ar} by size bucket (side length in px of the frame; area = side^2)",
         markdown_table(
             ["bucket"] + [f"AP {frame_label[f]}" for f in FRAMES] + [f"AR {frame_label[f]}" for f in FRAMES],
             [
@@ -464,12 +473,11 @@ def format_report(metrics: dict) -> str:
             ],
         ),
     ]
-    if "fit_by_size" in metrics:  # reports written before it existed lack it
-        sections += [
-            f"## Box fit and confidence by size, buckets in the {frame_label[meta['recall_frame']]} frame",
-            FIT_PROTOCOL,
-            markdown_table(["bucket"] + FIT_COLUMNS, fit_rows(metrics["fit_by_size"], bucket_labels(meta) + ["all"])),
-        ]
+    sections += [
+        f"## Box fit and confidence by size, buckets in the {frame_label[meta['recall_frame']]} frame",
+        FIT_PROTOCOL,
+        markdown_table(["bucket"] + FIT_COLUMNS, fit_rows(metrics["fit_by_size"], bucket_labels(meta) + ["all"])),
+    ]
     if metrics.get("ultralytics"):
         ultra = metrics["ultralytics"]
         sections += [
@@ -482,11 +490,11 @@ def format_report(metrics: dict) -> str:
 FIT_PROTOCOL = (
     f"Per ground truth: its best IoU with any detection of its class (0 without one), and the best score "
     f"among those at IoU >= {FIT_FOUND_IOU} (0 without one); every detection val kept counts. Means over the "
-    f"bucket's ground truths; 'IoU >= {FIT_TIGHT_IOU}' is the share of them with a box that tight."
+    f"bucket's ground truths; '% with IoU >= {FIT_TIGHT_IOU}' is the share of them with a box that tight."
 )
 
 
-FIT_COLUMNS = ["GT", "mean best IoU", f"IoU >= {FIT_TIGHT_IOU} %", f"mean score at IoU >= {FIT_FOUND_IOU}"]
+FIT_COLUMNS = ["GT", "mean best IoU", f"% with IoU >= {FIT_TIGHT_IOU}", f"mean score at IoU >= {FIT_FOUND_IOU}"]
 
 
 def fit_rows(fit: dict, row_labels: list[str]) -> list[list[str]]:
@@ -600,7 +608,7 @@ def write_detections(path: Path, run: RunDetections) -> Path:
 
 def load_detections(path: str | Path) -> RunDetections:
     """Read a ``detections.json`` written by ``write_detections``; ``path`` is the file or the report
-    folder holding it. FileNotFoundError when there is none (reports written before it existed)."""
+    folder holding it. FileNotFoundError when there is none."""
     file = report_file(path, DETECTIONS_FILE)
     if not file.is_file():
         raise FileNotFoundError(f"no {DETECTIONS_FILE} at {path}")

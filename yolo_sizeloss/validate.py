@@ -233,20 +233,19 @@ def run_report(args: argparse.Namespace) -> Path:
     records, meta = predict_records(args, records, save_dir)
     scales = letterbox_scales(records, meta["imgsz"])
     metrics = evaluate_records(records, args.names, scales, edges, args.recall_frame, args.max_det)
-    metrics["ultralytics"] = meta.pop("ultralytics", None)
     summary = skipped_summary(skipped, len(records) + sum(s.whole_image for s in skipped)) if skipped else ""
+    evaluated = metrics.pop("meta")
+    metrics["ultralytics"] = meta.pop("ultralytics", None)
     metrics["meta"] = {
         "model": str(args.model),
         "data": args.data,
         "split": args.split,
         **meta,
-        **metrics["meta"],
-        "max_det": args.max_det,
+        **evaluated,
         "skipped": skipped_meta(skipped),
         "skipped_summary": summary,
         "versions": versions(),
     }
-    metrics = {key: metrics[key] for key in ("coco", "per_class", "recall_by_size", "ultralytics", "meta")}
     write_report(metrics, save_dir, RunDetections(records, scales, args.names))
     print("\n" + format_report(metrics))
     if summary:
