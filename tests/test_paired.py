@@ -148,7 +148,10 @@ def test_compare_report_adds_paired_intervals_when_reports_have_detections(bccd_
     row = next(line for line in text.split("Paired")[1].splitlines() if line.startswith("| coco.input.ap_small |"))
     assert row.endswith("] * |") and "| -0." in row
     assert "Paired" not in compare_report(folders, bootstrap=0)
+    assert "evaluated with different" not in text
+    metrics["meta"].update(imgsz=640, max_det=300)  # the 'worse' report, as if evaluated with other settings
+    write_report(metrics, tmp_path / "worse", without_small_predictions(bccd_test))
+    note = " ".join(compare_report(folders, bootstrap=0).split())
+    assert "evaluated with different imgsz (stock: 416, worse: 640); max_det (stock: 100, worse: 300):" in note
     (tmp_path / "worse" / "detections.json").unlink()
-    assert f"no detections.json (written by val since they exist) in {folders[1]}" in " ".join(
-        compare_report(folders).split()
-    )
+    assert f"no detections.json in {folders[1]}" in " ".join(compare_report(folders).split())

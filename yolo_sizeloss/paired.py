@@ -41,8 +41,6 @@ from yolo_sizeloss.evaluation import (
     FRAMES,
     RECALL_THRESHOLDS,
     RunDetections,
-    box_areas,
-    bucket_index,
     bucket_labels,
     bucket_names,
     coco_area_ranges,
@@ -50,6 +48,8 @@ from yolo_sizeloss.evaluation import (
     fit_rows,
     format_value,
     found_ground_truth,
+    frame_scales,
+    gt_size_buckets,
     load_coco,
     load_detections,
     markdown_table,
@@ -111,7 +111,7 @@ class RunEvaluation:
         self.names = list(run.names)
         self.max_det = max_det  # COCO's maxDets for AP, as the report was evaluated (val --max-det)
         self.images = len(run.records)
-        scales = {"original": np.ones(self.images), "input": np.asarray(run.input_scales, dtype=np.float64)}
+        scales = frame_scales(run.input_scales)
         # 'all' and COCO's small/medium/large whatever the report's own buckets; 'all' is the same in
         # both frames (scaling moves objects between sizes only), so the input frame skips it
         ranges, labels = coco_area_ranges(COCO_EDGES)
@@ -121,7 +121,8 @@ class RunEvaluation:
         }
         self.recall_bucket = bucket_names(edges)[0]
         self.thresholds = thresholds
-        small = [bucket_index(box_areas(r.gt_boxes) * s**2, edges) == 0 for r, s in zip(run.records, scales[recall_frame])]
+        counts = [len(r.gt_classes) for r in run.records]
+        small = np.split(gt_size_buckets(run.records, scales[recall_frame], edges) == 0, np.cumsum(counts)[:-1])
         self.small_total = np.array([m.sum() for m in small], dtype=np.int64)
         self.small_hits = np.array(
             [[(found_ground_truth(r, t) & m).sum() for r, m in zip(run.records, small)] for t in thresholds],
@@ -301,11 +302,11 @@ def compare_report(paths: list[str | Path], bootstrap: int = 1000, seed: int = 0
             delta = "" if value is None or base is None else f" ({value - base:+.4f})"
             cells.append(format_value(value, 4) + delta)
         rows.append([key] + cells)
-    text = markdown_table(["metric"] + labels, rows) + "\n"
+    text = markdown_table(["metric"] + labels, rows) + "\n" + settings_note(reports, labels)
     missing = [str(p) for p in paths if not (report_folder(p) / "detections.json").is_file()]
     if missing:
-        return text + (f"\nNo box fit table and no paired bootstrap: no detections.json (written by val since "
-                       f"they exist) in {', '.join(missing)}; evaluate those runs again to get it.\n")
+        return text + (f"\nNo box fit table and no paired bootstrap: no detections.json in {', '.join(missing)}; "
+                       f"evaluate those runs again with val to write it.\n")
     meta = reports[0]["meta"]
     edges = tuple(float(e) for e in meta["size_buckets"])
     runs_detections = [load_detections(report_folder(p)) for p in paths]
@@ -319,6 +320,24 @@ def compare_report(paths: list[str | Path], bootstrap: int = 1000, seed: int = 0
     return text + "\n" + format_differences(differences, labels[1:], labels[0], bootstrap, seed)
 
 
+COMPARED_SETTINGS = ("split", "imgsz", "size_buckets", "recall_frame", "max_det")
+
+
+def settings_note(reports: list[dict], labels: list[str]) -> str:
+    """A note naming the evaluation settings in which the reports differ (empty when none): the
+    table above holds each report's own values, the tables below recompute every run in the first
+    report's buckets, frame and maxDets."""
+    differ = []
+    for key in COMPARED_SETTINGS:
+        values = [report["meta"].get(key) for report in reports]
+        if len({json.dumps(v) for v in values}) > 1:
+            differ.append(f"{key} ({', '.join(f'{label}: {v}' for label, v in zip(labels, values))})")
+    if not differ:
+        return ""
+    return (f"\nThe reports were evaluated with different {'; '.join(differ)}: each report's own values above; "
+            f"the tables below take the first report's buckets, frame and maxDets for every run.\n")
+
+
 def format_fit(runs: list[RunDetections], labels: list[str], meta: dict) -> str:
     """``fit_by_size`` of each run, computed from its detections in the buckets and frame of the first
     report, as one Markdown table with a row per run and bucket."""
@@ -327,8 +346,7 @@ def format_fit(runs: list[RunDetections], labels: list[str], meta: dict) -> str:
     frame = meta["recall_frame"]
     rows = []
     for run, label in zip(runs, labels):
-        scales = run.input_scales if frame == "input" else np.ones(len(run.records))
-        rows += fit_rows(fit_by_size(run.records, scales, edges), [f"{label}, {bucket}" for bucket in buckets])
+        rows += fit_rows(fit_by_size(run.records, frame_scales(run.input_scales)[frame], edges), [f"{label}, {bucket}" for bucket in buckets])
     table = markdown_table(["run, bucket"] + FIT_COLUMNS, rows)
     return f"Box fit and confidence by size ({frame} frame)\n\n{table}\n\n{FIT_PROTOCOL}\n"
 
