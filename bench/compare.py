@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from yolo_sizeloss.checkpoints import load_checkpoint
 from yolo_sizeloss.config import LossConfigError, check_arch_supports, load_loss_config
 from yolo_sizeloss.detections import load_split
 from yolo_sizeloss.evaluation import DETECTIONS_FILE, load_detections, markdown_table
@@ -43,7 +44,8 @@ from yolo_sizeloss.paired import difference_cell, key_metrics, paired_bootstrap,
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {
     "cpu": dict(losses=["baseline", "feedback", "scb", "plb", "gradlibra"], seeds=[0], epochs=20, imgsz=416, batch=16),
-    # 60 epochs: where the stock baseline's validation mAP50-95 has flattened on BCCD from scratch
+    # 60 epochs on BCCD from scratch: past the stock baseline's steep rise (epoch ~40), a schedule
+    # two cores train in about an hour (README, converged schedule)
     "converged": dict(losses=["baseline", "feedback", "nwd"], seeds=[0, 1, 2], epochs=60,
                       imgsz=416, batch=16),
     "full": dict(losses=["baseline", "feedback", "scb", "plb", "gradlibra", "plb+scb"], seeds=[0, 1, 2], epochs=100,
@@ -96,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    # train.py and val.py run in the repository root: a file given relative to this folder goes to them
+    # as an absolute path; a name (bccd.yaml, yolov8n.yaml) stays a name for them to look up
+    args.data, args.model = (str(Path(v).resolve()) if Path(v).is_file() else v for v in (args.data, args.model))
     try:  # a typo in a name or a settings file fails now, not after hours of earlier runs
         args.modes = [loss_mode(spec, args.loss_cfg, args.arch) for spec in args.losses]
     except (LossConfigError, FileNotFoundError) as e:
@@ -153,9 +158,9 @@ def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path)
         return run_report(val_dir, run_dir)
     best, last = run_dir / "weights" / "best.pt", run_dir / "weights" / "last.pt"
     device = ["--device", args.device] if args.device is not None else []
-    unfinished = len(_results(run_dir)) < args.epochs  # also when results.csv is missing
-    if unfinished or not best.is_file():
-        if last.is_file() and unfinished:
+    finished = training_finished(run_dir, args.epochs)
+    if not (finished and best.is_file()):
+        if last.is_file() and not finished:
             # the run's own loss.yaml and args rule a resume: a loss flag without its settings file would differ
             arch = ["--arch", "faster_rcnn"] if args.arch == "faster_rcnn" else []
             run([sys.executable, "train.py", *arch, "--resume", str(last)])
@@ -166,6 +171,15 @@ def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path)
     run([sys.executable, "val.py", "--model", str(best), "--data", args.data, "--split", "test",
          "--imgsz", str(args.imgsz), "--project", str(out / "val"), "--name", name, "--exist-ok", *device])
     return run_report(val_dir, run_dir)
+
+
+def training_finished(run_dir: Path, epochs: int) -> bool:
+    """Every epoch is in results.csv, or the training ended early: a stop by Ultralytics' patience
+    leaves fewer rows and, as every finished YOLO run, a last.pt stripped of its optimizer."""
+    if len(_results(run_dir)) >= epochs:  # also False when results.csv is missing
+        return True
+    best, last = run_dir / "weights" / "best.pt", run_dir / "weights" / "last.pt"
+    return best.is_file() and last.is_file() and load_checkpoint(last).get("optimizer") is None
 
 
 def report_is_current(val_dir: Path, bootstrap: int) -> bool:
@@ -218,8 +232,8 @@ def status_lines(args, out: Path) -> list[str]:
             done = len(_results(run_dir))
             if (val_dir / "metrics.json").is_file():
                 state = "evaluated" + ("" if (val_dir / DETECTIONS_FILE).is_file() else ", no detections.json")
-            elif done >= args.epochs:
-                state = "trained, not evaluated"
+            elif training_finished(run_dir, args.epochs):
+                state = "trained, not evaluated" + ("" if done >= args.epochs else ", stopped early")
             elif (run_dir / "weights" / "last.pt").is_file():
                 state = "unfinished (training now, or resumes from last.pt)"
             else:

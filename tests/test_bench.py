@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from yolo_sizeloss.detections import load_split
 from yolo_sizeloss.evaluation import RunDetections, evaluate_records, letterbox_scales, write_report
@@ -105,8 +106,34 @@ def test_one_invocation_mixes_modes_with_and_without_a_settings_file():
             compare.parse_args(["--losses", "baseline", bad])
 
 
+def test_files_named_from_another_folder_reach_train_py_in_the_repository_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cells.yaml").write_text("path: .\n")
+    (tmp_path / "my.pt").write_bytes(b"")
+    args = compare.parse_args(["--data", "cells.yaml", "--model", "my.pt"])
+    assert (args.data, args.model) == (str(tmp_path / "cells.yaml"), str(tmp_path / "my.pt"))
+    assert (compare.parse_args([]).data, compare.parse_args([]).model) == ("bccd.yaml", "yolov8n.yaml")  # names
+
+
+def test_a_run_stopped_early_by_patience_counts_as_finished(tmp_path):
+    """Ultralytics ends every run, also one stopped by patience before --epochs, by stripping the
+    optimizer from last.pt; resuming such a run fails, so the benchmark evaluates it instead."""
+    run_dir = tmp_path / "runs" / "baseline-s0"
+    (run_dir / "weights").mkdir(parents=True)
+    (run_dir / "results.csv").write_text("epoch,time\n1,10\n2,20\n")
+    finished = ROOT / "tests" / "assets" / "yolov8n_bccd_baseline.pt"  # a stock run's stripped checkpoint
+    (run_dir / "weights" / "best.pt").write_bytes(finished.read_bytes())
+    assert not compare.training_finished(run_dir, 5)  # no last.pt yet
+    (run_dir / "weights" / "last.pt").write_bytes(finished.read_bytes())
+    assert compare.training_finished(run_dir, 5)
+    status = compare.status_lines(compare.parse_args(["--losses", "baseline", "--seeds", "0", "--epochs", "5"]), tmp_path)
+    assert " ".join(status[1].split()) == "baseline-s0 2/5 epochs trained, not evaluated, stopped early"
+    torch.save({"epoch": 1, "optimizer": {"state": {}, "param_groups": []}}, run_dir / "weights" / "last.pt")
+    assert not compare.training_finished(run_dir, 5)  # interrupted mid-run: it resumes
+    assert compare.training_finished(run_dir, 2)
+
+
 def test_status_says_where_each_run_stands(tmp_path, capsys):
-    args = compare.parse_args(["--losses", "baseline", "feedback", "--seeds", "0", "1", "--epochs", "3"])
     runs, val = tmp_path / "runs", tmp_path / "val"
     (runs / "baseline-s0" / "weights").mkdir(parents=True)
     (runs / "baseline-s0" / "results.csv").write_text("epoch,time\n1,10\n2,20\n")
@@ -120,7 +147,6 @@ def test_status_says_where_each_run_stands(tmp_path, capsys):
     assert compare.main(["--losses", "baseline", "feedback", "--seeds", "0", "1", "--epochs", "3", "--out", str(tmp_path),
                          "--status"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines == compare.status_lines(args, tmp_path)
     assert [" ".join(line.split()) for line in lines[1:]] == [
         "baseline-s0 2/3 epochs unfinished (training now, or resumes from last.pt)",
         "baseline-s1 3/3 epochs trained, not evaluated",
