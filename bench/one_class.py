@@ -36,12 +36,19 @@ def one_class_dataset(data_yaml: str, keep: str, out: Path) -> dict[str, int]:
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new folder")
     class_id = next(k for k, v in names.items() if v == keep)
+    splits = {split: split_image_files(data, split) for split in SPLITS if data.get(split)}
+    for split, images in splits.items():  # one flat folder per split: checked before anything is written
+        seen = {}
+        for image in images:
+            other = seen.setdefault(Path(image).stem, image)
+            if other != image:
+                raise ValueError(f"{data_yaml}: {other} and {image} ({split}) share the name "
+                                 f"{Path(image).stem!r}; their labels would collide in one folder")
     kept = {}
-    for split in (s for s in SPLITS if data.get(s)):
+    for split, images in splits.items():
         (out / "images" / split).mkdir(parents=True)
         (out / "labels" / split).mkdir(parents=True)
         kept[split] = 0
-        images = split_image_files(data, split)
         for image, label in zip(images, img2label_paths(images)):
             os.symlink(Path(image).resolve(), out / "images" / split / Path(image).name)
             rows = [line.split() for line in Path(label).read_text().splitlines()] if Path(label).is_file() else []

@@ -216,3 +216,19 @@ def test_one_class_data_set_keeps_only_that_class(tmp_path):
         one_class.one_class_dataset("bccd.yaml", "Platelets", out)
     with pytest.raises(ValueError, match="no class 'Cells'"):
         one_class.one_class_dataset("bccd.yaml", "Cells", tmp_path / "other")
+
+
+def test_one_class_refuses_images_whose_labels_would_collide_and_writes_nothing(tmp_path):
+    from conftest import BCCD
+
+    image = next((BCCD / "images" / "train").iterdir())
+    for folder in ("a", "b"):  # the same file name in two folders of one split, as Ultralytics allows
+        (tmp_path / "images" / folder).mkdir(parents=True)
+        (tmp_path / "images" / folder / image.name).symlink_to(image)
+        (tmp_path / "labels" / folder).mkdir(parents=True)
+        (tmp_path / "labels" / folder / f"{image.stem}.txt").write_text("2 0.5 0.5 0.1 0.1\n")
+    data = tmp_path / "two.yaml"
+    data.write_text(f"path: {tmp_path}\ntrain: [images/a, images/b]\nval: images/a\nnames: {{0: RBC, 1: WBC, 2: Platelets}}\n")
+    with pytest.raises(ValueError, match=f"share the name '{image.stem}'"):
+        one_class.one_class_dataset(str(data), "Platelets", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
