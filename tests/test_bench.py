@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from yolo_sizeloss.detections import load_split
 from yolo_sizeloss.evaluation import RunDetections, evaluate_records, letterbox_scales, write_report
@@ -24,6 +25,7 @@ def bench_script(name: str):
 
 compare = bench_script("compare")
 one_class = bench_script("one_class")
+unmatched = bench_script("unmatched")
 
 
 def test_epoch_seconds_follow_a_time_column_that_restarts_on_resume(tmp_path):
@@ -232,3 +234,25 @@ def test_one_class_refuses_images_whose_labels_would_collide_and_writes_nothing(
     with pytest.raises(ValueError, match=f"share the name '{image.stem}'"):
         one_class.one_class_dataset(str(data), "Platelets", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_unmatched_crops_one_tile_per_confident_detection_without_a_ground_truth(tmp_path, capsys):
+    records, data = load_split("bccd.yaml", "test")
+    r = records[0]
+    names = [data["names"][k] for k in range(3)]
+    # every ground truth found at 0.9, plus two boxes where there is none: one at 0.8, one at 0.3
+    stray = np.array([[5, 5, 35, 35], [45, 5, 75, 35]], dtype=np.float32)
+    detected = replace(r, pred_boxes=np.concatenate([r.gt_boxes, stray]),
+                       pred_scores=np.array([0.9] * len(r.gt_boxes) + [0.8, 0.3], dtype=np.float32),
+                       pred_classes=np.concatenate([r.gt_classes, [2, 2]]))
+    run = RunDetections([detected], letterbox_scales([detected], 416), names)
+    write_report(evaluate_records(run.records, names, run.input_scales), tmp_path / "run", run)
+    out = tmp_path / "crops.png"
+    assert unmatched.main([str(tmp_path / "run"), "--conf", "0.5", "--out", str(out)]) == 0
+    assert "run: 1 unmatched detections at score >= 0.5" in capsys.readouterr().out
+    with Image.open(out) as sheet:
+        assert sheet.size == (110 + unmatched.TILE, unmatched.TILE)
+    assert unmatched.main([str(tmp_path / "run"), "--conf", "0.2", "--out", str(out)]) == 0
+    with Image.open(out) as sheet:
+        assert sheet.size == (110 + 2 * unmatched.TILE, unmatched.TILE)
+    assert unmatched.main([str(tmp_path / "missing"), "--out", str(out)]) == 1

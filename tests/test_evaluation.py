@@ -20,11 +20,13 @@ from yolo_sizeloss.evaluation import (
     evaluate_records,
     fit_by_size,
     format_report,
+    greedy_assignment,
     greedy_match,
     letterbox_scales,
     load_detections,
     parse_size_buckets,
     recall_by_size,
+    unmatched_detections,
     write_detections,
     write_report,
 )
@@ -150,6 +152,19 @@ def test_greedy_match_needs_same_class_and_iou_and_prefers_high_scores():
     assert greedy_match(gt2, classes, dets2, np.array([0.9, 0.5]), np.array([0, 0])).tolist() == [True, True]
     shifted = np.array([square(60, 0, 100)], dtype=np.float32)  # IoU 0.43 with GT1
     assert greedy_match(gt, classes, shifted, np.array([0.9]), np.array([0])).tolist() == [False, False]
+
+
+def test_unmatched_detections_are_the_confident_ones_that_take_no_ground_truth():
+    gt = [square(0, 0, 100), square(300, 300, 40)]
+    # 0: on GT0 (IoU 0.74); 1: also on GT0 (IoU 0.54; 0.38 with box 0, so recall's NMS at 0.45 keeps it),
+    # which box 0 took first; 2: on GT1 but of another class; 3: on nothing; 4: on nothing, below 0.5
+    dets = [square(-15, 0, 100), square(30, 0, 100), square(300, 300, 40), square(500, 100, 30), square(500, 300, 30)]
+    r = record(gt, [0, 1], dets, [0, 0, 0, 0, 0], [0.9, 0.8, 0.7, 0.6, 0.2])
+    assert unmatched_detections(r, 0.5).tolist() == [1, 2, 3]
+    assert unmatched_detections(r, 0.1).tolist() == [1, 2, 3, 4]
+    assert unmatched_detections(r, 0.95).tolist() == []
+    assert greedy_assignment(r.gt_boxes, r.gt_classes, r.pred_boxes, r.pred_scores, r.pred_classes).tolist() == [
+        0, -1, -1, -1, -1]
 
 
 def test_recall_applies_per_class_nms_and_top_200():

@@ -257,6 +257,30 @@ def nms_top_k(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: f
     return keep[:max_det].numpy()
 
 
+def greedy_assignment(
+    gt_boxes: np.ndarray,
+    gt_classes: np.ndarray,
+    det_boxes: np.ndarray,
+    det_scores: np.ndarray,
+    det_classes: np.ndarray,
+    iou_threshold: float = RECALL_MATCH_IOU,
+) -> np.ndarray:
+    """The ground truth each detection takes, -1 for none: detections by descending score each take the
+    unmatched GT of their class with the highest IoU >= ``iou_threshold``. Int (D,)."""
+    taken = np.full(len(det_boxes), -1, dtype=np.int64)
+    if len(gt_boxes) == 0 or len(det_boxes) == 0:
+        return taken
+    iou = box_iou(torch.as_tensor(det_boxes, dtype=torch.float64), torch.as_tensor(gt_boxes, dtype=torch.float64))
+    iou = iou.numpy()
+    matched = np.zeros(len(gt_boxes), dtype=bool)
+    for d in np.argsort(-np.asarray(det_scores), kind="stable"):
+        candidates = (gt_classes == det_classes[d]) & ~matched & (iou[d] >= iou_threshold)
+        if candidates.any():
+            taken[d] = np.argmax(np.where(candidates, iou[d], -1.0))
+            matched[taken[d]] = True
+    return taken
+
+
 def greedy_match(
     gt_boxes: np.ndarray,
     gt_classes: np.ndarray,
@@ -265,29 +289,37 @@ def greedy_match(
     det_classes: np.ndarray,
     iou_threshold: float = RECALL_MATCH_IOU,
 ) -> np.ndarray:
-    """Which ground truths are found: detections by descending score each take the unmatched GT of their
-    class with the highest IoU >= ``iou_threshold``; a detection matches at most one GT. Bool (G,)."""
+    """Which ground truths ``greedy_assignment`` finds; a detection matches at most one GT. Bool (G,)."""
     matched = np.zeros(len(gt_boxes), dtype=bool)
-    if len(gt_boxes) == 0 or len(det_boxes) == 0:
-        return matched
-    iou = box_iou(torch.as_tensor(det_boxes, dtype=torch.float64), torch.as_tensor(gt_boxes, dtype=torch.float64))
-    iou = iou.numpy()
-    for d in np.argsort(-np.asarray(det_scores), kind="stable"):
-        candidates = (gt_classes == det_classes[d]) & ~matched & (iou[d] >= iou_threshold)
-        if candidates.any():
-            matched[np.argmax(np.where(candidates, iou[d], -1.0))] = True
+    taken = greedy_assignment(gt_boxes, gt_classes, det_boxes, det_scores, det_classes, iou_threshold)
+    matched[taken[taken >= 0]] = True
     return matched
 
 
-def found_ground_truth(
+def recall_detections(
     record: ImageRecord, threshold: float, nms_iou: float = RECALL_NMS_IOU, max_det: int = RECALL_MAX_DET
 ) -> np.ndarray:
-    """Bool per GT of one image: found by its detections with score >= ``threshold`` after NMS and top-k."""
+    """Indices of the detections of one image that recall counts: score >= ``threshold``, after NMS and top-k."""
     keep = np.flatnonzero(record.pred_scores >= threshold)
-    keep = keep[nms_top_k(record.pred_boxes[keep], record.pred_scores[keep], record.pred_classes[keep], nms_iou, max_det)]
+    return keep[nms_top_k(record.pred_boxes[keep], record.pred_scores[keep], record.pred_classes[keep], nms_iou, max_det)]
+
+
+def found_ground_truth(record: ImageRecord, threshold: float) -> np.ndarray:
+    """Bool per GT of one image: found by its ``recall_detections`` at ``threshold``."""
+    keep = recall_detections(record, threshold)
     return greedy_match(
         record.gt_boxes, record.gt_classes, record.pred_boxes[keep], record.pred_scores[keep], record.pred_classes[keep]
     )
+
+
+def unmatched_detections(record: ImageRecord, threshold: float) -> np.ndarray:
+    """Indices of the ``recall_detections`` at ``threshold`` that take no ground truth: a detector's
+    confident false positives, or objects the labels miss."""
+    keep = recall_detections(record, threshold)
+    taken = greedy_assignment(
+        record.gt_boxes, record.gt_classes, record.pred_boxes[keep], record.pred_scores[keep], record.pred_classes[keep]
+    )
+    return keep[taken < 0]
 
 
 def frame_scales(input_scales: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,0 +1,81 @@
+"""Crops of the confident detections that match no ground truth, to judge by eye what they are: a
+real false positive, or an object the labels miss.
+
+    python bench/unmatched.py bench/results/platelets_only/val/nwd-s1 --conf 0.5 --out unmatched.png
+
+REPORT is a val.py output folder with its detections.json; several folders give one row of crops each.
+A detection is unmatched as recall by size counts it (``evaluation.unmatched_detections``: score >=
+--conf, per-class NMS, greedy match at IoU 0.5 to a ground truth of its class). Each crop is centred on
+the detection (red, its score above it), with the image's ground truths in green.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from yolo_sizeloss.evaluation import load_detections, unmatched_detections
+
+TILE = 96  # original pixels around each detection; BCCD's platelets are 20-40 px across
+
+
+def crops(report: str, conf: float) -> list[Image.Image]:
+    """One tile per unmatched detection of the report at ``conf``, in image order."""
+    tiles = []
+    for record in load_detections(report).records:
+        unmatched = unmatched_detections(record, conf)
+        if len(unmatched) == 0:
+            continue
+        image = Image.open(record.file).convert("RGB")
+        draw = ImageDraw.Draw(image)
+        for box in record.gt_boxes:
+            draw.rectangle(box.tolist(), outline=(0, 200, 0), width=2)
+        for i in unmatched:
+            x0, y0, x1, y1 = record.pred_boxes[i].tolist()
+            draw.rectangle([x0, y0, x1, y1], outline=(230, 0, 0), width=2)
+        for i in unmatched:
+            x0, y0, x1, y1 = record.pred_boxes[i].tolist()
+            cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+            tile = image.crop((cx - TILE // 2, cy - TILE // 2, cx + TILE // 2, cy + TILE // 2))
+            ImageDraw.Draw(tile).text((2, 2), f"{record.pred_scores[i]:.2f}", fill=(0, 0, 0))
+            tiles.append(tile)
+    return tiles
+
+
+def sheet(rows: list[list[Image.Image]], labels: list[str]) -> Image.Image:
+    """The tiles of each report as one row (labelled on the left), on white."""
+    label_width = 110
+    width = label_width + TILE * max((len(r) for r in rows), default=1)
+    out = Image.new("RGB", (width, TILE * len(rows)), "white")
+    draw = ImageDraw.Draw(out)
+    for k, (tiles, label) in enumerate(zip(rows, labels)):
+        draw.text((4, k * TILE + TILE // 2 - 6), f"{label} ({len(tiles)})", fill=(0, 0, 0))
+        for j, tile in enumerate(tiles):
+            out.paste(tile, (label_width + j * TILE, k * TILE))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("reports", nargs="+", metavar="REPORT", help="val.py output folders with detections.json")
+    p.add_argument("--conf", type=float, default=0.5, help="score threshold (default 0.5)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    args = p.parse_args(argv)
+    try:
+        rows = [crops(report, args.conf) for report in args.reports]
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    labels = [Path(report).name for report in args.reports]
+    sheet(rows, labels).save(args.out)
+    for label, tiles in zip(labels, rows):
+        print(f"{label}: {len(tiles)} unmatched detections at score >= {args.conf}")
+    print(f"Crops saved to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
