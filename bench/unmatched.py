@@ -40,7 +40,9 @@ def crops(report: str, conf: float) -> list[Image.Image]:
             x0, y0, x1, y1 = record.pred_boxes[i].tolist()
             cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
             tile = image.crop((cx - TILE // 2, cy - TILE // 2, cx + TILE // 2, cy + TILE // 2))
-            ImageDraw.Draw(tile).text((2, 2), f"{record.pred_scores[i]:.2f}", fill=(0, 0, 0))
+            label = ImageDraw.Draw(tile)  # on white: a crop past the image border is black there
+            label.rectangle((0, 0, 28, 12), fill="white")
+            label.text((2, 1), f"{record.pred_scores[i]:.2f}", fill=(0, 0, 0))
             tiles.append(tile)
     return tiles
 
