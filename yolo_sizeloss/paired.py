@@ -121,8 +121,7 @@ class RunEvaluation:
         }
         self.recall_bucket = bucket_names(edges)[0]
         self.thresholds = thresholds
-        counts = [len(r.gt_classes) for r in run.records]
-        small = np.split(gt_size_buckets(run.records, scales[recall_frame], edges) == 0, np.cumsum(counts)[:-1])
+        small = [gt_size_buckets([r], [s], edges) == 0 for r, s in zip(run.records, scales[recall_frame])]
         self.small_total = np.array([m.sum() for m in small], dtype=np.int64)
         self.small_hits = np.array(
             [[(found_ground_truth(r, t) & m).sum() for r, m in zip(run.records, small)] for t in thresholds],
