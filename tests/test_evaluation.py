@@ -21,7 +21,6 @@ from yolo_sizeloss.evaluation import (
     fit_by_size,
     format_report,
     greedy_assignment,
-    greedy_match,
     letterbox_scales,
     load_detections,
     parse_size_buckets,
@@ -130,28 +129,28 @@ def test_detection_below_a_threshold_does_not_count_there():
 
 def test_one_detection_cannot_match_two_ground_truths():
     box = square(100, 100, 50)
-    found = greedy_match(
+    taken = greedy_assignment(
         np.array([box, box], dtype=np.float32), np.array([0, 0]), np.array([box], dtype=np.float32),
         np.array([0.9]), np.array([0]),
     )
-    assert found.tolist().count(True) == 1
+    assert taken.tolist() == [0]
     recall = recall_by_size([record([box, box], [0, 0], [box], [0], [0.9])], np.ones(1), COCO_EDGES)
     assert recall["0.1"]["medium"] == {"recall": 0.5, "hits": 1, "total": 2}
 
 
-def test_greedy_match_needs_same_class_and_iou_and_prefers_high_scores():
+def test_greedy_assignment_needs_same_class_and_iou_and_prefers_high_scores():
     gt = np.array([square(0, 0, 100), square(20, 0, 100)], dtype=np.float32)
     classes = np.array([0, 0])
     # the 0.9 detection overlaps both (IoU 0.67 with GT0, 1.0 with GT1): it takes GT1, the 0.5 one then takes GT0
     dets = np.array([square(20, 0, 100), square(0, 0, 100)], dtype=np.float32)
-    assert greedy_match(gt, classes, dets, np.array([0.9, 0.5]), np.array([0, 0])).tolist() == [True, True]
-    assert greedy_match(gt, classes, dets, np.array([0.9, 0.5]), np.array([1, 1])).tolist() == [False, False]
+    assert greedy_assignment(gt, classes, dets, np.array([0.9, 0.5]), np.array([0, 0])).tolist() == [1, 0]
+    assert greedy_assignment(gt, classes, dets, np.array([0.9, 0.5]), np.array([1, 1])).tolist() == [-1, -1]
     # a matched GT is taken: the 0.5 detection (IoU 0.90 with GT0, 0.60 with GT2) falls back to GT2
     gt2 = np.array([square(0, 0, 100), square(30, 0, 100)], dtype=np.float32)
     dets2 = np.array([square(0, 0, 100), square(5, 0, 100)], dtype=np.float32)
-    assert greedy_match(gt2, classes, dets2, np.array([0.9, 0.5]), np.array([0, 0])).tolist() == [True, True]
+    assert greedy_assignment(gt2, classes, dets2, np.array([0.9, 0.5]), np.array([0, 0])).tolist() == [0, 1]
     shifted = np.array([square(60, 0, 100)], dtype=np.float32)  # IoU 0.43 with GT1
-    assert greedy_match(gt, classes, shifted, np.array([0.9]), np.array([0])).tolist() == [False, False]
+    assert greedy_assignment(gt, classes, shifted, np.array([0.9]), np.array([0])).tolist() == [-1]
 
 
 def test_unmatched_detections_are_the_confident_ones_that_take_no_ground_truth():

@@ -281,21 +281,6 @@ def greedy_assignment(
     return taken
 
 
-def greedy_match(
-    gt_boxes: np.ndarray,
-    gt_classes: np.ndarray,
-    det_boxes: np.ndarray,
-    det_scores: np.ndarray,
-    det_classes: np.ndarray,
-    iou_threshold: float = RECALL_MATCH_IOU,
-) -> np.ndarray:
-    """Which ground truths ``greedy_assignment`` finds; a detection matches at most one GT. Bool (G,)."""
-    matched = np.zeros(len(gt_boxes), dtype=bool)
-    taken = greedy_assignment(gt_boxes, gt_classes, det_boxes, det_scores, det_classes, iou_threshold)
-    matched[taken[taken >= 0]] = True
-    return matched
-
-
 def recall_detections(
     record: ImageRecord, threshold: float, nms_iou: float = RECALL_NMS_IOU, max_det: int = RECALL_MAX_DET
 ) -> np.ndarray:
@@ -304,21 +289,27 @@ def recall_detections(
     return keep[nms_top_k(record.pred_boxes[keep], record.pred_scores[keep], record.pred_classes[keep], nms_iou, max_det)]
 
 
-def found_ground_truth(record: ImageRecord, threshold: float) -> np.ndarray:
-    """Bool per GT of one image: found by its ``recall_detections`` at ``threshold``."""
+def recall_assignment(record: ImageRecord, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The ``recall_detections`` of one image at ``threshold`` and the GT each takes (``greedy_assignment``)."""
     keep = recall_detections(record, threshold)
-    return greedy_match(
+    taken = greedy_assignment(
         record.gt_boxes, record.gt_classes, record.pred_boxes[keep], record.pred_scores[keep], record.pred_classes[keep]
     )
+    return keep, taken
+
+
+def found_ground_truth(record: ImageRecord, threshold: float) -> np.ndarray:
+    """Bool per GT of one image: taken by one of its ``recall_detections`` at ``threshold``."""
+    found = np.zeros(len(record.gt_boxes), dtype=bool)
+    taken = recall_assignment(record, threshold)[1]
+    found[taken[taken >= 0]] = True
+    return found
 
 
 def unmatched_detections(record: ImageRecord, threshold: float) -> np.ndarray:
     """Indices of the ``recall_detections`` at ``threshold`` that take no ground truth: a detector's
     confident false positives, or objects the labels miss."""
-    keep = recall_detections(record, threshold)
-    taken = greedy_assignment(
-        record.gt_boxes, record.gt_classes, record.pred_boxes[keep], record.pred_scores[keep], record.pred_classes[keep]
-    )
+    keep, taken = recall_assignment(record, threshold)
     return keep[taken < 0]
 
 
