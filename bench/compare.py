@@ -16,7 +16,9 @@ settings file is labelled ``LOSS-<file stem>`` (``plb:bench/gt_areas.yaml`` -> `
 Each run trains with train.py into OUT/runs/<mode>-s<seed> and is evaluated with val.py (split
 test) into OUT/val/<mode>-s<seed>. It resumes: an interrupted training continues from its last.pt, a
 run whose report exists is not trained or evaluated again (a report without detections.json, from
-before val wrote it, is evaluated again, which takes about a minute). Writes OUT/results.md,
+before val wrote it, is evaluated again, which takes about a minute). A harness holds
+OUT/runs/<mode>-s<seed>.lock while it trains and evaluates that run: a second harness on the same
+--out stops there with a one-line error, and --status says "training now". Writes OUT/results.md,
 OUT/results.json and OUT/results.png: mean and spread over seeds per mode; each mode's difference to
 the reference per seed, with mean and 95% t-interval over seeds; and per seed the paired bootstrap
 interval over test images (``--bootstrap`` draws).
@@ -25,8 +27,11 @@ interval over test images (``--bootstrap`` draws).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -144,6 +149,40 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+def lock_path(run_dir: Path) -> Path:
+    return run_dir.parent / f"{run_dir.name}.lock"
+
+
+def training_elsewhere(run_dir: Path) -> bool:
+    """Whether a harness holds the run's lock (``run_lock``) now."""
+    path = lock_path(run_dir)
+    if not path.is_file():
+        return False
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold ``<run_dir>.lock`` while one process trains and evaluates the run. Two harnesses on one
+    --out would otherwise both resume it from last.pt and interleave their epochs in one
+    results.csv. An flock is released by the kernel when its holder dies, so a killed harness
+    leaves no stale lock."""
+    path = lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"{run_dir} is being trained by another process (it holds {path}); "
+                             f"see --status, or wait for it") from None
+        yield
+
+
 def run_paths(out: Path, label: str, seed: int) -> tuple[str, Path, Path]:
     """A (mode, seed)'s name, training folder and val report folder."""
     name = f"{label}-s{seed}"
@@ -156,21 +195,22 @@ def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path)
     check_same_schedule(run_dir, args, seed)
     if report_is_current(val_dir, args.bootstrap):
         return run_report(val_dir, run_dir)
-    best, last = run_dir / "weights" / "best.pt", run_dir / "weights" / "last.pt"
-    device = ["--device", args.device] if args.device is not None else []
-    finished = training_finished(run_dir, args.epochs)
-    if not (finished and best.is_file()):
-        if last.is_file() and not finished:
-            # the run's own loss.yaml and args rule a resume: a loss flag without its settings file would differ
-            arch = ["--arch", "faster_rcnn"] if args.arch == "faster_rcnn" else []
-            run([sys.executable, "train.py", *arch, "--resume", str(last)])
-        else:
-            run([sys.executable, "train.py", *flags, "--data", args.data, "--epochs", str(args.epochs),
-                 "--imgsz", str(args.imgsz), "--batch", str(args.batch), "--workers", str(args.workers),
-                 "--seed", str(seed), "--project", str(out / "runs"), "--name", name, "--exist-ok", *device])
-    run([sys.executable, "val.py", "--model", str(best), "--data", args.data, "--split", "test",
-         "--imgsz", str(args.imgsz), "--project", str(out / "val"), "--name", name, "--exist-ok", *device])
-    return run_report(val_dir, run_dir)
+    with run_lock(run_dir):
+        best, last = run_dir / "weights" / "best.pt", run_dir / "weights" / "last.pt"
+        device = ["--device", args.device] if args.device is not None else []
+        finished = training_finished(run_dir, args.epochs)
+        if not (finished and best.is_file()):
+            if last.is_file() and not finished:
+                # the run's own loss.yaml and args rule a resume: a loss flag without its settings file would differ
+                arch = ["--arch", "faster_rcnn"] if args.arch == "faster_rcnn" else []
+                run([sys.executable, "train.py", *arch, "--resume", str(last)])
+            else:
+                run([sys.executable, "train.py", *flags, "--data", args.data, "--epochs", str(args.epochs),
+                     "--imgsz", str(args.imgsz), "--batch", str(args.batch), "--workers", str(args.workers),
+                     "--seed", str(seed), "--project", str(out / "runs"), "--name", name, "--exist-ok", *device])
+        run([sys.executable, "val.py", "--model", str(best), "--data", args.data, "--split", "test",
+             "--imgsz", str(args.imgsz), "--project", str(out / "val"), "--name", name, "--exist-ok", *device])
+        return run_report(val_dir, run_dir)
 
 
 def training_finished(run_dir: Path, epochs: int) -> bool:
@@ -234,8 +274,10 @@ def status_lines(args, out: Path) -> list[str]:
                 state = "evaluated" + ("" if (val_dir / DETECTIONS_FILE).is_file() else ", no detections.json")
             elif training_finished(run_dir, args.epochs):
                 state = "trained, not evaluated" + ("" if done >= args.epochs else ", stopped early")
+            elif training_elsewhere(run_dir):
+                state = "training now"
             elif (run_dir / "weights" / "last.pt").is_file():
-                state = "unfinished (training now, or resumes from last.pt)"
+                state = "unfinished, resumes from last.pt"
             else:
                 state = "not started"
             lines.append(f"{name:<24} {done:>4}/{args.epochs} epochs  {state}")
@@ -382,4 +424,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # Python dies of SIGTERM without unwinding, and subprocess.run then leaves its train.py running
+    # into the run folder unseen; as SystemExit, subprocess.run stops the child first.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

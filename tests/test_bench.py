@@ -3,10 +3,15 @@ the tables' mean and spread, paired differences over seeds and per seed."""
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -26,6 +31,17 @@ def bench_script(name: str):
 compare = bench_script("compare")
 one_class = bench_script("one_class")
 unmatched = bench_script("unmatched")
+
+
+def hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding an exclusive flock on ``path``, as a second harness does; kill it after."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         f"f = open({str(path)!r}, 'w'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
 
 
 def test_epoch_seconds_follow_a_time_column_that_restarts_on_resume(tmp_path):
@@ -142,22 +158,64 @@ def test_status_says_where_each_run_stands(tmp_path, capsys):
     (runs / "baseline-s0" / "weights" / "last.pt").write_bytes(b"")
     (runs / "baseline-s1").mkdir()
     (runs / "baseline-s1" / "results.csv").write_text("epoch,time\n1,10\n2,20\n3,30\n")
+    (runs / "baseline-s2" / "weights").mkdir(parents=True)
+    (runs / "baseline-s2" / "weights" / "last.pt").write_bytes(b"")
+    holder = hold_lock(runs / "baseline-s2.lock")
     for name, files in (("feedback-s0", ["metrics.json"]), ("feedback-s1", ["metrics.json", "detections.json"])):
         (val / name).mkdir(parents=True)
         for file in files:
             (val / name / file).write_text("{}")
-    assert compare.main(["--losses", "baseline", "feedback", "--seeds", "0", "1", "--epochs", "3", "--out", str(tmp_path),
-                         "--status"]) == 0
+    try:
+        assert compare.main(["--losses", "baseline", "feedback", "--seeds", "0", "1", "2", "--epochs", "3",
+                             "--out", str(tmp_path), "--status"]) == 0
+    finally:
+        holder.kill()
     lines = capsys.readouterr().out.splitlines()
     assert [" ".join(line.split()) for line in lines[1:]] == [
-        "baseline-s0 2/3 epochs unfinished (training now, or resumes from last.pt)",
+        "baseline-s0 2/3 epochs unfinished, resumes from last.pt",
         "baseline-s1 3/3 epochs trained, not evaluated",
+        "baseline-s2 0/3 epochs training now",
         "feedback-s0 0/3 epochs evaluated, no detections.json",
         "feedback-s1 0/3 epochs evaluated",
+        "feedback-s2 0/3 epochs not started",
     ]
     assert not compare.report_is_current(val / "feedback-s0", bootstrap=1000)  # evaluated again for its detections
     assert compare.report_is_current(val / "feedback-s0", bootstrap=0)
     assert compare.report_is_current(val / "feedback-s1", bootstrap=1000)
+
+
+def test_a_second_harness_does_not_train_a_run_another_one_is_training(tmp_path):
+    # Two harnesses on one --out both resumed nwd-s0 from its last.pt and interleaved their epochs in
+    # one results.csv. A broken --data makes this fail fast where the lock is not checked.
+    (tmp_path / "runs").mkdir()
+    holder = hold_lock(tmp_path / "runs" / "baseline-s0.lock")
+    try:
+        with pytest.raises(SystemExit, match=r"baseline-s0 is being trained by another process"):
+            compare.main(["--losses", "baseline", "--seeds", "0", "--epochs", "1", "--data", str(tmp_path / "none.yaml"),
+                          "--focus-class", "x", "--out", str(tmp_path)])
+    finally:
+        holder.kill()
+    assert not (tmp_path / "runs" / "baseline-s0").exists()
+
+
+def test_stopping_the_harness_stops_the_training_it_started(tmp_path):
+    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0"}
+    harness = subprocess.Popen(
+        [sys.executable, "bench/compare.py", "--losses", "baseline", "--seeds", "0", "--epochs", "50", "--imgsz", "64",
+         "--device", "cpu", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not psutil.Process(harness.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    training = psutil.Process(harness.pid).children()
+    commands = [p.cmdline()[1] for p in training]
+    harness.terminate()  # what `kill PID` of a harness left in the background sends
+    harness.wait(timeout=60)
+    _, alive = psutil.wait_procs(training, timeout=15)  # 50 epochs take minutes
+    for process in alive:
+        process.kill()
+    assert commands == ["train.py"] and not alive
 
 
 def test_per_seed_paired_bootstrap_from_the_reports_detection_files(tmp_path):
