@@ -4,12 +4,12 @@
     python bench/compare.py --preset converged --out bench/results/converged --status      # where it stands
     python bench/compare.py --preset cpu                      # five YOLO modes, one seed, 20 epochs
     python bench/compare.py --preset full --device 0          # GPU: three seeds, a paper-like schedule
-    python bench/compare.py --losses baseline feedback plb:bench/gt_areas.yaml --seeds 0 1 --epochs 30 --out bench/mine
+    python bench/compare.py --losses baseline feedback plb:gt_areas --seeds 0 1 --epochs 30 --out bench/mine
     python bench/compare.py --arch faster_rcnn --losses baseline plb --epochs 15
 
-A mode is ``LOSS`` or ``LOSS:SETTINGS.yaml`` (train.py's --loss and --loss-cfg, for either family;
+A mode is ``LOSS`` or ``LOSS:SETTINGS`` (train.py's --loss and --loss-cfg, for either family;
 Faster R-CNN labels start with ``rcnn-``); a mode with a
-settings file is labelled ``LOSS-<file stem>`` (``plb:bench/gt_areas.yaml`` -> ``plb-gt_areas``), and
+settings file is labelled ``LOSS-<file stem>`` (``plb:gt_areas`` -> ``plb-gt_areas``), and
 ``--loss-cfg FILE`` gives every mode without its own file that one. The first mode is the reference
 (baseline in every preset): the others' differences to it are paired by seed.
 
@@ -45,6 +45,7 @@ from yolo_sizeloss.config import LossConfigError, check_arch_supports, load_loss
 from yolo_sizeloss.detections import load_split
 from yolo_sizeloss.evaluation import DETECTIONS_FILE, load_detections, markdown_table
 from yolo_sizeloss.paired import difference_cell, key_metrics, paired_bootstrap, t_interval
+from yolo_sizeloss.paths import resolve_loss_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {
@@ -114,16 +115,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def loss_mode(spec: str, default_cfg: str | None, arch: str = "yolo") -> tuple[str, str, Path | None]:
-    """``LOSS`` or ``LOSS:SETTINGS.yaml`` -> (label, loss, settings file or None), checked with the
-    loss configuration. A relative settings path is taken from the current folder, else from the
-    repository root (so the presets work from anywhere)."""
+    """``LOSS`` or ``LOSS:SETTINGS`` -> (label, loss, settings file or None), checked with the loss
+    configuration. SETTINGS is a file (relative to the current folder) or a variant shipped in the
+    package (``box_only``, ``gt_areas``)."""
     loss, _, cfg = spec.partition(":")
     cfg = cfg or default_cfg
-    path = None
-    if cfg:
-        path = next((p.resolve() for p in (Path(cfg), ROOT / cfg) if p.is_file()), None)
-        if path is None:
-            raise FileNotFoundError(f"mode {spec!r}: no settings file {cfg}")
+    path = resolve_loss_cfg(cfg) if cfg else None
     check_arch_supports(load_loss_config(loss, path), arch)
     label = f"{loss}-{path.stem}" if path else loss
     return (f"rcnn-{label}" if arch == "faster_rcnn" else label), loss, path

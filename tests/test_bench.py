@@ -56,10 +56,10 @@ def test_faster_rcnn_gets_the_paper_batch_unless_one_is_given():
 
 
 def test_faster_rcnn_modes_are_the_same_loss_settings():
-    runs = compare.runs_of(compare.parse_args(["--arch", "faster_rcnn", "--losses", "baseline", "plb:bench/gt_areas.yaml"]))
+    runs = compare.runs_of(compare.parse_args(["--arch", "faster_rcnn", "--losses", "baseline", "plb:gt_areas"]))
     assert [label for label, _ in runs] == ["rcnn-baseline", "rcnn-plb-gt_areas"]
     assert runs[1][1][:4] == ["--loss", "plb", "--arch", "faster_rcnn"]
-    assert runs[1][1][-2:] == ["--loss-cfg", str(ROOT / "bench" / "gt_areas.yaml")]
+    assert runs[1][1][-2:] == ["--loss-cfg", str(ROOT / "yolo_sizeloss" / "cfg" / "variants" / "gt_areas.yaml")]
     assert compare.parse_args([]).batch == 16
 
 
@@ -117,9 +117,9 @@ def test_the_converged_preset_reuses_the_runs_started_by_name():
 
 
 def test_one_invocation_mixes_modes_with_and_without_a_settings_file():
-    args = compare.parse_args(["--losses", "baseline", "feedback", "plb:bench/gt_areas.yaml", "scb"])
-    assert [label for label, _ in compare.runs_of(args)] == ["baseline", "feedback", "plb-gt_areas", "scb"]
-    for bad in ("feedback:bench/gt_areas.yaml", "plb:bench/missing.yaml"):  # a plb section for feedback; no file
+    args = compare.parse_args(["--losses", "baseline", "feedback", "plb:gt_areas", "scb", "nwd:box_only"])
+    assert [label for label, _ in compare.runs_of(args)] == ["baseline", "feedback", "plb-gt_areas", "scb", "nwd-box_only"]
+    for bad in ("feedback:gt_areas", "plb:bench/missing.yaml"):  # a plb section for feedback; no file
         with pytest.raises(SystemExit):
             compare.parse_args(["--losses", "baseline", bad])
 
@@ -255,7 +255,7 @@ def test_a_run_trained_with_another_schedule_is_not_reused(tmp_path):
 
 
 def test_a_loss_cfg_variant_gets_its_own_label_and_reaches_train_py():
-    variant = str(ROOT / "bench" / "gt_areas.yaml")
+    variant = str(ROOT / "yolo_sizeloss" / "cfg" / "variants" / "gt_areas.yaml")
     [(label, flags)] = compare.runs_of(compare.parse_args(["--losses", "plb", "--loss-cfg", variant]))
     assert label == "plb-gt_areas"
     assert flags[:2] == ["--loss", "plb"] and flags[-2:] == ["--loss-cfg", variant]

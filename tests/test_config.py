@@ -75,6 +75,17 @@ def test_data_names_resolve_from_any_working_directory(tmp_path, monkeypatch):
         resolve_data("nope.yaml")
 
 
+def test_loss_cfg_names_a_shipped_variant_unless_a_file_of_that_name_is_here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_loss_config("nwd", "box_only")["nwd"]["assigner"] is False
+    assert load_loss_config("nwd+plb", "gt_areas.yaml")["plb"]["source"] == "gt"
+    assert load_loss_config("nwd")["nwd"]["assigner"] is True  # the paper's default stays the default
+    (tmp_path / "box_only").write_text("nwd:\n  ratio: 0.25\n")
+    assert load_loss_config("nwd", "box_only")["nwd"] == {**load_loss_config("nwd")["nwd"], "ratio": 0.25}
+    with pytest.raises(LossConfigError, match=r"loss settings 'boxonly' not found .*; shipped variants: box_only, gt_areas$"):
+        load_loss_config("nwd", "boxonly")
+
+
 def test_bccd_yaml_resolves_its_splits_against_its_own_folder(tmp_path, monkeypatch):
     from ultralytics.data.utils import check_det_dataset
 

@@ -33,7 +33,7 @@ def test_wheel_installs_anywhere_and_trains_on_the_shipped_bccd(tmp_path):
     wheel = next((tmp_path / "dist").glob("yolo_sizeloss-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for data in ("yolo_sizeloss/cfg/bccd.yaml", "yolo_sizeloss/cfg/defaults.yaml", "yolo_sizeloss/cfg/losses/feedback.yaml",
-                 "yolo_sizeloss/datasets/bccd/LICENSE"):
+                 "yolo_sizeloss/cfg/variants/box_only.yaml", "yolo_sizeloss/datasets/bccd/LICENSE"):
         assert data in names, data
     assert sum(n.startswith("yolo_sizeloss/datasets/bccd/images/") for n in names) == 205 + 87 + 72
 

@@ -133,7 +133,7 @@ def build_yolo_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data yaml; a bare name is looked up in the package's cfg/ (default bccd.yaml)")
     p.add_argument("--model", help="model yaml (trained from scratch) or a local .pt (default yolov8n.yaml)")
     p.add_argument("--loss", help=f"baseline (default), or methods joined by '+': {', '.join(METHODS)}")
-    p.add_argument("--loss-cfg", help="YAML overriding the methods' settings")
+    p.add_argument("--loss-cfg", help="YAML overriding the methods' settings, or a shipped variant (box_only, gt_areas)")
     for flag, kind in (("epochs", int), ("imgsz", int), ("batch", int), ("workers", int), ("seed", int),
                        ("fraction", float)):
         p.add_argument(f"--{flag}", type=kind, help=f"default {d[flag]}")

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import yaml
 
-from yolo_sizeloss.paths import CFG_DIR
+from yolo_sizeloss.paths import CFG_DIR, VARIANTS_DIR, resolve_loss_cfg
 
 LOSS_CFG_DIR = CFG_DIR / "losses"
 RUN_DEFAULTS_FILE = CFG_DIR / "defaults.yaml"
@@ -165,8 +165,9 @@ def parse_loss_names(spec: str) -> list[str]:
 def load_loss_config(spec: str, override: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """Resolve ``spec`` into ``{method: settings}``: defaults from ``cfg/losses``, then ``override``.
 
-    ``override`` is a YAML file with sections for (some of) the selected methods; a section for a
-    method that ``spec`` does not select, an unknown key or an out-of-range value is an error.
+    ``override`` is a YAML file, or the name of one shipped in ``cfg/variants``, with sections for
+    (some of) the selected methods; a section for a method that ``spec`` does not select, an unknown
+    key or an out-of-range value is an error.
     """
     config: dict[str, dict[str, Any]] = {}
     for method in parse_loss_names(spec):
@@ -180,7 +181,11 @@ def load_loss_config(spec: str, override: str | Path | None = None) -> dict[str,
         if missing:
             raise LossConfigError(f"{path}: defaults missing for {', '.join(sorted(missing))}")
     if override is not None:
-        path = Path(override)
+        try:
+            path = resolve_loss_cfg(override)
+        except FileNotFoundError as e:
+            shipped = ", ".join(sorted(p.stem for p in VARIANTS_DIR.glob("*.yaml")))
+            raise LossConfigError(f"{e}; shipped variants: {shipped}") from None
         data, lines = _read_yaml(path)
         for method, section in data.items():
             if method not in SCHEMA:

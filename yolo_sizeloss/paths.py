@@ -1,7 +1,7 @@
-"""Where the package's shipped files live, and how a user's ``--data`` names resolve.
+"""Where the package's shipped files live, and how a user's ``--data`` and ``--loss-cfg`` names resolve.
 
-The loss defaults (``cfg/losses``), the run defaults (``cfg/defaults.yaml``), the BCCD data yaml and
-the BCCD images are package data, found through ``importlib.resources`` so that an installed wheel
+The loss defaults (``cfg/losses``), their shipped variants (``cfg/variants``), the run defaults
+(``cfg/defaults.yaml``), the BCCD data yaml and the BCCD images are package data, found through ``importlib.resources`` so that an installed wheel
 works from any directory. Ultralytics opens data yamls and images by path, so the package must be
 installed unzipped (pip always does).
 """
@@ -14,17 +14,31 @@ from pathlib import Path
 CFG_DIR = Path(str(files("yolo_sizeloss") / "cfg"))
 
 
-def resolve_data(data: str | Path) -> str:
-    """Return the absolute path of a data yaml.
+VARIANTS_DIR = CFG_DIR / "variants"
+
+
+def resolve_shipped(name: str | Path, folder: Path, what: str) -> Path:
+    """Return the absolute path of a file a user names.
 
     An existing path (relative to the working directory) wins; otherwise a bare name such as
-    ``bccd.yaml`` or ``bccd`` is looked up in the package's ``cfg/``. Raises FileNotFoundError naming
-    every place that was tried.
+    ``bccd.yaml`` or ``bccd`` is looked up in the package's ``folder``. Raises FileNotFoundError
+    naming every place that was tried.
     """
-    path = Path(data).expanduser()
-    candidates = [path, CFG_DIR / path.name, CFG_DIR / f"{path.name}.yaml"]
+    path = Path(name).expanduser()
+    candidates = [path, folder / path.name, folder / f"{path.name}.yaml"]
     for candidate in candidates:
         if candidate.is_file():
-            return str(candidate.resolve())
+            return candidate.resolve()
     tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
-    raise FileNotFoundError(f"data yaml {data!r} not found (tried {tried})")
+    raise FileNotFoundError(f"{what} {str(name)!r} not found (tried {tried})")
+
+
+def resolve_data(data: str | Path) -> str:
+    """A data yaml's absolute path: a path, or a name shipped in ``cfg/`` (``bccd.yaml``, ``bccd``)."""
+    return str(resolve_shipped(data, CFG_DIR, "data yaml"))
+
+
+def resolve_loss_cfg(settings: str | Path) -> Path:
+    """A ``--loss-cfg`` file's absolute path: a path, or a variant shipped in ``cfg/variants``
+    (``box_only``, ``gt_areas.yaml``)."""
+    return resolve_shipped(settings, VARIANTS_DIR, "loss settings")

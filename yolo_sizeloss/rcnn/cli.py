@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="YOLO-format data yaml; a bare name is looked up in the package's cfg/ "
                                   "(default bccd.yaml)")
     p.add_argument("--loss", help=f"baseline (default), or methods joined by '+': {', '.join(RCNN_METHODS)}")
-    p.add_argument("--loss-cfg", help="YAML overriding the methods' settings (rcnn_terms and each method's own)")
+    p.add_argument("--loss-cfg", help="YAML overriding the methods' settings (rcnn_terms and each method's own), or a shipped variant")
     p.add_argument("--plb", help=f"shorthand: PLB on the paper's switches, a comma list of {','.join(PLB_SHORTHANDS)}")
     p.add_argument("--plb-source", choices=SIZE_SOURCES, help="shorthand for plb.source")
     p.add_argument("--scb-rpn", action="store_true", default=None, help="shorthand: SCB on the RPN's positive objectness")
