@@ -37,7 +37,7 @@ def nwd_config(spec="nwd", **settings) -> dict:
 
 def test_defaults_and_combination_with_a_weighting():
     assert load_loss_config("nwd") == {"nwd": {"ratio": 0.5, "constant": "auto", "assigner": True,
-                                               "rcnn_terms": ["rpn_box"]}}  # rcnn_terms: Faster R-CNN's
+                                               "small_area": 1024, "rcnn_terms": ["rpn_box"]}}  # rcnn_terms: Faster R-CNN's
     cfg = load_loss_config("nwd+feedback")
     assert list(cfg) == ["nwd", "feedback"] and cfg["feedback"] == load_loss_config("feedback")["feedback"]
 
@@ -46,7 +46,7 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
     path = tmp_path / "o.yaml"
     path.write_text("nwd:\n  constant: 12.8\n  ratio: 1\n  assigner: false\n")
     assert load_loss_config("nwd", path)["nwd"] == {"ratio": 1, "constant": 12.8, "assigner": False,
-                                                    "rcnn_terms": ["rpn_box"]}
+                                                    "small_area": 1024, "rcnn_terms": ["rpn_box"]}
 
 
 @pytest.mark.parametrize(
@@ -57,8 +57,10 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
         ("nwd:\n  constant: 0\n", r"o\.yaml:2: nwd\.constant = 0 .*a number > 0 \(network-input pixels\) or auto"),
         ("nwd:\n  ratio: 0.5\n  constant: mean\n", r"o\.yaml:3: nwd\.constant = 'mean' .*or auto"),
         ("nwd:\n  constant: .inf\n", r"o\.yaml:2: nwd\.constant = inf .*> 0"),
-        ("nwd:\n  assigner: 1\n", r"o\.yaml:2: nwd\.assigner = 1 .*true or false"),
-        ("nwd:\n  terms: [box]\n", r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, rcnn_terms\)"),
+        ("nwd:\n  assigner: 1\n", r"o\.yaml:2: nwd\.assigner = 1 .*true, false or auto"),
+        ("nwd:\n  small_area: 0\n", r"o\.yaml:2: nwd\.small_area = 0 .*a number > 0"),
+        ("nwd:\n  terms: [box]\n",
+         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, small_area, rcnn_terms\)"),
     ],
 )
 def test_bad_settings_name_file_line_and_range(tmp_path, text, message):
@@ -86,6 +88,43 @@ def test_auto_constant_is_the_mean_absolute_size_in_input_pixels():
     assert fixed.nwd_constant == 12.8
     with pytest.raises(ValueError, match="hold none"):
         AnchorWeighting(nwd_config()).resolve_from_labels([{"shape": (10, 10), "bboxes": []}], 320)
+
+
+def test_auto_assigner_uses_nwd_while_small_training_boxes_are_fewer_than_half():
+    # at imgsz 320 a 640 x 480 image is halved: 0.1 x 0.1 of it is 32 x 24 = 768 px^2 (small), 0.5 x 0.5 is 19200
+    def labels(small: int, other: int) -> list[dict]:
+        return [{"shape": (480, 640), "bboxes": [[0.5, 0.5, 0.1, 0.1]] * small + [[0.5, 0.5, 0.5, 0.5]] * other}]
+
+    for small, other, uses_nwd in ((1, 2, True), (1, 1, False), (2, 1, False), (0, 3, True)):
+        weighting = AnchorWeighting(nwd_config(assigner="auto", constant=40.0))
+        assert weighting.nwd_assigner is None  # auto waits for the labels
+        weighting.resolve_from_labels(labels(small, other), 320)
+        assert weighting.nwd_assigner is uses_nwd, (small, other)
+        assert weighting.epoch_stats()["nwd/assigner"] == float(uses_nwd)  # recorded in results.csv
+    gated = AnchorWeighting(nwd_config(assigner="auto", constant=40.0, small_area=700))  # 768 is no longer small
+    gated.resolve_from_labels(labels(2, 1), 320)
+    assert gated.nwd_assigner is True
+    assert "nwd/assigner" not in AnchorWeighting(nwd_config(constant=40.0)).epoch_stats()  # a column only for auto
+
+
+@pytest.mark.parametrize("decision", [True, False])
+def test_auto_assigner_is_the_explicit_setting_it_resolves_to_bit_for_bit(decision):
+    model = build_model("yolov8n.yaml")
+    batch = bccd_batch()
+    preds = model(batch["img"])
+    explicit = build_size_aware_loss(model, AnchorWeighting(nwd_config(assigner=decision, constant=40.0)))
+    weighting = AnchorWeighting(nwd_config(assigner="auto", constant=40.0))
+    one_box = [[0.5, 0.5, 0.5, 0.5] if decision else [0.5, 0.5, 0.01, 0.01]]  # not small / small at imgsz 320
+    weighting.resolve_from_labels([{"shape": (480, 640), "bboxes": one_box}], 320)
+    auto = build_size_aware_loss(model, weighting)
+    expected_loss, expected_items = explicit(preds, batch)
+    loss, items = auto(preds, batch)
+    assert torch.equal(loss, expected_loss) and same_items(items, expected_items)
+
+
+def test_unresolved_auto_assigner_stops_before_the_first_loss_with_what_to_do():
+    with pytest.raises(RuntimeError, match="nwd.assigner is auto but was not resolved"):
+        build_size_aware_loss(build_model("yolov8n.yaml"), AnchorWeighting(nwd_config(assigner="auto", constant=40.0)))
 
 
 def test_unresolved_auto_constant_stops_the_loss_with_what_to_do():
@@ -232,19 +271,25 @@ def test_nwd_modes_train_and_leave_stock_checkpoints(bccd_subset, tmp_path):
             _, _, _, w, h = map(float, line.split())
             sizes.append(math.sqrt(w * w0 * h * h0) * TRAIN_IMGSZ / max(w0, h0))
     expected_constant = sum(sizes) / len(sizes)
+    small_share = sum(size * size < 32 * 32 for size in sizes) / len(sizes)  # assigner: auto uses NWD below 1/2
     bests = []
-    for loss in ("nwd", "nwd+feedback"):
+    for loss, variant in (("nwd", None), ("nwd+feedback", "assigner_auto")):
         code = train_main(["--data", str(bccd_subset), "--loss", loss, "--model", "yolov8n.yaml", "--project",
                            str(tmp_path), "--name", loss, "--epochs", "1", "--imgsz", str(TRAIN_IMGSZ), "--batch", "8",
-                           "--workers", "0", "--device", "cpu", "plots=False"])
+                           "--workers", "0", "--device", "cpu", "plots=False", *(["--loss-cfg", variant] if variant else [])])
         assert code == 0, loss
         run_dir = tmp_path / loss
-        assert yaml.safe_load((run_dir / "loss.yaml").read_text()) == {"loss": loss, "settings": load_loss_config(loss)}
+        saved = yaml.safe_load((run_dir / "loss.yaml").read_text())
+        assert saved == {"loss": loss, "settings": load_loss_config(loss, variant)}
         columns = read_results(run_dir / "results.csv")
         assert columns["train/box_loss"][0] > 0
         assert columns["nwd/constant"][0] == pytest.approx(expected_constant, rel=1e-3)
-        if loss == "nwd+feedback":
+        if variant:
+            assert saved["settings"]["nwd"]["assigner"] == "auto"
+            assert columns["nwd/assigner"][0] == float(small_share < 0.5)
             assert columns["feedback/steps"][0] >= 1
+        else:
+            assert "nwd/assigner" not in columns
         bests.append(str(run_dir / "weights" / "best.pt"))
     done = subprocess.run([sys.executable, "-c", STOCK_ONLY, str(bccd_subset), *bests], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

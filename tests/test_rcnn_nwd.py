@@ -38,13 +38,13 @@ from test_rcnn import (
     tiny_roi_heads,
     tiny_rpn,
 )
-from test_rcnn_feedback import ITERATIONS, STATE, results, resumable_copy, train_modes
+from test_rcnn_feedback import ITERATIONS, STATE, TRAIN_FLAGS, results, resumable_copy, train_modes
 from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
 from yolo_sizeloss.config import RCNN_METHODS, LossConfigError, load_loss_config
 from yolo_sizeloss.detections import ImageRecord, load_split
 from yolo_sizeloss.rcnn.cli import main
 from yolo_sizeloss.rcnn.data import training_box_sizes
-from yolo_sizeloss.rcnn.engine import training_nwd_constant
+from yolo_sizeloss.rcnn.engine import training_nwd_settings
 from yolo_sizeloss.rcnn.heads import LossSwitches, SizeBalancedRPN, end_feedback_step, feedback_columns
 from yolo_sizeloss.rcnn.model import build_model, model_from_checkpoint, split_feedback_state
 from yolo_sizeloss.weights import nwd, nwd_constant, nwd_matrix
@@ -311,13 +311,20 @@ def test_constant_from_the_training_labels_at_imgsz():
     assert widths.tolist() == [32.0, 20.0] and heights.tolist() == [24.0, 40.0]
     auto = load_loss_config("nwd")
     expected = (math.sqrt(32 * 24) + math.sqrt(20 * 40)) / 2
-    assert training_nwd_constant(auto, records, 320, None) == pytest.approx(expected)
-    assert training_nwd_constant(auto, records, 320, {"nwd_constant": 50.0}) == 50.0  # resume keeps the run's
-    assert training_nwd_constant({}, records, 320, None) is None
+    assert training_nwd_settings(auto, records, 320, None) == (pytest.approx(expected), True)
+    assert training_nwd_settings(auto, records, 320, {"nwd_constant": 50.0}) == (50.0, True)  # resume keeps the run's
+    assert training_nwd_settings({}, records, 320, None) == (None, False)
     fixed = {"nwd": {**auto["nwd"], "constant": 12.8}}
-    assert training_nwd_constant(fixed, records, 320, {"nwd_constant": 50.0}) == 12.8
-    with pytest.raises(ValueError, match="nwd.constant: auto needs boxes"):
-        training_nwd_constant(auto, records[2:], 320, None)
+    assert training_nwd_settings(fixed, records, 320, {"nwd_constant": 50.0}) == (12.8, True)
+    with pytest.raises(ValueError, match="nwd: auto settings need boxes"):
+        training_nwd_settings(auto, records[2:], 320, None)
+    # assigner auto: areas 768 and 800 input px^2; both small below 1024 (IoU), neither below 700 (NWD)
+    gated = {"nwd": {**fixed["nwd"], "assigner": "auto"}}
+    assert training_nwd_settings(gated, records, 320, None) == (12.8, False)
+    assert training_nwd_settings({"nwd": {**gated["nwd"], "small_area": 700}}, records, 320, None) == (12.8, True)
+    with pytest.raises(ValueError, match="nwd.assigner is auto but was not resolved"):
+        LossSwitches.from_config(gated)
+    assert LossSwitches.from_config(gated, None, False).nwd_assigner is False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,6 +360,19 @@ def test_training_leaves_checkpoints_that_stock_torchvision_loads(runs, tiny_dat
         for stage in ("rpn", "roi"):
             assert float(row[f"feedback/{stage}/steps"]) == ITERATIONS
         assert {k.split(".")[-1] for k in checkpoint["feedback"]} == set(STATE)
+
+
+@pytest.mark.slow
+def test_auto_assigner_is_decided_from_the_training_boxes_logged_and_kept_in_the_checkpoint(tiny_data, tmp_path):
+    assert main(["--data", str(tiny_data), "--project", str(tmp_path), "--name", "auto", "--loss", "nwd",
+                 "--loss-cfg", "assigner_auto", *TRAIN_FLAGS]) == 0
+    widths, heights = training_box_sizes(load_split(tiny_data, "train")[0], IMGSZ)
+    share = float((widths * heights < 1024).double().mean())  # small at the run's imgsz
+    checkpoint = load_checkpoint(tmp_path / "auto" / "weights" / "last.pt", RCNN_ARCH)
+    assert checkpoint["loss"]["nwd"]["assigner"] == "auto" and checkpoint["nwd_assigner"] is (share < 0.5)
+    assert float(results(tmp_path / "auto")[0]["nwd/assigner"]) == float(share < 0.5)
+    model = model_from_checkpoint(checkpoint)
+    assert (model.rpn.box_similarity == model.rpn.nwd_similarity) is (share < 0.5)
 
 
 @pytest.mark.slow

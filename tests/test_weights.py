@@ -15,6 +15,7 @@ from yolo_sizeloss.weights import (
     feedback_gain,
     gradlibra_weights,
     nwd,
+    nwd_assigner_auto,
     nwd_constant,
     plb_weights,
     scb_weights,
@@ -168,6 +169,17 @@ def test_nwd_constant_is_the_mean_absolute_size():
     assert nwd_constant(widths, heights) == 4.0
     with pytest.raises(ValueError, match="no box with a finite width and height"):
         nwd_constant(torch.tensor([NAN]), torch.tensor([1.0]))
+
+
+def test_nwd_assigner_auto_needs_small_boxes_to_be_fewer_than_half():
+    # areas 4, 36, 16 and 2000 (the NaN box is left out); below 20: 4 and 16, two of four
+    widths, heights = torch.tensor([4.0, 9.0, 1.0, 40.0, NAN]), torch.tensor([1.0, 4.0, 16.0, 50.0, 3.0])
+    assert nwd_assigner_auto(widths, heights, 20)[0] is False  # exactly half: not a minority
+    assert nwd_assigner_auto(widths, heights, 10)[0] is True  # one of four
+    assert nwd_assigner_auto(widths, heights, 40)[0] is False  # three of four
+    assert nwd_assigner_auto(widths, heights, 10)[1].startswith("25.0% of 4 training boxes are small (area < 10 ")
+    with pytest.raises(ValueError, match="no box with a finite width and height"):
+        nwd_assigner_auto(torch.tensor([NAN]), torch.tensor([1.0]), 10)
 
 
 def _distributed_worker(rank: int, world: int, port: int, results):

@@ -45,8 +45,9 @@ def _choice(*options: str):
     return validate
 
 
-def _flag(value: Any) -> tuple[bool, str]:
-    return isinstance(value, bool), "true or false"
+def _flag_or_auto(value: Any) -> tuple[bool, str]:
+    # 'auto': decided from the training labels when training starts (weights.nwd_assigner_auto)
+    return isinstance(value, bool) or value == "auto", "true, false or auto"
 
 
 def _positive_or_auto(value: Any) -> tuple[bool, str]:
@@ -86,7 +87,8 @@ SCHEMA: dict[str, dict[str, Callable[[Any], tuple[bool, str]]]] = {
     "nwd": {  # not a weight: NWD replaces part of the box loss and, optionally, the assigner's overlap
         "ratio": _number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         "constant": _positive_or_auto,
-        "assigner": _flag,
+        "assigner": _flag_or_auto,
+        "small_area": _number(lambda v: v > 0, "a number > 0 (network-input pixels squared)"),
         "rcnn_terms": _terms("rpn_box", "roi_box"),  # NWD replaces part of a box term: the two box terms
     },
 }

@@ -43,7 +43,7 @@ from yolo_sizeloss.rcnn.model import (
     split_feedback_state,
     unwrap,
 )
-from yolo_sizeloss.weights import nwd_constant
+from yolo_sizeloss.weights import nwd_assigner_auto, nwd_constant
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 WARMUP_FACTOR = 1e-3  # first warm-up learning rate, as a fraction of --lr
@@ -266,27 +266,39 @@ def fit(args: argparse.Namespace) -> Path:
             dist.destroy_process_group()
 
 
-def training_nwd_constant(
+def training_nwd_settings(
     config: dict, records: list[ImageRecord], imgsz: int, checkpoint: dict | None, log: bool = True
-) -> float | None:
-    """The NWD constant of this run: None without ``nwd``; the configured number; on resume the
-    checkpoint's; else (``auto``) the mean ``sqrt(w * h)`` of the training boxes at ``imgsz``, as Wang
-    et al. set C (``training_box_sizes``: the pixels the heads see), computed once here."""
+) -> tuple[float | None, bool]:
+    """NWD's constant and whether the RPN matcher uses NWD, for this run; (None, False) without ``nwd``.
+
+    The constant is the configured number; on resume the checkpoint's; else (``auto``) the mean
+    ``sqrt(w * h)`` of the training boxes at ``imgsz``, as Wang et al. set C (``training_box_sizes``:
+    the pixels the heads see). ``assigner: auto`` is ``weights.nwd_assigner_auto`` of the same
+    boxes. Both are computed once here."""
     if "nwd" not in config:
-        return None
-    if config["nwd"]["constant"] != "auto":
-        return float(config["nwd"]["constant"])
-    if checkpoint is not None and checkpoint.get("nwd_constant") is not None:
-        return float(checkpoint["nwd_constant"])
+        return None, False
+    nwd_cfg = config["nwd"]
+    constant = None if nwd_cfg["constant"] == "auto" else float(nwd_cfg["constant"])
+    if constant is None and checkpoint is not None and checkpoint.get("nwd_constant") is not None:
+        constant = float(checkpoint["nwd_constant"])
+    assigner = nwd_cfg["assigner"]
+    if constant is not None and assigner != "auto":
+        return constant, assigner
     widths, heights = training_box_sizes(records, imgsz)
     try:
-        constant = nwd_constant(widths, heights)
+        if constant is None:
+            constant = nwd_constant(widths, heights)
+            if log:
+                LOGGER.info(f"nwd.constant auto = {constant:.2f} input pixels "
+                            f"(mean sqrt(w*h) of {widths.numel()} training boxes at imgsz {imgsz})")
+        if assigner == "auto":
+            assigner, reason = nwd_assigner_auto(widths, heights, nwd_cfg["small_area"])
+            if log:
+                LOGGER.info(f"nwd.assigner auto = {str(assigner).lower()} ({reason})")
     except ValueError:
-        raise ValueError("nwd.constant: auto needs boxes, and the training labels hold none: set a number") from None
-    if log:
-        LOGGER.info(f"nwd.constant auto = {constant:.2f} input pixels "
-                    f"(mean sqrt(w*h) of {widths.numel()} training boxes at imgsz {imgsz})")
-    return constant
+        raise ValueError("nwd: auto settings need boxes, and the training labels hold none: "
+                         "set nwd.constant to a number and nwd.assigner to true or false") from None
+    return constant, assigner
 
 
 def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) -> Path:
@@ -296,7 +308,7 @@ def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) ->
     val_records, _ = load_split(args.data, "val")
     train_records = train_records[: max(1, round(len(train_records) * args.fraction))]
     switches = LossSwitches.from_config(
-        args.loss_config, training_nwd_constant(args.loss_config, train_records, args.imgsz, checkpoint, ctx.is_main))
+        args.loss_config, *training_nwd_settings(args.loss_config, train_records, args.imgsz, checkpoint, ctx.is_main))
     if checkpoint is not None:
         save_dir = Path(args.resume).resolve().parent.parent
     else:
@@ -371,9 +383,11 @@ def save_epoch(
     args: argparse.Namespace,
     data: dict,
 ) -> float:
-    """Write the epoch's ``results.csv`` row (with the feedback state at the epoch's end and the NWD
-    constant, if any), ``weights/last.pt`` and (if fitter) ``best.pt``; return the best fitness."""
-    constant = unwrap(model).rpn.switches.nwd_constant
+    """Write the epoch's ``results.csv`` row (with the feedback state at the epoch's end, the NWD
+    constant, if any, and the assigner decision of ``nwd.assigner: auto``), ``weights/last.pt`` and (if fitter) ``best.pt``; return the best fitness."""
+    switches = unwrap(model).rpn.switches
+    constant = switches.nwd_constant
+    auto_assigner = args.loss_config.get("nwd", {}).get("assigner") == "auto"  # a column only then: older runs resume
     append_results(save_dir / "results.csv", {
         "epoch": epoch + 1,
         "time": round(elapsed, 2),
@@ -383,6 +397,7 @@ def save_epoch(
         "lr/pg0": lr,
         **feedback_columns(unwrap(model)),
         **({"nwd/constant": constant} if "nwd" in args.loss_config else {}),
+        **({"nwd/assigner": float(switches.nwd_assigner)} if auto_assigner else {}),
     })
     detector_state, feedback_state = split_feedback_state(unwrap(model).state_dict())
     current = fitness(metrics)
@@ -396,6 +411,7 @@ def save_epoch(
         "model": detector_state,  # torchvision's keys only: a stock FasterRCNN loads it
         "feedback": feedback_state,  # the loss heads' feedback state (empty without feedback), for --resume
         "nwd_constant": constant,  # NWD's C as used (auto resolved from the labels); None without nwd
+        "nwd_assigner": switches.nwd_assigner,  # NWD in the RPN matcher, as used (also when auto)
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "epoch": epoch,

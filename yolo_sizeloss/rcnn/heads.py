@@ -97,16 +97,23 @@ class LossSwitches:
     nwd_assigner: bool = False  # NWD as the RPN matcher's similarity
 
     @classmethod
-    def from_config(cls, config: dict, nwd_constant: Optional[float] = None) -> "LossSwitches":
+    def from_config(
+        cls, config: dict, nwd_constant: Optional[float] = None, nwd_assigner: Optional[bool] = None
+    ) -> "LossSwitches":
         """The switches of a resolved loss config (methods without a section are off).
 
-        ``nwd_constant`` is the value ``nwd.constant: auto`` resolved to (``training_nwd_constant``,
-        computed by the engine from the training labels); a number in the settings wins.
+        ``nwd_constant`` and ``nwd_assigner`` are what ``nwd.constant: auto`` and ``nwd.assigner:
+        auto`` resolved to (``training_nwd_settings``, computed by the engine from the training
+        labels); a value in the settings wins.
         """
         plb, scb, fb, gl, nw = (config.get(m) for m in ("plb", "scb", "feedback", "gradlibra", "nwd"))
         defaults = cls()
         if nw and nw["constant"] != "auto":
             nwd_constant = float(nw["constant"])
+        if nw and nw["assigner"] != "auto":
+            nwd_assigner = nw["assigner"]
+        elif nw and nwd_assigner is None:
+            raise ValueError("nwd.assigner is auto but was not resolved: pass training_nwd_settings' decision")
         return cls(
             plb=tuple(plb["rcnn_terms"]) if plb else (),
             plb_source=plb["source"] if plb else defaults.plb_source,
@@ -123,7 +130,7 @@ class LossSwitches:
             nwd=tuple(nw["rcnn_terms"]) if nw else (),
             nwd_ratio=nw["ratio"] if nw else defaults.nwd_ratio,
             nwd_constant=nwd_constant if nw else None,
-            nwd_assigner=bool(nw and nw["assigner"]),
+            nwd_assigner=bool(nw and nwd_assigner),
         )
 
     def stage_terms(self, stage: str) -> tuple[str, ...]:
@@ -149,7 +156,7 @@ class LossSwitches:
         """The NWD constant; a RuntimeError while ``auto`` is unresolved."""
         if self.nwd_constant is None:
             raise RuntimeError("nwd.constant is auto but was not resolved: pass LossSwitches.from_config the "
-                               "training_nwd_constant of the training labels (the engine does), or set a number")
+                               "training_nwd_settings of the training labels (the engine does), or set a number")
         return self.nwd_constant
 
     def stage_feedback(self, stage: str) -> Optional["StageFeedback"]:

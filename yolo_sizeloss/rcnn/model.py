@@ -105,12 +105,12 @@ def unwrap(model: torch.nn.Module) -> FasterRCNN:
 
 def model_from_checkpoint(checkpoint: dict, imgsz: int | None = None) -> FasterRCNN:
     """Rebuild the checkpoint's model (at its own ``imgsz`` unless one is given) with its weights,
-    feedback state and resolved NWD constant (``nwd.constant: auto``) loaded."""
+    feedback state and resolved NWD settings (``nwd.constant``/``nwd.assigner: auto``) loaded."""
     model = build_model(
         checkpoint["backbone"],
         checkpoint["num_classes"],
         imgsz or checkpoint["imgsz"],
-        LossSwitches.from_config(checkpoint["loss"], checkpoint.get("nwd_constant")),
+        LossSwitches.from_config(checkpoint["loss"], checkpoint.get("nwd_constant"), checkpoint.get("nwd_assigner")),
     )
     model.load_state_dict({**checkpoint["model"], **checkpoint.get("feedback", {})})
     return model

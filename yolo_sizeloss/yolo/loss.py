@@ -27,6 +27,7 @@ from yolo_sizeloss.weights import (
     box_areas,
     gradlibra_weights,
     nwd,
+    nwd_assigner_auto,
     nwd_constant,
     plb_weights,
     scb_weights,
@@ -81,8 +82,10 @@ class AnchorWeighting(nn.Module):
         fb = config.get("feedback")
         self.feedback = FeedbackBalancer(fb["momentum"], fb["g_max"]) if fb else None
         nwd_cfg = config.get("nwd")
-        # NWD's C in network-input pixels; 'auto' stays None until resolve_from_labels
+        # NWD's C in network-input pixels, and whether the assigner measures overlap by NWD; an 'auto'
+        # setting stays None until resolve_from_labels
         self.nwd_constant = None if not nwd_cfg or nwd_cfg["constant"] == "auto" else float(nwd_cfg["constant"])
+        self.nwd_assigner = False if not nwd_cfg else None if nwd_cfg["assigner"] == "auto" else nwd_cfg["assigner"]
         self.register_buffer("step_sums", torch.zeros(4, dtype=torch.float64))  # small/total loss, count
         self.register_buffer("epoch_sums", torch.zeros(6, dtype=torch.float64))  # box, cls, n: small/other
 
@@ -146,18 +149,25 @@ class AnchorWeighting(nn.Module):
 
         ``nwd.constant: auto`` becomes the data's mean absolute object size, ``mean(sqrt(w * h))``
         over every box of ``labels`` (an Ultralytics dataset's, ``trainer.train_loader.dataset.labels``)
-        in network-input pixels at ``imgsz`` (``training_label_sizes``), as Wang et al. set C.
-        Without such a setting this does nothing.
+        in network-input pixels at ``imgsz`` (``training_label_sizes``), as Wang et al. set C;
+        ``nwd.assigner: auto`` becomes ``weights.nwd_assigner_auto`` of the same boxes. Without such
+        a setting this does nothing.
         """
-        if "nwd" in self.config and self.config["nwd"]["constant"] == "auto":
-            widths, heights = training_label_sizes(labels, imgsz)
-            try:
+        nwd_cfg = self.config.get("nwd")
+        if not nwd_cfg or "auto" not in (nwd_cfg["constant"], nwd_cfg["assigner"]):
+            return
+        widths, heights = training_label_sizes(labels, imgsz)
+        try:
+            if nwd_cfg["constant"] == "auto":
                 self.nwd_constant = nwd_constant(widths, heights)
-            except ValueError:
-                raise ValueError("nwd.constant: auto needs boxes, and the training labels hold none: "
-                                 "set a number") from None
-            LOGGER.info(f"nwd.constant auto = {self.nwd_constant:.2f} input pixels "
-                        f"(mean sqrt(w*h) of {widths.numel()} training boxes at imgsz {imgsz})")
+                LOGGER.info(f"nwd.constant auto = {self.nwd_constant:.2f} input pixels "
+                            f"(mean sqrt(w*h) of {widths.numel()} training boxes at imgsz {imgsz})")
+            if nwd_cfg["assigner"] == "auto":
+                self.nwd_assigner, reason = nwd_assigner_auto(widths, heights, nwd_cfg["small_area"])
+                LOGGER.info(f"nwd.assigner auto = {str(self.nwd_assigner).lower()} ({reason})")
+        except ValueError:
+            raise ValueError("nwd: auto settings need boxes, and the training labels hold none: "
+                             "set nwd.constant to a number and nwd.assigner to true or false") from None
 
     def nwd_similarity(self, boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
         """Element-wise NWD (float32) of xyxy boxes in network-input pixels, with the configured constant."""
@@ -206,6 +216,8 @@ class AnchorWeighting(nn.Module):
         self.epoch_sums.zero_()
         if self.nwd_constant is not None:
             stats["nwd/constant"] = self.nwd_constant  # the C trained with, also when it was 'auto'
+        if self.config.get("nwd", {}).get("assigner") == "auto":  # a column only for 'auto': older runs resume
+            stats["nwd/assigner"] = float(self.nwd_assigner)  # 1: NWD ranked the anchors
         return {**stats, **self.feedback_state()}
 
     def feedback_state(self) -> dict[str, float]:
@@ -349,7 +361,10 @@ def install_size_aware_loss(criterion: v8DetectionLoss | E2ELoss, weighting: Anc
         if isinstance(branch.assigner, ObservedAssigner):
             raise ValueError("this criterion already carries the size-aware loss")
         pending = PendingWeights()
-        if nwd_cfg and nwd_cfg["assigner"]:
+        if weighting.nwd_assigner is None:
+            raise RuntimeError("nwd.assigner is auto but was not resolved: call AnchorWeighting.resolve_from_labels"
+                               "(dataset.labels, imgsz) first (SizeAwareTrainer does), or set true or false")
+        if weighting.nwd_assigner:
             if not hasattr(branch.assigner, "iou_calculation"):
                 raise TypeError(f"nwd.assigner: {type(branch.assigner).__name__} has no iou_calculation to replace")
             branch.assigner.iou_calculation = NWDOverlap(weighting)  # this instance only; the class stays stock
