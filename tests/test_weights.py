@@ -177,7 +177,7 @@ def test_nwd_assigner_auto_needs_small_boxes_to_be_fewer_than_half():
     assert nwd_assigner_auto(widths, heights, 20)[0] is False  # exactly half: not a minority
     assert nwd_assigner_auto(widths, heights, 10)[0] is True  # one of four
     assert nwd_assigner_auto(widths, heights, 40)[0] is False  # three of four
-    assert nwd_assigner_auto(widths, heights, 10)[1].startswith("25.0% of 4 training boxes are small (area < 10 ")
+    assert nwd_assigner_auto(widths, heights, 10)[1].startswith("25.0% of 4 training boxes are small, below 10 input")
     with pytest.raises(ValueError, match="no box with a finite width and height"):
         nwd_assigner_auto(torch.tensor([NAN]), torch.tensor([1.0]), 10)
 

@@ -205,8 +205,8 @@ def nwd_assigner_auto(widths: torch.Tensor, heights: torch.Tensor, small_area: f
         raise ValueError("nwd_assigner_auto: no box with a finite width and height")
     share = float((areas < small_area).double().mean())
     use = share < NWD_ASSIGNER_MAX_SMALL_SHARE
-    reason = (f"{share:.1%} of {areas.numel()} training boxes are small (area < {small_area:g} input pixels), "
-              f"NWD ranks anchors where fewer than {NWD_ASSIGNER_MAX_SMALL_SHARE:.0%} are")
+    reason = (f"{share:.1%} of {areas.numel()} training boxes are small, below {small_area:g} input pixels; "
+              f"NWD ranks anchors only where fewer than {NWD_ASSIGNER_MAX_SMALL_SHARE:.0%} are")
     return use, reason
 
 
