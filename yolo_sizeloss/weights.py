@@ -210,6 +210,29 @@ def nwd_assigner_auto(widths: torch.Tensor, heights: torch.Tensor, small_area: f
     return use, reason
 
 
+def resolve_nwd_auto(
+    constant: float | str, assigner: bool | str, small_area: float, widths: torch.Tensor, heights: torch.Tensor,
+    imgsz: int,
+) -> tuple[float, bool, list[str]]:
+    """NWD's ``constant`` and ``assigner`` settings with each ``auto`` resolved from the training boxes
+    (``widths``, ``heights`` in network-input pixels at ``imgsz``: ``nwd_constant`` and
+    ``nwd_assigner_auto``), and a log line for each one resolved. Both detector families call this
+    once when training starts; no finite box with an ``auto`` setting raises ValueError."""
+    lines = []
+    try:
+        if constant == "auto":
+            constant = nwd_constant(widths, heights)
+            lines.append(f"nwd.constant auto = {constant:.2f} input pixels "
+                         f"(mean sqrt(w*h) of {widths.numel()} training boxes at imgsz {imgsz})")
+        if assigner == "auto":
+            assigner, reason = nwd_assigner_auto(widths, heights, small_area)
+            lines.append(f"nwd.assigner auto = {str(assigner).lower()} ({reason})")
+    except ValueError:
+        raise ValueError("nwd: auto settings need boxes, and the training labels hold none: "
+                         "set nwd.constant to a number and nwd.assigner to true or false") from None
+    return float(constant), assigner, lines
+
+
 def nwd_constant(widths: torch.Tensor, heights: torch.Tensor) -> float:
     """The NWD constant ``C`` of a data set: its mean absolute object size, ``mean(sqrt(w * h))``.
 

@@ -43,7 +43,7 @@ from yolo_sizeloss.rcnn.model import (
     split_feedback_state,
     unwrap,
 )
-from yolo_sizeloss.weights import nwd_assigner_auto, nwd_constant
+from yolo_sizeloss.weights import resolve_nwd_auto
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 WARMUP_FACTOR = 1e-3  # first warm-up learning rate, as a fraction of --lr
@@ -274,30 +274,19 @@ def training_nwd_settings(
     The constant is the configured number; on resume the checkpoint's; else (``auto``) the mean
     ``sqrt(w * h)`` of the training boxes at ``imgsz``, as Wang et al. set C (``training_box_sizes``:
     the pixels the heads see). ``assigner: auto`` is ``weights.nwd_assigner_auto`` of the same
-    boxes. Both are computed once here."""
+    boxes. Both are computed once here (``weights.resolve_nwd_auto``)."""
     if "nwd" not in config:
         return None, False
     nwd_cfg = config["nwd"]
-    constant = None if nwd_cfg["constant"] == "auto" else float(nwd_cfg["constant"])
-    if constant is None and checkpoint is not None and checkpoint.get("nwd_constant") is not None:
-        constant = float(checkpoint["nwd_constant"])
-    assigner = nwd_cfg["assigner"]
-    if constant is not None and assigner != "auto":
-        return constant, assigner
-    widths, heights = training_box_sizes(records, imgsz)
-    try:
-        if constant is None:
-            constant = nwd_constant(widths, heights)
-            if log:
-                LOGGER.info(f"nwd.constant auto = {constant:.2f} input pixels "
-                            f"(mean sqrt(w*h) of {widths.numel()} training boxes at imgsz {imgsz})")
-        if assigner == "auto":
-            assigner, reason = nwd_assigner_auto(widths, heights, nwd_cfg["small_area"])
-            if log:
-                LOGGER.info(f"nwd.assigner auto = {str(assigner).lower()} ({reason})")
-    except ValueError:
-        raise ValueError("nwd: auto settings need boxes, and the training labels hold none: "
-                         "set nwd.constant to a number and nwd.assigner to true or false") from None
+    constant, assigner = nwd_cfg["constant"], nwd_cfg["assigner"]
+    if constant == "auto" and checkpoint is not None and checkpoint.get("nwd_constant") is not None:
+        constant = checkpoint["nwd_constant"]
+    if "auto" not in (constant, assigner):
+        return float(constant), assigner
+    constant, assigner, lines = resolve_nwd_auto(
+        constant, assigner, nwd_cfg["small_area"], *training_box_sizes(records, imgsz), imgsz)
+    for line in lines if log else ():
+        LOGGER.info(line)
     return constant, assigner
 
 

@@ -27,9 +27,8 @@ from yolo_sizeloss.weights import (
     box_areas,
     gradlibra_weights,
     nwd,
-    nwd_assigner_auto,
-    nwd_constant,
     plb_weights,
+    resolve_nwd_auto,
     scb_weights,
 )
 
@@ -156,18 +155,10 @@ class AnchorWeighting(nn.Module):
         nwd_cfg = self.config.get("nwd")
         if not nwd_cfg or "auto" not in (nwd_cfg["constant"], nwd_cfg["assigner"]):
             return
-        widths, heights = training_label_sizes(labels, imgsz)
-        try:
-            if nwd_cfg["constant"] == "auto":
-                self.nwd_constant = nwd_constant(widths, heights)
-                LOGGER.info(f"nwd.constant auto = {self.nwd_constant:.2f} input pixels "
-                            f"(mean sqrt(w*h) of {widths.numel()} training boxes at imgsz {imgsz})")
-            if nwd_cfg["assigner"] == "auto":
-                self.nwd_assigner, reason = nwd_assigner_auto(widths, heights, nwd_cfg["small_area"])
-                LOGGER.info(f"nwd.assigner auto = {str(self.nwd_assigner).lower()} ({reason})")
-        except ValueError:
-            raise ValueError("nwd: auto settings need boxes, and the training labels hold none: "
-                             "set nwd.constant to a number and nwd.assigner to true or false") from None
+        self.nwd_constant, self.nwd_assigner, lines = resolve_nwd_auto(
+            nwd_cfg["constant"], nwd_cfg["assigner"], nwd_cfg["small_area"], *training_label_sizes(labels, imgsz), imgsz)
+        for line in lines:
+            LOGGER.info(line)
 
     def nwd_similarity(self, boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
         """Element-wise NWD (float32) of xyxy boxes in network-input pixels, with the configured constant."""
