@@ -199,10 +199,7 @@ def nwd_assigner_auto(widths: torch.Tensor, heights: torch.Tensor, small_area: f
     rule of this project, measured on those two data sets (README, Results), not the paper's.
     Returns the decision and a sentence for the log.
     """
-    areas = (widths.detach().double().clamp(min=0) * heights.detach().double().clamp(min=0))
-    areas = areas[torch.isfinite(areas)]
-    if areas.numel() == 0:
-        raise ValueError("nwd_assigner_auto: no box with a finite width and height")
+    areas = finite_box_areas(widths, heights, "nwd_assigner_auto")
     share = float((areas < small_area).double().mean())
     use = share < NWD_ASSIGNER_MAX_SMALL_SHARE
     reason = (f"{share:.1%} of {areas.numel()} training boxes are small, below {small_area:g} input pixels; "
@@ -241,8 +238,14 @@ def nwd_constant(widths: torch.Tensor, heights: torch.Tensor) -> float:
     height in the pixels the loss sees. Boxes with a non-finite size are left out; no finite box at
     all raises ValueError.
     """
-    size = torch.sqrt(widths.detach().double().clamp(min=0) * heights.detach().double().clamp(min=0))
-    size = size[torch.isfinite(size)]
-    if size.numel() == 0:
-        raise ValueError("nwd_constant: no box with a finite width and height")
-    return float(size.mean())
+    return float(finite_box_areas(widths, heights, "nwd_constant").sqrt().mean())
+
+
+def finite_box_areas(widths: torch.Tensor, heights: torch.Tensor, caller: str) -> torch.Tensor:
+    """``w * h`` (float64, sides below zero as zero) of the boxes whose area is finite; a ValueError
+    naming ``caller`` when none is."""
+    areas = widths.detach().double().clamp(min=0) * heights.detach().double().clamp(min=0)
+    areas = areas[torch.isfinite(areas)]
+    if areas.numel() == 0:
+        raise ValueError(f"{caller}: no box with a finite width and height")
+    return areas
