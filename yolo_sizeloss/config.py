@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import yaml
 
-from yolo_sizeloss.paths import CFG_DIR, VARIANTS_DIR, resolve_loss_cfg
+from yolo_sizeloss.paths import CFG_DIR, resolve_loss_cfg
 
 LOSS_CFG_DIR = CFG_DIR / "losses"
 RUN_DEFAULTS_FILE = CFG_DIR / "defaults.yaml"
@@ -186,8 +186,7 @@ def load_loss_config(spec: str, override: str | Path | None = None) -> dict[str,
         try:
             path = resolve_loss_cfg(override)
         except FileNotFoundError as e:
-            shipped = ", ".join(sorted(p.stem for p in VARIANTS_DIR.glob("*.yaml")))
-            raise LossConfigError(f"{e}; shipped variants: {shipped}") from None
+            raise LossConfigError(str(e)) from None
         data, lines = _read_yaml(path)
         for method, section in data.items():
             if method not in SCHEMA:

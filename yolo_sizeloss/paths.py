@@ -1,9 +1,9 @@
 """Where the package's shipped files live, and how a user's ``--data`` and ``--loss-cfg`` names resolve.
 
 The loss defaults (``cfg/losses``), their shipped variants (``cfg/variants``), the run defaults
-(``cfg/defaults.yaml``), the BCCD data yaml and the BCCD images are package data, found through ``importlib.resources`` so that an installed wheel
-works from any directory. Ultralytics opens data yamls and images by path, so the package must be
-installed unzipped (pip always does).
+(``cfg/defaults.yaml``), the BCCD data yaml and the BCCD images are package data, found through
+``importlib.resources`` so that an installed wheel works from any directory. Ultralytics opens data
+yamls and images by path, so the package must be installed unzipped (pip always does).
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from importlib.resources import files
 from pathlib import Path
 
 CFG_DIR = Path(str(files("yolo_sizeloss") / "cfg"))
-
-
 VARIANTS_DIR = CFG_DIR / "variants"
 
 
@@ -40,5 +38,9 @@ def resolve_data(data: str | Path) -> str:
 
 def resolve_loss_cfg(settings: str | Path) -> Path:
     """A ``--loss-cfg`` file's absolute path: a path, or a variant shipped in ``cfg/variants``
-    (``box_only``, ``gt_areas.yaml``)."""
-    return resolve_shipped(settings, VARIANTS_DIR, "loss settings")
+    (``box_only``, ``gt_areas.yaml``); the FileNotFoundError lists the shipped variants."""
+    try:
+        return resolve_shipped(settings, VARIANTS_DIR, "loss settings")
+    except FileNotFoundError as e:
+        shipped = ", ".join(sorted(p.stem for p in VARIANTS_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"{e}; shipped variants: {shipped}") from None
