@@ -373,7 +373,8 @@ def save_epoch(
     data: dict,
 ) -> float:
     """Write the epoch's ``results.csv`` row (with the feedback state at the epoch's end, the NWD
-    constant, if any, and the assigner decision of ``nwd.assigner: auto``), ``weights/last.pt`` and (if fitter) ``best.pt``; return the best fitness."""
+    constant, if any, and the assigner decision of ``nwd.assigner: auto``), ``weights/last.pt`` and
+    (if fitter) ``best.pt``; return the best fitness."""
     switches = unwrap(model).rpn.switches
     constant = switches.nwd_constant
     auto_assigner = args.loss_config.get("nwd", {}).get("assigner") == "auto"  # a column only then: older runs resume
