@@ -1,5 +1,6 @@
 """Ordinary mistakes on the command line: one error line, the right exit code, no run folder left behind."""
 
+import contextlib
 import shutil
 
 import pytest
@@ -14,6 +15,7 @@ FINISHED = ROOT / "tests" / "assets" / "yolov8n_bccd_baseline.pt"  # a finished 
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "\x1b" not in err, err  # no terminal colour codes
     return err
 
 
@@ -68,8 +70,134 @@ def test_verbose_shows_the_traceback(capsys):
 
 
 def test_console_command_dispatches(capsys):
-    assert main([]) == 2 and "usage: yolo-sizeloss {train,val,convert}" in capsys.readouterr().err
-    assert main(["train", "--epochs", "0"]) == 2 and "--epochs 0" in one_error_line(capsys)
+    assert main([]) == 2 and "usage: yolo-sizeloss COMMAND" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    for command in ("train", "val", "convert", "path"):  # each command on a line of its own, with what it does
+        assert any(line.split()[:1] == [command] and len(line.split()) > 3 for line in listed.splitlines()), listed
+    assert main(["train", "--epochs", "0"]) == 2
+    assert one_error_line(capsys).startswith("yolo-sizeloss train: error: --epochs 0")
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", "--help"])
     assert exit_info.value.code == 0
+
+
+def tiny_bccd(root, mutate=None):
+    """Two train and two val BCCD images with their labels; ``mutate(root)`` spoils them as a user's data might."""
+    for split in ("train", "val"):
+        for sub in ("images", "labels"):
+            (root / sub / split).mkdir(parents=True)
+        for image in sorted((BCCD / "images" / split).glob("*.jpg"))[:2]:
+            shutil.copy(image, root / "images" / split)
+            shutil.copy(BCCD / "labels" / split / f"{image.stem}.txt", root / "labels" / split)
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\n"
+                                    "names: {0: RBC, 1: WBC, 2: Platelets}\n")
+    if mutate:
+        mutate(root)
+    return root / "data.yaml"
+
+
+def rewrite_train_labels(text):
+    def mutate(root):
+        for label in (root / "labels" / "train").glob("*.txt"):
+            label.write_text(text)
+    return mutate
+
+
+def empty_val(root):
+    for image in (root / "images" / "val").glob("*.jpg"):
+        image.unlink()
+
+
+@pytest.mark.parametrize("mutate, loss, message", [
+    (rewrite_train_labels("7 0.5 0.5 0.1 0.1\n"), "baseline", "Label class 7 exceeds dataset class count 3"),
+    (rewrite_train_labels("0 nan 0.5 0.1 0.1\n"), "baseline", "split 'train' has no valid images"),
+    (rewrite_train_labels("0 0.5 inf 0.1 0.1\n"), "feedback", "split 'train' has no valid images"),
+    (empty_val, "baseline", "split 'val'"),
+    (rewrite_train_labels(""), "nwd", "nwd: auto settings need boxes"),
+])
+def test_bad_data_is_one_line_before_any_run_folder(tmp_path, capsys, mutate, loss, message):
+    """Each of these made Ultralytics write PROJECT/NAME and print its set-up before failing."""
+    data = tiny_bccd(tmp_path / "data", mutate)
+    project = tmp_path / "runs"
+    assert train_main(["--data", str(data), "--loss", loss, "--project", str(project), "--device", "cpu"]) == 1
+    assert message in one_error_line(capsys)
+    assert not project.exists()
+
+
+def test_a_faster_rcnn_checkpoint_given_to_yolo_names_its_family(tmp_path, capsys):
+    import torch
+
+    checkpoint = tmp_path / "rcnn.pt"
+    torch.save({"arch": "faster_rcnn", "model": {}}, checkpoint)
+    assert train_main(["--model", str(checkpoint), "--project", str(tmp_path / "runs")]) == 2
+    assert "is a Faster R-CNN checkpoint: train from it with --arch faster_rcnn" in one_error_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("arch", [[], ["--arch", "faster_rcnn"]])
+def test_a_missing_mps_device_is_a_usage_error_in_both_families(tmp_path, capsys, arch):
+    import torch
+
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    assert train_main([*arch, "--device", "mps", "--project", str(tmp_path / "runs")]) == 2
+    assert "--device mps:" in one_error_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "faster_rcnn", "--model", "x.pt"], "--model is YOLO's: Faster R-CNN is built from --backbone"),
+    (["--arch", "faster_rcnn", "--nonsense"], "unrecognized arguments: --nonsense"),
+    (["--nonsense"], "unrecognized arguments: --nonsense"),
+    (["--loss", ""], "--loss '': empty"),
+    (["--loss-cfg", "{dir}"], "is a folder; give a YAML file"),
+    (["--loss", "nwd", "--loss-cfg", "{dir}/twice.yaml"], "twice.yaml:3: 'nwd.ratio' is given twice (first on line 2)"),
+])
+def test_usage_mistakes_are_one_line_naming_the_flag(tmp_path, capsys, argv, message):
+    (tmp_path / "twice.yaml").write_text("nwd:\n  ratio: 0.5\n  ratio: 1.0\n")
+    argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) if "nonsense" in " ".join(argv) or "x.pt" in argv else contextlib.nullcontext():
+        assert train_main([*argv, "--project", str(tmp_path / "runs")]) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_val_given_arch_says_it_is_not_needed(capsys):
+    from yolo_sizeloss.cli import val_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        val_main(["--arch", "faster_rcnn", "--model", "x.pt"])
+    assert exit_info.value.code == 2
+    assert "--arch is not needed: val reads the detector family from the checkpoint" in one_error_line(capsys)
+
+
+def test_a_yolo_checkpoint_as_faster_rcnn_weights_says_which_flag_it_belongs_to(tmp_path, capsys):
+    assert train_main(["--arch", "faster_rcnn", "--weights", str(FINISHED), "--project", str(tmp_path / "runs")]) == 2
+    error = one_error_line(capsys)
+    assert f"--weights {FINISHED} is a YOLO checkpoint: give it to YOLO as --model" in error and len(error) < 300
+
+
+def test_an_empty_loss_cfg_file_warns_and_trains_the_defaults(tmp_path):
+    import logging
+
+    from ultralytics.utils import LOGGER
+
+    from yolo_sizeloss.config import load_loss_config
+
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    lines = Lines()
+    LOGGER.addHandler(lines)  # Ultralytics' logger writes to the streams it found at import, past pytest's capture
+    try:
+        (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+        assert load_loss_config("plb", tmp_path / "empty.yaml") == load_loss_config("plb")
+    finally:
+        LOGGER.removeHandler(lines)
+    assert any("empty.yaml is empty: the defaults of --loss plb apply" in line for line in lines.lines)

@@ -21,7 +21,7 @@ def test_defaults_follow_the_methods_document():
 
 @pytest.mark.parametrize("spec", ["focal", "plb+foo", "plb+plb", "baseline+scb", ""])
 def test_bad_loss_names(spec):
-    with pytest.raises(LossConfigError, match="valid names|twice|cannot be combined"):
+    with pytest.raises(LossConfigError, match="valid names|twice|cannot be combined|empty"):
         parse_loss_names(spec)
 
 

@@ -53,3 +53,57 @@ def test_wheel_installs_anywhere_and_trains_on_the_shipped_bccd(tmp_path):
          "--device", "cpu", "--bootstrap", "0"], cwd=work, env=env)
     metrics = json.loads((work / "runs" / "val" / "exp" / "metrics.json").read_text())
     assert metrics["meta"]["imgsz"] == 160 and metrics["meta"]["images"] == 72
+
+
+def package_imports() -> dict[str, set[str]]:
+    """For each module of the package, the package modules it imports anywhere in its body (function-local
+    imports too: an import cycle hidden inside a function is still a cycle)."""
+    import ast
+
+    package = ROOT / "yolo_sizeloss"
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in package.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("yolo_sizeloss"):
+                # "from yolo_sizeloss import convert" imports the module convert
+                imported |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                             for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names if a.name.startswith("yolo_sizeloss")}
+        graph[name] = {m for m in imported if m in modules and m != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of the import graph as a list of modules, or None."""
+    state: dict[str, str] = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+            if nxt not in state:
+                found = visit(nxt, [*path, nxt])
+                if found:
+                    return found
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            found = visit(start, [start])
+            if found:
+                return found
+    return None
+
+
+def test_the_package_has_no_import_cycle():
+    graph = package_imports()
+    assert graph["yolo_sizeloss.cli"] >= {"yolo_sizeloss.checks", "yolo_sizeloss.rcnn.cli"}  # the reader sees imports
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+    # and the checker finds one where there is one
+    assert find_cycle({**graph, "yolo_sizeloss.checks": graph["yolo_sizeloss.checks"] | {"yolo_sizeloss.cli"}})

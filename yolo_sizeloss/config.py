@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from ultralytics.utils import LOGGER
 
-from yolo_sizeloss.paths import CFG_DIR, resolve_loss_cfg
+from yolo_sizeloss.paths import CFG_DIR, RUN_DEFAULTS_FILE, resolve_loss_cfg
 
 LOSS_CFG_DIR = CFG_DIR / "losses"
-RUN_DEFAULTS_FILE = CFG_DIR / "defaults.yaml"
+LOSS_FILE = "loss.yaml"  # the resolved loss settings, saved in every run folder of either family
 METHODS = ("feedback", "scb", "plb", "gradlibra", "nwd")
 TERMS = ("box", "cls")  # YOLO: box = IoU + DFL (or L1), cls = element-wise class BCE
 RCNN_TERMS = ("rpn_cls", "rpn_box", "roi_cls", "roi_box")  # Faster R-CNN: RPN objectness/box, RoI class/box
@@ -94,14 +95,18 @@ SCHEMA: dict[str, dict[str, Callable[[Any], tuple[bool, str]]]] = {
 }
 
 
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path of a YAML mapping to its 1-based line, for error messages."""
+def _key_lines(text: str, file: Path) -> dict[tuple[str, ...], int]:
+    """Map each key path of a YAML mapping to its 1-based line, for error messages. A key given twice
+    in one mapping is an error: YAML would silently keep the last value."""
     lines: dict[tuple[str, ...], int] = {}
 
     def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 path = (*prefix, str(key.value))
+                if path in lines:
+                    raise LossConfigError(f"{file}:{key.start_mark.line + 1}: '{'.'.join(path)}' is given twice "
+                                          f"(first on line {lines[path]})")
                 lines[path] = key.start_mark.line + 1
                 walk(value, path)
 
@@ -115,7 +120,7 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple[str, ...], int]]:
     try:
         text = path.read_text()
         data = yaml.safe_load(text)
-        lines = _key_lines(text)
+        lines = _key_lines(text, path)
     except OSError as e:
         raise LossConfigError(f"{path}: cannot read ({e.strerror})") from None
     except yaml.YAMLError as e:
@@ -150,8 +155,10 @@ def _merge_section(
 
 def parse_loss_names(spec: str) -> list[str]:
     """Split a loss specification (``baseline``, ``plb``, ``plb+scb``) into method names, validated."""
-    names = [n.strip() for n in spec.split("+")]
     valid = ("baseline", *METHODS)
+    if not spec.strip():
+        raise LossConfigError(f"--loss {spec!r}: empty; give baseline or methods joined by '+' ({', '.join(METHODS)})")
+    names = [n.strip() for n in spec.split("+")]
     for name in names:
         if name not in valid:
             raise LossConfigError(
@@ -188,6 +195,8 @@ def load_loss_config(spec: str, override: str | Path | None = None) -> dict[str,
         except FileNotFoundError as e:
             raise LossConfigError(str(e)) from None
         data, lines = _read_yaml(path)
+        if not data:
+            LOGGER.warning(f"--loss-cfg {path} is empty: the defaults of --loss {spec} apply")
         for method, section in data.items():
             if method not in SCHEMA:
                 raise LossConfigError(f"{path}:{lines.get((str(method),), 1)}: unknown method '{method}' "
@@ -216,6 +225,35 @@ def loss_differences(saved: dict[str, dict[str, Any]], requested: dict[str, dict
             if a != b:
                 differ.append(f"{method}.{key} ({a} -> {b})")
     return differ
+
+
+def write_loss_record(run_dir: Path, config: dict[str, dict[str, Any]]) -> Path:
+    """Save the resolved settings as ``loss.yaml`` in a run folder (either family); a resume reads them back."""
+    path = Path(run_dir) / LOSS_FILE
+    path.write_text(yaml.safe_dump({"loss": loss_name(config), "settings": config}, sort_keys=False))
+    return path
+
+
+def read_loss_record(run_dir: Path) -> dict[str, dict[str, Any]] | None:
+    """The settings ``write_loss_record`` saved in ``run_dir``; None when the run has none."""
+    path = Path(run_dir) / LOSS_FILE
+    return yaml.safe_load(path.read_text())["settings"] if path.is_file() else None
+
+
+def check_resumed_loss(saved: dict | None, requested: dict, where: str) -> str | None:
+    """A resumed run keeps its loss: LossConfigError naming the settings in which ``requested`` differs
+    from the run's ``saved`` ones (None: a run that saved none, nothing to compare). Returns a line for
+    the log when the same methods were asked for in another order."""
+    if saved is None:
+        return None
+    differ = loss_differences(saved, requested)
+    if differ:
+        raise LossConfigError(f"{where}: a resumed run keeps its loss ({loss_name(saved)}); "
+                              f"the request differs in {', '.join(differ)}")
+    if list(saved) != list(requested):
+        return (f"--loss {loss_name(requested)} names the run's methods ({loss_name(saved)}) in another order: "
+                "the order of methods does not matter")
+    return None
 
 
 def describe_loss(config: dict[str, dict[str, Any]], arch: str = "yolo") -> str:

@@ -132,8 +132,9 @@ def load_split(data_yaml: str | Path, split: str) -> tuple[list[ImageRecord], di
     """
     records, data, skipped = check_split(data_yaml, split)
     where = f"{data.get('yaml_file', data_yaml)} split '{split}'"
-    if skipped:
-        LOGGER.warning(f"{where}: {skipped_summary(skipped, len(records) + sum(s.whole_image for s in skipped))}")
+    summary = skipped_summary(skipped, len(records) + sum(s.whole_image for s in skipped)) if skipped else ""
     if not records:
-        raise ValueError(f"{where} has no valid images")
+        raise ValueError(f"{where} has no valid images" + (f": {summary}" if summary else ""))
+    if summary:
+        LOGGER.warning(f"{where}: {summary}")
     return records, data

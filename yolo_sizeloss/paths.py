@@ -13,6 +13,7 @@ from pathlib import Path
 
 CFG_DIR = Path(str(files("yolo_sizeloss") / "cfg"))
 VARIANTS_DIR = CFG_DIR / "variants"
+RUN_DEFAULTS_FILE = CFG_DIR / "defaults.yaml"
 
 
 def resolve_shipped(name: str | Path, folder: Path, what: str) -> Path:
@@ -23,6 +24,8 @@ def resolve_shipped(name: str | Path, folder: Path, what: str) -> Path:
     naming every place that was tried.
     """
     path = Path(name).expanduser()
+    if path.is_dir():
+        raise FileNotFoundError(f"{what} {str(name)!r} is a folder; give a YAML file")
     candidates = [path, folder / path.name, folder / f"{path.name}.yaml"]
     for candidate in candidates:
         if candidate.is_file():
@@ -42,5 +45,21 @@ def resolve_loss_cfg(settings: str | Path) -> Path:
     try:
         return resolve_shipped(settings, VARIANTS_DIR, "loss settings")
     except FileNotFoundError as e:
-        shipped = ", ".join(sorted(p.stem for p in VARIANTS_DIR.glob("*.yaml")))
-        raise FileNotFoundError(f"{e}; shipped variants: {shipped}") from None
+        raise FileNotFoundError(f"{e}; shipped variants: {', '.join(shipped_variants())}") from None
+
+
+def shipped_variants() -> list[str]:
+    """The names of the loss-settings variants shipped in ``cfg/variants``."""
+    return sorted(p.stem for p in VARIANTS_DIR.glob("*.yaml"))
+
+
+def resolve_shipped_file(name: str) -> Path:
+    """The absolute path of a data yaml (``bccd.yaml``) or loss-settings variant the package ships, for
+    commands outside this package (stock ``yolo val``) that need a path; a file of that name in the
+    working folder does not count."""
+    for folder in (CFG_DIR, VARIANTS_DIR):
+        for candidate in (folder / name, folder / f"{name}.yaml"):
+            if candidate.is_file() and candidate != RUN_DEFAULTS_FILE:
+                return candidate.resolve()
+    data = ", ".join(sorted(p.name for p in CFG_DIR.glob("*.yaml") if p != RUN_DEFAULTS_FILE))
+    raise FileNotFoundError(f"{name!r} is not shipped (data: {data}; loss variants: {', '.join(shipped_variants())})")

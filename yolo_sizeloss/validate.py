@@ -31,7 +31,7 @@ from ultralytics.utils.checks import check_imgsz
 from ultralytics.utils.files import increment_path
 
 from yolo_sizeloss.checkpoints import RCNN_ARCH, checkpoint_kind, load_checkpoint
-from yolo_sizeloss.cli import DataError, check_data_yaml, check_device, one_line, run_guarded
+from yolo_sizeloss.checks import DataError, OneLineParser, check_data_yaml, one_line, parse_device, run_guarded
 from yolo_sizeloss.detections import ImageRecord, SkippedLabels, check_split, skipped_summary
 from yolo_sizeloss.evaluation import (
     COCO_EDGES,
@@ -60,10 +60,19 @@ ULTRALYTICS_KEYS = {  # stock validator stats key -> name in metrics.json "ultra
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+class ValParser(OneLineParser):
+    """One line for the train flag users carry over: the checkpoint names its own family."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments") and "--arch" in message.split():
+            self.exit(2, f"{self.prog}: error: --arch is not needed: val reads the detector family from the checkpoint\n")
+        super().error(message)
+
+
+def build_parser(prog: str = "yolo-sizeloss val") -> argparse.ArgumentParser:
     """Command-line options."""
-    parser = argparse.ArgumentParser(prog="yolo-sizeloss val", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser = ValParser(prog=prog, description=" ".join(__doc__.split("\n\n")[0].replace("``", "").split()),
+                       formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--model", help="checkpoint (.pt) to evaluate")
     parser.add_argument("--data", help="data yaml; a bare name such as bccd.yaml is looked up in the package's cfg/")
     parser.add_argument("--split", default="test", help="split of the data yaml (default test)")
@@ -110,7 +119,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if not 0 <= args.conf < 1 or not 0 < args.iou <= 1:
         raise ValueError(f"--conf {args.conf} / --iou {args.iou}: must be in [0, 1) / (0, 1]")
     parse_size_buckets(args.size_buckets)
-    check_device(args.device)
+    parse_device(args.device)
     args.data = check_data_yaml(args.data)
     try:
         args.checkpoint = load_checkpoint(args.model)
@@ -254,11 +263,10 @@ def run_report(args: argparse.Namespace) -> Path:
     return save_dir
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "yolo-sizeloss val") -> int:
     """``yolo-sizeloss val``: 0 on success; one error line and exit 2 (usage) or 1 (data, failure), the
     traceback only with --verbose."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
 
     def work(checked: argparse.Namespace) -> None:
         if checked.compare:
@@ -266,4 +274,4 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_report(checked)
 
-    return run_guarded(parser, lambda: check_args(args), work, args.verbose)
+    return run_guarded(prog, lambda: check_args(args), work, args.verbose)

@@ -14,31 +14,57 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+from ultralytics.utils import LOGGER
+
+from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
+from yolo_sizeloss.checks import (
+    DataError,
+    OneLineParser,
+    check_data_yaml,
+    check_run_flags,
+    one_line,
+    parse_device,
+    run_guarded,
+)
 from yolo_sizeloss.config import (
-    RCNN_METHODS,
+    METHODS,
     LossConfigError,
-    check_arch_supports,
+    check_resumed_loss,
     load_loss_config,
     parse_loss_names,
     run_defaults,
 )
+from yolo_sizeloss.rcnn.engine import fit
 from yolo_sizeloss.rcnn.heads import PLB_SHORTHANDS, parse_plb
 from yolo_sizeloss.rcnn.model import BACKBONES
 
 SIZE_SOURCES = ("predicted", "gt")
 RESUMABLE = ("epochs", "device", "workers")  # what a resumed run can change; anything else given is an error
-NEVER_DEFAULTED = ("data", "project", "name", "exist_ok", "resume", "device", "loss", "loss_cfg", "plb",
-                   "plb_source", "scb_rpn")
+LOSS_FLAGS = ("loss", "loss_cfg", "plb", "plb_source", "scb_rpn")  # on resume: must give the run's own loss
+YOLO_FLAGS = {  # YOLO's flags that mean something else here: one line saying what to use instead
+    "--model": "--model is YOLO's: Faster R-CNN is built from --backbone and starts from --weights (a checkpoint)",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """train.py's Faster R-CNN flags (every default None: see the module docstring)."""
-    p = argparse.ArgumentParser(prog="train.py --arch faster_rcnn",
-                                description="Train torchvision Faster R-CNN with size-aware losses")
-    p.add_argument("--arch", choices=["faster_rcnn"], default="faster_rcnn", help="detector family")
-    p.add_argument("--data", help="YOLO-format data yaml; a bare name is looked up in the package's cfg/ "
+class RcnnParser(OneLineParser):
+    """One line for a YOLO flag given to the Faster R-CNN path, saying what to use instead."""
+
+    def error(self, message: str):
+        for flag, advice in YOLO_FLAGS.items():
+            if message.startswith("unrecognized arguments") and flag in message.split():
+                self.exit(2, f"{self.prog}: error: {advice}\n")
+        super().error(message)
+
+
+def build_parser(prog: str = "yolo-sizeloss train") -> argparse.ArgumentParser:
+    """train's Faster R-CNN flags (every default None: see the module docstring)."""
+    p = RcnnParser(prog=prog, description="Train torchvision Faster R-CNN with size-aware losses "
+                                          "(--arch faster_rcnn; YOLO's flags: yolo-sizeloss train --help)")
+    p.add_argument("--arch", choices=[RCNN_ARCH], default=RCNN_ARCH, help="detector family")
+    p.add_argument("--data", help="YOLO-format data yaml; a bare name is looked up among the package's "
                                   "(default bccd.yaml)")
-    p.add_argument("--loss", help=f"baseline (default), or methods joined by '+': {', '.join(RCNN_METHODS)}")
+    p.add_argument("--loss", help=f"baseline (default), or methods joined by '+': {', '.join(METHODS)}")
     p.add_argument("--loss-cfg", help="YAML overriding the methods' settings (rcnn_terms and each method's own), or a shipped variant")
     p.add_argument("--plb", help=f"shorthand: PLB on the paper's switches, a comma list of {','.join(PLB_SHORTHANDS)}")
     p.add_argument("--plb-source", choices=SIZE_SOURCES, help="shorthand for plb.source")
@@ -72,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def loss_config(args: argparse.Namespace) -> dict:
     """The resolved loss settings of ``--loss``/``--loss-cfg`` with the PLB paper's shorthands applied."""
-    spec = args.loss or "baseline"
+    spec = "baseline" if args.loss is None else args.loss
     names = parse_loss_names(spec)
     if args.plb and "plb" not in names:
         spec = "+".join([*names, "plb"])
@@ -87,25 +113,22 @@ def loss_config(args: argparse.Namespace) -> dict:
         config["plb"]["source"] = args.plb_source
     if args.scb_rpn and "rpn_cls" not in config["scb"]["rcnn_terms"]:
         config["scb"]["rcnn_terms"] = [*config["scb"]["rcnn_terms"], "rpn_cls"]
-    check_arch_supports(config, "faster_rcnn")
     return config
 
 
 def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Give every run flag that is None its default from ``cfg/defaults.yaml`` (in place)."""
-    for key, value in {"data": "bccd.yaml", "device": "", "name": "train", "exist_ok": False,
-                       **run_defaults("faster_rcnn")}.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    return args
+    """The flags with every run flag that is None given its default from ``cfg/defaults.yaml``."""
+    defaults = {"data": "bccd.yaml", "device": "", "name": "train", "exist_ok": False, **run_defaults("faster_rcnn")}
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    return argparse.Namespace(**{**vars(args), **defaults, **given})
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Reject values no run could use, naming the flag (a new run's, after ``fill_defaults``); a data
-    yaml Ultralytics' own check refuses is a DataError."""
-    from yolo_sizeloss.cli import check_data_yaml, check_run_flags
-
-    check_run_flags(args)  # epochs, imgsz, batch, workers, fraction, device: as on the YOLO path
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """A new run's settings (after ``fill_defaults``) with the data yaml's absolute path and the
+    resolved loss; a value no run could use is a ValueError naming the flag, a data yaml Ultralytics'
+    own check refuses a DataError."""
+    check_run_flags(args.epochs, args.imgsz, args.batch, args.workers, args.fraction)
+    parse_device(args.device, allow_mps=False)
     for flag, value in {"batch": args.batch, "lr-step": args.lr_step}.items():
         if value < 1:  # no automatic batch on this path
             raise ValueError(f"--{flag} {value}: must be at least 1")
@@ -115,49 +138,59 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--warmup-iters {args.warmup_iters}: must not be negative")
     if args.lr <= 0:
         raise ValueError(f"--lr {args.lr}: must be positive")
-    if args.weights.upper() != "DEFAULT" and args.weights.lower() != "none" and not Path(args.weights).is_file():
-        raise ValueError(f"--weights {args.weights}: no such file (give a checkpoint path, DEFAULT or none)")
-    args.data = check_data_yaml(args.data)
+    check_weights(args.weights)
+    return argparse.Namespace(**{**vars(args), "data": check_data_yaml(args.data), "loss_config": loss_config(args)})
 
 
-def check_resume_args(args: argparse.Namespace) -> None:
-    """A resumed run continues with its own settings: any flag other than RESUMABLE is an error naming it."""
-    from yolo_sizeloss.cli import check_device
+def check_weights(weights: str) -> None:
+    """``--weights``: DEFAULT, none, or a checkpoint torchvision's Faster R-CNN can start from (this
+    project's, or a plain state dict); a YOLO checkpoint says which flag it belongs to."""
+    if weights.upper() == "DEFAULT" or weights.lower() == "none":
+        return
+    if not Path(weights).is_file():
+        raise ValueError(f"--weights {weights}: no such file (give a checkpoint path, DEFAULT or none)")
+    try:
+        ckpt = load_checkpoint(weights)
+    except ValueError as e:
+        raise DataError(f"--weights {weights}: {one_line(e)}") from e
+    if isinstance(ckpt.get("ema"), torch.nn.Module) or isinstance(ckpt.get("model"), torch.nn.Module):
+        raise ValueError(f"--weights {weights} is a YOLO checkpoint: give it to YOLO as --model {weights} "
+                         "(Faster R-CNN --weights takes a Faster R-CNN checkpoint or state dict)")
 
+
+def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:
+    """A resumed run continues with its own settings: a flag other than RESUMABLE is an error naming
+    it, and a loss given must be the run's own (in any order of methods)."""
+    parse_device(args.device, allow_mps=False)
     if not Path(args.resume).is_file():
         raise ValueError(f"--resume {args.resume}: no such checkpoint")
-    check_device(args.device)
     ignored = [k for k, v in vars(args).items()
-               if v is not None and k not in (*RESUMABLE, "resume", "arch", "verbose")]
+               if v is not None and k not in (*RESUMABLE, *LOSS_FLAGS, "resume", "arch", "verbose")]
     if ignored:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in ignored)
         raise ValueError(f"--resume continues the run with its own settings; {flags} cannot change on resume "
                          f"(allowed: {', '.join('--' + k for k in RESUMABLE)})")
+    try:
+        checkpoint = load_checkpoint(args.resume, RCNN_ARCH)
+    except ValueError as e:
+        raise DataError(f"--resume {args.resume}: {one_line(e)}") from e
+    if any(getattr(args, k) is not None for k in LOSS_FLAGS):
+        note = check_resumed_loss(checkpoint["loss"], loss_config(args), f"--resume {args.resume}")
+        if note:
+            LOGGER.info(note)
+    return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``train.py --arch faster_rcnn`` and ``python -m yolo_sizeloss.rcnn.cli`` (also under
-    torchrun): a flag no run could use is a usage error naming it (exit 2), bad data exit 1, before
-    anything is written; the traceback only with ``--verbose``."""
-    from yolo_sizeloss.cli import run_guarded
+def main(argv: list[str] | None = None, prog: str = "yolo-sizeloss train") -> int:
+    """Entry point of ``yolo-sizeloss train --arch faster_rcnn`` and ``python -m yolo_sizeloss.rcnn.cli``
+    (also under torchrun): a flag no run could use is a usage error naming it (exit 2), bad data exit
+    1, before anything is written; the traceback only with ``--verbose``."""
+    args = build_parser(prog).parse_args(argv)
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    def check() -> argparse.Namespace:
+        return check_resume_args(args) if args.resume else check_args(fill_defaults(args))
 
-    def usage() -> argparse.Namespace:
-        if args.resume:
-            check_resume_args(args)
-        else:
-            args.loss_config = loss_config(args)
-            check_args(fill_defaults(args))
-        return args
-
-    def train(checked: argparse.Namespace) -> None:
-        from yolo_sizeloss.rcnn.engine import fit
-
-        fit(checked)
-
-    return run_guarded(parser, usage, train, args.verbose)
+    return run_guarded(prog, check, fit, args.verbose)
 
 
 if __name__ == "__main__":

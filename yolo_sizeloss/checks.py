@@ -1,0 +1,137 @@
+"""What every command checks before it writes anything, and how a mistake is reported.
+
+A leaf of the package (it imports only the data readers), so that the commands of both detector
+families share it without importing each other. A mistake is one ``error:`` line: exit 2 for a
+flag no run can use, 1 for data that cannot be used or a failure while working; the traceback only
+with ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from ultralytics.data.utils import check_det_dataset
+
+from yolo_sizeloss.detections import load_split
+from yolo_sizeloss.paths import resolve_data
+
+TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ultralytics colours its messages for terminals
+
+
+class DataError(Exception):
+    """The data (a data yaml, its images or labels, a checkpoint) cannot be used; exit 1."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line naming the program, not the whole usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def one_line(error: BaseException | str) -> str:
+    """An exception's message (or a text) on one line, without terminal colour codes."""
+    return " ".join(TERMINAL_CODES.sub("", str(error)).split()) or type(error).__name__
+
+
+def run_guarded(prog: str, check: Callable[[], Any], work: Callable[[Any], Any], verbose: bool) -> int:
+    """Run ``work(check())`` and return the exit code: a ValueError or FileNotFoundError from ``check``
+    is a usage error (exit 2, prefixed with ``prog``), a DataError exit 1, any failure of ``work``
+    exit 1; each one ``error:`` line, the traceback only when ``verbose``."""
+    try:
+        checked = check()
+    except DataError as e:
+        if verbose:
+            raise
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as e:  # LossConfigError is a ValueError
+        if verbose:
+            raise
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    try:
+        work(checked)
+    except Exception as e:
+        if verbose:
+            raise
+        print(f"{prog}: error: {one_line(e)} (--verbose shows the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+@dataclass(frozen=True)
+class Device:
+    """A parsed ``--device``: ``kind`` is ``auto`` (CUDA if there is one, else the CPU), ``cpu``,
+    ``mps`` or ``cuda`` with its ``indices``."""
+
+    kind: str
+    indices: tuple[int, ...] = ()
+
+
+def parse_device(device: str | None, allow_mps: bool = True) -> Device:
+    """The one reading of ``--device`` for both families: '' or -1 (auto), cpu, mps, a CUDA index
+    (0, cuda:0) or a list (0,1). A device this machine lacks is a ValueError naming the flag, so a
+    run never starts on another device than the one asked for."""
+    spec = str(device or "").strip().lower().replace("cuda:", "")
+    if spec in ("", "-1"):
+        return Device("auto")
+    if spec == "cpu":
+        return Device("cpu")
+    if spec == "mps":
+        if not allow_mps:
+            raise ValueError(f"--device {device}: the Faster R-CNN path runs on cpu or CUDA devices")
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {device}: Apple's MPS is not available on this machine; use --device cpu")
+        return Device("mps")
+    ids = [s.strip() for s in spec.split(",") if s.strip()]
+    if not ids or not all(s.isdigit() for s in ids):
+        raise ValueError(f"--device {device}: expected cpu, mps, a CUDA index such as 0, or a list such as 0,1")
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+    missing = [s for s in ids if int(s) >= count]
+    if missing:
+        raise ValueError(f"--device {device}: no CUDA device {missing[0]} (this machine has {count})")
+    return Device("cuda", tuple(int(s) for s in ids))
+
+
+def check_data_yaml(data: str) -> str:
+    """The absolute path of a usable data yaml (Ultralytics' own check); DataError naming the file otherwise."""
+    path = resolve_data(data)
+    try:
+        check_det_dataset(path, autodownload=False)
+    except Exception as e:
+        raise DataError(f"{path}: {one_line(e)}") from e
+    return path
+
+
+def check_training_splits(data_yaml: str) -> dict:
+    """Ultralytics' own label check of the train and val splits, before a run folder exists: a split
+    without a usable image is a DataError naming the yaml, the split and why each image was left out
+    (images Ultralytics skips among usable ones are a warning, as in its own training). Returns the
+    train split's records (``detections.ImageRecord``) under ``train``."""
+    records = {}
+    for split in ("train", "val"):
+        try:
+            records[split], _ = load_split(data_yaml, split)
+        except ValueError as e:
+            raise DataError(one_line(e)) from e
+    return records
+
+
+def check_run_flags(epochs: int | None = None, imgsz: int | None = None, batch: int | None = None,
+                    workers: int | None = None, fraction: float | None = None) -> None:
+    """Values no run could use, naming the flag (None: not given)."""
+    for flag, value in (("epochs", epochs), ("imgsz", imgsz), ("batch", batch)):
+        if value is not None and value < 1 and not (flag == "batch" and value == -1):
+            raise ValueError(f"--{flag} {value}: must be at least 1" + (" (or -1: auto)" if flag == "batch" else ""))
+    if workers is not None and workers < 0:
+        raise ValueError(f"--workers {workers}: must not be negative")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"--fraction {fraction}: must be in (0, 1]")
