@@ -5,6 +5,7 @@ Run with YOLO_OFFLINE=1 YOLO_AUTOINSTALL=0. Nothing is downloaded: models start 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from yolo_sizeloss.checkpoints import RCNN_ARCH
+from yolo_sizeloss.cli import train_main
 from yolo_sizeloss.checkpoints import load_checkpoint as load_any_checkpoint
 from yolo_sizeloss.config import load_loss_config
 from yolo_sizeloss.detections import load_split
@@ -419,16 +421,30 @@ def test_resume_continues_the_run(trained_run, tmp_path, capsys):
     checkpoint = torch.load(last, weights_only=True)
     checkpoint["train_args"]["epochs"] = 2  # as if the run had been started for 2 epochs and stopped after 1
     torch.save(checkpoint, last)
-    assert main(["--resume", str(last)]) == 0
-    assert len((run / "results.csv").read_text().splitlines()) == 3
+    first_row = (run / "results.csv").read_text().splitlines()[1]
+    with open(run / "results.csv", "a") as f:  # epoch 2's row of a run killed before its checkpoint was written
+        f.write(first_row.replace("1,", "2,", 1) + "\n")
+    # the checkpoint knows its family: no --arch needed to resume it
+    assert train_main(["--resume", str(last)]) == 0
+    rows = list(csv.DictReader(open(run / "results.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[1]["time"]) > float(rows[0]["time"])
+    assert rows[1] != dict(zip(rows[0], first_row.replace("1,", "2,", 1).split(",")))  # trained again
     resumed = load_checkpoint(last)
     assert resumed["epoch"] == 1 and resumed["scheduler"]["last_epoch"] == 2
+    assert yaml.safe_load((run / "loss.yaml").read_text())["settings"] == resumed["loss"]
+    assert (run / "weighting.png").is_file()
     capsys.readouterr()
     assert main(["--resume", str(last)]) == 1  # finished: a one-line error, not a traceback
     assert "nothing to resume; give --epochs above 2" in capsys.readouterr().err
     assert main(["--resume", str(last), "--imgsz", "256"]) == 2  # a resume keeps its image size
     assert "--imgsz cannot change on resume" in capsys.readouterr().err
-    assert main(["--resume", str(last), "--epochs", "3"]) == 0  # a new total extends the finished run
+    # a changed loss: the YOLO path's words and exit code, under the program's own name
+    assert train_main(["--resume", str(last), "--loss", "feedback"], "yolo-sizeloss train") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"yolo-sizeloss train: error: --resume {last}: a resumed run keeps its loss (plb+scb); "
+                          "the request differs in") and len(err.splitlines()) == 1
+    # the run's methods in another order: accepted; a new total extends the finished run
+    assert main(["--resume", str(last), "--loss", "scb+plb", "--plb", "1C,1B", "--scb-rpn", "--epochs", "3"]) == 0
     assert len((run / "results.csv").read_text().splitlines()) == 4 and load_checkpoint(last)["epoch"] == 2
 
 

@@ -117,55 +117,79 @@ def test_unknown_loss_fails_at_once_with_the_valid_names():
     assert "unknown loss 'focal'" in result.stderr and "baseline, feedback, scb, plb, gradlibra" in result.stderr
 
 
-def test_key_value_pairs_reach_ultralytics_and_may_not_shadow_a_flag(tmp_path):
-    from yolo_sizeloss.cli import build_yolo_parser, train_main, yolo_overrides
+def test_key_value_pairs_reach_ultralytics_and_may_not_shadow_a_flag(bccd_subset):
+    from yolo_sizeloss.cli import build_yolo_parser, check_yolo_request, train_main
 
     parse = build_yolo_parser().parse_args
-    new_run = yolo_overrides(parse(["--epochs", "3", "cls=2.5", "mosaic=0"]))
-    assert (new_run["epochs"], new_run["batch"], new_run["cls"], new_run["mosaic"]) == (3, 16, 2.5, 0)
-    last = tmp_path / "last.pt"
-    last.write_bytes(b"")
-    resumed = yolo_overrides(parse(["--resume", str(last), "--batch", "8", "--epochs", "9", "close_mosaic=2"]))
-    # resume: what a resumed run can change is passed (a new --epochs too); new-run defaults are not
-    assert resumed == {"resume": str(last), "model": str(last), "batch": 8, "epochs": 9, "close_mosaic": 2}
+    new_run = check_yolo_request(parse(["--data", str(bccd_subset), "--epochs", "3", "cls=2.5", "mosaic=0"]))
+    overrides = new_run.overrides
+    assert (overrides["epochs"], overrides["batch"], overrides["cls"], overrides["mosaic"]) == (3, 16, 2.5, 0)
     assert train_main(["--loss", "feedback", "epochs=5"]) == 2
 
 
 @pytest.mark.slow
-def test_resume_restores_the_feedback_state(bccd_subset, tmp_path):
+def test_resume_restores_the_feedback_state_and_continues_results_csv(bccd_subset, tmp_path, capsys):
     from ultralytics.utils.patches import torch_load
 
+    from yolo_sizeloss.cli import build_yolo_parser, check_yolo_request
     from yolo_sizeloss.yolo.trainer import SizeAwareTrainer
 
-    class Interrupted(Exception):
+    class Killed(Exception):
         pass
 
-    def interrupt(trainer):
-        raise Interrupted
-
-    overrides = dict(model="yolov8n.yaml", data=str(bccd_subset), epochs=2, imgsz=IMGSZ, batch=8, workers=0,
+    overrides = dict(model="yolov8n.yaml", data=str(bccd_subset), epochs=3, imgsz=IMGSZ, batch=8, workers=0,
                      device="cpu", plots=False, project=str(tmp_path), name="fb")
     first = SizeAwareTrainer.with_loss(load_loss_config("feedback"))(overrides=overrides)
-    first.add_callback("on_model_save", interrupt)  # stop after epoch 1 is saved, as a killed run would
-    with pytest.raises(Interrupted):
+    save_model = first.save_model
+
+    def killed_in_epoch_2():  # after epoch 2's results.csv row, before its checkpoint: as a run killed there
+        if first.epoch == 1:
+            raise Killed
+        return save_model()
+
+    first.save_model = killed_in_epoch_2
+    with pytest.raises(Killed):
         first.train()
+    before = results_rows(tmp_path / "fb")
+    assert [int(r["epoch"]) for r in before] == [1, 2]
     last = tmp_path / "fb" / "weights" / "last.pt"
     saved = torch_load(last, map_location="cpu", weights_only=False)["train_metrics"]
     assert saved["feedback/steps"] >= 1
+
+    # resume: what a resumed run can change is passed (a new --epochs too); new-run defaults are not
+    resumed = check_yolo_request(build_yolo_parser().parse_args(
+        ["--resume", str(last), "--batch", "8", "--epochs", "9", "close_mosaic=2"]))
+    assert resumed.overrides == {"resume": str(last), "model": str(last), "batch": 8, "epochs": 9, "close_mosaic": 2}
+    assert resumed.loss_config is None  # the run's own loss.yaml rules
 
     changed = load_loss_config("feedback")
     changed["feedback"]["momentum"] = 0.5
     with pytest.raises(ValueError, match=r"differs in feedback.momentum \(0.9 -> 0.5\)"):
         SizeAwareTrainer.with_loss(changed)(overrides={"resume": str(last), "model": str(last)})
 
+    # the command line refuses it before anything runs, in the Faster R-CNN path's words and exit code
+    from yolo_sizeloss.cli import train_main
+
+    (tmp_path / "momentum.yaml").write_text("feedback:\n  momentum: 0.5\n")
+    capsys.readouterr()
+    assert train_main(["--resume", str(last), "--loss", "feedback", "--loss-cfg", str(tmp_path / "momentum.yaml")],
+                      "yolo-sizeloss train") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"yolo-sizeloss train: error: --resume {last}: a resumed run keeps its loss (feedback); "
+                   "the request differs in feedback.momentum (0.9 -> 0.5)")
+
     restored = {}
-    # the class knows no loss (it comes from the run's loss.yaml); a new epochs total extends the run
-    resumed = SizeAwareTrainer(overrides={"resume": str(last), "model": str(last), "epochs": 3})
+    # the class knows no loss (it comes from the run's loss.yaml)
+    resumed = SizeAwareTrainer(overrides={"resume": str(last), "model": str(last)})
     resumed.add_callback("on_pretrain_routine_end", lambda t: restored.update(t.weighting.feedback_state()))
     resumed.train()
     assert resumed.loss_config == load_loss_config("feedback")
     assert restored == {k: saved[k] for k in restored} and len(restored) == 5
-    assert [int(r["epoch"]) for r in results_rows(tmp_path / "fb")] == [1, 2, 3]
+    rows = results_rows(tmp_path / "fb")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # epoch 2 once: the row of the killed run is gone
+    assert rows[0] == before[0]
+    times = [float(r["time"]) for r in rows]
+    assert times[0] < times[1] < times[2]  # the time column continues across the resume
 
 
 @pytest.mark.slow
@@ -187,3 +211,34 @@ def test_ddp_worker_file_rebuilds_the_trainer_with_its_loss(bccd_subset, tmp_pat
         ddp_cleanup(trainer, file)
     assert yaml.safe_load((tmp_path / "ddp" / "loss.yaml").read_text())["settings"] == config
     assert "feedback/gain" in results_rows(tmp_path / "ddp")[0]
+
+
+ALL_METHODS = "plb+scb+feedback+gradlibra+nwd"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["yolo", "faster_rcnn"])
+def test_every_method_trains_on_images_without_boxes(tmp_path, arch):
+    """A background image alone in its batch (batch 1, no mosaic) once stopped feedback and SCB."""
+    from conftest import make_subset
+
+    data = make_subset(tmp_path / "data", {"train": 3, "val": 1})
+    next((tmp_path / "data" / "labels" / "train").glob("*.txt")).write_text("")
+    family = ["--model", "yolov8n.yaml", "mosaic=0", "plots=False"] if arch == "yolo" else \
+        ["--arch", "faster_rcnn", "--backbone", "mobilenet_v3_large_fpn"]
+    run([sys.executable, "train.py", "--data", str(data), "--loss", ALL_METHODS, "--epochs", "1", "--imgsz", "96",
+         "--batch", "1", "--workers", "0", "--device", "cpu", "--project", str(tmp_path), "--name", arch, *family])
+    rows = results_rows(tmp_path / arch)
+    assert len(rows) == 1 and all(np.isfinite(float(v)) for k, v in rows[0].items() if "loss" in k)
+
+
+@pytest.mark.slow
+def test_the_stock_commands_work_from_any_folder(trained_runs, tmp_path):
+    """README's stock examples: stock Ultralytics cannot find the package's data yaml by name, so
+    ``yolo-sizeloss path`` gives it its path."""
+    data = run(["yolo-sizeloss", "path", "bccd.yaml"], cwd=tmp_path).stdout.strip()
+    assert Path(data).is_absolute() and Path(data).is_file() and Path(data).name == "bccd.yaml"
+    best = trained_runs["baseline-yolov8n"] / "weights" / "best.pt"
+    out = run(["yolo", "val", f"model={best}", f"data={data}", "split=test", f"imgsz={IMGSZ}", "device=cpu",
+               "plots=False", "batch=8"], cwd=tmp_path).stdout
+    assert "all" in out and "72" in out  # the 72 test images of the shipped BCCD

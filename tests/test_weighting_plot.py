@@ -26,9 +26,11 @@ def test_weighting_columns_are_read_with_stripped_names_and_plotted(tmp_path):
         assert image.format == "PNG" and image.size == (1650, 418)  # three panels of 5 x 3.8 inches at 110 dpi
 
 
-def test_a_run_without_weighting_columns_gets_no_plot(tmp_path):
+def test_a_run_without_weighting_columns_gets_a_plot_that_says_so(tmp_path):
     (tmp_path / "results.csv").write_text("epoch,time,train/box_loss\n1,50.1,4.2\n")
-    assert plot_weighting(tmp_path) is None and not (tmp_path / "weighting.png").exists()
+    path = plot_weighting(tmp_path)
+    with Image.open(path) as image:
+        assert path == tmp_path / "weighting.png" and image.size == (550, 176)  # the 5 x 1.6 inch note
     assert plot_weighting(tmp_path / "missing") is None
 
 

@@ -42,7 +42,8 @@ def _number(cell: str) -> float:
 
 def plot_weighting(run_dir: str | Path) -> Path | None:
     """Plot the run's per-epoch weighting columns (those of ``PANELS`` that results.csv has) to
-    ``run_dir/weighting.png`` and return its path; None when results.csv is missing or has none."""
+    ``run_dir/weighting.png`` and return its path; a run without such columns (the stock loss, or a
+    method that records none) gets a plot that says so. None when results.csv is missing."""
     run_dir = Path(run_dir)
     results = run_dir / "results.csv"
     if not results.is_file():
@@ -51,14 +52,20 @@ def plot_weighting(run_dir: str | Path) -> Path | None:
     panels = [(title, [c for c in columns if c.startswith(prefix) and c.rsplit("/", 1)[1] in parts])
               for title, prefix, parts in PANELS]
     panels = [(title, names) for title, names in panels if names]
-    if not panels:
-        return None
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    path = run_dir / PLOT_FILE
+    if not panels:
+        fig = plt.figure(figsize=(5, 1.6))
+        fig.text(0.5, 0.5, f"{run_dir.name}: no per-epoch weighting columns in results.csv\n"
+                           "(the stock loss, or a method that records none)", ha="center", va="center")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
     epochs = columns.get("epoch") or list(range(1, len(next(iter(columns.values()))) + 1))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False, constrained_layout=True)
     for ax, (title, names) in zip(axes[0], panels):
@@ -69,7 +76,6 @@ def plot_weighting(run_dir: str | Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{run_dir.name}: size-aware weighting per epoch", fontsize=11)
-    path = run_dir / PLOT_FILE
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

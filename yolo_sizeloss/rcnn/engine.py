@@ -30,7 +30,8 @@ from ultralytics.utils import LOGGER, TQDM
 from ultralytics.utils.files import increment_path
 
 from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
-from yolo_sizeloss.config import describe_loss
+from yolo_sizeloss.checks import parse_device
+from yolo_sizeloss.config import describe_loss, write_loss_record
 from yolo_sizeloss.detections import ImageRecord, load_split
 from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics
 from yolo_sizeloss.paths import resolve_data
@@ -43,6 +44,8 @@ from yolo_sizeloss.rcnn.model import (
     split_feedback_state,
     unwrap,
 )
+from yolo_sizeloss.results_csv import continue_results
+from yolo_sizeloss.weighting_plot import plot_weighting
 from yolo_sizeloss.weights import resolve_nwd_auto
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
@@ -66,16 +69,12 @@ class DistContext:
 
 
 def select_device(device: str, local_rank: int, world_size: int) -> torch.device:
-    """Parse ``--device``: '' (CUDA if available, else CPU), 'cpu', a CUDA index ('0', 'cuda:0'), or a
-    list ('0,1') whose ``local_rank``-th entry this torchrun process takes."""
-    spec = str(device or "").strip().lower().replace("cuda:", "")
-    if spec == "cpu" or (spec == "" and not torch.cuda.is_available()):
+    """This process's device from ``--device`` (``checks.parse_device``): auto (CUDA if available, else
+    the CPU), cpu, a CUDA index, or a list whose ``local_rank``-th entry this torchrun process takes."""
+    parsed = parse_device(device, allow_mps=False)
+    if parsed.kind == "cpu" or (parsed.kind == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    ids = [s.strip() for s in spec.split(",") if s.strip()]
-    if not all(s.isdigit() for s in ids):
-        raise ValueError(f"--device {device}: expected cpu, a CUDA index such as 0, or a list such as 0,1")
+    ids = parsed.indices
     if not ids:
         return torch.device(f"cuda:{local_rank}")
     if len(ids) == 1 and world_size == 1:
@@ -323,14 +322,21 @@ def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) ->
     workers = min(args.workers, (os.cpu_count() or 1) // ctx.world_size)
     loader, sampler = make_train_loader(train_records, per_rank_batch, workers, args.seed, ctx)
     weights_dir = save_dir / "weights"
+    resumed_seconds = 0.0  # results.csv's time of the epochs a resumed run had trained
     if ctx.is_main:
         weights_dir.mkdir(parents=True, exist_ok=True)
         (save_dir / "args.yaml").write_text(yaml.safe_dump(plain_args(args), sort_keys=False))
+        write_loss_record(save_dir, args.loss_config)
+        if checkpoint is not None:
+            resumed_seconds, dropped = continue_results(save_dir / "results.csv", start_epoch)
+            if dropped:
+                LOGGER.info(f"{save_dir / 'results.csv'}: dropped {dropped} row(s) past epoch {start_epoch}, the "
+                            "checkpoint's last epoch (written before the run stopped, trained again now)")
         LOGGER.info(f"size-aware loss: {describe_loss(args.loss_config, 'faster_rcnn')}")
         LOGGER.info(f"Faster R-CNN {args.backbone}, {len(train_records)} train / "
                     f"{len(val_records)} val images, {ctx.world_size} process(es) on {ctx.device}; saving to {save_dir}")
 
-    train_start = time.time()  # results.csv 'time' counts from here, as Ultralytics' (restarting on resume)
+    train_start = time.time() - resumed_seconds  # results.csv's time counts from the run's first start
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         torch.manual_seed(args.seed + epoch * ctx.world_size + ctx.rank)  # flips and RPN/RoI sampling
@@ -343,6 +349,7 @@ def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) ->
         if ctx.is_main:
             best_fitness = save_epoch(save_dir, epoch, time.time() - train_start, losses, metrics, lr, best_fitness,
                                       model, optimizer, scheduler, args, data)
+            plot_weighting(save_dir)
     return save_dir
 
 

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
-from yolo_sizeloss.config import describe_loss, loss_differences, loss_name
+from yolo_sizeloss.config import check_resumed_loss, describe_loss, loss_name, read_loss_record, write_loss_record
+from yolo_sizeloss.results_csv import continue_results
 from yolo_sizeloss.weighting_plot import plot_weighting
 from yolo_sizeloss.yolo.loss import AnchorWeighting, install_size_aware_loss
-
-LOSS_FILE = "loss.yaml"
 
 
 def end_weighting_step(trainer: "SizeAwareTrainer") -> None:
@@ -45,12 +43,12 @@ class SizeAwareTrainer(DetectionTrainer):
         super().__init__(cfg, overrides, _callbacks)
         self.loss_config = self._resumed_loss_config() if self.resume else type(self).loss_config
         self.weighting = AnchorWeighting(self.loss_config) if self.loss_config else None
+        self.resumed_seconds = 0.0  # results.csv's time of the epochs a resumed run had trained
         if self.weighting is not None:
             self.add_callback("on_train_batch_end", end_weighting_step)
         if RANK in {-1, 0}:
             LOGGER.info(f"size-aware loss: {describe_loss(self.loss_config)}")
-            record = {"loss": loss_name(self.loss_config), "settings": self.loss_config}
-            (self.save_dir / LOSS_FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+            write_loss_record(self.save_dir, self.loss_config)
 
     def check_resume(self, overrides: dict[str, Any]) -> None:
         """Stock resume check; a new ``epochs`` (above the epochs trained) extends the interrupted run,
@@ -62,15 +60,26 @@ class SizeAwareTrainer(DetectionTrainer):
     def _resumed_loss_config(self) -> dict[str, dict[str, Any]]:
         """The interrupted run's settings from its ``loss.yaml``; a different request is an error naming
         the settings that differ (a resumed run cannot change its loss)."""
-        path, requested = self.save_dir / LOSS_FILE, type(self).loss_config
-        if not path.is_file():
-            LOGGER.warning(f"{path} not found (a run not trained here?): resuming with loss {loss_name(requested)}.")
+        saved, requested = read_loss_record(self.save_dir), type(self).loss_config
+        if saved is None:
+            LOGGER.warning(f"{self.save_dir} holds no loss record (a run not trained here?): "
+                           f"resuming with loss {loss_name(requested)}.")
             return requested
-        saved = yaml.safe_load(path.read_text())["settings"]
-        differ = loss_differences(saved, requested) if requested else []
-        if differ:
-            raise ValueError(f"{path}: a resumed run keeps its loss; the request differs in {', '.join(differ)}")
+        if requested:  # empty: nothing was asked for, the run's own loss goes on
+            note = check_resumed_loss(saved, requested, f"resuming {self.save_dir}")
+            if note:
+                LOGGER.info(note)
         return saved
+
+    def resume_training(self, ckpt):
+        """Stock resume; results.csv then continues from the epoch the checkpoint holds."""
+        super().resume_training(ckpt)
+        if ckpt is None or not self.resume or RANK not in {-1, 0}:
+            return
+        self.resumed_seconds, dropped = continue_results(self.csv, self.start_epoch)
+        if dropped:
+            LOGGER.info(f"{self.csv}: dropped {dropped} row(s) past epoch {self.start_epoch}, the checkpoint's last "
+                        "epoch (written before the run stopped, trained again now)")
 
     def setup_model(self):
         """Stock model setup; on resume, the feedback state comes back from the checkpoint's metrics."""
@@ -97,10 +106,10 @@ class SizeAwareTrainer(DetectionTrainer):
         model.criterion = install_size_aware_loss(stock, self.weighting)
 
     def plot_metrics(self) -> None:
-        """Ultralytics' results.png, and beside it weighting.png: where the weight went, epoch by epoch."""
+        """Ultralytics' results.png, and beside it weighting.png: where the weight went, epoch by epoch
+        (for the stock loss, a note that there is none)."""
         super().plot_metrics()
-        if self.weighting is not None:
-            plot_weighting(self.save_dir)
+        plot_weighting(self.save_dir)
 
     def save_metrics(self, metrics: dict) -> None:
         """Add the epoch's weighting statistics (and feedback state) to results.csv and the checkpoint."""
@@ -108,4 +117,9 @@ class SizeAwareTrainer(DetectionTrainer):
             stats = self.weighting.epoch_stats()
             self.metrics.update(stats)  # saved as the checkpoint's train_metrics: resume reads them back
             metrics = {**{k: v for k, v in metrics.items() if k not in stats}, **stats}  # fixed column order
-        super().save_metrics(metrics)
+        # the stock clock restarts at a resume; results.csv's time counts from the run's first start
+        self.train_time_start -= self.resumed_seconds
+        try:
+            super().save_metrics(metrics)
+        finally:
+            self.train_time_start += self.resumed_seconds
