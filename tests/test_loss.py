@@ -76,6 +76,31 @@ def test_neutral_weights_give_the_stock_loss_bit_for_bit(yaml_name, stock_type):
             assert int(weighting.feedback.steps) == 2
 
 
+EVERY_MODE = ("plb", "scb", "feedback", "gradlibra", "nwd", "plb+scb+feedback+gradlibra+nwd")
+
+
+@pytest.mark.parametrize("yaml_name", ["yolov8n.yaml", "yolo26n.yaml"])
+@pytest.mark.parametrize("boxes", ["none in the batch", "none in one image"])
+def test_every_mode_takes_images_without_boxes(yaml_name, boxes):
+    """Background images are ordinary training data: a batch without a box, or an image without one."""
+    model = build_model(yaml_name)
+    batch = bccd_batch()
+    keep = batch["batch_idx"] == 0 if boxes == "none in one image" else torch.zeros_like(batch["batch_idx"], dtype=bool)
+    batch = {**batch, "batch_idx": batch["batch_idx"][keep], "cls": batch["cls"][keep], "bboxes": batch["bboxes"][keep]}
+    preds = model(batch["img"])
+    stock_loss, _ = model.init_criterion()(preds, batch)
+    for spec in EVERY_MODE:
+        config = load_loss_config(spec)
+        if "nwd" in config:
+            config["nwd"].update(constant=12.8, assigner=True)  # 'auto' needs training labels
+        weighting = AnchorWeighting(config)
+        loss, _ = build_size_aware_loss(model, weighting)(preds, batch)
+        weighting.end_step()
+        assert torch.isfinite(loss).all(), spec
+        if boxes == "none in the batch" and "gradlibra" not in config:  # only Grad-Libra weighs background anchors
+            assert torch.equal(loss, stock_loss), spec
+
+
 def test_stock_class_weights_are_kept():
     """Ultralytics' own ``class_weights`` option (added in 8.4) still multiplies the class BCE under our weights."""
     model = build_model("yolov8n.yaml")

@@ -106,6 +106,7 @@ class AnchorWeighting(nn.Module):
         PLB, SCB and feedback weigh foreground anchors only, so they are computed on those alone
         and scattered into a tensor of ones; Grad-Libra weighs every anchor and class.
         """
+        target_gt_idx = target_gt_idx.long()  # float in the assigner's early return for a batch without boxes
         fg = fg_mask.nonzero(as_tuple=True)
         # per foreground anchor, as every weight below; float32, since mixed precision hands in halves
         target_fg, scores_fg, pred_fg = target_bboxes[fg].float(), target_scores[fg].float(), pred_bboxes[fg].float()
