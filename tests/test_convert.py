@@ -113,6 +113,15 @@ def test_box_past_the_border_is_clipped_with_a_warning(tmp_path):
     assert lines == ["2 0.200000 0.875000 0.400000 0.250000"]  # x 0..40, y 60..80
 
 
+def test_an_annotation_listed_in_two_splits_warns_once(tmp_path):
+    root = write_voc(tmp_path / "voc", [("Platelets", -10, 60, 40, 100)])
+    (root / "ImageSets" / "Main" / "val.txt").write_text("img\n")
+    log = []
+    convert_voc(root, tmp_path / "out", splits=("train", "val"), log=log.append)
+    assert sum("clipped" in line and line.startswith("WARNING") for line in log) == 1
+    assert (tmp_path / "out" / "labels" / "val" / "img.txt").is_file()
+
+
 def test_unknown_class_is_an_error_naming_file_and_object(tmp_path):
     root = write_voc(tmp_path / "voc", [("RBC", 0, 0, 5, 5), ("Neutrophil", 0, 0, 5, 5)])
     with pytest.raises(ConversionError, match=r"img\.xml: object 1: unknown class 'Neutrophil'"):
@@ -143,7 +152,8 @@ def test_module_entry_point_reports_errors_without_traceback(tmp_path):
         capture_output=True, text=True,
     )
     assert run.returncode == 1
-    assert run.stderr.startswith("error: ") and "Traceback" not in run.stderr and "Neutrophil" in run.stderr
+    assert run.stderr.startswith("python -m yolo_sizeloss.convert: error: ")
+    assert "Traceback" not in run.stderr and "Neutrophil" in run.stderr
 
 
 def write_dataset(out: Path) -> dict[Path, bytes]:
@@ -174,7 +184,7 @@ def test_output_holding_a_data_set_is_refused_naming_it_and_left_untouched(tmp_p
     code, stdout, stderr = run_main([BCCD_VOC_FIXTURE, out], capsys)
     assert code == 2
     assert stderr.splitlines() == [
-        f"error: {out} already holds images/extra/ (1 files), images/train/ (1 files), labels/train/ (1 files), "
+        f"python -m yolo_sizeloss.convert: error: {out} already holds images/extra/ (1 files), images/train/ (1 files), labels/train/ (1 files), "
         "labels/train.cache, data.yaml; nothing was written "
         "(--overwrite replaces images/<split>/, labels/<split>/ and data.yaml)"
     ]
@@ -222,10 +232,10 @@ def test_usage_errors_are_one_line_with_exit_2_and_write_nothing(tmp_path, capsy
     if case == "output is a file":
         out.write_text("my notes")
     message = {
-        "output is a file": f"error: {out}: output exists and is not a folder",
-        "missing source": f"error: {tmp_path / 'no_such_voc'}: VOC source folder not found",
-        "empty class name": "error: --classes 'RBC,,Platelets': an empty name (write names separated by single commas)",
-        "repeated class": "error: --classes 'RBC, WBC, RBC': RBC given more than once",
+        "output is a file": f"python -m yolo_sizeloss.convert: error: {out}: output exists and is not a folder",
+        "missing source": f"python -m yolo_sizeloss.convert: error: {tmp_path / 'no_such_voc'}: VOC source folder not found",
+        "empty class name": "python -m yolo_sizeloss.convert: error: --classes 'RBC,,Platelets': an empty name (write names separated by single commas)",
+        "repeated class": "python -m yolo_sizeloss.convert: error: --classes 'RBC, WBC, RBC': RBC given more than once",
     }[case]
     code, stdout, stderr = run_main(args, capsys)
     assert (code, stdout, stderr.splitlines()) == (2, "", [message])
@@ -238,4 +248,4 @@ def test_verbose_adds_the_traceback(tmp_path, capsys):
     code, _, stderr = run_main([BCCD_VOC_FIXTURE, out, "--verbose"], capsys)
     assert code == 2
     assert stderr.startswith("Traceback") and "UsageError" in stderr
-    assert stderr.splitlines()[-1] == f"error: {out}: output exists and is not a folder"
+    assert stderr.splitlines()[-1] == f"python -m yolo_sizeloss.convert: error: {out}: output exists and is not a folder"

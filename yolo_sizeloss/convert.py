@@ -197,7 +197,7 @@ def convert_voc(
     data["names"] = dict(enumerate(classes))
     (dst / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
-    for warning in summary.warnings:
+    for warning in dict.fromkeys(summary.warnings):  # an annotation listed in two splits warns once
         log(f"WARNING {warning}")
     log(str(summary))
     return summary
@@ -215,10 +215,10 @@ def name_list(text: str, what: str) -> tuple[str, ...]:
     return names
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m yolo_sizeloss.convert") -> int:
     """The command line: 0 on success, 2 for a usage error, 1 for bad data or a failed write; one
     ``error:`` line on stderr, the traceback only with ``--verbose``."""
-    parser = argparse.ArgumentParser(prog="python -m yolo_sizeloss.convert", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("src", help="VOC root (Annotations/, JPEGImages/, ImageSets/Main/)")
     parser.add_argument("dst", help="output root for images/, labels/ and data.yaml")
     parser.add_argument("--classes", default=",".join(BCCD_CLASSES), help="class names in index order, comma-separated")
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConversionError, OSError) as e:
         if args.verbose:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     return 0
 
