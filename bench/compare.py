@@ -43,9 +43,11 @@ import yaml
 from yolo_sizeloss.checkpoints import load_checkpoint
 from yolo_sizeloss.config import LossConfigError, check_arch_supports, load_loss_config
 from yolo_sizeloss.detections import load_split
-from yolo_sizeloss.evaluation import DETECTIONS_FILE, load_detections, markdown_table
-from yolo_sizeloss.paired import difference_cell, key_metrics, paired_bootstrap, t_interval
+from yolo_sizeloss.detections_file import DETECTIONS_FILE, load_detections
+from yolo_sizeloss.paired import key_metrics, paired_bootstrap, t_interval
+from yolo_sizeloss.paired_report import difference_cell
 from yolo_sizeloss.paths import resolve_loss_cfg
+from yolo_sizeloss.report import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {

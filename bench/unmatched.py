@@ -17,7 +17,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from yolo_sizeloss.evaluation import load_detections, unmatched_detections
+from yolo_sizeloss.detections_file import load_detections
+from yolo_sizeloss.evaluation import unmatched_detections
 
 TILE = 96  # original pixels around each detection; BCCD's platelets are 20-40 px across
 

@@ -17,7 +17,9 @@ import torch
 from PIL import Image
 
 from yolo_sizeloss.detections import load_split
-from yolo_sizeloss.evaluation import RunDetections, evaluate_records, letterbox_scales, write_report
+from yolo_sizeloss.detections_file import RunDetections
+from yolo_sizeloss.evaluation import evaluate_records, letterbox_scales
+from yolo_sizeloss.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 def bench_script(name: str):

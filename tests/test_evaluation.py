@@ -9,27 +9,24 @@ import numpy as np
 import pytest
 
 from yolo_sizeloss.detections import ImageRecord
+from yolo_sizeloss.detections_file import RunDetections, load_detections, write_detections
 from yolo_sizeloss.evaluation import (
     COCO_EDGES,
     COCO_MAX_DET,
-    RunDetections,
     attach_coco_predictions,
     bucket_index,
     bucket_names,
     coco_metrics,
     evaluate_records,
     fit_by_size,
-    format_report,
     greedy_assignment,
     letterbox_scales,
-    load_detections,
     parse_size_buckets,
     recall_by_size,
     unmatched_detections,
-    write_detections,
-    write_report,
 )
-from yolo_sizeloss.paired import compare_report
+from yolo_sizeloss.paired_report import compare_report
+from yolo_sizeloss.report import format_report, write_report
 
 NAMES = ["RBC", "WBC", "Platelets"]
 W, H = 640, 480

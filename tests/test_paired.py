@@ -9,23 +9,11 @@ import numpy as np
 import pytest
 
 from yolo_sizeloss.detections import load_split
-from yolo_sizeloss.evaluation import (
-    COCO_EDGES,
-    RunDetections,
-    box_areas,
-    coco_metrics,
-    evaluate_records,
-    letterbox_scales,
-    write_report,
-)
-from yolo_sizeloss.paired import (
-    RunEvaluation,
-    align_runs,
-    compare_report,
-    key_metrics,
-    paired_bootstrap,
-    t_interval,
-)
+from yolo_sizeloss.detections_file import RunDetections
+from yolo_sizeloss.evaluation import COCO_EDGES, box_areas, coco_metrics, evaluate_records, letterbox_scales
+from yolo_sizeloss.paired import RunEvaluation, align_runs, key_metrics, paired_bootstrap, t_interval
+from yolo_sizeloss.paired_report import compare_report
+from yolo_sizeloss.report import write_report
 
 IMGSZ = 416
 
