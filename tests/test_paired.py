@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -143,3 +145,13 @@ def test_compare_report_adds_paired_intervals_when_reports_have_detections(bccd_
     assert "evaluated with different imgsz (stock: 416, worse: 640); max_det (stock: 100, worse: 300):" in note
     (tmp_path / "worse" / "detections.json").unlink()
     assert f"no detections.json in {folders[1]}" in " ".join(compare_report(folders).split())
+
+
+def test_the_statistics_import_no_formatting():
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, yolo_sizeloss.paired\n"
+         "print(sorted(m for m in sys.modules if m.startswith('yolo_sizeloss')))"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "yolo_sizeloss.evaluation" in imported
+    assert "yolo_sizeloss.report" not in imported and "yolo_sizeloss.paired_report" not in imported
