@@ -15,8 +15,8 @@ settings file is labelled ``LOSS-<file stem>`` (``plb:gt_areas`` -> ``plb-gt_are
 
 Each run trains with train.py into OUT/runs/<mode>-s<seed> and is evaluated with val.py (split
 test) into OUT/val/<mode>-s<seed>. It resumes: an interrupted training continues from its last.pt, a
-run whose report exists is not trained or evaluated again (a report without detections.json, from
-before val wrote it, is evaluated again, which takes about a minute). A harness holds
+run whose report exists is not trained or evaluated again (a report without a detections file, from
+before val wrote one, is evaluated again, which takes about a minute). A harness holds
 OUT/runs/<mode>-s<seed>.lock while it trains and evaluates that run: a second harness on the same
 --out stops there with a one-line error, and --status says "training now". Writes OUT/results.md,
 OUT/results.json and OUT/results.png: mean and spread over seeds per mode; each mode's difference to
@@ -43,7 +43,7 @@ import yaml
 from yolo_sizeloss.checkpoints import load_checkpoint
 from yolo_sizeloss.config import LossConfigError, check_arch_supports, load_loss_config
 from yolo_sizeloss.detections import load_split
-from yolo_sizeloss.detections_file import DETECTIONS_FILE, load_detections
+from yolo_sizeloss.detections_file import find_detections, load_detections
 from yolo_sizeloss.paired import key_metrics, paired_bootstrap, t_interval
 from yolo_sizeloss.paired_report import difference_cell
 from yolo_sizeloss.paths import resolve_loss_cfg
@@ -223,7 +223,7 @@ def training_finished(run_dir: Path, epochs: int) -> bool:
 
 def report_is_current(val_dir: Path, bootstrap: int) -> bool:
     """A val report exists, with the detections file when a paired bootstrap is wanted."""
-    return (val_dir / "metrics.json").is_file() and (bootstrap <= 0 or (val_dir / DETECTIONS_FILE).is_file())
+    return (val_dir / "metrics.json").is_file() and (bootstrap <= 0 or find_detections(val_dir) is not None)
 
 
 def check_same_schedule(run_dir: Path, args, seed: int) -> None:
@@ -270,7 +270,7 @@ def status_lines(args, out: Path) -> list[str]:
             name, run_dir, val_dir = run_paths(out, label, seed)
             done = len(_results(run_dir))
             if (val_dir / "metrics.json").is_file():
-                state = "evaluated" + ("" if (val_dir / DETECTIONS_FILE).is_file() else ", no detections.json")
+                state = "evaluated" + ("" if find_detections(val_dir) else ", no detections file")
             elif training_finished(run_dir, args.epochs):
                 state = "trained, not evaluated" + ("" if done >= args.epochs else ", stopped early")
             elif training_elsewhere(run_dir):
@@ -326,8 +326,8 @@ def bootstrap_differences(per_mode: dict[str, list[dict]], seeds: list[int], res
     result: dict[str, dict[int, dict]] = {label: {} for label in others}
     for i, seed in enumerate(seeds):
         folders = {label: Path(per_mode[label][i]["val_dir"]) for label in per_mode}
-        with_files = [label for label in others if (folders[label] / DETECTIONS_FILE).is_file()]
-        if not with_files or not (folders[reference] / DETECTIONS_FILE).is_file():
+        with_files = [label for label in others if find_detections(folders[label])]
+        if not with_files or not find_detections(folders[reference]):
             continue
         runs = [load_detections(folders[label]) for label in [reference, *with_files]]
         for label, differences in zip(with_files, paired_bootstrap(runs, resamples=resamples, seed=0)):
@@ -360,10 +360,10 @@ def markdown(summary: dict, differences: dict, bootstrap: dict, cols: list[tuple
         lines += [f"\n### Difference to {reference} per seed, paired bootstrap over test images (percentage points)\n"]
         lines.append(markdown_table(["mode, seed", *titles], boot_rows))
         lines.append(f"\n{args.bootstrap} draws of the test images with replacement (seed 0), both runs' metrics "
-                     "recomputed on each draw from val's detections.json; [95% percentile interval]; * = excludes 0. "
+                     "recomputed on each draw from val's detections files; [95% percentile interval]; * = excludes 0. "
                      "mAP50-95 is Ultralytics' own and not recomputed.")
     elif differences and args.bootstrap > 0:
-        lines.append(f"\nNo paired bootstrap: the reports have no {DETECTIONS_FILE}.")
+        lines.append("\nNo paired bootstrap: the reports have no detections files.")
     return "\n".join(lines) + "\n"
 
 

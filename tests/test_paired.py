@@ -143,8 +143,8 @@ def test_compare_report_adds_paired_intervals_when_reports_have_detections(bccd_
     write_report(metrics, tmp_path / "worse", without_small_predictions(bccd_test))
     note = " ".join(compare_report(folders, bootstrap=0).split())
     assert "evaluated with different imgsz (stock: 416, worse: 640); max_det (stock: 100, worse: 300):" in note
-    (tmp_path / "worse" / "detections.json").unlink()
-    assert f"no detections.json in {folders[1]}" in " ".join(compare_report(folders).split())
+    (tmp_path / "worse" / "detections.json.gz").unlink()
+    assert f"no detections.json.gz in {folders[1]}" in " ".join(compare_report(folders).split())
 
 
 def test_the_statistics_import_no_formatting():

@@ -1,12 +1,15 @@
 """A val report's per-image detections file: what a report was computed from, written next to it so
 that runs can later be compared image by image (``yolo_sizeloss.paired``) without running the models again.
 
-Entry points: ``write_detections``, ``load_detections`` (the file back as ``RunDetections``) and
-``report_file`` (a file of a report given as the file or its folder).
+The file is gzip-compressed JSON (``detections.json.gz``); reports written before val compressed it
+hold ``detections.json``, which is read as well. Entry points: ``write_detections``,
+``load_detections`` (the file back as ``RunDetections``), ``find_detections`` (a report folder's
+file, either name) and ``report_file`` (a file of a report given as the file or its folder).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +18,8 @@ import numpy as np
 
 from yolo_sizeloss.detections import ImageRecord
 
-DETECTIONS_FILE = "detections.json"
+DETECTIONS_FILE = "detections.json.gz"
+UNCOMPRESSED_DETECTIONS_FILE = "detections.json"  # what val wrote before; still read
 
 
 @dataclass
@@ -29,9 +33,9 @@ class RunDetections:
 
 
 def write_detections(path: Path, run: RunDetections) -> Path:
-    """Write ``run`` as compact JSON: per image its file, size, input scale, ``gt`` rows
-    ``[x1, y1, x2, y2, class]`` and ``pred`` rows ``[x1, y1, x2, y2, score, class]``; boxes rounded
-    to 0.01 px and scores to 1e-4 (about 1 MB for 72 images at 300 detections each)."""
+    """Write ``run`` as gzip-compressed compact JSON: per image its file, size, input scale, ``gt``
+    rows ``[x1, y1, x2, y2, class]`` and ``pred`` rows ``[x1, y1, x2, y2, score, class]``; boxes
+    rounded to 0.01 px and scores to 1e-4."""
     images = []
     for record, scale in zip(run.records, run.input_scales, strict=True):
         gt = np.round(np.asarray(record.gt_boxes, dtype=np.float64).reshape(-1, 4), 2).tolist()
@@ -43,17 +47,20 @@ def write_detections(path: Path, run: RunDetections) -> Path:
             "pred": [[*box, score, int(c)] for box, score, c in zip(boxes, scores, record.pred_classes)],
         })
     path = Path(path)
-    path.write_text(json.dumps({"names": list(run.names), "images": images}, separators=(",", ":")) + "\n")
+    text = json.dumps({"names": list(run.names), "images": images}, separators=(",", ":")) + "\n"
+    # mtime 0: the same run gives the same bytes, so a committed report changes only when its detections do
+    path.write_bytes(gzip.compress(text.encode(), mtime=0))
     return path
 
 
 def load_detections(path: str | Path) -> RunDetections:
-    """Read a ``detections.json`` written by ``write_detections``; ``path`` is the file or the report
-    folder holding it. FileNotFoundError when there is none."""
-    file = report_file(path, DETECTIONS_FILE)
-    if not file.is_file():
-        raise FileNotFoundError(f"no {DETECTIONS_FILE} at {path}")
-    data = json.loads(file.read_text())
+    """Read a detections file written by ``write_detections`` (or an uncompressed one from before);
+    ``path`` is the file or the report folder holding it. FileNotFoundError when there is none."""
+    file = find_detections(path) if Path(path).is_dir() else Path(path)
+    if file is None or not file.is_file():
+        raise FileNotFoundError(f"no {DETECTIONS_FILE} (nor {UNCOMPRESSED_DETECTIONS_FILE}) at {path}")
+    packed = file.read_bytes()
+    data = json.loads(gzip.decompress(packed) if file.suffix == ".gz" else packed)
     records = [
         ImageRecord(
             file=image["file"], width=image["width"], height=image["height"],
@@ -69,6 +76,15 @@ def load_detections(path: str | Path) -> RunDetections:
     return RunDetections(records, scales, data["names"])
 
 
+def find_detections(folder: str | Path) -> Path | None:
+    """The detections file in the report folder ``folder``: ``DETECTIONS_FILE``, else one written
+    uncompressed before val compressed it; None when there is neither."""
+    for name in (DETECTIONS_FILE, UNCOMPRESSED_DETECTIONS_FILE):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
 def report_file(path: str | Path, name: str) -> Path:
     """``path`` itself when it is a file, else the file ``name`` in the report folder ``path``."""
     path = Path(path)
@@ -76,5 +92,5 @@ def report_file(path: str | Path, name: str) -> Path:
 
 
 def _columns(rows: list[list[float]], columns: int | slice, width: int, dtype: type) -> np.ndarray:
-    """Columns of a detections.json row list as an array (shape kept for an empty list)."""
+    """Columns of a detections file's row list as an array (shape kept for an empty list)."""
     return np.asarray(rows, dtype=np.float64).reshape(-1, width)[:, columns].astype(dtype)

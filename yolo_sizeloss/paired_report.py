@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from yolo_sizeloss.detections_file import RunDetections, load_detections, report_file
+from yolo_sizeloss.detections_file import DETECTIONS_FILE, RunDetections, find_detections, load_detections, report_file
 from yolo_sizeloss.evaluation import COCO_MAX_DET, fit_by_size, frame_scales
 from yolo_sizeloss.paired import key_metrics, paired_bootstrap
 from yolo_sizeloss.report import FIT_COLUMNS, FIT_PROTOCOL, bucket_labels, fit_rows, format_value, markdown_table
@@ -32,7 +32,7 @@ def report_folder(path: str | Path) -> Path:
 
 def compare_report(paths: list[str | Path], bootstrap: int = 1000, seed: int = 0) -> str:
     """Markdown: ``key_metrics`` of each run with the delta to the first run in brackets; then, when
-    every report has its detections.json and ``bootstrap`` > 0, each run's paired difference to the
+    every report has its detections file and ``bootstrap`` > 0, each run's paired difference to the
     first with its 95% bootstrap interval over ``bootstrap`` draws of the test images (seeded)."""
     reports = [load_metrics(p) for p in paths]
     runs = [key_metrics(m) for m in reports]
@@ -48,9 +48,9 @@ def compare_report(paths: list[str | Path], bootstrap: int = 1000, seed: int = 0
             cells.append(format_value(value, 4) + delta)
         rows.append([key] + cells)
     text = markdown_table(["metric"] + labels, rows) + "\n" + settings_note(reports, labels)
-    missing = [str(p) for p in paths if not (report_folder(p) / "detections.json").is_file()]
+    missing = [str(p) for p in paths if find_detections(report_folder(p)) is None]
     if missing:
-        return text + (f"\nNo box fit table and no paired bootstrap: no detections.json in {', '.join(missing)}; "
+        return text + (f"\nNo box fit table and no paired bootstrap: no {DETECTIONS_FILE} in {', '.join(missing)}; "
                        f"evaluate those runs again with val to write it.\n")
     meta = reports[0]["meta"]
     edges = tuple(float(e) for e in meta["size_buckets"])
@@ -103,7 +103,7 @@ def format_differences(differences: list[dict[str, dict]], labels: list[str], ba
     rows = [[key] + [difference_cell(d[key]) for d in differences] for key in keys]
     header = f"Paired difference to {base} (run - {base}) on the same test images, 95% bootstrap interval"
     note = (f"{resamples} draws of the images with replacement, seed {seed}, metrics recomputed from each run's "
-            "detections.json; * = the interval excludes 0.")
+            "detections file; * = the interval excludes 0.")
     return f"{header}\n\n{markdown_table(['metric'] + labels, rows)}\n\n{note}\n"
 
 

@@ -166,8 +166,8 @@ def _tick(label: str) -> str:
 
 
 def write_report(metrics: dict, save_dir: Path, run: RunDetections) -> list[Path]:
-    """Write ``metrics.json``, ``metrics.md``, ``size_metrics.png`` and the per-image ``detections.json``
-    (which a later paired comparison of runs needs) into ``save_dir``; return their paths."""
+    """Write ``metrics.json``, ``metrics.md``, ``size_metrics.png`` and the per-image detections file
+    ``DETECTIONS_FILE`` (which a later paired comparison of runs needs) into ``save_dir``; return their paths."""
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = save_dir / "metrics.json", save_dir / "metrics.md"

@@ -5,7 +5,7 @@
 
 Reports COCO AP/AR in the original and the network-input frame, AP per class, recall by size bucket
 at confidence 0.01/0.1/0.3, and the stock Ultralytics validator's metrics; writes metrics.json,
-metrics.md, size_metrics.png and detections.json (for paired comparisons) to ``--project/--name``
+metrics.md, size_metrics.png and detections.json.gz (for paired comparisons) to ``--project/--name``
 (default runs/val/exp, then exp-2, ... as Ultralytics names runs).
 
 The images and boxes evaluated are those Ultralytics' validator evaluates (``check_split``); the
