@@ -7,13 +7,21 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import faster_coco_eval
 import numpy as np
 import pytest
 
 from yolo_sizeloss.detections import load_split
 from yolo_sizeloss.detections_file import RunDetections
 from yolo_sizeloss.evaluation import COCO_EDGES, box_areas, coco_metrics, evaluate_records, letterbox_scales
-from yolo_sizeloss.paired import RunEvaluation, align_runs, key_metrics, paired_bootstrap, t_interval
+from yolo_sizeloss.paired import (
+    RunEvaluation,
+    align_runs,
+    check_faster_coco_eval,
+    key_metrics,
+    paired_bootstrap,
+    t_interval,
+)
 from yolo_sizeloss.paired_report import compare_report
 from yolo_sizeloss.report import write_report
 
@@ -155,3 +163,21 @@ def test_the_statistics_import_no_formatting():
     ).stdout
     assert "yolo_sizeloss.evaluation" in imported
     assert "yolo_sizeloss.report" not in imported and "yolo_sizeloss.paired_report" not in imported
+
+
+def test_an_unsupported_faster_coco_eval_is_one_error_naming_the_supported_range():
+    check_faster_coco_eval(faster_coco_eval.__version__)  # the installed one, which the tests above ran on
+    check_faster_coco_eval("1.8.5")
+    for version in ("1.7.2", "1.9.0", "1.10.1", "2.0", "unknown"):
+        with pytest.raises(ImportError, match=rf"^faster-coco-eval {version} is installed; yolo_sizeloss supports "
+                                               r">=1\.8,<1\.9: pip install 'faster-coco-eval>=1\.8,<1\.9'$"):
+            check_faster_coco_eval(version)
+    imported = subprocess.run(
+        [sys.executable, "-c", "import faster_coco_eval\nfaster_coco_eval.__version__ = '1.7.2'\nimport yolo_sizeloss.paired"],
+        capture_output=True, text=True,
+    )
+    assert imported.returncode == 1
+    assert imported.stderr.strip().splitlines()[-1] == (
+        "ImportError: faster-coco-eval 1.7.2 is installed; yolo_sizeloss supports >=1.8,<1.9: "
+        "pip install 'faster-coco-eval>=1.8,<1.9'"
+    )
