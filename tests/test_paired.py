@@ -10,6 +10,7 @@ from dataclasses import replace
 import faster_coco_eval
 import numpy as np
 import pytest
+from conftest import make_subset
 
 from yolo_sizeloss.detections import load_split
 from yolo_sizeloss.detections_file import RunDetections
@@ -181,3 +182,23 @@ def test_an_unsupported_faster_coco_eval_is_one_error_naming_the_supported_range
         "ImportError: faster-coco-eval 1.7.2 is installed; yolo_sizeloss supports >=1.8,<1.9: "
         "pip install 'faster-coco-eval>=1.8,<1.9'"
     )
+
+
+def test_compare_report_notes_reports_evaluated_with_different_data_yamls(tmp_path):
+    """Two copies of the same BCCD test images under different data yamls: their file names pair the
+    runs, and the comparison says that the data yamls differ."""
+    folders = []
+    for name in ("here", "there"):
+        data = make_subset(tmp_path / f"{name}_data", {"train": 1, "val": 1, "test": 4})
+        records, _ = load_split(str(data), "test")
+        detected = [replace(r, pred_boxes=r.gt_boxes, pred_scores=np.full(len(r.gt_boxes), 0.9, np.float32),
+                            pred_classes=r.gt_classes) for r in records]
+        run = RunDetections(detected, letterbox_scales(detected, IMGSZ), ["RBC", "WBC", "Platelets"])
+        metrics = evaluate_records(run.records, run.names, run.input_scales)
+        metrics["meta"].update(model=name, data=str(data), split="test", imgsz=IMGSZ)
+        write_report(metrics, tmp_path / name, run)
+        folders.append(tmp_path / name)
+    text = " ".join(compare_report(folders, bootstrap=10).split())
+    assert (f"evaluated with different data yamls (here: {tmp_path}/here_data/data.yaml, "
+            f"there: {tmp_path}/there_data/data.yaml)") in text
+    assert "Paired difference to here" in text  # the same file names and ground truth still pair them

@@ -48,6 +48,7 @@ def compare_report(paths: list[str | Path], bootstrap: int = 1000, seed: int = 0
             cells.append(format_value(value, 4) + delta)
         rows.append([key] + cells)
     text = markdown_table(["metric"] + labels, rows) + "\n" + settings_note(reports, labels)
+    text += data_note(reports, labels)
     missing = [str(p) for p in paths if find_detections(report_folder(p)) is None]
     if missing:
         return text + (f"\nNo box fit table and no paired bootstrap: no {DETECTIONS_FILE} in {', '.join(missing)}; "
@@ -81,6 +82,18 @@ def settings_note(reports: list[dict], labels: list[str]) -> str:
         return ""
     return (f"\nThe reports were evaluated with different {'; '.join(differ)}: each report's own values above; "
             f"the tables below take the first report's buckets, frame and maxDets for every run.\n")
+
+
+def data_note(reports: list[dict], labels: list[str]) -> str:
+    """A note naming the data yamls when the reports were evaluated with different ones (empty when
+    not, or when a report does not say): runs are paired by image file name and ground truth, which
+    two data sets can share."""
+    data = [report["meta"].get("data") for report in reports]
+    if None in data or len(set(data)) == 1:
+        return ""
+    named = ", ".join(f"{label}: {d}" for label, d in zip(labels, data))
+    return (f"\nThe reports were evaluated with different data yamls ({named}): the tables below pair their "
+            f"images by file name, which holds only where the same name is the same image.\n")
 
 
 def format_fit(runs: list[RunDetections], labels: list[str], meta: dict) -> str:
