@@ -397,7 +397,7 @@ def fit_by_size(records: list[ImageRecord], scales: np.ndarray, edges: tuple[flo
     return result
 
 
-# ---------------------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------------- all metrics
 def evaluate_records(
     records: list[ImageRecord],
     names: list[str],
