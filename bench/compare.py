@@ -7,21 +7,21 @@
     python bench/compare.py --losses baseline feedback plb:gt_areas --seeds 0 1 --epochs 30 --out bench/mine
     python bench/compare.py --arch faster_rcnn --losses baseline plb --epochs 15
 
-A mode is ``LOSS`` or ``LOSS:SETTINGS`` (train.py's --loss and --loss-cfg, for either family;
-Faster R-CNN labels start with ``rcnn-``); a mode with a
-settings file is labelled ``LOSS-<file stem>`` (``plb:gt_areas`` -> ``plb-gt_areas``), and
-``--loss-cfg FILE`` gives every mode without its own file that one. The first mode is the reference
-(baseline in every preset): the others' differences to it are paired by seed.
+A mode is ``LOSS`` or ``LOSS:SETTINGS`` (``yolo-sizeloss train``'s --loss and --loss-cfg, for either
+family; Faster R-CNN labels start with ``rcnn-``); a mode with a settings file is labelled
+``LOSS-<file stem>`` (``plb:gt_areas`` -> ``plb-gt_areas``), and ``--loss-cfg FILE`` gives every
+mode without its own file that one. The first mode is the reference (baseline in every preset): the
+others' differences to it are paired by seed.
 
-Each run trains with train.py into OUT/runs/<mode>-s<seed> and is evaluated with val.py (split
-test) into OUT/val/<mode>-s<seed>. It resumes: an interrupted training continues from its last.pt, a
-run whose report exists is not trained or evaluated again (a report without detections.json, from
-before val wrote it, is evaluated again, which takes about a minute). A harness holds
-OUT/runs/<mode>-s<seed>.lock while it trains and evaluates that run: a second harness on the same
---out stops there with a one-line error, and --status says "training now". Writes OUT/results.md,
-OUT/results.json and OUT/results.png: mean and spread over seeds per mode; each mode's difference to
-the reference per seed, with mean and 95% t-interval over seeds; and per seed the paired bootstrap
-interval over test images (``--bootstrap`` draws).
+Each run trains with ``yolo-sizeloss train`` into OUT/runs/<mode>-s<seed> and is evaluated with
+``yolo-sizeloss val`` (split test) into OUT/val/<mode>-s<seed>. It resumes: an interrupted training
+continues from its last.pt, a run whose report exists is not trained or evaluated again (a report
+without a detections file, from before val wrote one, is evaluated again, which takes about a
+minute). A harness holds OUT/runs/<mode>-s<seed>.lock while it trains and evaluates that run: a
+second harness on the same --out stops there with a one-line error, and --status says "training
+now". Writes OUT/results.md, OUT/results.json and OUT/results.png: mean and spread over seeds per
+mode; each mode's difference to the reference per seed, with mean and 95% t-interval over seeds; and
+per seed the paired bootstrap interval over test images (``--bootstrap`` draws).
 """
 
 from __future__ import annotations
@@ -43,11 +43,18 @@ import yaml
 from yolo_sizeloss.checkpoints import load_checkpoint
 from yolo_sizeloss.config import LossConfigError, check_arch_supports, load_loss_config
 from yolo_sizeloss.detections import load_split
-from yolo_sizeloss.evaluation import DETECTIONS_FILE, load_detections, markdown_table
-from yolo_sizeloss.paired import difference_cell, key_metrics, paired_bootstrap, t_interval
+from yolo_sizeloss.detections_file import find_detections, load_detections
+from yolo_sizeloss.paired import key_metrics, paired_bootstrap, t_interval
+from yolo_sizeloss.paired_report import difference_cell
 from yolo_sizeloss.paths import resolve_loss_cfg
+from yolo_sizeloss.report import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
+# The installed command (the console script yolo-sizeloss is yolo_sizeloss.cli:main) run by this
+# interpreter: the package and dependencies the harness itself imports, with no need for a
+# yolo-sizeloss on PATH (which may be missing, or another environment's) nor for the checkout's
+# train.py and val.py.
+COMMAND = [sys.executable, "-m", "yolo_sizeloss.cli"]
 PRESETS = {
     "cpu": dict(losses=["baseline", "feedback", "scb", "plb", "gradlibra"], seeds=[0], epochs=20, imgsz=416, batch=16),
     # 60 epochs on BCCD from scratch: past the stock baseline's steep rise (epoch ~40), a schedule
@@ -83,7 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arch", choices=("yolo", "faster_rcnn"), default="yolo")
     p.add_argument("--losses", nargs="+", help="modes, LOSS or LOSS:SETTINGS.yaml (default: the preset's; "
                                                  "Faster R-CNN: baseline plb)")
-    p.add_argument("--loss-cfg", help="train.py --loss-cfg for every mode without its own; labels get '-<file stem>'")
+    p.add_argument("--loss-cfg", help="yolo-sizeloss train --loss-cfg for every mode without its own; "
+                                      "labels get '-<file stem>'")
     p.add_argument("--model", default="yolov8n.yaml", help="YOLO model yaml or local .pt")
     p.add_argument("--backbone", default="mobilenet_v3_large_fpn", help="Faster R-CNN backbone")
     p.add_argument("--seeds", nargs="+", type=int)
@@ -104,8 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    # train.py and val.py run in the repository root: a file given relative to this folder goes to them
-    # as an absolute path; a name (bccd.yaml, yolov8n.yaml) stays a name for them to look up
+    # the train and val commands run in the repository root: a file given relative to this folder goes
+    # to them as an absolute path; a name (bccd.yaml, yolov8n.yaml) stays a name for them to look up
     args.data, args.model = (str(Path(v).resolve()) if Path(v).is_file() else v for v in (args.data, args.model))
     try:  # a typo in a name or a settings file fails now, not after hours of earlier runs
         args.modes = [loss_mode(spec, args.loss_cfg, args.arch) for spec in args.losses]
@@ -127,7 +135,7 @@ def loss_mode(spec: str, default_cfg: str | None, arch: str = "yolo") -> tuple[s
 
 
 def runs_of(args) -> list[tuple[str, list[str]]]:
-    """(mode label, the train.py flags that select it) for every mode to compare, reference first."""
+    """(mode label, the ``yolo-sizeloss train`` flags that select it) for every mode to compare, reference first."""
     model = ["--model", args.model] if args.arch == "yolo" else ["--arch", "faster_rcnn", "--backbone", args.backbone]
     return [(label, ["--loss", loss, *model, *(["--loss-cfg", str(cfg)] if cfg else [])])
             for label, loss, cfg in args.modes]
@@ -200,12 +208,12 @@ def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path)
             if last.is_file() and not finished:
                 # the run's own loss.yaml and args rule a resume: a loss flag without its settings file would differ
                 arch = ["--arch", "faster_rcnn"] if args.arch == "faster_rcnn" else []
-                run([sys.executable, "train.py", *arch, "--resume", str(last)])
+                run([*COMMAND, "train", *arch, "--resume", str(last)])
             else:
-                run([sys.executable, "train.py", *flags, "--data", args.data, "--epochs", str(args.epochs),
+                run([*COMMAND, "train", *flags, "--data", args.data, "--epochs", str(args.epochs),
                      "--imgsz", str(args.imgsz), "--batch", str(args.batch), "--workers", str(args.workers),
                      "--seed", str(seed), "--project", str(out / "runs"), "--name", name, "--exist-ok", *device])
-        run([sys.executable, "val.py", "--model", str(best), "--data", args.data, "--split", "test",
+        run([*COMMAND, "val", "--model", str(best), "--data", args.data, "--split", "test",
              "--imgsz", str(args.imgsz), "--project", str(out / "val"), "--name", name, "--exist-ok", *device])
         return run_report(val_dir, run_dir)
 
@@ -221,7 +229,7 @@ def training_finished(run_dir: Path, epochs: int) -> bool:
 
 def report_is_current(val_dir: Path, bootstrap: int) -> bool:
     """A val report exists, with the detections file when a paired bootstrap is wanted."""
-    return (val_dir / "metrics.json").is_file() and (bootstrap <= 0 or (val_dir / DETECTIONS_FILE).is_file())
+    return (val_dir / "metrics.json").is_file() and (bootstrap <= 0 or find_detections(val_dir) is not None)
 
 
 def check_same_schedule(run_dir: Path, args, seed: int) -> None:
@@ -237,7 +245,7 @@ def check_same_schedule(run_dir: Path, args, seed: int) -> None:
 
 
 def run_report(val_dir: Path, run_dir: Path) -> dict:
-    """One run's compared metrics (``key_metrics`` of val.py's report), its report folder and its
+    """One run's compared metrics (``key_metrics`` of its val report), its report folder and its
     training time per epoch."""
     epoch_times = _epoch_seconds(run_dir)
     mean = statistics.mean(epoch_times) if epoch_times else None
@@ -268,7 +276,7 @@ def status_lines(args, out: Path) -> list[str]:
             name, run_dir, val_dir = run_paths(out, label, seed)
             done = len(_results(run_dir))
             if (val_dir / "metrics.json").is_file():
-                state = "evaluated" + ("" if (val_dir / DETECTIONS_FILE).is_file() else ", no detections.json")
+                state = "evaluated" + ("" if find_detections(val_dir) else ", no detections file")
             elif training_finished(run_dir, args.epochs):
                 state = "trained, not evaluated" + ("" if done >= args.epochs else ", stopped early")
             elif training_elsewhere(run_dir):
@@ -324,8 +332,8 @@ def bootstrap_differences(per_mode: dict[str, list[dict]], seeds: list[int], res
     result: dict[str, dict[int, dict]] = {label: {} for label in others}
     for i, seed in enumerate(seeds):
         folders = {label: Path(per_mode[label][i]["val_dir"]) for label in per_mode}
-        with_files = [label for label in others if (folders[label] / DETECTIONS_FILE).is_file()]
-        if not with_files or not (folders[reference] / DETECTIONS_FILE).is_file():
+        with_files = [label for label in others if find_detections(folders[label])]
+        if not with_files or not find_detections(folders[reference]):
             continue
         runs = [load_detections(folders[label]) for label in [reference, *with_files]]
         for label, differences in zip(with_files, paired_bootstrap(runs, resamples=resamples, seed=0)):
@@ -358,10 +366,10 @@ def markdown(summary: dict, differences: dict, bootstrap: dict, cols: list[tuple
         lines += [f"\n### Difference to {reference} per seed, paired bootstrap over test images (percentage points)\n"]
         lines.append(markdown_table(["mode, seed", *titles], boot_rows))
         lines.append(f"\n{args.bootstrap} draws of the test images with replacement (seed 0), both runs' metrics "
-                     "recomputed on each draw from val's detections.json; [95% percentile interval]; * = excludes 0. "
+                     "recomputed on each draw from val's detections files; [95% percentile interval]; * = excludes 0. "
                      "mAP50-95 is Ultralytics' own and not recomputed.")
     elif differences and args.bootstrap > 0:
-        lines.append(f"\nNo paired bootstrap: the reports have no {DETECTIONS_FILE}.")
+        lines.append("\nNo paired bootstrap: the reports have no detections files.")
     return "\n".join(lines) + "\n"
 
 
@@ -421,7 +429,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # Python dies of SIGTERM without unwinding, and subprocess.run then leaves its train.py running
+    # Python dies of SIGTERM without unwinding, and subprocess.run then leaves its training running
     # into the run folder unseen; as SystemExit, subprocess.run stops the child first.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

@@ -3,7 +3,7 @@ real false positive, or an object the labels miss.
 
     python bench/unmatched.py bench/results/platelets_only/val/nwd-s1 --conf 0.5 --out unmatched.png
 
-REPORT is a val.py output folder with its detections.json; several folders give one row of crops each.
+REPORT is a val.py output folder with its detections file; several folders give one row of crops each.
 A detection is unmatched as recall by size counts it (``evaluation.unmatched_detections``: score >=
 --conf, per-class NMS, greedy match at IoU 0.5 to a ground truth of its class). Each crop is centred on
 the detection (red, its score above it), with the image's ground truths in green.
@@ -17,7 +17,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from yolo_sizeloss.evaluation import load_detections, unmatched_detections
+from yolo_sizeloss.detections_file import load_detections
+from yolo_sizeloss.evaluation import unmatched_detections
 
 TILE = 96  # original pixels around each detection; BCCD's platelets are 20-40 px across
 
@@ -62,7 +63,7 @@ def sheet(rows: list[list[Image.Image]], labels: list[str]) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("reports", nargs="+", metavar="REPORT", help="val.py output folders with detections.json")
+    p.add_argument("reports", nargs="+", metavar="REPORT", help="val.py output folders with detections files")
     p.add_argument("--conf", type=float, default=0.5, help="score threshold (default 0.5)")
     p.add_argument("--out", required=True, help="PNG file to write")
     args = p.parse_args(argv)

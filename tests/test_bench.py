@@ -17,7 +17,9 @@ import torch
 from PIL import Image
 
 from yolo_sizeloss.detections import load_split
-from yolo_sizeloss.evaluation import RunDetections, evaluate_records, letterbox_scales, write_report
+from yolo_sizeloss.detections_file import RunDetections
+from yolo_sizeloss.evaluation import evaluate_records, letterbox_scales
+from yolo_sizeloss.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 def bench_script(name: str):
@@ -175,13 +177,16 @@ def test_status_says_where_each_run_stands(tmp_path, capsys):
         "baseline-s0 2/3 epochs unfinished, resumes from last.pt",
         "baseline-s1 3/3 epochs trained, not evaluated",
         "baseline-s2 0/3 epochs training now",
-        "feedback-s0 0/3 epochs evaluated, no detections.json",
+        "feedback-s0 0/3 epochs evaluated, no detections file",
         "feedback-s1 0/3 epochs evaluated",
         "feedback-s2 0/3 epochs not started",
     ]
     assert not compare.report_is_current(val / "feedback-s0", bootstrap=1000)  # evaluated again for its detections
     assert compare.report_is_current(val / "feedback-s0", bootstrap=0)
+    # feedback-s1's detections.json: as val wrote it before it compressed the file
     assert compare.report_is_current(val / "feedback-s1", bootstrap=1000)
+    (val / "feedback-s0" / "detections.json.gz").write_bytes(b"")
+    assert compare.report_is_current(val / "feedback-s0", bootstrap=1000)
 
 
 def test_a_second_harness_does_not_train_a_run_another_one_is_training(tmp_path):
@@ -209,13 +214,26 @@ def test_stopping_the_harness_stops_the_training_it_started(tmp_path):
     while not psutil.Process(harness.pid).children() and time.monotonic() < deadline:
         time.sleep(0.1)
     training = psutil.Process(harness.pid).children()
-    commands = [p.cmdline()[1] for p in training]
+    commands = [p.cmdline()[1:4] for p in training]
     harness.terminate()  # what `kill PID` of a harness left in the background sends
     harness.wait(timeout=60)
     _, alive = psutil.wait_procs(training, timeout=15)  # 50 epochs take minutes
     for process in alive:
         process.kill()
-    assert commands == ["train.py"] and not alive
+    assert commands == [["-m", "yolo_sizeloss.cli", "train"]] and not alive  # the installed command, not train.py
+
+
+def test_a_trained_run_is_evaluated_with_the_installed_val_command(tmp_path, capfd):
+    args = compare.parse_args(["--losses", "baseline", "--seeds", "0", "--epochs", "2", "--bootstrap", "0",
+                               "--data", str(tmp_path / "none.yaml"), "--out", str(tmp_path)])
+    _, run_dir, _ = compare.run_paths(tmp_path, "baseline", 0)
+    (run_dir / "weights").mkdir(parents=True)
+    (run_dir / "results.csv").write_text("epoch,time\n1,10\n2,20\n")  # trained: the harness goes on to evaluate
+    (run_dir / "weights" / "best.pt").write_bytes((ROOT / "tests" / "assets" / "yolov8n_bccd_baseline.pt").read_bytes())
+    with pytest.raises(subprocess.CalledProcessError) as failed:  # the missing data yaml stops val at its checks
+        compare.train_and_validate(args, "baseline", [], 0, tmp_path)
+    assert failed.value.cmd[:4] == [sys.executable, "-m", "yolo_sizeloss.cli", "val"]
+    assert f"{tmp_path / 'none.yaml'}" in capfd.readouterr().err  # val's own one-line error
 
 
 def test_per_seed_paired_bootstrap_from_the_reports_detection_files(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 
@@ -9,27 +10,24 @@ import numpy as np
 import pytest
 
 from yolo_sizeloss.detections import ImageRecord
+from yolo_sizeloss.detections_file import RunDetections, find_detections, load_detections, write_detections
 from yolo_sizeloss.evaluation import (
     COCO_EDGES,
     COCO_MAX_DET,
-    RunDetections,
     attach_coco_predictions,
     bucket_index,
     bucket_names,
     coco_metrics,
     evaluate_records,
     fit_by_size,
-    format_report,
     greedy_assignment,
     letterbox_scales,
-    load_detections,
     parse_size_buckets,
     recall_by_size,
     unmatched_detections,
-    write_detections,
-    write_report,
 )
-from yolo_sizeloss.paired import compare_report
+from yolo_sizeloss.paired_report import compare_report
+from yolo_sizeloss.report import format_report, write_report
 
 NAMES = ["RBC", "WBC", "Platelets"]
 W, H = 640, 480
@@ -242,7 +240,7 @@ def test_write_report_and_compare(tmp_path):
         metrics = evaluate_records(records, NAMES, unit_scales(records))
         metrics["meta"].update(model=name, data="synthetic", split="test", imgsz=640)
         paths = write_report(metrics, tmp_path / name, RunDetections(records, unit_scales(records), NAMES))
-        assert [p.name for p in paths] == ["metrics.json", "metrics.md", "size_metrics.png", "detections.json"]
+        assert [p.name for p in paths] == ["metrics.json", "metrics.md", "size_metrics.png", "detections.json.gz"]
         assert json.loads(paths[0].read_text()) == json.loads(json.dumps(metrics))
         assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         runs.append(paths[0])
@@ -252,7 +250,7 @@ def test_write_report_and_compare(tmp_path):
     small_row = next(line for line in table.splitlines() if line.startswith("| coco.original.ap_small "))
     assert small_row.split("|")[2:4] == [" 1.0000 ", " 0.0000 (-1.0000) "]
     assert "| recall.small@0.3 | 1.0000 | 0.0000 (-1.0000) |" in table
-    assert "| good, small (0-32 px) | 3 | 1.000 | 100.0 | 0.900 |" in table  # box fit, from detections.json
+    assert "| good, small (0-32 px) | 3 | 1.000 | 100.0 | 0.900 |" in table  # box fit, from detections.json.gz
     assert "| worse/metrics.json, small (0-32 px) | 3 | 0.000 | 0.0 | 0.000 |" in table
     assert "| small (0-32 px) | 3 | 1.000 | 100.0 | 0.900 |" in markdown
 
@@ -268,8 +266,10 @@ def test_report_labels_recall_with_the_max_det_it_was_evaluated_at():
 def test_detections_file_keeps_what_a_paired_comparison_needs(tmp_path):
     a = record([[10.123, 20.456, 30.789, 40.001]], [2], [[10.126, 20.4, 30.7, 40.0]], [2], [0.123456])
     b = ImageRecord("/data/other.jpg", 416, 320)  # nothing found and no ground truth
-    path = write_detections(tmp_path / "detections.json", RunDetections([a, b], np.array([0.65, 1.0]), NAMES))
-    assert path.stat().st_size < 400  # compact: one line, rounded numbers
+    path = write_detections(tmp_path / "detections.json.gz", RunDetections([a, b], np.array([0.65, 1.0]), NAMES))
+    packed = path.read_bytes()
+    assert packed[:2] == b"\x1f\x8b" and packed[4:8] == bytes(4)  # gzip, mtime 0: the same run gives the same bytes
+    assert len(gzip.decompress(packed)) < 400  # compact: one line, rounded numbers
     run = load_detections(tmp_path)
     assert run.names == NAMES and run.input_scales.tolist() == [0.65, 1.0]
     first, second = run.records
@@ -279,8 +279,25 @@ def test_detections_file_keeps_what_a_paired_comparison_needs(tmp_path):
     assert first.pred_scores.tolist() == [pytest.approx(0.1235)] and first.pred_classes.tolist() == [2]
     assert first.gt_classes.dtype == np.int64 and first.pred_boxes.dtype == np.float32
     assert second.gt_boxes.shape == (0, 4) and second.pred_boxes.shape == (0, 4) and second.pred_scores.shape == (0,)
-    with pytest.raises(FileNotFoundError, match="no detections.json"):
+    with pytest.raises(FileNotFoundError, match="no detections.json.gz"):
         load_detections(tmp_path / "elsewhere")
+
+
+def test_a_detections_file_written_before_compression_still_loads(tmp_path):
+    """Reports written before val compressed the file hold an uncompressed detections.json."""
+    image = {"file": "img.jpg", "width": W, "height": H, "scale": 0.65,
+             "gt": [[10.12, 20.46, 30.79, 40.0, 2]], "pred": [[10.13, 20.4, 30.7, 40.0, 0.1235, 2]]}
+    (tmp_path / "detections.json").write_text(json.dumps({"names": NAMES, "images": [image]}, separators=(",", ":")))
+    for path in (tmp_path, tmp_path / "detections.json"):
+        run = load_detections(path)
+        assert run.names == NAMES and run.input_scales.tolist() == [0.65]
+        [loaded] = run.records
+        np.testing.assert_allclose(loaded.pred_boxes, [[10.13, 20.4, 30.7, 40.0]])
+        assert loaded.pred_scores.tolist() == [pytest.approx(0.1235)] and loaded.gt_classes.tolist() == [2]
+    assert find_detections(tmp_path) == tmp_path / "detections.json"
+    write_detections(tmp_path / "detections.json.gz", run)  # the same report evaluated again: its new file is read
+    assert find_detections(tmp_path) == tmp_path / "detections.json.gz"
+    assert find_detections(tmp_path / "elsewhere") is None
 
 
 def test_box_fit_and_confidence_by_size_by_hand():

@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from dataclasses import replace
 
+import faster_coco_eval
 import numpy as np
 import pytest
+from conftest import make_subset
 
 from yolo_sizeloss.detections import load_split
-from yolo_sizeloss.evaluation import (
-    COCO_EDGES,
-    RunDetections,
-    box_areas,
-    coco_metrics,
-    evaluate_records,
-    letterbox_scales,
-    write_report,
-)
+from yolo_sizeloss.detections_file import RunDetections
+from yolo_sizeloss.evaluation import COCO_EDGES, box_areas, coco_metrics, evaluate_records, letterbox_scales
 from yolo_sizeloss.paired import (
     RunEvaluation,
     align_runs,
-    compare_report,
+    check_faster_coco_eval,
     key_metrics,
     paired_bootstrap,
     t_interval,
 )
+from yolo_sizeloss.paired_report import compare_report
+from yolo_sizeloss.report import write_report
 
 IMGSZ = 416
 
@@ -153,5 +152,53 @@ def test_compare_report_adds_paired_intervals_when_reports_have_detections(bccd_
     write_report(metrics, tmp_path / "worse", without_small_predictions(bccd_test))
     note = " ".join(compare_report(folders, bootstrap=0).split())
     assert "evaluated with different imgsz (stock: 416, worse: 640); max_det (stock: 100, worse: 300):" in note
-    (tmp_path / "worse" / "detections.json").unlink()
-    assert f"no detections.json in {folders[1]}" in " ".join(compare_report(folders).split())
+    (tmp_path / "worse" / "detections.json.gz").unlink()
+    assert f"no detections.json.gz in {folders[1]}" in " ".join(compare_report(folders).split())
+
+
+def test_the_statistics_import_no_formatting():
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, yolo_sizeloss.paired\n"
+         "print(sorted(m for m in sys.modules if m.startswith('yolo_sizeloss')))"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "yolo_sizeloss.evaluation" in imported
+    assert "yolo_sizeloss.report" not in imported and "yolo_sizeloss.paired_report" not in imported
+
+
+def test_an_unsupported_faster_coco_eval_is_one_error_naming_the_supported_range():
+    check_faster_coco_eval(faster_coco_eval.__version__)  # the installed one, which the tests above ran on
+    check_faster_coco_eval("1.8.5")
+    for version in ("1.7.2", "1.9.0", "1.10.1", "2.0", "unknown"):
+        with pytest.raises(ImportError, match=rf"^faster-coco-eval {version} is installed; yolo_sizeloss supports "
+                                               r">=1\.8,<1\.9: pip install 'faster-coco-eval>=1\.8,<1\.9'$"):
+            check_faster_coco_eval(version)
+    imported = subprocess.run(
+        [sys.executable, "-c", "import faster_coco_eval\nfaster_coco_eval.__version__ = '1.7.2'\nimport yolo_sizeloss.paired"],
+        capture_output=True, text=True,
+    )
+    assert imported.returncode == 1
+    assert imported.stderr.strip().splitlines()[-1] == (
+        "ImportError: faster-coco-eval 1.7.2 is installed; yolo_sizeloss supports >=1.8,<1.9: "
+        "pip install 'faster-coco-eval>=1.8,<1.9'"
+    )
+
+
+def test_compare_report_notes_reports_evaluated_with_different_data_yamls(tmp_path):
+    """Two copies of the same BCCD test images under different data yamls: their file names pair the
+    runs, and the comparison says that the data yamls differ."""
+    folders = []
+    for name in ("here", "there"):
+        data = make_subset(tmp_path / f"{name}_data", {"train": 1, "val": 1, "test": 4})
+        records, _ = load_split(str(data), "test")
+        detected = [replace(r, pred_boxes=r.gt_boxes, pred_scores=np.full(len(r.gt_boxes), 0.9, np.float32),
+                            pred_classes=r.gt_classes) for r in records]
+        run = RunDetections(detected, letterbox_scales(detected, IMGSZ), ["RBC", "WBC", "Platelets"])
+        metrics = evaluate_records(run.records, run.names, run.input_scales)
+        metrics["meta"].update(model=name, data=str(data), split="test", imgsz=IMGSZ)
+        write_report(metrics, tmp_path / name, run)
+        folders.append(tmp_path / name)
+    text = " ".join(compare_report(folders, bootstrap=10).split())
+    assert (f"evaluated with different data yamls (here: {tmp_path}/here_data/data.yaml, "
+            f"there: {tmp_path}/there_data/data.yaml)") in text
+    assert "Paired difference to here" in text  # the same file names and ground truth still pair them

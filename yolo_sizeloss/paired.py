@@ -14,53 +14,70 @@ draw, on the drawn images' evaluations, which is exactly what faster-coco-eval c
 set holding the drawn images as distinct images (an image drawn twice counts twice). Overall,
 per-size and per-class AP are read from that accumulation's precision array as COCO's summary does.
 
-Entry points: ``paired_bootstrap`` (differences of runs to the first), ``compare_report`` (val.py
-``--compare``), ``key_metrics`` (the compared values of a report), ``t_interval`` (over seeds).
+Entry points: ``paired_bootstrap`` (differences of runs to the first), ``key_metrics`` (the compared
+values of a report), ``t_interval`` (over seeds). Their tables and val's ``--compare`` are
+``yolo_sizeloss.paired_report``.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
 
+import faster_coco_eval
 import faster_coco_eval.faster_eval_api_cpp as coco_cpp
 import numpy as np
 from faster_coco_eval import COCOeval_faster
 from ultralytics.utils import TQDM
 
+from yolo_sizeloss.detections_file import RunDetections
 from yolo_sizeloss.evaluation import (
     COCO_EDGES,
     COCO_MAX_DET,
     COCO_NAMES,
-    FIT_COLUMNS,
-    FIT_PROTOCOL,
     FRAMES,
     RECALL_THRESHOLDS,
-    RunDetections,
-    bucket_labels,
     bucket_names,
     coco_area_ranges,
-    fit_by_size,
-    fit_rows,
-    format_value,
     found_ground_truth,
     frame_scales,
     gt_size_buckets,
     load_coco,
-    load_detections,
-    markdown_table,
-    report_file,
     silent,
 )
 
+# faster-coco-eval has no public per-image evaluations: COCOeval_faster keeps them, with the
+# parameters its C++ accumulation takes, only in its private _evalImgs_cpp and _paramsEval, in an
+# order no documentation states (class, then area range, then image). The bootstrap needs them, so
+# the versions are pinned (pyproject.toml) to those whose layout tests/test_paired.py checks; 1.7
+# also lacks the AR_<maxDets> keys evaluation.coco_metrics reads.
+SUPPORTED_FASTER_COCO_EVAL = ("1.8", "1.9")  # >= the first, < the second
 CONFIDENCE = 0.95
 # two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (scipy is not a dependency)
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def check_faster_coco_eval(version: str) -> None:
+    """ImportError, one line naming the fix, unless faster-coco-eval ``version`` is in
+    ``SUPPORTED_FASTER_COCO_EVAL``."""
+    low, high = SUPPORTED_FASTER_COCO_EVAL
+    if not _major_minor(low) <= _major_minor(version) < _major_minor(high):
+        raise ImportError(f"faster-coco-eval {version} is installed; yolo_sizeloss supports >={low},<{high}: "
+                          f"pip install 'faster-coco-eval>={low},<{high}'")
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
+    """``(1, 8)`` for ``"1.8.0"``; ``(0,)``, below any release, for a version not starting with two numbers."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else (0,)
+
+
+check_faster_coco_eval(faster_coco_eval.__version__)
 
 
 # ---------------------------------------------------------------------------------- metric names
@@ -267,111 +284,3 @@ def t_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[flo
     mean = statistics.mean(values)
     half = T_975[n - 2] * statistics.stdev(values) / math.sqrt(n)
     return mean, mean - half, mean + half
-
-
-# ----------------------------------------------------------------------------------------- report
-def load_metrics(path: str | Path) -> dict:
-    """A report's metrics: ``path`` is a metrics.json or a val output folder containing one."""
-    file = report_file(path, "metrics.json")
-    if not file.is_file():
-        raise FileNotFoundError(f"no metrics.json at {path}")
-    return json.loads(file.read_text())
-
-
-def report_folder(path: str | Path) -> Path:
-    """The val output folder of a report given as the folder or its metrics.json."""
-    path = Path(path)
-    return path if path.is_dir() else path.parent
-
-
-def compare_report(paths: list[str | Path], bootstrap: int = 1000, seed: int = 0) -> str:
-    """Markdown: ``key_metrics`` of each run with the delta to the first run in brackets; then, when
-    every report has its detections.json and ``bootstrap`` > 0, each run's paired difference to the
-    first with its 95% bootstrap interval over ``bootstrap`` draws of the test images (seeded)."""
-    reports = [load_metrics(p) for p in paths]
-    runs = [key_metrics(m) for m in reports]
-    labels = [_run_label(Path(p)) for p in paths]
-    keys = list(dict.fromkeys(k for run in runs for k in run))
-    rows = []
-    for key in keys:
-        base = runs[0].get(key)
-        cells = [format_value(base, 4)]
-        for run in runs[1:]:
-            value = run.get(key)
-            delta = "" if value is None or base is None else f" ({value - base:+.4f})"
-            cells.append(format_value(value, 4) + delta)
-        rows.append([key] + cells)
-    text = markdown_table(["metric"] + labels, rows) + "\n" + settings_note(reports, labels)
-    missing = [str(p) for p in paths if not (report_folder(p) / "detections.json").is_file()]
-    if missing:
-        return text + (f"\nNo box fit table and no paired bootstrap: no detections.json in {', '.join(missing)}; "
-                       f"evaluate those runs again with val to write it.\n")
-    meta = reports[0]["meta"]
-    edges = tuple(float(e) for e in meta["size_buckets"])
-    runs_detections = [load_detections(report_folder(p)) for p in paths]
-    text += "\n" + format_fit(runs_detections, labels, meta)
-    if len(paths) < 2 or bootstrap <= 0:
-        return text
-    thresholds = tuple(float(t) for t in reports[0]["recall_by_size"])
-    differences = paired_bootstrap(  # reports written before val took --max-det were evaluated at COCO's 100
-        runs_detections, edges, bootstrap, seed, meta["recall_frame"], thresholds, meta.get("max_det", COCO_MAX_DET),
-    )
-    return text + "\n" + format_differences(differences, labels[1:], labels[0], bootstrap, seed)
-
-
-COMPARED_SETTINGS = ("split", "imgsz", "size_buckets", "recall_frame", "max_det")
-
-
-def settings_note(reports: list[dict], labels: list[str]) -> str:
-    """A note naming the evaluation settings in which the reports differ (empty when none): the
-    table above holds each report's own values, the tables below recompute every run in the first
-    report's buckets, frame and maxDets."""
-    differ = []
-    for key in COMPARED_SETTINGS:
-        values = [report["meta"].get(key) for report in reports]
-        if len({json.dumps(v) for v in values}) > 1:
-            differ.append(f"{key} ({', '.join(f'{label}: {v}' for label, v in zip(labels, values))})")
-    if not differ:
-        return ""
-    return (f"\nThe reports were evaluated with different {'; '.join(differ)}: each report's own values above; "
-            f"the tables below take the first report's buckets, frame and maxDets for every run.\n")
-
-
-def format_fit(runs: list[RunDetections], labels: list[str], meta: dict) -> str:
-    """``fit_by_size`` of each run, computed from its detections in the buckets and frame of the first
-    report, as one Markdown table with a row per run and bucket."""
-    edges = tuple(float(e) for e in meta["size_buckets"])
-    buckets = bucket_labels(meta) + ["all"]
-    frame = meta["recall_frame"]
-    rows = []
-    for run, label in zip(runs, labels):
-        rows += fit_rows(fit_by_size(run.records, frame_scales(run.input_scales)[frame], edges), [f"{label}, {bucket}" for bucket in buckets])
-    table = markdown_table(["run, bucket"] + FIT_COLUMNS, rows)
-    return f"Box fit and confidence by size ({frame} frame)\n\n{table}\n\n{FIT_PROTOCOL}\n"
-
-
-def format_differences(differences: list[dict[str, dict]], labels: list[str], base: str, resamples: int, seed: int) -> str:
-    """Markdown table of ``paired_bootstrap``'s result: ``diff [low, high]`` per metric and run, ``*``
-    where the interval excludes 0."""
-    keys = list(differences[0])
-    rows = [[key] + [difference_cell(d[key]) for d in differences] for key in keys]
-    header = f"Paired difference to {base} (run - {base}) on the same test images, 95% bootstrap interval"
-    note = (f"{resamples} draws of the images with replacement, seed {seed}, metrics recomputed from each run's "
-            "detections.json; * = the interval excludes 0.")
-    return f"{header}\n\n{markdown_table(['metric'] + labels, rows)}\n\n{note}\n"
-
-
-def difference_cell(entry: dict, scale: float = 1.0, digits: int = 4) -> str:
-    """``+0.0123 [+0.0040, +0.0210] *`` (scaled, ``*`` when the interval excludes 0), ``n/a`` if undefined."""
-    if entry["diff"] is None:
-        return "n/a"
-    if entry["low"] is None:
-        return f"{scale * entry['diff']:+.{digits}f}"
-    star = " *" if entry["excludes_zero"] else ""
-    return (f"{scale * entry['diff']:+.{digits}f} [{scale * entry['low']:+.{digits}f}, "
-            f"{scale * entry['high']:+.{digits}f}]{star}")
-
-
-def _run_label(path: Path) -> str:
-    """A run's column title: its folder name (the folder holding metrics.json for a file path)."""
-    return path.name if path.is_dir() else f"{path.parent.name}/{path.name}"

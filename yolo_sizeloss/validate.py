@@ -5,7 +5,7 @@
 
 Reports COCO AP/AR in the original and the network-input frame, AP per class, recall by size bucket
 at confidence 0.01/0.1/0.3, and the stock Ultralytics validator's metrics; writes metrics.json,
-metrics.md, size_metrics.png and detections.json (for paired comparisons) to ``--project/--name``
+metrics.md, size_metrics.png and detections.json.gz (for paired comparisons) to ``--project/--name``
 (default runs/val/exp, then exp-2, ... as Ultralytics names runs).
 
 The images and boxes evaluated are those Ultralytics' validator evaluates (``check_split``); the
@@ -33,20 +33,19 @@ from ultralytics.utils.files import increment_path
 from yolo_sizeloss.checkpoints import RCNN_ARCH, checkpoint_kind, load_checkpoint
 from yolo_sizeloss.checks import DataError, OneLineParser, check_data_yaml, one_line, parse_device, run_guarded
 from yolo_sizeloss.detections import ImageRecord, SkippedLabels, check_split, skipped_summary
+from yolo_sizeloss.detections_file import RunDetections
 from yolo_sizeloss.evaluation import (
     COCO_EDGES,
     COCO_MAX_DET,
     FRAMES,
-    RunDetections,
     attach_coco_predictions,
     evaluate_records,
     format_edge,
-    format_report,
     letterbox_scales,
     parse_size_buckets,
-    write_report,
 )
-from yolo_sizeloss.paired import compare_report
+from yolo_sizeloss.paired_report import compare_report
+from yolo_sizeloss.report import format_report, write_report
 
 KEPT_DETECTIONS = 300  # detections kept per image, as Ultralytics' validator (raised by a larger --max-det)
 ULTRALYTICS_KEYS = {  # stock validator stats key -> name in metrics.json "ultralytics"

@@ -1,0 +1,96 @@
+"""A val report's per-image detections file: what a report was computed from, written next to it so
+that runs can later be compared image by image (``yolo_sizeloss.paired``) without running the models again.
+
+The file is gzip-compressed JSON (``detections.json.gz``); reports written before val compressed it
+hold ``detections.json``, which is read as well. Entry points: ``write_detections``,
+``load_detections`` (the file back as ``RunDetections``), ``find_detections`` (a report folder's
+file, either name) and ``report_file`` (a file of a report given as the file or its folder).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from yolo_sizeloss.detections import ImageRecord
+
+DETECTIONS_FILE = "detections.json.gz"
+UNCOMPRESSED_DETECTIONS_FILE = "detections.json"  # what val wrote before; still read
+
+
+@dataclass
+class RunDetections:
+    """What a report was computed from: per-image ground truth and detections (original pixels), the
+    per-image scale original -> network input that defines the ``input`` frame, and the class names."""
+
+    records: list[ImageRecord]
+    input_scales: np.ndarray
+    names: list[str]
+
+
+def write_detections(path: Path, run: RunDetections) -> Path:
+    """Write ``run`` as gzip-compressed compact JSON: per image its file, size, input scale, ``gt``
+    rows ``[x1, y1, x2, y2, class]`` and ``pred`` rows ``[x1, y1, x2, y2, score, class]``; boxes
+    rounded to 0.01 px and scores to 1e-4."""
+    images = []
+    for record, scale in zip(run.records, run.input_scales, strict=True):
+        gt = np.round(np.asarray(record.gt_boxes, dtype=np.float64).reshape(-1, 4), 2).tolist()
+        boxes = np.round(np.asarray(record.pred_boxes, dtype=np.float64).reshape(-1, 4), 2).tolist()
+        scores = np.round(np.asarray(record.pred_scores, dtype=np.float64), 4).tolist()
+        images.append({
+            "file": record.file, "width": record.width, "height": record.height, "scale": float(scale),
+            "gt": [[*box, int(c)] for box, c in zip(gt, record.gt_classes)],
+            "pred": [[*box, score, int(c)] for box, score, c in zip(boxes, scores, record.pred_classes)],
+        })
+    path = Path(path)
+    text = json.dumps({"names": list(run.names), "images": images}, separators=(",", ":")) + "\n"
+    # mtime 0: the same run gives the same bytes, so a committed report changes only when its detections do
+    path.write_bytes(gzip.compress(text.encode(), mtime=0))
+    return path
+
+
+def load_detections(path: str | Path) -> RunDetections:
+    """Read a detections file written by ``write_detections`` (or an uncompressed one from before);
+    ``path`` is the file or the report folder holding it. FileNotFoundError when there is none."""
+    file = find_detections(path) if Path(path).is_dir() else Path(path)
+    if file is None or not file.is_file():
+        raise FileNotFoundError(f"no {DETECTIONS_FILE} (nor {UNCOMPRESSED_DETECTIONS_FILE}) at {path}")
+    packed = file.read_bytes()
+    data = json.loads(gzip.decompress(packed) if file.suffix == ".gz" else packed)
+    records = [
+        ImageRecord(
+            file=image["file"], width=image["width"], height=image["height"],
+            gt_boxes=_columns(image["gt"], slice(0, 4), 5, np.float32),
+            gt_classes=_columns(image["gt"], 4, 5, np.int64),
+            pred_boxes=_columns(image["pred"], slice(0, 4), 6, np.float32),
+            pred_scores=_columns(image["pred"], 4, 6, np.float32),
+            pred_classes=_columns(image["pred"], 5, 6, np.int64),
+        )
+        for image in data["images"]
+    ]
+    scales = np.array([image["scale"] for image in data["images"]], dtype=np.float64)
+    return RunDetections(records, scales, data["names"])
+
+
+def find_detections(folder: str | Path) -> Path | None:
+    """The detections file in the report folder ``folder``: ``DETECTIONS_FILE``, else one written
+    uncompressed before val compressed it; None when there is neither."""
+    for name in (DETECTIONS_FILE, UNCOMPRESSED_DETECTIONS_FILE):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def report_file(path: str | Path, name: str) -> Path:
+    """``path`` itself when it is a file, else the file ``name`` in the report folder ``path``."""
+    path = Path(path)
+    return path / name if path.is_dir() else path
+
+
+def _columns(rows: list[list[float]], columns: int | slice, width: int, dtype: type) -> np.ndarray:
+    """Columns of a detections file's row list as an array (shape kept for an empty list)."""
+    return np.asarray(rows, dtype=np.float64).reshape(-1, width)[:, columns].astype(dtype)

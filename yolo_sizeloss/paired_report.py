@@ -1,0 +1,136 @@
+"""The comparison of evaluated runs as Markdown (val ``--compare``): the reports side by side, each
+run's box fit and confidence, and the paired bootstrap differences of ``yolo_sizeloss.paired``.
+
+Entry points: ``compare_report`` (the whole comparison of report folders), ``format_differences``
+and ``difference_cell`` (``paired_bootstrap``'s result as a table and as one cell).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from yolo_sizeloss.detections_file import DETECTIONS_FILE, RunDetections, find_detections, load_detections, report_file
+from yolo_sizeloss.evaluation import COCO_MAX_DET, fit_by_size, frame_scales
+from yolo_sizeloss.paired import key_metrics, paired_bootstrap
+from yolo_sizeloss.report import FIT_COLUMNS, FIT_PROTOCOL, bucket_labels, fit_rows, format_value, markdown_table
+
+
+def load_metrics(path: str | Path) -> dict:
+    """A report's metrics: ``path`` is a metrics.json or a val output folder containing one."""
+    file = report_file(path, "metrics.json")
+    if not file.is_file():
+        raise FileNotFoundError(f"no metrics.json at {path}")
+    return json.loads(file.read_text())
+
+
+def report_folder(path: str | Path) -> Path:
+    """The val output folder of a report given as the folder or its metrics.json."""
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
+def compare_report(paths: list[str | Path], bootstrap: int = 1000, seed: int = 0) -> str:
+    """Markdown: ``key_metrics`` of each run with the delta to the first run in brackets; then, when
+    every report has its detections file and ``bootstrap`` > 0, each run's paired difference to the
+    first with its 95% bootstrap interval over ``bootstrap`` draws of the test images (seeded)."""
+    reports = [load_metrics(p) for p in paths]
+    runs = [key_metrics(m) for m in reports]
+    labels = [_run_label(Path(p)) for p in paths]
+    keys = list(dict.fromkeys(k for run in runs for k in run))
+    rows = []
+    for key in keys:
+        base = runs[0].get(key)
+        cells = [format_value(base, 4)]
+        for run in runs[1:]:
+            value = run.get(key)
+            delta = "" if value is None or base is None else f" ({value - base:+.4f})"
+            cells.append(format_value(value, 4) + delta)
+        rows.append([key] + cells)
+    text = markdown_table(["metric"] + labels, rows) + "\n" + settings_note(reports, labels)
+    text += data_note(reports, labels)
+    missing = [str(p) for p in paths if find_detections(report_folder(p)) is None]
+    if missing:
+        return text + (f"\nNo box fit table and no paired bootstrap: no {DETECTIONS_FILE} in {', '.join(missing)}; "
+                       f"evaluate those runs again with val to write it.\n")
+    meta = reports[0]["meta"]
+    edges = tuple(float(e) for e in meta["size_buckets"])
+    runs_detections = [load_detections(report_folder(p)) for p in paths]
+    text += "\n" + format_fit(runs_detections, labels, meta)
+    if len(paths) < 2 or bootstrap <= 0:
+        return text
+    thresholds = tuple(float(t) for t in reports[0]["recall_by_size"])
+    differences = paired_bootstrap(  # reports written before val took --max-det were evaluated at COCO's 100
+        runs_detections, edges, bootstrap, seed, meta["recall_frame"], thresholds, meta.get("max_det", COCO_MAX_DET),
+    )
+    return text + "\n" + format_differences(differences, labels[1:], labels[0], bootstrap, seed)
+
+
+COMPARED_SETTINGS = ("split", "imgsz", "size_buckets", "recall_frame", "max_det")
+
+
+def settings_note(reports: list[dict], labels: list[str]) -> str:
+    """A note naming the evaluation settings in which the reports differ (empty when none): the
+    table above holds each report's own values, the tables below recompute every run in the first
+    report's buckets, frame and maxDets."""
+    differ = []
+    for key in COMPARED_SETTINGS:
+        values = [report["meta"].get(key) for report in reports]
+        if len({json.dumps(v) for v in values}) > 1:
+            differ.append(f"{key} ({', '.join(f'{label}: {v}' for label, v in zip(labels, values))})")
+    if not differ:
+        return ""
+    return (f"\nThe reports were evaluated with different {'; '.join(differ)}: each report's own values above; "
+            f"the tables below take the first report's buckets, frame and maxDets for every run.\n")
+
+
+def data_note(reports: list[dict], labels: list[str]) -> str:
+    """A note naming the data yamls when the reports were evaluated with different ones (empty when
+    not, or when a report does not say): runs are paired by image file name and ground truth, which
+    two data sets can share."""
+    data = [report["meta"].get("data") for report in reports]
+    if None in data or len(set(data)) == 1:
+        return ""
+    named = ", ".join(f"{label}: {d}" for label, d in zip(labels, data))
+    return (f"\nThe reports were evaluated with different data yamls ({named}): the tables below pair their "
+            f"images by file name, which holds only where the same name is the same image.\n")
+
+
+def format_fit(runs: list[RunDetections], labels: list[str], meta: dict) -> str:
+    """``fit_by_size`` of each run, computed from its detections in the buckets and frame of the first
+    report, as one Markdown table with a row per run and bucket."""
+    edges = tuple(float(e) for e in meta["size_buckets"])
+    buckets = bucket_labels(meta) + ["all"]
+    frame = meta["recall_frame"]
+    rows = []
+    for run, label in zip(runs, labels):
+        rows += fit_rows(fit_by_size(run.records, frame_scales(run.input_scales)[frame], edges), [f"{label}, {bucket}" for bucket in buckets])
+    table = markdown_table(["run, bucket"] + FIT_COLUMNS, rows)
+    return f"Box fit and confidence by size ({frame} frame)\n\n{table}\n\n{FIT_PROTOCOL}\n"
+
+
+def format_differences(differences: list[dict[str, dict]], labels: list[str], base: str, resamples: int, seed: int) -> str:
+    """Markdown table of ``paired_bootstrap``'s result: ``diff [low, high]`` per metric and run, ``*``
+    where the interval excludes 0."""
+    keys = list(differences[0])
+    rows = [[key] + [difference_cell(d[key]) for d in differences] for key in keys]
+    header = f"Paired difference to {base} (run - {base}) on the same test images, 95% bootstrap interval"
+    note = (f"{resamples} draws of the images with replacement, seed {seed}, metrics recomputed from each run's "
+            "detections file; * = the interval excludes 0.")
+    return f"{header}\n\n{markdown_table(['metric'] + labels, rows)}\n\n{note}\n"
+
+
+def difference_cell(entry: dict, scale: float = 1.0, digits: int = 4) -> str:
+    """``+0.0123 [+0.0040, +0.0210] *`` (scaled, ``*`` when the interval excludes 0), ``n/a`` if undefined."""
+    if entry["diff"] is None:
+        return "n/a"
+    if entry["low"] is None:
+        return f"{scale * entry['diff']:+.{digits}f}"
+    star = " *" if entry["excludes_zero"] else ""
+    return (f"{scale * entry['diff']:+.{digits}f} [{scale * entry['low']:+.{digits}f}, "
+            f"{scale * entry['high']:+.{digits}f}]{star}")
+
+
+def _run_label(path: Path) -> str:
+    """A run's column title: its folder name (the folder holding metrics.json for a file path)."""
+    return path.name if path.is_dir() else f"{path.parent.name}/{path.name}"
