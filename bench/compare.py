@@ -58,7 +58,7 @@ COMMAND = [sys.executable, "-m", "yolo_sizeloss.cli"]
 PRESETS = {
     "cpu": dict(losses=["baseline", "feedback", "scb", "plb", "gradlibra"], seeds=[0], epochs=20, imgsz=416, batch=16),
     # 60 epochs on BCCD from scratch: past the stock baseline's steep rise (epoch ~40), a schedule
-    # two cores train in about an hour (README, converged schedule)
+    # two cores train in about an hour (docs/results.md, converged schedule)
     "converged": dict(losses=["baseline", "feedback", "nwd"], seeds=[0, 1, 2], epochs=60,
                       imgsz=416, batch=16),
     "full": dict(losses=["baseline", "feedback", "scb", "plb", "gradlibra", "plb+scb"], seeds=[0, 1, 2], epochs=100,

@@ -196,7 +196,7 @@ def nwd_assigner_auto(widths: torch.Tensor, heights: torch.Tensor, small_area: f
     nearly every object is small there is nothing to rebalance and the raised confidence reaches
     unlabelled objects too (BCCD's platelets alone lost AP with it, not without it). So: NWD while
     small boxes (``w * h < small_area``) are fewer than half of the finite boxes, CIoU otherwise. A
-    rule of this project, measured on those two data sets (README, Results), not the paper's.
+    rule of this project, measured on those two data sets (docs/results.md), not the paper's.
     Returns the decision and a sentence for the log.
     """
     areas = finite_box_areas(widths, heights, "nwd_assigner_auto")
