@@ -187,3 +187,22 @@ def test_ddp_worker_file_rebuilds_the_trainer_with_its_loss(bccd_subset, tmp_pat
         ddp_cleanup(trainer, file)
     assert yaml.safe_load((tmp_path / "ddp" / "loss.yaml").read_text())["settings"] == config
     assert "feedback/gain" in results_rows(tmp_path / "ddp")[0]
+
+
+def test_ddp_worker_trainer_runs_each_weighting_callback_once(bccd_subset, tmp_path):
+    """The worker file rebuilds the trainer with the launching trainer's callbacks; ours must not run twice
+    (a second ``end_step`` in one step folds empty sums and resets the feedback gain to 1)."""
+    from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
+    from ultralytics.utils.patches import torch_load
+
+    from yolo_sizeloss.yolo import trainer as trainer_module
+
+    trainer = trainer_module.SizeAwareTrainer.with_loss(load_loss_config("feedback"))(overrides=dict(
+        model="yolov8n.yaml", data=str(bccd_subset), imgsz=IMGSZ, device="cpu", project=str(tmp_path), name="ddp"))
+    file = generate_ddp_file(trainer)
+    try:
+        state = torch_load(Path(file).with_suffix(".pt"), map_location="cpu")
+    finally:
+        ddp_cleanup(trainer, file)
+    worker = state["trainer"](overrides=state["args"], _callbacks=state["callbacks"])  # as the worker file does
+    assert worker.callbacks["on_train_batch_end"].count(trainer_module.end_weighting_step) == 1

@@ -45,7 +45,8 @@ class SizeAwareTrainer(DetectionTrainer):
         super().__init__(cfg, overrides, _callbacks)
         self.loss_config = self._resumed_loss_config() if self.resume else type(self).loss_config
         self.weighting = AnchorWeighting(self.loss_config) if self.loss_config else None
-        if self.weighting is not None:
+        # a DDP worker is built with the launching trainer's callbacks (utils.dist.generate_ddp_file), ours included
+        if self.weighting is not None and end_weighting_step not in self.callbacks["on_train_batch_end"]:
             self.add_callback("on_train_batch_end", end_weighting_step)
         if RANK in {-1, 0}:
             LOGGER.info(f"size-aware loss: {describe_loss(self.loss_config)}")
