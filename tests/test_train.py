@@ -169,6 +169,40 @@ def test_resume_restores_the_feedback_state(bccd_subset, tmp_path):
 
 
 @pytest.mark.slow
+def test_resumed_end_to_end_run_wraps_the_criterion_with_its_restored_branch_gains(bccd_subset, tmp_path):
+    from ultralytics.utils.torch_utils import unwrap_model
+
+    from yolo_sizeloss.yolo.loss import ObservedAssigner, loss_branches
+    from yolo_sizeloss.yolo.trainer import SizeAwareTrainer
+
+    class Stop(Exception):
+        pass
+
+    def stop(trainer):
+        raise Stop
+
+    overrides = dict(model="yolo26n.yaml", data=str(bccd_subset), epochs=2, imgsz=IMGSZ, batch=8, workers=0,
+                     device="cpu", plots=False, project=str(tmp_path), name="e2e")
+    first = SizeAwareTrainer.with_loss(load_loss_config("plb"))(overrides=overrides)
+    first.add_callback("on_model_save", stop)  # interrupted after epoch 1 is saved
+    with pytest.raises(Stop):
+        first.train()
+
+    last = str(tmp_path / "e2e" / "weights" / "last.pt")
+    resumed = SizeAwareTrainer(overrides={"resume": last, "model": last})
+    seen = []
+    resumed.add_callback("on_pretrain_routine_end", lambda t: seen.append(unwrap_model(t.model).criterion))
+    resumed.add_callback("on_pretrain_routine_end", stop)  # the set-up is what this test is about
+    with pytest.raises(Stop):
+        resumed.train()
+    criterion = seen[0]
+    assert all(isinstance(branch.assigner, ObservedAssigner) for branch in loss_branches(criterion))
+    # stock resume_training ran the gain schedule to epoch 2 of 2: the one-to-many gain is its final 0.1, not
+    # the 0.8 a new criterion starts at
+    assert criterion.o2m == pytest.approx(0.1) and criterion.o2o == pytest.approx(0.9)
+
+
+@pytest.mark.slow
 def test_ddp_worker_file_rebuilds_the_trainer_with_its_loss(bccd_subset, tmp_path):
     from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
 
@@ -191,7 +225,8 @@ def test_ddp_worker_file_rebuilds_the_trainer_with_its_loss(bccd_subset, tmp_pat
 
 def test_ddp_worker_trainer_runs_each_weighting_callback_once(bccd_subset, tmp_path):
     """The worker file rebuilds the trainer with the launching trainer's callbacks; ours must not run twice
-    (a second ``end_step`` in one step folds empty sums and resets the feedback gain to 1)."""
+    (a second ``end_step`` in one step folds empty sums and resets the feedback gain to 1; a second install
+    is refused)."""
     from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
     from ultralytics.utils.patches import torch_load
 
@@ -205,4 +240,5 @@ def test_ddp_worker_trainer_runs_each_weighting_callback_once(bccd_subset, tmp_p
     finally:
         ddp_cleanup(trainer, file)
     worker = state["trainer"](overrides=state["args"], _callbacks=state["callbacks"])  # as the worker file does
+    assert worker.callbacks["on_pretrain_routine_end"].count(trainer_module.install_weighting) == 1
     assert worker.callbacks["on_train_batch_end"].count(trainer_module.end_weighting_step) == 1

@@ -31,6 +31,24 @@ def end_weighting_step(trainer: "SizeAwareTrainer") -> None:
     trainer.weighting.end_step()
 
 
+def install_weighting(trainer: "SizeAwareTrainer") -> None:
+    """``on_pretrain_routine_end`` callback: the size-aware weights in the live model's criterion.
+
+    Ultralytics runs it last in its set-up, after what the weighting needs: the train loader
+    (``nwd`` 'auto' settings are resolved from its labels) and, on resume, the end-to-end criterion
+    whose branch gains ``resume_training`` restored (wrapped, not replaced). The EMA copy, made
+    before this, keeps a stock criterion, so validation losses compare between modes.
+    """
+    model = unwrap_model(trainer.model)
+    trainer.weighting.to(trainer.device)
+    trainer.weighting.resolve_from_labels(trainer.train_loader.dataset.labels, trainer.args.imgsz)
+    stock = getattr(model, "criterion", None) or model.init_criterion()
+    model.criterion = install_size_aware_loss(stock, trainer.weighting)
+
+
+WEIGHTING_CALLBACKS = {"on_pretrain_routine_end": install_weighting, "on_train_batch_end": end_weighting_step}
+
+
 class SizeAwareTrainer(DetectionTrainer):
     """Detection trainer whose criterion applies the size-aware weightings of ``loss_config``."""
 
@@ -45,9 +63,11 @@ class SizeAwareTrainer(DetectionTrainer):
         super().__init__(cfg, overrides, _callbacks)
         self.loss_config = self._resumed_loss_config() if self.resume else type(self).loss_config
         self.weighting = AnchorWeighting(self.loss_config) if self.loss_config else None
-        # a DDP worker is built with the launching trainer's callbacks (utils.dist.generate_ddp_file), ours included
-        if self.weighting is not None and end_weighting_step not in self.callbacks["on_train_batch_end"]:
-            self.add_callback("on_train_batch_end", end_weighting_step)
+        if self.weighting is not None:
+            # a DDP worker is built with the launching trainer's callbacks (utils.dist.generate_ddp_file), ours included
+            for event, callback in WEIGHTING_CALLBACKS.items():
+                if callback not in self.callbacks[event]:
+                    self.add_callback(event, callback)
         if RANK in {-1, 0}:
             LOGGER.info(f"size-aware loss: {describe_loss(self.loss_config)}")
             record = {"loss": loss_name(self.loss_config), "settings": self.loss_config}
@@ -80,22 +100,6 @@ class SizeAwareTrainer(DetectionTrainer):
             if self.weighting.load_feedback_state(ckpt.get("train_metrics") or {}):
                 LOGGER.info(f"Resumed feedback state {self.weighting.feedback_state()}")
         return ckpt
-
-    def _setup_train(self):
-        """Stock set-up, then the size-aware weights in the live model's criterion (baseline keeps it stock).
-
-        A resumed end-to-end model already holds a criterion whose branch gains the stock
-        ``resume_training`` restored; it is wrapped, not replaced. The EMA copy, made before this,
-        keeps a stock criterion, so validation losses compare between modes.
-        """
-        super()._setup_train()
-        if self.weighting is None:
-            return
-        model = unwrap_model(self.model)
-        self.weighting.to(self.device)
-        self.weighting.resolve_from_labels(self.train_loader.dataset.labels, self.args.imgsz)  # nwd.constant: auto
-        stock = getattr(model, "criterion", None) or model.init_criterion()
-        model.criterion = install_size_aware_loss(stock, self.weighting)
 
     def plot_metrics(self) -> None:
         """Ultralytics' results.png, and beside it weighting.png: where the weight went, epoch by epoch."""
