@@ -242,3 +242,33 @@ def test_ddp_worker_trainer_runs_each_weighting_callback_once(bccd_subset, tmp_p
     worker = state["trainer"](overrides=state["args"], _callbacks=state["callbacks"])  # as the worker file does
     assert worker.callbacks["on_pretrain_routine_end"].count(trainer_module.install_weighting) == 1
     assert worker.callbacks["on_train_batch_end"].count(trainer_module.end_weighting_step) == 1
+
+
+@pytest.mark.slow
+def test_nan_recovery_keeps_validation_losses_stock(bccd_subset, tmp_path):
+    """Ultralytics' NaN recovery rebuilds the EMA from the live model; its criterion must stay the stock one."""
+    from test_nan import bccd_training_batch
+
+    from yolo_sizeloss.yolo.trainer import SizeAwareTrainer
+
+    def poison_epoch_two_once(trainer):  # as a diverged step would, before the epoch's NaN check
+        if started == [0, 1]:
+            trainer.loss = torch.tensor(float("nan"))
+
+    started = []
+    trainer = SizeAwareTrainer.with_loss(load_loss_config("plb+nwd"))(overrides=dict(
+        model="yolov8n.yaml", data=str(bccd_subset), epochs=2, imgsz=IMGSZ, batch=8, workers=0, device="cpu",
+        plots=False, project=str(tmp_path), name="nan"))
+    trainer.add_callback("on_train_epoch_start", lambda t: started.append(t.epoch))
+    trainer.add_callback("on_train_epoch_end", poison_epoch_two_once)
+    trainer.train()
+    assert started == [0, 1, 1]  # epoch 2 recovered from last.pt and trained again
+    assert [int(r["epoch"]) for r in results_rows(tmp_path / "nan")] == [1, 2]
+
+    ema = trainer.ema.ema  # the EMA the recovery built, which validated the redone epoch
+    batch = bccd_training_batch()
+    preds = ema(batch["img"])
+    _, items = ema.loss(batch, preds)  # as the validator computes validation losses
+    _, stock_items = ema.init_criterion()(preds, batch)
+    assert items.keys() == stock_items.keys()
+    assert all(torch.equal(items[k], stock_items[k]) for k in items), (items, stock_items)

@@ -21,7 +21,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from yolo_sizeloss.config import describe_loss, loss_differences, loss_name
 from yolo_sizeloss.weighting_plot import plot_weighting
-from yolo_sizeloss.yolo.loss import AnchorWeighting, install_size_aware_loss
+from yolo_sizeloss.yolo.loss import AnchorWeighting, install_size_aware_loss, remove_size_aware_loss
 
 LOSS_FILE = "loss.yaml"
 
@@ -100,6 +100,20 @@ class SizeAwareTrainer(DetectionTrainer):
             if self.weighting.load_feedback_state(ckpt.get("train_metrics") or {}):
                 LOGGER.info(f"Resumed feedback state {self.weighting.feedback_state()}")
         return ckpt
+
+    def _load_checkpoint_state(self, ckpt) -> None:
+        """Stock; the EMA it rebuilds from the live model (Ultralytics' NaN recovery) gets a stock criterion.
+
+        Its deep copy of the live model copies the size-aware criterion too, and validation losses
+        would be weighted from then on; without the wrappers it holds what a baseline run's copy
+        holds (an end-to-end loss's current branch gains). Overridden, not a callback: this is where
+        the copy is made, where an ``on_train_epoch_start`` callback would undo it after the fact,
+        every epoch. On resume the live criterion is still stock here (``install_weighting`` runs later).
+        """
+        super()._load_checkpoint_state(ckpt)
+        criterion = getattr(self.ema.ema, "criterion", None)
+        if criterion is not None:
+            remove_size_aware_loss(criterion)
 
     def plot_metrics(self) -> None:
         """Ultralytics' results.png, and beside it weighting.png: where the weight went, epoch by epoch."""
