@@ -106,15 +106,23 @@ def test_stock_class_weights_are_kept():
     assert not torch.isclose(weighted, unweighted)
 
 
-def test_wrapping_twice_is_refused_and_no_stock_method_is_copied():
-    model = build_model("yolov8n.yaml")
+def test_wrapping_twice_is_refused_and_the_stock_loss_method_computes_every_branch(monkeypatch):
+    model = build_model("yolo26n.yaml")
     weighting = AnchorWeighting(load_loss_config("plb"))
     criterion = build_size_aware_loss(model, weighting)
     with pytest.raises(ValueError, match="already"):
-        install = __import__("yolo_sizeloss.yolo.loss", fromlist=["install_size_aware_loss"]).install_size_aware_loss
-        install(criterion, weighting)
-    for branch in loss_branches(criterion):  # the loss methods are Ultralytics' own
-        assert type(branch).get_assigned_targets_and_loss is v8DetectionLoss.get_assigned_targets_and_loss
+        install_size_aware_loss(criterion, weighting)
+    # no copy of Ultralytics' loss method computes a branch: the stock one runs, on each branch once
+    stock_method, ran = v8DetectionLoss.get_assigned_targets_and_loss, []
+
+    def observed(self, *args, **kwargs):
+        ran.append(self)
+        return stock_method(self, *args, **kwargs)
+
+    monkeypatch.setattr(v8DetectionLoss, "get_assigned_targets_and_loss", observed)
+    batch = bccd_batch()
+    criterion(model(batch["img"]), batch)
+    assert ran == list(loss_branches(criterion)) and len(ran) == 2
 
 
 def test_removing_the_size_aware_loss_gives_back_the_stock_loss_with_its_branch_gains():
