@@ -41,7 +41,7 @@ import numpy as np
 import yaml
 
 from yolo_sizeloss.checkpoints import load_checkpoint
-from yolo_sizeloss.config import LossConfigError, check_arch_supports, load_loss_config
+from yolo_sizeloss.config import LossConfigError, load_loss_config
 from yolo_sizeloss.detections import load_split
 from yolo_sizeloss.detections_file import find_detections, load_detections
 from yolo_sizeloss.paired import key_metrics, paired_bootstrap, t_interval
@@ -129,7 +129,7 @@ def loss_mode(spec: str, default_cfg: str | None, arch: str = "yolo") -> tuple[s
     loss, _, cfg = spec.partition(":")
     cfg = cfg or default_cfg
     path = resolve_loss_cfg(cfg) if cfg else None
-    check_arch_supports(load_loss_config(loss, path), arch)
+    load_loss_config(loss, path)
     label = f"{loss}-{path.stem}" if path else loss
     return (f"rcnn-{label}" if arch == "faster_rcnn" else label), loss, path
 

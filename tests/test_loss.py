@@ -1,5 +1,7 @@
 """The size-aware Ultralytics loss: stock equality to the last bit, and the direction of each method."""
 
+import copy
+
 import pytest
 import torch
 from ultralytics.cfg import get_cfg
@@ -7,7 +9,13 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils.loss import E2ELoss, v8DetectionLoss
 
 from yolo_sizeloss.config import load_loss_config
-from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss, loss_branches
+from yolo_sizeloss.yolo.loss import (
+    AnchorWeighting,
+    build_size_aware_loss,
+    install_size_aware_loss,
+    loss_branches,
+    remove_size_aware_loss,
+)
 
 from conftest import BCCD
 
@@ -123,15 +131,42 @@ def test_stock_class_weights_are_kept():
     assert not torch.isclose(weighted, unweighted)
 
 
-def test_wrapping_twice_is_refused_and_no_stock_method_is_copied():
-    model = build_model("yolov8n.yaml")
+def test_wrapping_twice_is_refused_and_the_stock_loss_method_computes_every_branch(monkeypatch):
+    model = build_model("yolo26n.yaml")
     weighting = AnchorWeighting(load_loss_config("plb"))
     criterion = build_size_aware_loss(model, weighting)
     with pytest.raises(ValueError, match="already"):
-        install = __import__("yolo_sizeloss.yolo.loss", fromlist=["install_size_aware_loss"]).install_size_aware_loss
-        install(criterion, weighting)
-    for branch in loss_branches(criterion):  # the loss methods are Ultralytics' own
-        assert type(branch).get_assigned_targets_and_loss is v8DetectionLoss.get_assigned_targets_and_loss
+        install_size_aware_loss(criterion, weighting)
+    # no copy of Ultralytics' loss method computes a branch: the stock one runs, on each branch once
+    stock_method, ran = v8DetectionLoss.get_assigned_targets_and_loss, []
+
+    def observed(self, *args, **kwargs):
+        ran.append(self)
+        return stock_method(self, *args, **kwargs)
+
+    monkeypatch.setattr(v8DetectionLoss, "get_assigned_targets_and_loss", observed)
+    batch = bccd_batch()
+    criterion(model(batch["img"]), batch)
+    assert ran == list(loss_branches(criterion)) and len(ran) == 2
+
+
+def test_removing_the_size_aware_loss_gives_back_the_stock_loss_with_its_branch_gains():
+    """What the EMA copy of a NaN recovery gets (``SizeAwareTrainer._load_checkpoint_state``)."""
+    model = build_model("yolo26n.yaml")
+    batch = bccd_batch()
+    preds = model(batch["img"])
+    stock = model.init_criterion()
+    stock.update()  # one epoch into the schedule: the one-to-many gain is below the 0.8 it starts at
+    assert stock.o2m < 0.8
+    expected_loss, expected_items = stock(preds, batch)
+    config = load_loss_config("plb+nwd")  # every wrapper, NWD's overlap in the assigner included
+    config["nwd"]["constant"] = 40.0
+    weighted = install_size_aware_loss(copy.deepcopy(stock), AnchorWeighting(config))
+    assert not torch.equal(weighted(preds, batch)[0], expected_loss)
+    removed = remove_size_aware_loss(copy.deepcopy(weighted))  # a deep copy, as ModelEMA makes
+    loss, items = removed(preds, batch)
+    assert torch.equal(loss, expected_loss) and same_items(items, expected_items)
+    assert remove_size_aware_loss(stock)(preds, batch)[0].equal(expected_loss)  # a stock one stays as it is
 
 
 def test_each_method_changes_the_loss_on_a_real_model():

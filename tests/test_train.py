@@ -193,6 +193,40 @@ def test_resume_restores_the_feedback_state_and_continues_results_csv(bccd_subse
 
 
 @pytest.mark.slow
+def test_resumed_end_to_end_run_wraps_the_criterion_with_its_restored_branch_gains(bccd_subset, tmp_path):
+    from ultralytics.utils.torch_utils import unwrap_model
+
+    from yolo_sizeloss.yolo.loss import ObservedAssigner, loss_branches
+    from yolo_sizeloss.yolo.trainer import SizeAwareTrainer
+
+    class Stop(Exception):
+        pass
+
+    def stop(trainer):
+        raise Stop
+
+    overrides = dict(model="yolo26n.yaml", data=str(bccd_subset), epochs=2, imgsz=IMGSZ, batch=8, workers=0,
+                     device="cpu", plots=False, project=str(tmp_path), name="e2e")
+    first = SizeAwareTrainer.with_loss(load_loss_config("plb"))(overrides=overrides)
+    first.add_callback("on_model_save", stop)  # interrupted after epoch 1 is saved
+    with pytest.raises(Stop):
+        first.train()
+
+    last = str(tmp_path / "e2e" / "weights" / "last.pt")
+    resumed = SizeAwareTrainer(overrides={"resume": last, "model": last})
+    seen = []
+    resumed.add_callback("on_pretrain_routine_end", lambda t: seen.append(unwrap_model(t.model).criterion))
+    resumed.add_callback("on_pretrain_routine_end", stop)  # the set-up is what this test is about
+    with pytest.raises(Stop):
+        resumed.train()
+    criterion = seen[0]
+    assert all(isinstance(branch.assigner, ObservedAssigner) for branch in loss_branches(criterion))
+    # stock resume_training ran the gain schedule to epoch 2 of 2: the one-to-many gain is its final 0.1, not
+    # the 0.8 a new criterion starts at
+    assert criterion.o2m == pytest.approx(0.1) and criterion.o2o == pytest.approx(0.9)
+
+
+@pytest.mark.slow
 def test_ddp_worker_file_rebuilds_the_trainer_with_its_loss(bccd_subset, tmp_path):
     from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
 
@@ -242,3 +276,54 @@ def test_the_stock_commands_work_from_any_folder(trained_runs, tmp_path):
     out = run(["yolo", "val", f"model={best}", f"data={data}", "split=test", f"imgsz={IMGSZ}", "device=cpu",
                "plots=False", "batch=8"], cwd=tmp_path).stdout
     assert "all" in out and "72" in out  # the 72 test images of the shipped BCCD
+
+
+def test_ddp_worker_trainer_runs_each_weighting_callback_once(bccd_subset, tmp_path):
+    """The worker file rebuilds the trainer with the launching trainer's callbacks; ours must not run twice
+    (a second ``end_step`` in one step folds empty sums and resets the feedback gain to 1; a second install
+    is refused)."""
+    from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
+    from ultralytics.utils.patches import torch_load
+
+    from yolo_sizeloss.yolo import trainer as trainer_module
+
+    trainer = trainer_module.SizeAwareTrainer.with_loss(load_loss_config("feedback"))(overrides=dict(
+        model="yolov8n.yaml", data=str(bccd_subset), imgsz=IMGSZ, device="cpu", project=str(tmp_path), name="ddp"))
+    file = generate_ddp_file(trainer)
+    try:
+        state = torch_load(Path(file).with_suffix(".pt"), map_location="cpu")
+    finally:
+        ddp_cleanup(trainer, file)
+    worker = state["trainer"](overrides=state["args"], _callbacks=state["callbacks"])  # as the worker file does
+    assert worker.callbacks["on_pretrain_routine_end"].count(trainer_module.install_weighting) == 1
+    assert worker.callbacks["on_train_batch_end"].count(trainer_module.end_weighting_step) == 1
+
+
+@pytest.mark.slow
+def test_nan_recovery_keeps_validation_losses_stock(bccd_subset, tmp_path):
+    """Ultralytics' NaN recovery rebuilds the EMA from the live model; its criterion must stay the stock one."""
+    from test_nan import bccd_training_batch
+
+    from yolo_sizeloss.yolo.trainer import SizeAwareTrainer
+
+    def poison_epoch_two_once(trainer):  # as a diverged step would, before the epoch's NaN check
+        if started == [0, 1]:
+            trainer.loss = torch.tensor(float("nan"))
+
+    started = []
+    trainer = SizeAwareTrainer.with_loss(load_loss_config("plb+nwd"))(overrides=dict(
+        model="yolov8n.yaml", data=str(bccd_subset), epochs=2, imgsz=IMGSZ, batch=8, workers=0, device="cpu",
+        plots=False, project=str(tmp_path), name="nan"))
+    trainer.add_callback("on_train_epoch_start", lambda t: started.append(t.epoch))
+    trainer.add_callback("on_train_epoch_end", poison_epoch_two_once)
+    trainer.train()
+    assert started == [0, 1, 1]  # epoch 2 recovered from last.pt and trained again
+    assert [int(r["epoch"]) for r in results_rows(tmp_path / "nan")] == [1, 2]
+
+    ema = trainer.ema.ema  # the EMA the recovery built, which validated the redone epoch
+    batch = bccd_training_batch()
+    preds = ema(batch["img"])
+    _, items = ema.loss(batch, preds)  # as the validator computes validation losses
+    _, stock_items = ema.init_criterion()(preds, batch)
+    assert items.keys() == stock_items.keys()
+    assert all(torch.equal(items[k], stock_items[k]) for k in items), (items, stock_items)

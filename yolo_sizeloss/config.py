@@ -23,7 +23,6 @@ LOSS_FILE = "loss.yaml"  # the resolved loss settings, saved in every run folder
 METHODS = ("feedback", "scb", "plb", "gradlibra", "nwd")
 TERMS = ("box", "cls")  # YOLO: box = IoU + DFL (or L1), cls = element-wise class BCE
 RCNN_TERMS = ("rpn_cls", "rpn_box", "roi_cls", "roi_box")  # Faster R-CNN: RPN objectness/box, RoI class/box
-RCNN_METHODS = ("feedback", "scb", "plb", "gradlibra", "nwd")  # the methods the Faster R-CNN path implements
 ARCHS = ("yolo", "faster_rcnn")
 
 
@@ -266,15 +265,6 @@ def describe_loss(config: dict[str, dict[str, Any]], arch: str = "yolo") -> str:
         shown = ", ".join(f"{k}={v}" for k, v in settings.items() if k != hidden)
         parts.append(f"{method} ({shown})")
     return " + ".join(parts)
-
-
-def check_arch_supports(config: dict[str, dict[str, Any]], arch: str) -> None:
-    """Raise LossConfigError when ``config`` selects a method the ``arch`` path does not implement."""
-    if arch == "faster_rcnn":
-        missing = [m for m in config if m not in RCNN_METHODS]
-        if missing:
-            raise LossConfigError(f"--loss {loss_name(config)}: {', '.join(missing)} not available for "
-                                  f"--arch faster_rcnn (available: {', '.join(RCNN_METHODS)})")
 
 
 def run_defaults(arch: str) -> dict[str, Any]:

@@ -142,21 +142,33 @@ def train_one_epoch(
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         losses = model(images, targets)
-        loss = sum(losses[name] for name in LOSS_NAMES)
-        if not torch.isfinite(loss):
-            items = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise FloatingPointError(f"{desc}: non-finite loss at iteration {step} ({items})")
+        step_sums = reduced_loss_items(losses)
+        if not torch.isfinite(step_sums).all():
+            items = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_NAMES, step_sums.tolist()))
+            raise FloatingPointError(f"{desc}: non-finite loss at iteration {step} (summed over processes: {items})")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        sum(losses[name] for name in LOSS_NAMES).backward()
         optimizer.step()
         end_feedback_step(unwrap(model))  # once per iteration; the state is summed across processes
         if warmup is not None:
             warmup.step()
-        sums += torch.stack([*(losses[n].detach().double() for n in LOSS_NAMES), sums.new_ones(())])
+        sums += step_sums
         bar.set_description(f"{desc} loss {sums[:-1].sum().item() / sums[-1].item():.4f}")
-    if dist.is_initialized():
-        dist.all_reduce(sums)
     return {name: (sums[i] / sums[-1].clamp(min=1)).item() for i, name in enumerate(LOSS_NAMES)}
+
+
+def reduced_loss_items(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The step's loss items and step count (float64), summed over the processes.
+
+    Summed before the finiteness check, as torchvision's references/detection/engine.py reduces
+    before its own: every rank sees the same verdict, so a non-finite loss on one rank stops all of
+    them together, where a rank stopping alone would leave the others waiting in DDP's all-reduce.
+    """
+    items = torch.stack([losses[n].detach().double() for n in LOSS_NAMES])
+    items = torch.cat([items, items.new_ones(1)])  # the step count
+    if dist.is_initialized():
+        dist.all_reduce(items)
+    return items
 
 
 @torch.no_grad()

@@ -367,6 +367,22 @@ def install_size_aware_loss(criterion: v8DetectionLoss | E2ELoss, weighting: Anc
     return criterion
 
 
+def remove_size_aware_loss(criterion: v8DetectionLoss | E2ELoss) -> v8DetectionLoss | E2ELoss:
+    """Undo ``install_size_aware_loss`` in place: every branch gets its stock assigner, BCE and box loss
+    back, and keeps the rest of its state (an end-to-end loss its branch gains); return it. A stock
+    criterion is returned as it is."""
+    for branch in loss_branches(criterion):
+        if not isinstance(branch.assigner, ObservedAssigner):
+            continue
+        branch.assigner = branch.assigner.assigner
+        if isinstance(vars(branch.assigner).get("iou_calculation"), NWDOverlap):
+            del branch.assigner.iou_calculation  # set on the instance: the class's CIoU is back
+        branch.bce = branch.bce.bce
+        bbox_loss = branch.bbox_loss.bbox_loss
+        branch.bbox_loss = bbox_loss.bbox_loss if isinstance(bbox_loss, NWDBboxLoss) else bbox_loss
+    return criterion
+
+
 def build_size_aware_loss(model: nn.Module, weighting: AnchorWeighting) -> v8DetectionLoss | E2ELoss:
     """The model's stock criterion (``model.init_criterion()``) carrying the size-aware weights."""
     return install_size_aware_loss(model.init_criterion(), weighting)

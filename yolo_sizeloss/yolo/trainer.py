@@ -21,12 +21,30 @@ from ultralytics.utils.torch_utils import unwrap_model
 from yolo_sizeloss.config import check_resumed_loss, describe_loss, loss_name, read_loss_record, write_loss_record
 from yolo_sizeloss.results_csv import continue_results
 from yolo_sizeloss.weighting_plot import plot_weighting
-from yolo_sizeloss.yolo.loss import AnchorWeighting, install_size_aware_loss
+from yolo_sizeloss.yolo.loss import AnchorWeighting, install_size_aware_loss, remove_size_aware_loss
 
 
 def end_weighting_step(trainer: "SizeAwareTrainer") -> None:
     """``on_train_batch_end`` callback: fold the step's feedback sums into the running state."""
     trainer.weighting.end_step()
+
+
+def install_weighting(trainer: "SizeAwareTrainer") -> None:
+    """``on_pretrain_routine_end`` callback: the size-aware weights in the live model's criterion.
+
+    Ultralytics runs it last in its set-up, after what the weighting needs: the train loader
+    (``nwd`` 'auto' settings are resolved from its labels) and, on resume, the end-to-end criterion
+    whose branch gains ``resume_training`` restored (wrapped, not replaced). The EMA copy, made
+    before this, keeps a stock criterion, so validation losses compare between modes.
+    """
+    model = unwrap_model(trainer.model)
+    trainer.weighting.to(trainer.device)
+    trainer.weighting.resolve_from_labels(trainer.train_loader.dataset.labels, trainer.args.imgsz)
+    stock = getattr(model, "criterion", None) or model.init_criterion()
+    model.criterion = install_size_aware_loss(stock, trainer.weighting)
+
+
+WEIGHTING_CALLBACKS = {"on_pretrain_routine_end": install_weighting, "on_train_batch_end": end_weighting_step}
 
 
 class SizeAwareTrainer(DetectionTrainer):
@@ -45,7 +63,10 @@ class SizeAwareTrainer(DetectionTrainer):
         self.weighting = AnchorWeighting(self.loss_config) if self.loss_config else None
         self.resumed_seconds = 0.0  # results.csv's time of the epochs a resumed run had trained
         if self.weighting is not None:
-            self.add_callback("on_train_batch_end", end_weighting_step)
+            # a DDP worker is built with the launching trainer's callbacks (utils.dist.generate_ddp_file), ours included
+            for event, callback in WEIGHTING_CALLBACKS.items():
+                if callback not in self.callbacks[event]:
+                    self.add_callback(event, callback)
         if RANK in {-1, 0}:
             LOGGER.info(f"size-aware loss: {describe_loss(self.loss_config)}")
             write_loss_record(self.save_dir, self.loss_config)
@@ -89,21 +110,19 @@ class SizeAwareTrainer(DetectionTrainer):
                 LOGGER.info(f"Resumed feedback state {self.weighting.feedback_state()}")
         return ckpt
 
-    def _setup_train(self):
-        """Stock set-up, then the size-aware weights in the live model's criterion (baseline keeps it stock).
+    def _load_checkpoint_state(self, ckpt) -> None:
+        """Stock; the EMA it rebuilds from the live model (Ultralytics' NaN recovery) gets a stock criterion.
 
-        A resumed end-to-end model already holds a criterion whose branch gains the stock
-        ``resume_training`` restored; it is wrapped, not replaced. The EMA copy, made before this,
-        keeps a stock criterion, so validation losses compare between modes.
+        Its deep copy of the live model copies the size-aware criterion too, and validation losses
+        would be weighted from then on; without the wrappers it holds what a baseline run's copy
+        holds (an end-to-end loss's current branch gains). Overridden, not a callback: this is where
+        the copy is made, where an ``on_train_epoch_start`` callback would undo it after the fact,
+        every epoch. On resume the live criterion is still stock here (``install_weighting`` runs later).
         """
-        super()._setup_train()
-        if self.weighting is None:
-            return
-        model = unwrap_model(self.model)
-        self.weighting.to(self.device)
-        self.weighting.resolve_from_labels(self.train_loader.dataset.labels, self.args.imgsz)  # nwd.constant: auto
-        stock = getattr(model, "criterion", None) or model.init_criterion()
-        model.criterion = install_size_aware_loss(stock, self.weighting)
+        super()._load_checkpoint_state(ckpt)
+        criterion = getattr(self.ema.ema, "criterion", None)
+        if criterion is not None:
+            remove_size_aware_loss(criterion)
 
     def plot_metrics(self) -> None:
         """Ultralytics' results.png, and beside it weighting.png: where the weight went, epoch by epoch

@@ -1,0 +1,75 @@
+"""The Faster R-CNN training loop under a real two-process gloo group: losses reduced, NaN stops every rank."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from yolo_sizeloss.rcnn.engine import LOSS_NAMES, train_one_epoch
+
+WORLD_SIZE = 2
+TIMEOUT_S = 120  # a rank left waiting in a collective fails the test instead of blocking it
+
+
+class LossItems(torch.nn.Module):
+    """A stand-in detector: each of its four loss items is the mean pixel of the batch times one weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(len(LOSS_NAMES)))
+
+    def forward(self, images, targets):
+        return dict(zip(LOSS_NAMES, self.weight * torch.stack(images).mean()))
+
+
+def batch(value: float) -> tuple[list[torch.Tensor], list[dict], list[int]]:
+    """One image filled with ``value``, as ``collate_detection`` yields it (no boxes: the model needs none)."""
+    return [torch.full((3, 4, 4), value)], [{}], [0]
+
+
+def two_epochs(rank: int, store: str, report: str) -> None:
+    """One clean epoch, then one in which rank 1's second batch holds a NaN; write what each returned or raised."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=timedelta(seconds=TIMEOUT_S / 2))
+    model = DistributedDataParallel(LossItems())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the items stay the pixel values
+    outcome = {}
+    try:
+        clean = [batch(1.0 + rank), batch(3.0 + rank)]  # rank 0: 1, 3; rank 1: 2, 4
+        outcome["clean"] = train_one_epoch(model, optimizer, clean, torch.device("cpu"), 0, "clean", False)
+        poisoned = [batch(1.0), batch(float("nan") if rank == 1 else 1.0), batch(1.0)]
+        train_one_epoch(model, optimizer, poisoned, torch.device("cpu"), 0, "2/2", False)
+        outcome["poisoned"] = "finished"
+    except Exception as e:  # noqa: BLE001  what each rank raised is the result
+        outcome["poisoned"] = f"{type(e).__name__}: {e}"
+    Path(report).write_text(json.dumps(outcome))
+    dist.destroy_process_group()
+
+
+def test_nan_on_one_rank_stops_every_rank_with_one_error(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    reports = [tmp_path / f"rank{rank}.json" for rank in range(WORLD_SIZE)]
+    workers = [context.Process(target=two_epochs, args=(rank, str(tmp_path / "store"), str(reports[rank])))
+               for rank in range(WORLD_SIZE)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(TIMEOUT_S)
+    hung = [rank for rank, worker in enumerate(workers) if worker.is_alive()]
+    for worker in workers:
+        worker.kill()
+    assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s"
+    outcomes = [json.loads(report.read_text()) for report in reports]
+
+    # the epoch's mean over both ranks' steps: (1 + 3 + 2 + 4) / 4 per item
+    assert all(o["clean"] == dict.fromkeys(LOSS_NAMES, 2.5) for o in outcomes)
+    assert outcomes[0]["poisoned"] == outcomes[1]["poisoned"]
+    assert outcomes[0]["poisoned"] == ("FloatingPointError: 2/2: non-finite loss at iteration 1 (summed over "
+                                       "processes: loss_objectness=nan, loss_rpn_box_reg=nan, loss_classifier=nan, "
+                                       "loss_box_reg=nan)")
