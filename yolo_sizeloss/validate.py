@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass
 import json
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from yolo_sizeloss.evaluation import (
     parse_size_buckets,
 )
 from yolo_sizeloss.paired_report import compare_report
+from yolo_sizeloss.rcnn.engine import predict_checkpoint
 from yolo_sizeloss.report import format_report, write_report
 
 KEPT_DETECTIONS = 300  # detections kept per image, as Ultralytics' validator (raised by a larger --max-det)
@@ -101,8 +103,31 @@ def build_parser(prog: str = "yolo-sizeloss val") -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Usage errors (ValueError/FileNotFoundError) and data errors (DataError) before anything is written."""
+@dataclass(frozen=True)
+class ValRequest:
+    """A checked ``val`` request: the flags, the data yaml's absolute path and the read checkpoint."""
+
+    model: str
+    data: str
+    split: str
+    imgsz: int | None
+    batch: int
+    device: str | None
+    conf: float
+    iou: float
+    max_det: int
+    size_buckets: str
+    recall_frame: str
+    project: str
+    name: str
+    exist_ok: bool
+    checkpoint: dict
+    kind: str  # the detector family the checkpoint belongs to
+
+
+def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
+    """Usage errors (ValueError/FileNotFoundError) and data errors (DataError) before anything is
+    written; the checked request (``--compare``: the flags as given)."""
     if args.compare:
         if args.bootstrap < 0:
             raise ValueError(f"--bootstrap {args.bootstrap}: must not be negative")
@@ -119,17 +144,18 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--conf {args.conf} / --iou {args.iou}: must be in [0, 1) / (0, 1]")
     parse_size_buckets(args.size_buckets)
     parse_device(args.device)
-    args.data = check_data_yaml(args.data)
+    data = check_data_yaml(args.data)
     try:
-        args.checkpoint = load_checkpoint(args.model)
-        args.kind = checkpoint_kind(args.checkpoint, args.model)
+        checkpoint = load_checkpoint(args.model)
+        kind = checkpoint_kind(checkpoint, args.model)
     except (FileNotFoundError, ValueError) as e:
         raise DataError(f"--model {args.model}: {one_line(e)}") from e
-    return args
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(ValRequest) if hasattr(args, f.name)}
+    return ValRequest(**{**flags, "data": data, "checkpoint": checkpoint, "kind": kind})
 
 
 def predict_records(
-    args: argparse.Namespace, records: list[ImageRecord], save_dir: Path
+    args: ValRequest, records: list[ImageRecord], names: list[str], save_dir: Path
 ) -> tuple[list[ImageRecord], dict]:
     """Detections of the checked ``args.checkpoint`` on ``records`` (the split ``check_split`` gave),
     in original image pixels: the dispatch point for detector families.
@@ -141,26 +167,24 @@ def predict_records(
     ``save_dir/ultralytics``). A new detector family adds a branch on ``args.kind``.
     """
     if args.kind == RCNN_ARCH:
-        return predict_faster_rcnn(args, records)
+        return predict_faster_rcnn(args, records, names)
     return predict_yolo(args, records, save_dir)
 
 
-def predict_faster_rcnn(args: argparse.Namespace, records: list[ImageRecord]) -> tuple[list[ImageRecord], dict]:
+def predict_faster_rcnn(args: ValRequest, records: list[ImageRecord], names: list[str]) -> tuple[list[ImageRecord], dict]:
     """Detections of this project's Faster R-CNN checkpoint (long image side resized to the input size)."""
-    from yolo_sizeloss.rcnn.engine import predict_checkpoint
-
     ckpt = args.checkpoint
     imgsz = args.imgsz or ckpt["imgsz"]
-    names = [ckpt["names"][k] for k in sorted(ckpt["names"])]
-    if names != args.names:
-        raise DataError(f"{args.model}: trained for classes {names}, {args.data} names {args.names}")
+    trained = [ckpt["names"][k] for k in sorted(ckpt["names"])]
+    if trained != names:
+        raise DataError(f"{args.model}: trained for classes {trained}, {args.data} names {names}")
     predicted = predict_checkpoint(ckpt, records, imgsz, args.device, batch=args.batch, conf=args.conf,
                                    max_det=max(args.max_det, KEPT_DETECTIONS))
     meta = {"detector": RCNN_ARCH, "backbone": ckpt["backbone"], "imgsz": imgsz, "conf": args.conf}
     return predicted, meta
 
 
-def predict_yolo(args: argparse.Namespace, records: list[ImageRecord], save_dir: Path) -> tuple[list[ImageRecord], dict]:
+def predict_yolo(args: ValRequest, records: list[ImageRecord], save_dir: Path) -> tuple[list[ImageRecord], dict]:
     """Run Ultralytics' stock DetectionValidator (save_json=True) and read its predictions.json back."""
     module = args.checkpoint["ema"] if isinstance(args.checkpoint.get("ema"), torch.nn.Module) else args.checkpoint["model"]
     task = guess_model_task(module)
@@ -232,15 +256,15 @@ def skipped_meta(skipped: list[SkippedLabels]) -> list[dict]:
     return [dataclasses.asdict(s) for s in skipped]
 
 
-def run_report(args: argparse.Namespace) -> Path:
+def run_report(args: ValRequest) -> Path:
     """Predict, evaluate and write the report of the checked ``args``; return the output folder."""
     edges = parse_size_buckets(args.size_buckets)
     records, data, skipped = check_split(args.data, args.split)
-    args.names = [data["names"][k] for k in range(len(data["names"]))]
+    names = [data["names"][k] for k in range(len(data["names"]))]
     save_dir = increment_path(Path(args.project) / args.name, exist_ok=args.exist_ok)
-    records, meta = predict_records(args, records, save_dir)
+    records, meta = predict_records(args, records, names, save_dir)
     scales = letterbox_scales(records, meta["imgsz"])
-    metrics = evaluate_records(records, args.names, scales, edges, args.recall_frame, args.max_det)
+    metrics = evaluate_records(records, names, scales, edges, args.recall_frame, args.max_det)
     summary = skipped_summary(skipped, len(records) + sum(s.whole_image for s in skipped)) if skipped else ""
     evaluated = metrics.pop("meta")
     metrics["ultralytics"] = meta.pop("ultralytics", None)
@@ -254,7 +278,7 @@ def run_report(args: argparse.Namespace) -> Path:
         "skipped_summary": summary,
         "versions": versions(),
     }
-    write_report(metrics, save_dir, RunDetections(records, scales, args.names))
+    write_report(metrics, save_dir, RunDetections(records, scales, names))
     print("\n" + format_report(metrics))
     if summary:
         print(f"Skipped, as Ultralytics' validator: {summary}")
@@ -267,10 +291,10 @@ def main(argv: list[str] | None = None, prog: str = "yolo-sizeloss val") -> int:
     traceback only with --verbose."""
     args = build_parser(prog).parse_args(argv)
 
-    def work(checked: argparse.Namespace) -> None:
-        if checked.compare:
-            print(compare_report(checked.compare, bootstrap=checked.bootstrap, seed=checked.seed), end="")
-        else:
+    def work(checked: ValRequest | argparse.Namespace) -> None:
+        if isinstance(checked, ValRequest):
             run_report(checked)
+        else:
+            print(compare_report(checked.compare, bootstrap=checked.bootstrap, seed=checked.seed), end="")
 
     return run_guarded(prog, lambda: check_args(args), work, args.verbose)
