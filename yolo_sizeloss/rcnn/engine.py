@@ -46,7 +46,7 @@ from yolo_sizeloss.rcnn.model import (
 )
 from yolo_sizeloss.results_csv import continue_results
 from yolo_sizeloss.weighting_plot import plot_weighting
-from yolo_sizeloss.weights import resolve_nwd_auto
+from yolo_sizeloss.methods.nwd import resolve_nwd_auto
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 WARMUP_FACTOR = 1e-3  # first warm-up learning rate, as a fraction of --lr
