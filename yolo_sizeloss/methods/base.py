@@ -65,8 +65,9 @@ class MatchedSamples:
     ``gt_boxes`` and ``pred_boxes`` (P, 4) their matched ground-truth box and their detached predicted
     box (xyxy, network-input pixels), ``gt_ids`` (P,) the index of that ground truth among the batch's
     ground truths (image by image), ``box_loss()`` (P,) the unweighted box loss of each, computed when a
-    method asks for it (feedback; its dtype is the one the sums are taken in). Ground truths of the batch: ``gt_areas`` (G,) and ``gt_counts`` (G,),
-    the samples matched to each as the stage counts them (SCB's M_i).
+    method asks for it (feedback; its dtype is the one the sums are taken in). Ground truths of the
+    batch: ``gt_areas`` (G,) and ``gt_counts`` (G,), the samples matched to each as the stage counts
+    them (SCB's M_i).
 
     The class term: a size weight acts on its sized samples, ``cls_gt_boxes`` and ``cls_pred_boxes``
     (S, 4) the box sizing each under either source; the positives are ``cls_positives`` (P,) among them.

@@ -1,8 +1,8 @@
 """The size-aware weightings inside Ultralytics' detection loss, without repeating any of its code.
 
 ``AnchorWeighting`` translates each assignment into the methods' ``MatchedSamples`` and their weights
-into per-anchor weights (the methods are ``yolo_sizeloss.methods``, the definitions in ``docs/methods.md``). ``install_size_aware_loss`` puts
-thin wrappers around three stable parts of each stock ``v8DetectionLoss`` (one per branch of an
+into per-anchor weights (the methods are ``yolo_sizeloss.methods``, the definitions in
+``docs/methods.md``). ``install_size_aware_loss`` puts thin wrappers around three stable parts of each stock ``v8DetectionLoss`` (one per branch of an
 ``E2ELoss``): the assigner (its outputs go to the weighting), the element-wise class BCE (times the
 class weight) and the box loss (its per-anchor weight, the target-score sum, times the box weight).
 Everything else, including options Ultralytics adds later (``class_weights``, assigner keywords),
@@ -32,6 +32,12 @@ UNRESOLVED_HINT = ("call AnchorWeighting.resolve_from_labels(dataset.labels, img
                    "(SizeAwareTrainer does), or set a number")
 COCO_SMALL_AREA = 32 * 32  # the 'small' of the per-epoch statistics, in network-input pixels
 FEEDBACK_STATE = ("r", "q", "gain", "steps")  # what a resume must restore; other feedback buffers are counters
+
+
+def unweighted_iou_loss(pred_fg: torch.Tensor, target_fg: torch.Tensor, scores_fg: torch.Tensor) -> torch.Tensor:
+    """The stock IoU loss of each foreground anchor before the size-aware weights: ``(1 - CIoU)`` times its
+    target-score sum."""
+    return (1.0 - bbox_iou(pred_fg, target_fg, xywh=False, CIoU=True).squeeze(-1)) * scores_fg.sum(-1)
 
 
 def scatter_foreground(fg_mask: torch.Tensor, fg: tuple[torch.Tensor, ...], values: torch.Tensor) -> torch.Tensor:
@@ -110,8 +116,7 @@ class AnchorWeighting(nn.Module):
             gt_boxes=target_fg,
             pred_boxes=pred_fg,
             gt_ids=gt_ids,
-            # the stock IoU loss of each foreground anchor, unweighted
-            box_loss=lambda: (1.0 - bbox_iou(pred_fg, target_fg, xywh=False, CIoU=True).squeeze(-1)) * scores_fg.sum(-1),
+            box_loss=lambda: unweighted_iou_loss(pred_fg, target_fg, scores_fg),
             gt_areas=box_areas(gt_bboxes.float()).flatten(),
             gt_counts=torch.bincount(gt_ids, minlength=fg_mask.shape[0] * num_gt),
             # the size weights on the class term act on the foreground anchors' rows
