@@ -286,7 +286,7 @@ def training_nwd_settings(
 
     The constant is the configured number; on resume the checkpoint's; else (``auto``) the mean
     ``sqrt(w * h)`` of the training boxes at ``imgsz``, as Wang et al. set C (``training_box_sizes``:
-    the pixels the heads see). ``assigner: auto`` is ``weights.nwd_assigner_auto`` of the same
+    the pixels the heads see). ``assigner: auto`` is ``methods.nwd.nwd_assigner_auto`` of the same
     boxes. Both are computed once here (``methods.nwd.resolve_nwd_auto``)."""
     if "nwd" not in config:
         return None, False

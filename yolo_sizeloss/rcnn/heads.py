@@ -26,9 +26,9 @@ SCB on the RPN: per image, ``M_i`` counts the anchors matched to ground truth ``
 objectness BCE (``rpn_cls``) and/or box term (``rpn_box``) multiplied by ``W_i``. Weights multiply.
 
 Feedback: each stage with a configured term (RPN: ``rpn_*``, RoI heads: ``roi_*``) keeps its own
-``FeedbackBalancer`` state (``methods.feedback``), measured on its own box loss: ``r`` = the small objects' share of the
-unweighted smooth-L1 of the stage's positives (sampled positive anchors; positive RoIs), ``q`` = their
-share of the ground truths those positives are matched to. Small = matched ground truth under
+``FeedbackBalancer`` state (``methods.feedback``), measured on its own box loss: ``r`` = the small
+objects' share of the unweighted smooth-L1 of the stage's positives (sampled positive anchors;
+positive RoIs), ``q`` = their share of the ground truths those positives are matched to. Small = matched ground truth under
 ``small_area`` in the pixels of the resized image the heads see (network input). The stage's
 positives of small objects get the gain on its configured terms (class terms: positives only). The
 step ends once per training iteration (``end_feedback_step``, called by the engine).

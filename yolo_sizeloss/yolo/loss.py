@@ -25,6 +25,7 @@ from ultralytics.utils.metrics import bbox_iou
 
 from yolo_sizeloss.methods import REGISTRY, WEIGHT_ORDER, MatchedSamples
 from yolo_sizeloss.methods.base import box_areas
+from yolo_sizeloss.methods.feedback import FeedbackBalancer
 from yolo_sizeloss.methods.nwd import nwd, resolve_nwd_auto
 from yolo_sizeloss.methods.overlaps import NWDOverlap, Overlap
 
@@ -148,7 +149,7 @@ class AnchorWeighting(nn.Module):
         return w_box, w_cls
 
     @property
-    def feedback(self) -> nn.Module | None:
+    def feedback(self) -> FeedbackBalancer | None:
         """The feedback balancer (None without feedback)."""
         return self.states["feedback"] if "feedback" in self.states else None
 
@@ -158,7 +159,7 @@ class AnchorWeighting(nn.Module):
         ``nwd.constant: auto`` becomes the data's mean absolute object size, ``mean(sqrt(w * h))``
         over every box of ``labels`` (an Ultralytics dataset's, ``trainer.train_loader.dataset.labels``)
         in network-input pixels at ``imgsz`` (``training_label_sizes``), as Wang et al. set C;
-        ``nwd.assigner: auto`` becomes ``weights.nwd_assigner_auto`` of the same boxes. Without such
+        ``nwd.assigner: auto`` becomes ``methods.nwd.nwd_assigner_auto`` of the same boxes. Without such
         a setting this does nothing.
         """
         nwd_cfg = self.config.get("nwd")
