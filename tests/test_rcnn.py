@@ -37,19 +37,25 @@ from yolo_sizeloss.paths import resolve_data
 from yolo_sizeloss.rcnn import export_onnx, predict_records
 from yolo_sizeloss.rcnn.cli import main
 from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection
-from yolo_sizeloss.rcnn.heads import (
-    LossSwitches,
-    SizeBalancedRoIHeads,
-    SizeBalancedRPN,
-    anchor_scb_weights,
-    weighted_fastrcnn_loss,
-    weighted_rpn_loss,
-)
+from yolo_sizeloss.methods import MatchedSamples, scb
+from yolo_sizeloss.rcnn.heads import SizeBalancedRoIHeads, SizeBalancedRPN
+from yolo_sizeloss.rcnn.losses import weighted_fastrcnn_loss, weighted_rpn_loss
 from yolo_sizeloss.rcnn.model import build_model
+from yolo_sizeloss.rcnn.switches import LossSwitches
 
 from conftest import BCCD, ROOT
 IMGSZ = 128
 SMOOTH_L1_BETA = 1 / 9
+
+
+def size_switches(plb: tuple[str, ...] = (), source: str = "predicted", scb: tuple[str, ...] = ()) -> LossSwitches:
+    """PLB on the ``plb`` terms sized by ``source`` and SCB (its default alpha and beta) on the ``scb`` terms."""
+    config = {}
+    if plb:
+        config["plb"] = {**load_loss_config("plb")["plb"], "source": source, "rcnn_terms": list(plb)}
+    if scb:
+        config["scb"] = {**load_loss_config("scb")["scb"], "rcnn_terms": list(scb)}
+    return LossSwitches.from_config(config)
 
 
 def plb_by_hand(areas: list[float]) -> list[float]:
@@ -194,7 +200,7 @@ def rpn_expected_objectness(labels: torch.Tensor, source: str, pos_extra: list[f
 @pytest.mark.parametrize("source", ["predicted", "gt"])
 def test_plb1c_weights_objectness_only(source):
     stock, labels, _ = run_tiny_rpn(LossSwitches())
-    losses, _, _ = run_tiny_rpn(LossSwitches(("rpn_cls",), source))
+    losses, _, _ = run_tiny_rpn(size_switches(("rpn_cls",), source))
     expected = rpn_expected_objectness(labels, source, [1.0] * 4, plb=True)
     assert losses["loss_objectness"].item() == pytest.approx(expected, rel=1e-5)
     assert losses["loss_objectness"].item() != pytest.approx(stock["loss_objectness"].item(), rel=1e-3)
@@ -215,7 +221,7 @@ def rpn_box_terms(anchors: torch.Tensor) -> list[float]:
 @pytest.mark.parametrize("source", ["predicted", "gt"])
 def test_plb1b_weights_rpn_box_only(source):
     stock, labels, anchors = run_tiny_rpn(LossSwitches())
-    losses, _, _ = run_tiny_rpn(LossSwitches(("rpn_box",), source))
+    losses, _, _ = run_tiny_rpn(size_switches(("rpn_box",), source))
     per_anchor = rpn_box_terms(anchors)
     sampled = int((labels >= 0).sum())
     assert stock["loss_rpn_box_reg"].item() == pytest.approx(sum(per_anchor) / sampled, rel=1e-5)
@@ -226,13 +232,13 @@ def test_plb1b_weights_rpn_box_only(source):
 
 def test_scb_rpn_weights_positive_objectness_only():
     stock, labels, _ = run_tiny_rpn(LossSwitches())
-    losses, _, _ = run_tiny_rpn(LossSwitches(scb=("rpn_cls",)))
+    losses, _, _ = run_tiny_rpn(size_switches(scb=("rpn_cls",)))
     scb = [scb_by_hand(m) for m in RPN_POS_M]
     assert scb[:2] == [3.0, 3.0] and scb[2] == pytest.approx(2.5397, abs=1e-4)
     expected = rpn_expected_objectness(labels, "predicted", scb, plb=False)
     assert losses["loss_objectness"].item() == pytest.approx(expected, rel=1e-6)
     assert torch.equal(losses["loss_rpn_box_reg"], stock["loss_rpn_box_reg"])
-    combined, _, _ = run_tiny_rpn(LossSwitches(("rpn_cls",), scb=("rpn_cls",)))  # PLB x SCB multiply
+    combined, _, _ = run_tiny_rpn(size_switches(("rpn_cls",), scb=("rpn_cls",)))  # PLB x SCB multiply
     expected = rpn_expected_objectness(labels, "predicted", scb, plb=True)
     assert combined["loss_objectness"].item() == pytest.approx(expected, rel=1e-5)
 
@@ -251,15 +257,22 @@ def test_scb_rpn_uses_the_configured_alpha_and_beta():
 
 def test_loss_config_compiles_to_the_rcnn_terms():
     switches = LossSwitches.from_config(load_loss_config("plb+scb"))
-    assert switches.plb == ("rpn_cls", "rpn_box") and switches.plb_source == "predicted"  # the paper's RPN stage
-    assert switches.scb == ("rpn_cls",) and (switches.scb_alpha, switches.scb_beta) == (1.0, 3.0)
+    plb, scb = switches.config["plb"], switches.config["scb"]
+    assert switches.terms("plb") == ("rpn_cls", "rpn_box") and plb["source"] == "predicted"  # the paper's RPN stage
+    assert switches.terms("scb") == ("rpn_cls",) and (scb["alpha"], scb["beta"]) == (1.0, 3.0)
     assert switches.rpn_active and not switches.roi_active
     assert not LossSwitches.from_config({}).rpn_active
 
 
 def test_anchor_scb_weights_count_matches_per_ground_truth():
     matched = torch.tensor([0, -1, 0, 1, -2, 0, 2, 2, 2, 2, 2])  # M = 3, 1, 5
-    weights = anchor_scb_weights(matched, 3)
+    positives = torch.where(matched >= 0)[0]
+    boxes = torch.zeros(len(matched), 4)
+    samples = MatchedSamples(  # every anchor a class-term sample, as the RPN counts before sampling
+        gt_boxes=boxes[positives], pred_boxes=boxes[positives], gt_ids=matched[positives], box_loss=lambda: None,
+        gt_areas=torch.zeros(3), gt_counts=torch.bincount(matched[positives], minlength=3),
+        cls_gt_boxes=boxes, cls_pred_boxes=boxes, cls_positives=positives)
+    weights = scb.weights(samples, load_loss_config("scb")["scb"], ("cls",)).cls
     expected = [scb_by_hand(3), 1, scb_by_hand(3), 3.0, 1, scb_by_hand(3)] + [scb_by_hand(5)] * 5
     assert weights.tolist() == pytest.approx(expected, rel=1e-6)
     assert scb_by_hand(5) == pytest.approx(1.5657, abs=1e-4)
@@ -318,7 +331,7 @@ def roi_box_terms() -> list[float]:
 @pytest.mark.parametrize("source", ["predicted", "gt"])
 def test_plb2c_weights_classifier_only(source):
     stock = run_tiny_roi_heads(LossSwitches())
-    losses = run_tiny_roi_heads(LossSwitches(("roi_cls",), source))
+    losses = run_tiny_roi_heads(size_switches(("roi_cls",), source))
     assert stock["loss_classifier"].item() == pytest.approx(math.log(3), rel=1e-6)
     weights = plb_by_hand(ROI_AREAS_2C[source])
     assert losses["loss_classifier"].item() == pytest.approx(math.log(3) * sum(weights) / 5, rel=1e-5)
@@ -328,7 +341,7 @@ def test_plb2c_weights_classifier_only(source):
 @pytest.mark.parametrize("source", ["predicted", "gt"])
 def test_plb2b_weights_roi_box_only(source):
     stock = run_tiny_roi_heads(LossSwitches())
-    losses = run_tiny_roi_heads(LossSwitches(("roi_box",), source))
+    losses = run_tiny_roi_heads(size_switches(("roi_box",), source))
     terms = roi_box_terms()
     assert stock["loss_box_reg"].item() == pytest.approx(sum(terms) / 5, rel=1e-5)
     expected = sum(w * t for w, t in zip(plb_by_hand(ROI_AREAS_2B[source]), terms)) / 5

@@ -30,9 +30,15 @@ from test_rcnn import (
 from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
 from yolo_sizeloss.config import METHODS, LossConfigError, load_loss_config
 from yolo_sizeloss.rcnn.cli import main
-from yolo_sizeloss.rcnn.heads import LossSwitches, end_feedback_step, feedback_columns
-from yolo_sizeloss.rcnn.model import build_model, model_from_checkpoint, split_feedback_state
-from yolo_sizeloss.weights import gradlibra_softmax_weights, gradlibra_weights
+from yolo_sizeloss.methods.gradlibra import gradlibra_softmax_weights, gradlibra_weights
+from yolo_sizeloss.rcnn.model import (
+    build_model,
+    end_feedback_step,
+    feedback_columns,
+    model_from_checkpoint,
+    split_feedback_state,
+)
+from yolo_sizeloss.rcnn.switches import LossSwitches
 
 STATE = ("r", "q", "gain", "steps", "nonfinite_steps")
 
@@ -56,14 +62,16 @@ def switches(**settings) -> LossSwitches:
 
 def test_defaults_compile_to_both_stages():
     s = LossSwitches.from_config(load_loss_config("feedback+gradlibra"))
-    assert s.feedback == ("rpn_box", "roi_box") and s.gradlibra == ("rpn_cls", "roi_cls")
-    assert (s.feedback_small_area, s.feedback_momentum, s.feedback_g_max) == (1024, 0.9, 4.0)
-    assert (s.gradlibra_alpha_pos, s.gradlibra_alpha_neg) == (0.8, 0.8)
+    assert s.terms("feedback") == ("rpn_box", "roi_box") and s.terms("gradlibra") == ("rpn_cls", "roi_cls")
+    fb, gl = s.config["feedback"], s.config["gradlibra"]
+    assert (fb["small_area"], fb["momentum"], fb["g_max"]) == (1024, 0.9, 4.0)
+    assert (gl["alpha_pos"], gl["alpha_neg"]) == (0.8, 0.8)
     assert s.rpn_active and s.roi_active
     model = build_model("mobilenet_v3_large_fpn", 4, IMGSZ, s)
-    assert model.rpn.feedback is not None and model.roi_heads.feedback is not None
+    assert "feedback" in model.rpn.states and "feedback" in model.roi_heads.states
+    assert (model.rpn.feedback.small_area, model.rpn.feedback.momentum, model.rpn.feedback.g_max) == (1024, 0.9, 4.0)
     only_rpn = build_model("mobilenet_v3_large_fpn", 4, IMGSZ, switches(feedback={"rcnn_terms": ["rpn_cls"]}))
-    assert only_rpn.rpn.feedback is not None and only_rpn.roi_heads.feedback is None
+    assert "feedback" in only_rpn.rpn.states and only_rpn.roi_heads.states == {}
     assert not switches(feedback={"rcnn_terms": []}, gradlibra={"rcnn_terms": []}).rpn_active
 
 
@@ -219,7 +227,7 @@ def test_roi_grad_libra_by_hand():
 
 
 def test_feedback_and_grad_libra_multiply_with_plb():
-    plb = LossSwitches(plb=("roi_cls",), plb_source="gt")
+    plb = LossSwitches.from_config({"plb": {"source": "gt", "terms": [], "rcnn_terms": ["roi_cls"]}})
     combined = LossSwitches.from_config({
         "plb": {"source": "gt", "terms": [], "rcnn_terms": ["roi_cls"]},
         "gradlibra": {"alpha_pos": 0.8, "alpha_neg": 0.8, "rcnn_terms": ["roi_cls"]},

@@ -45,16 +45,24 @@ from yolo_sizeloss.detections import ImageRecord, load_split
 from yolo_sizeloss.rcnn.cli import main
 from yolo_sizeloss.rcnn.data import training_box_sizes
 from yolo_sizeloss.rcnn.engine import training_nwd_settings
-from yolo_sizeloss.rcnn.heads import LossSwitches, SizeBalancedRPN, end_feedback_step, feedback_columns
-from yolo_sizeloss.rcnn.model import build_model, model_from_checkpoint, split_feedback_state
-from yolo_sizeloss.weights import nwd, nwd_constant, nwd_matrix
+from yolo_sizeloss.methods.nwd import nwd, nwd_constant, nwd_matrix
+from yolo_sizeloss.methods.overlaps import NWDOverlap
+from yolo_sizeloss.rcnn.heads import SizeBalancedRPN
+from yolo_sizeloss.rcnn.model import (
+    build_model,
+    end_feedback_step,
+    feedback_columns,
+    model_from_checkpoint,
+    split_feedback_state,
+)
+from yolo_sizeloss.rcnn.switches import LossSwitches
 
 C = 10.0  # the NWD constant of the hand-built batches (objects of 8 to 16 pixels)
 
 
 def nwd_by_hand(a: list[float], b: list[float], constant: float) -> float:
     """docs/methods.md, NWD: exp(-W2 / C), W2 = ||(cx, cy, w/2, h/2)_a - (cx, cy, w/2, h/2)_b|| (eps 1e-7 under
-    the root, as weights.nwd)."""
+    the root, as methods.nwd.nwd)."""
     ga = [(a[0] + a[2]) / 2, (a[1] + a[3]) / 2, (a[2] - a[0]) / 2, (a[3] - a[1]) / 2]
     gb = [(b[0] + b[2]) / 2, (b[1] + b[3]) / 2, (b[2] - b[0]) / 2, (b[3] - b[1]) / 2]
     return math.exp(-math.sqrt(sum((x - y) ** 2 for x, y in zip(ga, gb)) + 1e-7) / constant)
@@ -76,13 +84,14 @@ def nwd_switches(constant: float | None = C, **settings) -> LossSwitches:
 
 def test_defaults_compile_to_the_rpn_box_term_and_matcher():
     s = nwd_switches(constant=None)
-    assert s.nwd == ("rpn_box",) and s.nwd_ratio == 0.5 and s.nwd_assigner and s.nwd_constant is None  # auto
+    assert s.terms("nwd") == ("rpn_box",) and s.nwd_ratio == 0.5 and s.nwd_assigner and s.nwd_constant is None  # auto
     assert s.rpn_active and not s.roi_active
     assert nwd_switches(constant=42.0).nwd_constant == 42.0  # auto, resolved by the engine
     fixed = LossSwitches.from_config({"nwd": {**load_loss_config("nwd")["nwd"], "constant": 12.8}}, 42.0)
     assert fixed.nwd_constant == 12.8  # a number in the settings wins
     model = build_model("mobilenet_v3_large_fpn", 4, IMGSZ, nwd_switches(rcnn_terms=["rpn_box", "roi_box"]))
-    assert model.rpn.box_similarity == model.rpn.nwd_similarity and model.roi_heads.switches.roi_active
+    assert isinstance(model.rpn.overlap, NWDOverlap) and model.rpn.overlap.constant == C
+    assert model.rpn.box_similarity == model.rpn.overlap.pairwise and model.roi_heads.switches.roi_active
     stock_matcher = build_model("mobilenet_v3_large_fpn", 4, IMGSZ, nwd_switches(assigner=False))
     assert stock_matcher.rpn.box_similarity is box_iou  # torchvision's own
 
@@ -354,7 +363,7 @@ def test_training_leaves_checkpoints_that_stock_torchvision_loads(runs, tiny_dat
     assert float(row["nwd/constant"]) == checkpoint["nwd_constant"]  # logged = saved
     model = model_from_checkpoint(checkpoint)
     assert model.rpn.switches.nwd_constant == checkpoint["nwd_constant"]
-    assert model.rpn.box_similarity == model.rpn.nwd_similarity
+    assert isinstance(model.rpn.overlap, NWDOverlap) and model.rpn.box_similarity == model.rpn.overlap.pairwise
     if "feedback" in loss:
         for stage in ("rpn", "roi"):
             assert float(row[f"feedback/{stage}/steps"]) == ITERATIONS
@@ -371,7 +380,8 @@ def test_auto_assigner_is_decided_from_the_training_boxes_logged_and_kept_in_the
     assert checkpoint["loss"]["nwd"]["assigner"] == "auto" and checkpoint["nwd_assigner"] is (share < 0.5)
     assert float(results(tmp_path / "auto")[0]["nwd/assigner"]) == float(share < 0.5)
     model = model_from_checkpoint(checkpoint)
-    assert (model.rpn.box_similarity == model.rpn.nwd_similarity) is (share < 0.5)
+    assert isinstance(model.rpn.overlap, NWDOverlap) is (share < 0.5)
+    assert model.rpn.box_similarity == model.rpn.overlap.pairwise
 
 
 @pytest.mark.slow

@@ -10,16 +10,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torchvision.ops import box_iou
 
-from yolo_sizeloss.weights import (
-    FeedbackBalancer,
-    feedback_gain,
-    gradlibra_weights,
-    nwd,
-    nwd_assigner_auto,
-    nwd_constant,
-    plb_weights,
-    scb_weights,
-)
+from yolo_sizeloss.methods.feedback import FeedbackBalancer, feedback_gain
+from yolo_sizeloss.methods.gradlibra import gradlibra_weights
+from yolo_sizeloss.methods.nwd import nwd, nwd_assigner_auto, nwd_constant
+from yolo_sizeloss.methods.plb import plb_weights
+from yolo_sizeloss.methods.scb import scb_weights
 
 NAN, INF = float("nan"), float("inf")
 
@@ -80,7 +75,7 @@ def test_feedback_gain_edges():
 
 
 def test_feedback_sequence_by_hand():
-    b = FeedbackBalancer(momentum=0.5, g_max=4.0)
+    b = FeedbackBalancer(momentum=0.5, g_max=4.0, small_area=1024)
     assert b.gain == 1.0  # before any step
     # step 1: small loss 1 of 4 (r=.25), 1 of 2 instances small (q=.5): EMA starts at the values, G=2
     assert b.update(1.0, 4.0, 1, 2) == 2.0
@@ -97,16 +92,16 @@ def test_feedback_sequence_by_hand():
     assert b.update(0.9, 1.0, 1, 4) == 1.0
     assert torch.isclose(b.q, torch.tensor(0.375, dtype=torch.float64))
     # momentum 0 is Stitcher's raw previous step; the state travels in state_dict
-    s = FeedbackBalancer(momentum=0.0, g_max=3.0)
+    s = FeedbackBalancer(momentum=0.0, g_max=3.0, small_area=1024)
     s.update(1.0, 4.0, 1, 2)
     assert s.update(0.1, 1.0, 1, 2) == 3.0  # q/r = 5, capped
-    copy = FeedbackBalancer(momentum=0.0, g_max=3.0)
+    copy = FeedbackBalancer(momentum=0.0, g_max=3.0, small_area=1024)
     copy.load_state_dict(s.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), s.state_dict().values()))
 
 
 def test_feedback_non_finite_steps_leave_the_state_and_are_counted():
-    b = FeedbackBalancer(momentum=0.5, g_max=4.0)
+    b = FeedbackBalancer(momentum=0.5, g_max=4.0, small_area=1024)
     # a NaN before any finite step: nothing changes but the count
     assert b.update(NAN, 4.0, 1, 2) == 1.0
     assert (b.r, b.q, b.gain, b.steps, b.nonfinite_steps) == (0.0, 0.0, 1.0, 0, 1)
@@ -185,7 +180,7 @@ def test_nwd_assigner_auto_needs_small_boxes_to_be_fewer_than_half():
 def _distributed_worker(rank: int, world: int, port: int, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    b = FeedbackBalancer(momentum=0.0, g_max=4.0)
+    b = FeedbackBalancer(momentum=0.0, g_max=4.0, small_area=1024)
     # rank 0 sees small loss 1 of 2 and 1 of 1 instances; rank 1 sees 0 of 2 and 1 of 3
     step = [(1.0, 2.0, 1, 1), (0.0, 2.0, 1, 3)][rank]
     b.update(*step)

@@ -43,10 +43,10 @@ from yolo_sizeloss.config import (
     read_loss_record,
     run_defaults,
 )
+from yolo_sizeloss.methods.nwd import resolve_nwd_auto
 from yolo_sizeloss.paths import resolve_shipped_file, shipped_variants
 from yolo_sizeloss.rcnn import cli as rcnn_cli
 from yolo_sizeloss.rcnn.data import training_box_sizes
-from yolo_sizeloss.weights import resolve_nwd_auto
 from yolo_sizeloss.yolo.trainer import SizeAwareTrainer
 
 RESUME_FLAGS = ("imgsz", "batch", "workers", "device", "epochs")  # what a resumed YOLO run can change

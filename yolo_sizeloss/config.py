@@ -3,95 +3,29 @@
 A loss specification names methods joined by ``+`` (``plb+scb``) or ``baseline``. The resolved
 settings are a plain dict ``{method: {key: value}}`` (empty for baseline), saved with every run, and
 serve both detector families: ``terms`` says which YOLO loss terms a weight multiplies,
-``rcnn_terms`` which Faster R-CNN terms. Every error names the file, the line and the allowed range,
-and is raised before training starts.
+``rcnn_terms`` which Faster R-CNN terms. Each method's schema is its module's (``yolo_sizeloss.methods``).
+Every error names the file, the line and the allowed range, and is raised before training starts.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from ultralytics.utils import LOGGER
 
+from yolo_sizeloss.methods import REGISTRY
 from yolo_sizeloss.paths import CFG_DIR, RUN_DEFAULTS_FILE, resolve_loss_cfg
 
 LOSS_CFG_DIR = CFG_DIR / "losses"
 LOSS_FILE = "loss.yaml"  # the resolved loss settings, saved in every run folder of either family
-METHODS = ("feedback", "scb", "plb", "gradlibra", "nwd")
-TERMS = ("box", "cls")  # YOLO: box = IoU + DFL (or L1), cls = element-wise class BCE
-RCNN_TERMS = ("rpn_cls", "rpn_box", "roi_cls", "roi_box")  # Faster R-CNN: RPN objectness/box, RoI class/box
+METHODS = tuple(REGISTRY)  # the methods, each with its schema: yolo_sizeloss.methods
 ARCHS = ("yolo", "faster_rcnn")
 
 
 class LossConfigError(ValueError):
     """A loss setting is unknown or out of range; the message says where and what is allowed."""
-
-
-def _number(check: Callable[[float], bool], allowed: str):
-    def validate(value: Any) -> tuple[bool, str]:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return ok and check(value), allowed
-
-    return validate
-
-
-def _choice(*options: str):
-    def validate(value: Any) -> tuple[bool, str]:
-        return value in options, f"one of {', '.join(options)}"
-
-    return validate
-
-
-def _flag_or_auto(value: Any) -> tuple[bool, str]:
-    # 'auto': decided from the training labels when training starts (weights.nwd_assigner_auto)
-    return isinstance(value, bool) or value == "auto", "true, false or auto"
-
-
-def _positive_or_auto(value: Any) -> tuple[bool, str]:
-    # 'auto': resolved from the training labels when training starts (AnchorWeighting.resolve_from_labels)
-    allowed = "a number > 0 (network-input pixels) or auto"
-    return value == "auto" or _number(lambda v: v > 0, allowed)(value)[0], allowed
-
-
-def _terms(*allowed: str):
-    def validate(value: Any) -> tuple[bool, str]:
-        ok = isinstance(value, list) and all(t in allowed for t in value) and len(set(value)) == len(value)
-        return ok, f"a list of distinct terms from {', '.join(allowed)} (may be empty)"
-
-    return validate
-
-
-SCHEMA: dict[str, dict[str, Callable[[Any], tuple[bool, str]]]] = {
-    "plb": {"source": _choice("predicted", "gt"), "terms": _terms(*TERMS), "rcnn_terms": _terms(*RCNN_TERMS)},
-    "scb": {
-        "alpha": _number(lambda v: v > 0, "a number > 0"),
-        "beta": _number(lambda v: v > 0, "a number > 0"),
-        "terms": _terms(*TERMS),
-        "rcnn_terms": _terms("rpn_cls", "rpn_box"),  # SCB counts anchors per object: the RPN's matching
-    },
-    "feedback": {
-        "small_area": _number(lambda v: v >= 0, "a number >= 0 (network-input pixels squared)"),
-        "momentum": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
-        "g_max": _number(lambda v: v >= 1, "a number >= 1"),
-        "terms": _terms(*TERMS),
-        "rcnn_terms": _terms(*RCNN_TERMS),  # a stage's gain is measured on its own box loss (rpn_box, roi_box)
-    },
-    "gradlibra": {
-        "alpha_pos": _number(lambda v: 0 < v <= 1, "a number in (0, 1]"),
-        "alpha_neg": _number(lambda v: 0 < v <= 1, "a number in (0, 1]"),
-        "rcnn_terms": _terms("rpn_cls", "roi_cls"),  # a hardness weight on a classifier: the two class terms
-    },
-    "nwd": {  # not a weight: NWD replaces part of the box loss and, optionally, the assigner's overlap
-        "ratio": _number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-        "constant": _positive_or_auto,
-        "assigner": _flag_or_auto,
-        "small_area": _number(lambda v: v > 0, "a number > 0 (network-input pixels squared)"),
-        "rcnn_terms": _terms("rpn_box", "roi_box"),  # NWD replaces part of a box term: the two box terms
-    },
-}
 
 
 def _key_lines(text: str, file: Path) -> dict[tuple[str, ...], int]:
@@ -143,10 +77,10 @@ def _merge_section(
         raise LossConfigError(f"{where}: section '{method}' must be a mapping of settings")
     for key, value in section.items():
         line = lines.get((method, str(key)), lines.get((method,), 1))
-        if key not in SCHEMA[method]:
-            known = ", ".join(SCHEMA[method])
-            raise LossConfigError(f"{path}:{line}: unknown key '{method}.{key}' (known: {known})")
-        ok, allowed = SCHEMA[method][key](value)
+        schema = REGISTRY[method].schema
+        if key not in schema:
+            raise LossConfigError(f"{path}:{line}: unknown key '{method}.{key}' (known: {', '.join(schema)})")
+        ok, allowed = schema[key](value)
         if not ok:
             raise LossConfigError(f"{path}:{line}: {method}.{key} = {value!r} is out of range: must be {allowed}")
         target[key] = value
@@ -185,7 +119,7 @@ def load_loss_config(spec: str, override: str | Path | None = None) -> dict[str,
             raise LossConfigError(f"{path}:1: must hold exactly one section, '{method}'")
         config[method] = {}
         _merge_section(config[method], method, data[method], path, lines)
-        missing = set(SCHEMA[method]) - set(config[method])
+        missing = set(REGISTRY[method].schema) - set(config[method])
         if missing:
             raise LossConfigError(f"{path}: defaults missing for {', '.join(sorted(missing))}")
     if override is not None:
@@ -197,7 +131,7 @@ def load_loss_config(spec: str, override: str | Path | None = None) -> dict[str,
         if not data:
             LOGGER.warning(f"--loss-cfg {path} is empty: the defaults of --loss {spec} apply")
         for method, section in data.items():
-            if method not in SCHEMA:
+            if method not in REGISTRY:
                 raise LossConfigError(f"{path}:{lines.get((str(method),), 1)}: unknown method '{method}' "
                                       f"(valid: {', '.join(METHODS)})")
             if method not in config:

@@ -7,7 +7,7 @@ Public entry points: ``yolo_sizeloss.rcnn.cli.main`` (``train --arch faster_rcnn
 
 from yolo_sizeloss.rcnn.engine import predict_records
 from yolo_sizeloss.rcnn.export import export_onnx
-from yolo_sizeloss.rcnn.heads import LossSwitches
 from yolo_sizeloss.rcnn.model import build_model
+from yolo_sizeloss.rcnn.switches import LossSwitches
 
 __all__ = ["LossSwitches", "build_model", "export_onnx", "predict_records"]

@@ -36,9 +36,9 @@ from yolo_sizeloss.config import (
     run_defaults,
 )
 from yolo_sizeloss.rcnn.engine import fit
-from yolo_sizeloss.rcnn.heads import PLB_SHORTHANDS, parse_plb
 from yolo_sizeloss.rcnn.model import BACKBONES
 
+PLB_SHORTHANDS = {"1C": "rpn_cls", "1B": "rpn_box", "2C": "roi_cls", "2B": "roi_box"}  # the paper's names
 SIZE_SOURCES = ("predicted", "gt")
 RESUMABLE = ("epochs", "device", "workers")  # what a resumed run can change; anything else given is an error
 LOSS_FLAGS = ("loss", "loss_cfg", "plb", "plb_source", "scb_rpn")  # on resume: must give the run's own loss
@@ -55,6 +55,15 @@ class RcnnParser(OneLineParser):
             if message.startswith("unrecognized arguments") and flag in message.split():
                 self.exit(2, f"{self.prog}: error: {advice}\n")
         super().error(message)
+
+
+def parse_plb(text: str) -> list[str]:
+    """The ``rcnn_terms`` of the paper's PLB switch list (``1C,1B``; case-insensitive); ValueError naming the flag."""
+    switches = [s.strip().upper() for s in text.split(",") if s.strip()]
+    unknown = [s for s in switches if s not in PLB_SHORTHANDS]
+    if unknown or len(set(switches)) != len(switches):
+        raise ValueError(f"--plb {text}: expected distinct switches from {', '.join(PLB_SHORTHANDS)}")
+    return [PLB_SHORTHANDS[s] for s in switches]
 
 
 def build_parser(prog: str = "yolo-sizeloss train") -> argparse.ArgumentParser:

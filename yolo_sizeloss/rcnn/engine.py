@@ -34,19 +34,21 @@ from yolo_sizeloss.checks import parse_device
 from yolo_sizeloss.config import describe_loss, write_loss_record
 from yolo_sizeloss.detections import ImageRecord, load_split
 from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics
+from yolo_sizeloss.methods.nwd import resolve_nwd_auto
 from yolo_sizeloss.paths import resolve_data
 from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection, training_box_sizes
-from yolo_sizeloss.rcnn.heads import LossSwitches, end_feedback_step, feedback_columns
 from yolo_sizeloss.rcnn.model import (
     build_model,
+    end_feedback_step,
+    feedback_columns,
     model_from_checkpoint,
     set_inference_limits,
     split_feedback_state,
     unwrap,
 )
+from yolo_sizeloss.rcnn.switches import LossSwitches
 from yolo_sizeloss.results_csv import continue_results
 from yolo_sizeloss.weighting_plot import plot_weighting
-from yolo_sizeloss.weights import resolve_nwd_auto
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 WARMUP_FACTOR = 1e-3  # first warm-up learning rate, as a fraction of --lr
@@ -284,8 +286,8 @@ def training_nwd_settings(
 
     The constant is the configured number; on resume the checkpoint's; else (``auto``) the mean
     ``sqrt(w * h)`` of the training boxes at ``imgsz``, as Wang et al. set C (``training_box_sizes``:
-    the pixels the heads see). ``assigner: auto`` is ``weights.nwd_assigner_auto`` of the same
-    boxes. Both are computed once here (``weights.resolve_nwd_auto``)."""
+    the pixels the heads see). ``assigner: auto`` is ``methods.nwd.nwd_assigner_auto`` of the same
+    boxes. Both are computed once here (``methods.nwd.resolve_nwd_auto``)."""
     if "nwd" not in config:
         return None, False
     nwd_cfg = config["nwd"]

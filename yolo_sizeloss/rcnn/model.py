@@ -28,7 +28,9 @@ from torchvision.models.detection import (
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from ultralytics.utils import LOGGER
 
-from yolo_sizeloss.rcnn.heads import LossSwitches, SizeBalancedRoIHeads, SizeBalancedRPN
+from yolo_sizeloss.methods.feedback import FeedbackBalancer
+from yolo_sizeloss.rcnn.heads import SizeBalancedRoIHeads, SizeBalancedRPN
+from yolo_sizeloss.rcnn.switches import LossSwitches
 
 FEEDBACK_PREFIXES = ("rpn.feedback.", "roi_heads.feedback.")  # where the loss heads keep their feedback state
 BACKBONES = {
@@ -114,3 +116,20 @@ def model_from_checkpoint(checkpoint: dict, imgsz: int | None = None) -> FasterR
     )
     model.load_state_dict({**checkpoint["model"], **checkpoint.get("feedback", {})})
     return model
+
+
+def feedback_stages(model: torch.nn.Module) -> dict[str, FeedbackBalancer]:
+    """The feedback states of a Faster R-CNN's stages, by stage name (``rpn``, ``roi``; empty without feedback)."""
+    heads = {"rpn": getattr(model, "rpn", None), "roi": getattr(model, "roi_heads", None)}
+    return {name: head.states["feedback"] for name, head in heads.items() if "feedback" in getattr(head, "states", {})}
+
+
+def end_feedback_step(model: torch.nn.Module) -> None:
+    """End a training iteration: every stage folds its step's feedback sums into its state."""
+    for stage in feedback_stages(model).values():
+        stage.end_step()
+
+
+def feedback_columns(model: torch.nn.Module) -> dict[str, float]:
+    """The feedback state of every stage as ``feedback/<stage>/<name>`` floats (results.csv columns)."""
+    return {f"feedback/{name}/{k}": v for name, stage in feedback_stages(model).items() for k, v in stage.state().items()}

@@ -1,14 +1,15 @@
 """The size-aware weightings inside Ultralytics' detection loss, without repeating any of its code.
 
-``AnchorWeighting`` turns the configured methods into per-anchor weights (the formulas are in
-``yolo_sizeloss.weights``, the definitions in ``docs/methods.md``). ``install_size_aware_loss`` puts
-thin wrappers around three stable parts of each stock ``v8DetectionLoss`` (one per branch of an
+``AnchorWeighting`` translates each assignment into the methods' ``MatchedSamples`` and their weights
+into per-anchor weights (the methods are ``yolo_sizeloss.methods``, the definitions in
+``docs/methods.md``). ``install_size_aware_loss`` puts thin wrappers around three stable parts of each stock ``v8DetectionLoss`` (one per branch of an
 ``E2ELoss``): the assigner (its outputs go to the weighting), the element-wise class BCE (times the
 class weight) and the box loss (its per-anchor weight, the target-score sum, times the box weight).
 Everything else, including options Ultralytics adds later (``class_weights``, assigner keywords),
 stays the stock code's. With every weight 1 the loss is the stock one, bit for bit: the normaliser
 ``target_scores_sum`` is never touched. NWD (``nwd``) is not a weight: ``NWDBboxLoss`` mixes it into
-the box loss's IoU part and ``NWDOverlap`` replaces the assigner's CIoU, each only when configured.
+the box loss's IoU part and ``methods.overlaps.NWDOverlap`` replaces the assigner's CIoU, each only
+when configured.
 """
 
 from __future__ import annotations
@@ -22,24 +23,22 @@ from ultralytics.utils import LOGGER
 from ultralytics.utils.loss import E2ELoss, v8DetectionLoss
 from ultralytics.utils.metrics import bbox_iou
 
-from yolo_sizeloss.weights import (
-    FeedbackBalancer,
-    box_areas,
-    gradlibra_weights,
-    nwd,
-    plb_weights,
-    resolve_nwd_auto,
-    scb_weights,
-)
+from yolo_sizeloss.methods import REGISTRY, WEIGHT_ORDER, MatchedSamples
+from yolo_sizeloss.methods.base import box_areas
+from yolo_sizeloss.methods.feedback import FeedbackBalancer
+from yolo_sizeloss.methods.nwd import nwd, resolve_nwd_auto
+from yolo_sizeloss.methods.overlaps import NWDOverlap, Overlap
 
+UNRESOLVED_HINT = ("call AnchorWeighting.resolve_from_labels(dataset.labels, imgsz) before training "
+                   "(SizeAwareTrainer does), or set a number")
 COCO_SMALL_AREA = 32 * 32  # the 'small' of the per-epoch statistics, in network-input pixels
 FEEDBACK_STATE = ("r", "q", "gain", "steps")  # what a resume must restore; other feedback buffers are counters
 
 
-def matched_counts(fg_mask: torch.Tensor, target_gt_idx: torch.Tensor, num_gt: int) -> torch.Tensor:
-    """Number of foreground anchors matched to each ground-truth slot, per image: (B, num_gt)."""
-    counts = torch.zeros(fg_mask.shape[0], max(num_gt, 1), device=fg_mask.device)
-    return counts.scatter_add_(1, target_gt_idx, fg_mask.float())
+def unweighted_iou_loss(pred_fg: torch.Tensor, target_fg: torch.Tensor, scores_fg: torch.Tensor) -> torch.Tensor:
+    """The stock IoU loss of each foreground anchor before the size-aware weights: ``(1 - CIoU)`` times its
+    target-score sum."""
+    return (1.0 - bbox_iou(pred_fg, target_fg, xywh=False, CIoU=True).squeeze(-1)) * scores_fg.sum(-1)
 
 
 def scatter_foreground(fg_mask: torch.Tensor, fg: tuple[torch.Tensor, ...], values: torch.Tensor) -> torch.Tensor:
@@ -71,21 +70,23 @@ class AnchorWeighting(nn.Module):
     """Per-anchor weights of the configured methods, their running state and per-epoch statistics.
 
     ``config`` is the resolved ``{method: settings}`` dict (``yolo_sizeloss.config``). One instance
-    serves every branch of a loss; ``end_step`` is called once per training step. Buffers: the
-    feedback state (``feedback.*``), the current step's feedback sums and the epoch's weight sums.
+    serves every branch of a loss; ``end_step`` is called once per training step. It translates each
+    branch's assignment into ``MatchedSamples`` and multiplies the terms by what the methods return
+    (``yolo_sizeloss.methods``). Buffers: the methods' states (``states.feedback.*``) and the epoch's
+    weight sums.
     """
 
     def __init__(self, config: dict[str, dict[str, Any]]):
         super().__init__()
         self.config = config
-        fb = config.get("feedback")
-        self.feedback = FeedbackBalancer(fb["momentum"], fb["g_max"]) if fb else None
+        # the running state of each stateful method (feedback's balancer), by method name
+        self.states = nn.ModuleDict({name: REGISTRY[name].new_state(settings) for name, settings in config.items()
+                                     if REGISTRY[name].new_state is not None})
         nwd_cfg = config.get("nwd")
         # NWD's C in network-input pixels, and whether the assigner measures overlap by NWD; an 'auto'
         # setting stays None until resolve_from_labels
         self.nwd_constant = None if not nwd_cfg or nwd_cfg["constant"] == "auto" else float(nwd_cfg["constant"])
         self.nwd_assigner = False if not nwd_cfg else None if nwd_cfg["assigner"] == "auto" else nwd_cfg["assigner"]
-        self.register_buffer("step_sums", torch.zeros(4, dtype=torch.float64))  # small/total loss, count
         self.register_buffer("epoch_sums", torch.zeros(6, dtype=torch.float64))  # box, cls, n: small/other
 
     @torch.no_grad()
@@ -110,39 +111,47 @@ class AnchorWeighting(nn.Module):
         fg = fg_mask.nonzero(as_tuple=True)
         # per foreground anchor, as every weight below; float32, since mixed precision hands in halves
         target_fg, scores_fg, pred_fg = target_bboxes[fg].float(), target_scores[fg].float(), pred_bboxes[fg].float()
-        gt_area = box_areas(target_fg)
+        num_gt = gt_bboxes.shape[1]
+        gt_ids = fg[0] * num_gt + target_gt_idx[fg]  # ground-truth slots numbered image by image
+        samples = MatchedSamples(
+            gt_boxes=target_fg,
+            pred_boxes=pred_fg,
+            gt_ids=gt_ids,
+            box_loss=lambda: unweighted_iou_loss(pred_fg, target_fg, scores_fg),
+            gt_areas=box_areas(gt_bboxes.float()).flatten(),
+            gt_counts=torch.bincount(gt_ids, minlength=fg_mask.shape[0] * num_gt),
+            # the size weights on the class term act on the foreground anchors' rows
+            cls_gt_boxes=target_fg,
+            cls_pred_boxes=pred_fg,
+            cls_positives=torch.arange(gt_ids.shape[0], device=gt_ids.device),
+            cls_probs=pred_probs,
+            cls_targets=target_scores,
+        )
         factors = {"box": [], "cls": []}
-
-        if "plb" in self.config:
-            area = gt_area if self.config["plb"]["source"] == "gt" else box_areas(pred_fg)
-            for term in self.config["plb"]["terms"]:
-                factors[term].append(plb_weights(area))
-        if "scb" in self.config or self.feedback is not None:
-            counts = matched_counts(fg_mask, target_gt_idx, gt_bboxes.shape[1])
-        if "scb" in self.config:
-            scb = self.config["scb"]
-            w = scb_weights(counts, scb["alpha"], scb["beta"])[fg[0], target_gt_idx[fg]]
-            for term in scb["terms"]:
-                factors[term].append(w)
-        if self.feedback is not None:
-            small = gt_area < self.config["feedback"]["small_area"]
-            w = torch.where(small, self.feedback.gain.float(), 1.0)
-            for term in self.config["feedback"]["terms"]:
-                factors[term].append(w)
-            self._observe_feedback(small, counts, gt_bboxes, target_fg, scores_fg, pred_fg)
+        hardness = None
+        for name in (m for m in WEIGHT_ORDER if m in self.config):
+            method, settings = REGISTRY[name], self.config[name]
+            state = self.states[name] if name in self.states else None
+            weights = method.weights(samples, settings, method.terms(settings, "yolo"), state)
+            factors["box"] += [] if weights.box is None else [weights.box]
+            factors["cls"] += [] if weights.cls is None else [weights.cls]
+            hardness = weights.cls_all if weights.cls_all is not None else hardness
 
         box_fg, cls_fg = (torch.stack(ws).prod(0) if ws else None for ws in (factors["box"], factors["cls"]))
         w_box = None if box_fg is None else scatter_foreground(fg_mask, fg, box_fg)
         w_cls = None if cls_fg is None else scatter_foreground(fg_mask, fg, cls_fg)[..., None]
-        if "gradlibra" in self.config:
-            gl = self.config["gradlibra"]  # its rcnn_terms are the Faster R-CNN path's
-            g = gradlibra_weights(pred_probs, target_scores, gl["alpha_pos"], gl["alpha_neg"])
-            w_cls = g if w_cls is None else g * w_cls
+        if hardness is not None:  # over every anchor and class (Grad-Libra)
+            w_cls = hardness if w_cls is None else hardness * w_cls
             # the weight on each foreground anchor's target class
-            cls_fg = g[fg].gather(-1, scores_fg.argmax(-1, keepdim=True)).squeeze(-1) * (
+            cls_fg = hardness[fg].gather(-1, scores_fg.argmax(-1, keepdim=True)).squeeze(-1) * (
                 1.0 if cls_fg is None else cls_fg)
-        self._accumulate_epoch_stats(gt_area, box_fg, cls_fg)
+        self._accumulate_epoch_stats(box_areas(target_fg), box_fg, cls_fg)
         return w_box, w_cls
+
+    @property
+    def feedback(self) -> FeedbackBalancer | None:
+        """The feedback balancer (None without feedback)."""
+        return self.states["feedback"] if "feedback" in self.states else None
 
     def resolve_from_labels(self, labels: list[dict], imgsz: int) -> None:
         """Resolve the settings computed from the training labels; call once before the first loss call.
@@ -150,7 +159,7 @@ class AnchorWeighting(nn.Module):
         ``nwd.constant: auto`` becomes the data's mean absolute object size, ``mean(sqrt(w * h))``
         over every box of ``labels`` (an Ultralytics dataset's, ``trainer.train_loader.dataset.labels``)
         in network-input pixels at ``imgsz`` (``training_label_sizes``), as Wang et al. set C;
-        ``nwd.assigner: auto`` becomes ``weights.nwd_assigner_auto`` of the same boxes. Without such
+        ``nwd.assigner: auto`` becomes ``methods.nwd.nwd_assigner_auto`` of the same boxes. Without such
         a setting this does nothing.
         """
         nwd_cfg = self.config.get("nwd")
@@ -164,20 +173,15 @@ class AnchorWeighting(nn.Module):
     def nwd_similarity(self, boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
         """Element-wise NWD (float32) of xyxy boxes in network-input pixels, with the configured constant."""
         if self.nwd_constant is None:
-            raise RuntimeError("nwd.constant is auto but was not resolved: call AnchorWeighting.resolve_from_labels"
-                               "(dataset.labels, imgsz) before training (SizeAwareTrainer does), or set a number")
+            raise RuntimeError(f"nwd.constant is auto but was not resolved: {UNRESOLVED_HINT}")
         return nwd(boxes_a.float(), boxes_b.float(), self.nwd_constant)
 
-    def _observe_feedback(self, small, counts, gt_bboxes, target_fg, scores_fg, pred_fg):
-        """Add this branch's unweighted per-anchor box loss and matched instances to the step sums
-        (``*_fg``: the foreground anchors' target boxes, target scores and predicted boxes)."""
-        iou = bbox_iou(pred_fg, target_fg, xywh=False, CIoU=True).squeeze(-1)
-        anchor_loss = (1.0 - iou) * scores_fg.sum(-1)
-        matched = counts > 0
-        small_gt = matched & (box_areas(gt_bboxes.float()) < self.config["feedback"]["small_area"])
-        self.step_sums += torch.stack(
-            [(anchor_loss * small).sum(), anchor_loss.sum(), small_gt.sum(), matched.sum()]
-        ).to(self.step_sums)
+    def overlap(self) -> Overlap | None:
+        """The overlap the task-aligned assigner measures (NWD with ``nwd.assigner``); None: its stock CIoU."""
+        if self.nwd_assigner is None:
+            raise RuntimeError("nwd.assigner is auto but was not resolved: call AnchorWeighting.resolve_from_labels"
+                               "(dataset.labels, imgsz) first (SizeAwareTrainer does), or set true or false")
+        return NWDOverlap(self.nwd_constant, UNRESOLVED_HINT) if self.nwd_assigner else None
 
     def _accumulate_epoch_stats(self, gt_area, box_fg, cls_fg):
         """Add the weights on small (< 32^2) and other foreground anchors to the epoch sums (None: 1)."""
@@ -190,10 +194,9 @@ class AnchorWeighting(nn.Module):
         ).to(self.epoch_sums)
 
     def end_step(self) -> None:
-        """Fold the step's feedback sums into the balancer (once per step, all branches together)."""
-        if self.feedback is not None:
-            self.feedback.update(*self.step_sums)
-            self.step_sums.zero_()
+        """Fold the step's sums into each method's state (once per step, all branches together)."""
+        for state in self.states.values():
+            state.end_step()
 
     def epoch_stats(self) -> dict[str, float]:
         """Mean weights on small (< 32^2 input px) and other foreground anchors since the last call,
@@ -287,23 +290,6 @@ class WeightedBboxLoss(nn.Module):
         return self.bbox_loss(pred_dist, pred_bboxes, anchor_points, target_bboxes, target_scores, *args, **kwargs)
 
 
-class NWDOverlap:
-    """NWD as the task-aligned assigner's overlap, instead of CIoU (``nwd.assigner: true``).
-
-    Set on a stock ``TaskAlignedAssigner`` instance as its ``iou_calculation``, the piece its
-    ``pair_overlaps`` calls with the (N, 4) xyxy ground-truth and predicted boxes of every candidate
-    pair, in network-input pixels. What it returns ranks the candidates (top-k of
-    ``score^alpha * overlap^beta``), bounds each object's target scores (by its best overlap) and
-    settles anchors claimed by two objects; NWD lies in (0, 1] where the clamped CIoU lies in [0, 1].
-    """
-
-    def __init__(self, weighting: AnchorWeighting):
-        self.weighting = weighting
-
-    def __call__(self, gt_bboxes: torch.Tensor, pd_bboxes: torch.Tensor) -> torch.Tensor:
-        return self.weighting.nwd_similarity(gt_bboxes, pd_bboxes).to(pd_bboxes.dtype)
-
-
 class NWDBboxLoss(nn.Module):
     """The stock box loss with NWD mixed into its IoU part: ``(1 - ratio) L_iou + ratio L_nwd`` (``nwd.ratio``).
 
@@ -353,13 +339,13 @@ def install_size_aware_loss(criterion: v8DetectionLoss | E2ELoss, weighting: Anc
         if isinstance(branch.assigner, ObservedAssigner):
             raise ValueError("this criterion already carries the size-aware loss")
         pending = PendingWeights()
-        if weighting.nwd_assigner is None:
-            raise RuntimeError("nwd.assigner is auto but was not resolved: call AnchorWeighting.resolve_from_labels"
-                               "(dataset.labels, imgsz) first (SizeAwareTrainer does), or set true or false")
-        if weighting.nwd_assigner:
+        overlap = weighting.overlap()
+        if overlap is not None:
             if not hasattr(branch.assigner, "iou_calculation"):
                 raise TypeError(f"nwd.assigner: {type(branch.assigner).__name__} has no iou_calculation to replace")
-            branch.assigner.iou_calculation = NWDOverlap(weighting)  # this instance only; the class stays stock
+            # the piece of the stock assigner that measures the candidate pairs' overlap; this instance only,
+            # the class stays stock
+            branch.assigner.iou_calculation = overlap.elementwise
         branch.assigner = ObservedAssigner(branch.assigner, weighting, pending)
         branch.bce = WeightedBCE(branch.bce, pending)
         bbox_loss = NWDBboxLoss(branch.bbox_loss, weighting) if nwd_cfg else branch.bbox_loss
@@ -375,8 +361,8 @@ def remove_size_aware_loss(criterion: v8DetectionLoss | E2ELoss) -> v8DetectionL
         if not isinstance(branch.assigner, ObservedAssigner):
             continue
         branch.assigner = branch.assigner.assigner
-        if isinstance(vars(branch.assigner).get("iou_calculation"), NWDOverlap):
-            del branch.assigner.iou_calculation  # set on the instance: the class's CIoU is back
+        if "iou_calculation" in vars(branch.assigner):  # only install sets it on the instance
+            del branch.assigner.iou_calculation  # the class's CIoU is back
         branch.bce = branch.bce.bce
         bbox_loss = branch.bbox_loss.bbox_loss
         branch.bbox_loss = bbox_loss.bbox_loss if isinstance(bbox_loss, NWDBboxLoss) else bbox_loss

@@ -1,0 +1,145 @@
+"""Normalized Gaussian Wasserstein Distance (Wang, Xu, Yang, Yu, arXiv 2110.13389): not a weight.
+
+NWD replaces part of a box term (each family mixes ``1 - nwd`` into its box loss) and, optionally, the
+overlap its assigner or matcher measures (``overlaps.NWDOverlap``). Here: the similarity, its settings,
+and the resolution of the settings that are ``auto`` from the training boxes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from yolo_sizeloss.methods.base import Method, number
+
+NWD_EPS = 1e-7  # under NWD's square root, as in the authors' code (github.com/jwwangchn/NWD)
+
+
+def _gaussian_vector(boxes: torch.Tensor) -> torch.Tensor:
+    """``(cx, cy, w/2, h/2)`` of xyxy boxes: the mean and standard deviations of NWD's Gaussian."""
+    return torch.cat([(boxes[..., :2] + boxes[..., 2:]) / 2, (boxes[..., 2:] - boxes[..., :2]) / 2], -1)
+
+
+def nwd(boxes_a: torch.Tensor, boxes_b: torch.Tensor, constant: float, eps: float = NWD_EPS) -> torch.Tensor:
+    """Normalized Gaussian Wasserstein Distance (Wang, Xu, Yang, Yu, arXiv 2110.13389), element-wise.
+
+    ``boxes_a`` and ``boxes_b`` are (N, 4) xyxy boxes (or any (..., 4) of one shape); returns (N,). A box (cx, cy, w, h) is the
+    Gaussian N((cx, cy), diag(w^2/4, h^2/4)); between two such Gaussians the squared 2-Wasserstein
+    distance is ``W2^2 = ||(cx_a, cy_a, w_a/2, h_a/2) - (cx_b, cy_b, w_b/2, h_b/2)||^2`` and
+    ``NWD = exp(-sqrt(W2^2) / C)`` with ``C = constant`` (see ``nwd_constant``). NWD is 1 for
+    identical boxes, in (0, 1] always, symmetric, and depends on the absolute offset only: a 1-pixel
+    shift costs a 4x4 box what it costs a 100x100 box, where IoU would punish the small one far more.
+    ``eps`` is added under the square root, as in the authors' code, so the gradient of identical
+    boxes is 0 instead of NaN (sqrt has an infinite slope at 0); identical boxes then give
+    ``exp(-sqrt(eps) / C)``, 1 to within 3.2e-4 / C. Zero-size boxes are finite Gaussians (points).
+    Differentiable: use it in a box loss as ``1 - nwd``.
+    """
+    w2_squared = ((_gaussian_vector(boxes_a) - _gaussian_vector(boxes_b)) ** 2).sum(-1)
+    return torch.exp(-torch.sqrt(w2_squared + eps) / constant)
+
+
+@torch.no_grad()
+def nwd_matrix(boxes_a: torch.Tensor, boxes_b: torch.Tensor, constant: float, eps: float = NWD_EPS) -> torch.Tensor:
+    """NWD of every pair: (M, N) for (M, 4) and (N, 4) xyxy boxes, entry [i, j] = ``nwd(boxes_a[i], boxes_b[j])``.
+
+    For a matcher (Faster R-CNN's RPN compares every ground truth with every anchor, as ``box_iou``
+    does), so not differentiated. The distances come from ``torch.cdist`` without its matrix-product
+    shortcut, which would lose the small distances of near-identical boxes to cancellation, and
+    without an (M, N, 4) intermediate, so memory stays that of ``box_iou``'s (M, N) result.
+    """
+    w2 = torch.cdist(_gaussian_vector(boxes_a.float()), _gaussian_vector(boxes_b.float()),
+                     compute_mode="donot_use_mm_for_euclid_dist")
+    return torch.exp(-torch.sqrt(w2.square() + eps) / constant)
+
+
+NWD_ASSIGNER_MAX_SMALL_SHARE = 0.5  # nwd.assigner: auto ranks anchors by NWD while small boxes are a minority
+
+
+def nwd_assigner_auto(widths: torch.Tensor, heights: torch.Tensor, small_area: float) -> tuple[bool, str]:
+    """``nwd.assigner: auto``: whether the assigner measures overlap by NWD, from the training boxes.
+
+    NWD as the assigner's overlap raises the target scores of small objects, whose CIoU with an
+    early prediction is low. Where small objects are a minority among larger ones, those low
+    targets are what holds them back (on BCCD the NWD assigner is what raises platelet AP); where
+    nearly every object is small there is nothing to rebalance and the raised confidence reaches
+    unlabelled objects too (BCCD's platelets alone lost AP with it, not without it). So: NWD while
+    small boxes (``w * h < small_area``) are fewer than half of the finite boxes, CIoU otherwise. A
+    rule of this project, measured on those two data sets (docs/results.md), not the paper's.
+    Returns the decision and a sentence for the log.
+    """
+    areas = finite_box_areas(widths, heights, "nwd_assigner_auto")
+    share = float((areas < small_area).double().mean())
+    use = share < NWD_ASSIGNER_MAX_SMALL_SHARE
+    reason = (f"{share:.1%} of {areas.numel()} training boxes are small, below {small_area:g} input pixels; "
+              f"NWD ranks anchors only where fewer than {NWD_ASSIGNER_MAX_SMALL_SHARE:.0%} are")
+    return use, reason
+
+
+def resolve_nwd_auto(
+    constant: float | str, assigner: bool | str, small_area: float, widths: torch.Tensor, heights: torch.Tensor,
+    imgsz: int,
+) -> tuple[float, bool, list[str]]:
+    """NWD's ``constant`` and ``assigner`` settings with each ``auto`` resolved from the training boxes
+    (``widths``, ``heights`` in network-input pixels at ``imgsz``: ``nwd_constant`` and
+    ``nwd_assigner_auto``), and a log line for each one resolved. Both detector families call this
+    once when training starts; no finite box with an ``auto`` setting raises ValueError."""
+    lines = []
+    try:
+        if constant == "auto":
+            constant = nwd_constant(widths, heights)
+            lines.append(f"nwd.constant auto = {constant:.2f} input pixels "
+                         f"(mean sqrt(w*h) of {widths.numel()} training boxes at imgsz {imgsz})")
+        if assigner == "auto":
+            assigner, reason = nwd_assigner_auto(widths, heights, small_area)
+            lines.append(f"nwd.assigner auto = {str(assigner).lower()} ({reason})")
+    except ValueError:
+        raise ValueError("nwd: auto settings need boxes, and the training labels hold none: "
+                         "set nwd.constant to a number and nwd.assigner to true or false") from None
+    return float(constant), assigner, lines
+
+
+def nwd_constant(widths: torch.Tensor, heights: torch.Tensor) -> float:
+    """The NWD constant ``C`` of a data set: its mean absolute object size, ``mean(sqrt(w * h))``.
+
+    Wang et al. set C to the average absolute object size of their data set (AI-TOD; the authors'
+    code, github.com/jwwangchn/NWD, defaults to 12.8 pixels). Pass every training box's width and
+    height in the pixels the loss sees. Boxes with a non-finite size are left out; no finite box at
+    all raises ValueError.
+    """
+    return float(finite_box_areas(widths, heights, "nwd_constant").sqrt().mean())
+
+
+def finite_box_areas(widths: torch.Tensor, heights: torch.Tensor, caller: str) -> torch.Tensor:
+    """``w * h`` (float64, sides below zero as zero) of the boxes whose area is finite; a ValueError
+    naming ``caller`` when none is."""
+    areas = widths.detach().double().clamp(min=0) * heights.detach().double().clamp(min=0)
+    areas = areas[torch.isfinite(areas)]
+    if areas.numel() == 0:
+        raise ValueError(f"{caller}: no box with a finite width and height")
+    return areas
+
+
+def _flag_or_auto(value: Any) -> tuple[bool, str]:
+    # 'auto': decided from the training labels when training starts (nwd_assigner_auto)
+    return isinstance(value, bool) or value == "auto", "true, false or auto"
+
+
+def _positive_or_auto(value: Any) -> tuple[bool, str]:
+    # 'auto': resolved from the training labels when training starts (resolve_nwd_auto)
+    allowed = "a number > 0 (network-input pixels) or auto"
+    return value == "auto" or number(lambda v: v > 0, allowed)(value)[0], allowed
+
+
+METHOD = Method(
+    name="nwd",
+    settings={
+        "ratio": number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        "constant": _positive_or_auto,
+        "assigner": _flag_or_auto,
+        "small_area": number(lambda v: v > 0, "a number > 0 (network-input pixels squared)"),
+    },
+    # YOLO: always its box loss; Faster R-CNN: NWD replaces part of a box term, of the two listed
+    family_terms={"yolo": ("box",), "faster_rcnn": ("rpn_box", "roi_box")},
+    fixed_terms=frozenset({"yolo"}),
+)

@@ -1,0 +1,65 @@
+"""Overlap measures an assigner or matcher takes as an object (as MMDetection's assigners take an ``iou_calculator``).
+
+An ``Overlap`` measures boxes two ways: ``pairwise`` every box of one set against every box of the other
+(a matcher's quality matrix: torchvision's RPN ``box_similarity``), and ``elementwise`` the pairs of
+two aligned sets (the candidate pairs of Ultralytics' ``TaskAlignedAssigner.iou_calculation``). Each
+family hands the configured measure to its stock assigner or matcher in place of the stock one; a new
+measure is one new class here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou
+
+from yolo_sizeloss.methods.base import box_areas
+from yolo_sizeloss.methods.nwd import nwd, nwd_matrix
+
+
+class Overlap(Protocol):
+    """A similarity of xyxy boxes: higher is closer."""
+
+    def pairwise(self, boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
+        """(M, N) for (M, 4) and (N, 4) boxes: entry [i, j] compares ``boxes_a[i]`` with ``boxes_b[j]``."""
+
+    def elementwise(self, boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
+        """(N,) for two (N, 4) sets: entry i compares ``boxes_a[i]`` with ``boxes_b[i]``."""
+
+
+class IoU:
+    """Intersection over union: torchvision's ``box_iou`` itself as ``pairwise`` (the RPN matcher's stock measure)."""
+
+    pairwise = staticmethod(box_iou)
+
+    @staticmethod
+    def elementwise(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
+        lt = torch.max(boxes_a[..., :2], boxes_b[..., :2])
+        rb = torch.min(boxes_a[..., 2:], boxes_b[..., 2:])
+        inter = box_areas(torch.cat([lt, rb], -1))
+        return inter / (box_areas(boxes_a) + box_areas(boxes_b) - inter)
+
+
+class NWDOverlap:
+    """NWD (``methods.nwd``) with constant ``C`` (network-input pixels), in (0, 1] as IoU is in [0, 1].
+
+    ``constant`` None is an ``auto`` setting not yet resolved: measuring raises a RuntimeError whose
+    message ends with ``unresolved_hint`` (what the caller's family does to resolve it).
+    """
+
+    def __init__(self, constant: Optional[float], unresolved_hint: str):
+        self.constant, self.unresolved_hint = constant, unresolved_hint
+
+    def _c(self) -> float:
+        if self.constant is None:
+            raise RuntimeError(f"nwd.constant is auto but was not resolved: {self.unresolved_hint}")
+        return self.constant
+
+    def pairwise(self, boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
+        return nwd_matrix(boxes_a, boxes_b, self._c())
+
+    def elementwise(self, boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
+        """Computed in float32 (mixed precision hands in halves), returned in ``boxes_b``'s dtype."""
+        return nwd(boxes_a.float(), boxes_b.float(), self._c()).to(boxes_b.dtype)
