@@ -272,6 +272,49 @@ def test_a_run_trained_with_another_schedule_is_not_reused(tmp_path):
     compare.check_same_schedule(tmp_path / "new", args, seed=0)  # nothing trained there yet
 
 
+def test_the_gpu_preset_and_the_schedule_flags_reach_train_and_the_schedule_check(tmp_path):
+    args = compare.parse_args(["--preset", "gpu"])
+    assert [label for label, _ in compare.runs_of(args)] == ["baseline", "nwd-assigner_auto", "nwd"]
+    assert (args.epochs, args.imgsz, args.batch, args.seeds) == (100, 416, 16, [0, 1, 2])
+    assert compare.schedule_flags(args, 2) == ["--epochs", "100", "--imgsz", "416", "--batch", "16", "--seed", "2"]
+    rcnn = compare.parse_args(["--arch", "faster_rcnn", "--epochs", "12", "--imgsz", "416", "--fraction", "0.5",
+                               "--lr", "0.02", "--lr-step", "8"])
+    assert compare.schedule_flags(rcnn, 0) == ["--epochs", "12", "--imgsz", "416", "--batch", "4", "--seed", "0",
+                                               "--fraction", "0.5", "--lr", "0.02", "--lr-step", "8"]
+    with pytest.raises(SystemExit):  # YOLO's learning rate is not compare.py's to set
+        compare.parse_args(["--lr", "0.01"])
+    (tmp_path / "args.yaml").write_text("epochs: 12\nimgsz: 416\nbatch: 4\nseed: 0\nfraction: 0.5\nlr: 0.02\nlr_step: 8\n")
+    compare.check_same_schedule(tmp_path, rcnn, seed=0)
+    with pytest.raises(SystemExit, match=r"lr 0.02 \(asked 0.01\)"):
+        compare.check_same_schedule(tmp_path, compare.parse_args(
+            ["--arch", "faster_rcnn", "--epochs", "12", "--imgsz", "416", "--fraction", "0.5", "--lr", "0.01"]), seed=0)
+    (tmp_path / "args.yaml").write_text("epochs: 20\nimgsz: 416\nbatch: 16\nseed: 0\n")  # before fraction was recorded
+    compare.check_same_schedule(tmp_path, compare.parse_args(["--epochs", "20"]), seed=0)
+    with pytest.raises(SystemExit, match=r"fraction 1.0 \(asked 0.1\)"):
+        compare.check_same_schedule(tmp_path, compare.parse_args(["--epochs", "20", "--fraction", "0.1"]), seed=0)
+
+
+def test_only_table_tabulates_the_evaluated_seeds_and_trains_nothing(tmp_path, capsys):
+    metrics = {"recall_by_size": {}, "per_class": {}, "meta": {"bucket_names": ["small"]},
+               "ultralytics": {"mAP50-95": 0.3}}
+    for name in ("baseline-s0", "baseline-s1", "nwd-s0"):  # nwd-s1 not evaluated (stopped, or still training)
+        (tmp_path / "val" / name).mkdir(parents=True)
+        (tmp_path / "val" / name / "metrics.json").write_text(json.dumps(metrics))
+    argv = ["--losses", "baseline", "nwd", "--seeds", "0", "1", "--epochs", "3", "--bootstrap", "0",
+            "--focus-class", "Platelets", "--data", str(tmp_path / "none.yaml"), "--out", str(tmp_path)]
+    assert compare.main([*argv, "--only", "table"]) == 0
+    assert not (tmp_path / "runs").exists()  # nothing trained
+    text = (tmp_path / "results.md").read_text()
+    assert "mean ± sample std over seeds 0;" in text
+    assert "their seeds are left out of every mode: nwd-s1." in text
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["args"]["seeds"] == [0] and saved["args"]["left_out"] == ["nwd-s1"]
+    (tmp_path / "val" / "baseline-s0" / "metrics.json").unlink()
+    (tmp_path / "val" / "baseline-s1" / "metrics.json").unlink()
+    with pytest.raises(SystemExit, match="no seed has every mode evaluated"):
+        compare.main([*argv, "--only", "table"])
+
+
 def test_a_loss_cfg_variant_gets_its_own_label_and_reaches_train_py():
     variant = str(ROOT / "yolo_sizeloss" / "cfg" / "variants" / "gt_areas.yaml")
     [(label, flags)] = compare.runs_of(compare.parse_args(["--losses", "plb", "--loss-cfg", variant]))
