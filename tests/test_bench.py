@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import time
+import warnings
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +34,7 @@ def bench_script(name: str):
 
 compare = bench_script("compare")
 one_class = bench_script("one_class")
+overhead = bench_script("overhead")
 unmatched = bench_script("unmatched")
 
 
@@ -320,6 +323,30 @@ def test_a_loss_cfg_variant_gets_its_own_label_and_reaches_train_py():
     [(label, flags)] = compare.runs_of(compare.parse_args(["--losses", "plb", "--loss-cfg", variant]))
     assert label == "plb-gt_areas"
     assert flags[:2] == ["--loss", "plb"] and flags[-2:] == ["--loss-cfg", variant]
+
+
+def test_sync_count_tallies_the_sync_debug_warnings_by_line(monkeypatch):
+    """set_sync_debug_mode needs a GPU; here its warnings are stood in for by the same message."""
+    modes_set = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes_set.append)
+
+    def step():
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation")  # as TORCH_WARN reaches Python
+        warnings.warn("something else")
+
+    counts = overhead.count_syncs(step)
+    assert modes_set == ["warn", "default"] and sum(counts.values()) == 3
+    [(place, n)] = counts.items()
+    assert place.rpartition(":")[0].endswith("test_bench.py") and n == 3  # the line that warned, three times
+    table = overhead.sync_table({("loss", "baseline"): Counter(), ("step", "baseline"): Counter({"a.py:1": 2}),
+                                 ("loss", "nwd"): Counter({"b.py:3": 1}), ("step", "nwd"): Counter({"a.py:1": 2, "b.py:3": 1})},
+                                ["baseline", "nwd"])
+    assert table[2:4] == ["| baseline | 0 | 2 | +0 |", "| nwd | 1 | 3 | +1 |"]
+    assert table[-1] == "| nwd | a.py:1 x2, b.py:3 x1 |"
+    assert overhead.short_path("/x/lib/python3.12/site-packages/ultralytics/utils/loss.py") == "ultralytics/utils/loss.py"
+    assert overhead.short_path("/work/checkout/yolo_sizeloss/weights.py") == "yolo_sizeloss/weights.py"
 
 
 def test_one_class_data_set_keeps_only_that_class(tmp_path):
