@@ -4,8 +4,10 @@ the tables' mean and spread, paired differences over seeds and per seed."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import tarfile
 import time
 import warnings
 from collections import Counter
@@ -347,6 +349,52 @@ def test_sync_count_tallies_the_sync_debug_warnings_by_line(monkeypatch):
     assert table[-1] == "| nwd | a.py:1 x2, b.py:3 x1 |"
     assert overhead.short_path("/x/lib/python3.12/site-packages/ultralytics/utils/loss.py") == "ultralytics/utils/loss.py"
     assert overhead.short_path("/work/checkout/yolo_sizeloss/weights.py") == "yolo_sizeloss/weights.py"
+
+
+@pytest.mark.slow
+def test_the_gpu_script_smoke_mode_runs_every_step_and_packs_its_tables(tmp_path):
+    """bench/gpu.sh --smoke: every mode of both families for one tiny epoch on the CPU, the tables,
+    overhead.py, and OUT packed as the GPU run packs it (a few minutes on two busy cores)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "GPU_WORK": str(work), "PYTHON": sys.executable, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0"}
+    done = subprocess.run(["bash", "bench/gpu.sh", "--smoke", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu.log", "logs.tar.gz", "overhead.md", "rcnn_results.md",
+                                                     "records.tar.gz", "summary.md", "yolo_results.md"]
+    yolo, rcnn = (out / "yolo_results.md").read_text(), (out / "rcnn_results.md").read_text()
+    assert yolo.startswith("| mode | mAP50-95 |") and rcnn.startswith("| mode | mAP50-95 |")
+    for text, labels in ((yolo, ["baseline", "nwd-assigner_auto", "nwd"]),
+                         (rcnn, ["rcnn-baseline", "rcnn-plb", "rcnn-nwd", "rcnn-nwd-assigner_auto"])):
+        differences = text.split("Difference to")[1]
+        assert all(f"\n| {label} |" in text for label in labels)
+        assert all(f"\n| {label} |" in differences for label in labels[1:])
+        assert "paired bootstrap over test images" in text
+    timing = (out / "overhead.md").read_text()
+    assert "| mode | loss call ms | ratio | training step ms |" in timing
+    assert all(f"\n| {mode} |" in timing for mode in overhead.MODES)
+    assert "Host synchronisations: not counted on cpu" in timing
+    summary = (out / "summary.md").read_text()
+    for name in ("baseline-s0", "nwd-assigner_auto-s0", "rcnn-plb-s0", "rcnn-nwd-assigner_auto-s0"):
+        assert re.search(rf"\| {name} \| 1/1 \| [0-9.]+ \|.*\| evaluated \|", summary), summary
+    log = (out / "gpu.log").read_text()
+    assert "7 harnesses" not in log and "2 harnesses started" in log and "trainings over" in log
+    assert re.search(r"yolo: \d evaluated, .*; rcnn: ", log) and "## overhead" in log
+    with tarfile.open(out / "logs.tar.gz") as logs:
+        assert {"logs/yolo.log", "logs/rcnn.log", "logs/overhead.log", "logs/table-yolo.log"} <= set(logs.getnames())
+    unpacked = tmp_path / "unpacked"
+    with tarfile.open(out / "records.tar.gz") as records:
+        names = set(records.getnames())
+        records.extractall(unpacked, filter="data")
+    assert {"yolo/results.json", "yolo/runs/nwd-s0/results.csv", "yolo/val/nwd-s0/detections.json.gz",
+            "rcnn/runs/rcnn-plb-s0/args.yaml", "rcnn/val/rcnn-plb-s0/metrics.json"} <= names
+    assert not any(name.endswith(".pt") for name in names)
+    # the records are enough to tabulate again, with another number of bootstrap draws
+    (unpacked / "yolo" / "results.md").unlink()
+    assert compare.main(["--preset", "gpu", "--epochs", "1", "--imgsz", "32", "--batch", "4", "--seeds", "0",
+                         "--bootstrap", "5", "--focus-class", "Platelets", "--only", "table",
+                         "--out", str(unpacked / "yolo")]) == 0
+    assert "5 draws of the test images" in (unpacked / "yolo" / "results.md").read_text()
 
 
 def test_one_class_data_set_keeps_only_that_class(tmp_path):
