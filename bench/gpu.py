@@ -84,7 +84,9 @@ def prepare(data: str) -> None:
         print(f"GPU: {torch.cuda.get_device_name(0)}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
     else:
         print("GPU: none (torch.cuda.is_available() is False)")
-    details = check_det_dataset(resolve_data(data))
+    started = time.perf_counter()
+    details = check_det_dataset(resolve_data(data))  # also Ultralytics' font check, which tries a download
+    print(f"Ultralytics' data check: {time.perf_counter() - started:.1f} s (each training and val makes it once)")
     for split in ("train", "val", "test"):
         if details.get(split):
             build_yolo_dataset(get_cfg(), details[split], 16, details, mode="train" if split == "train" else "val")

@@ -11,18 +11,20 @@
 #  1. installs the carried wheels into /tmp/site (Ultralytics, faster-coco-eval, polars, ultralytics-thop:
 #     what the device image lacks) and prints the versions; --smoke uses this machine's packages;
 #  2. bench/gpu.py prepare: Ultralytics' settings, matplotlib's font cache and the label caches made
-#     once, before trainings that start together could race on writing them;
+#     once, before trainings that start together could race on writing them (--smoke first links an
+#     8/4/8-image BCCD subset, bench/gpu.py subset, and runs one harness per family);
 #  3. YOLO (yolov8n from scratch, BCCD, compare.py --preset gpu: baseline, nwd:assigner_auto and nwd,
 #     100 epochs, imgsz 416, batch 16) x seeds 0-2: nine bench/compare.py harnesses at once, one per
 #     (mode, seed), all with --only runs into WORK/yolo;
 #     Faster R-CNN (mobilenet_v3_large_fpn from scratch; baseline, plb, nwd, nwd:assigner_auto) at the
 #     RCNN_* schedule below: four harnesses at once, one per loss, its seeds in turn, under `nice`;
 #     every 30 s one line of measured throughput (bench/gpu.py progress);
-#  4. at TRAIN_DEADLINE_S after the start the harnesses still running are stopped (a stopped run is
-#     left out of the tables with its seed; summary.md says which);
+#  4. at TRAIN_DEADLINE_S (400 s) after the start the harnesses still running are stopped (a stopped run
+#     is left out of the tables with its seed; summary.md says which);
 #  5. compare.py --only table per family (paired by seed; --bootstrap BOOTSTRAP draws per seed) while
 #     bench/overhead.py times every loss against stock with CUDA events and counts host
-#     synchronisations per loss call and training step (set_sync_debug_mode("warn"));
+#     synchronisations per loss call and training step (set_sync_debug_mode("warn")), each given at
+#     most 75 s, so that the whole run ends within 8 minutes;
 #  6. bench/gpu.py pack: OUT/ gets at most 8 files, one level deep: gpu.log (this output),
 #     summary.md (each run's epochs and s/epoch), yolo_results.md, rcnn_results.md, overhead.md,
 #     records.tar.gz (each run's small record and val report, with detections: tabulate again with
@@ -38,9 +40,10 @@
 # about 30 s to start and to evaluate on the test split. Run in turns of three, the same nine would
 # need 750 s. The Faster R-CNN harnesses, niced, take the cores YOLO leaves: assumed 5 s per epoch
 # (52 batches of 4, 87 validation images, a 150 MB checkpoint), so 3 seeds x (12 epochs x 5 s + 25 s)
-# take about 255 s per loss; seeds in turn, not at once, so that a deadline cuts the last seed, not
-# every run. These are estimates, not readings (no GPU has run this yet): the progress lines and
-# summary.md give the measured s/epoch; size RCNN_EPOCHS (and the deadline) from them.
+# take about 255 s per loss uncontended; seeds in turn, not at once, so that a deadline cuts the last
+# seed, not every run (with YOLO taking the cores first, the third seed may not fit: summary.md says).
+# These are estimates, not readings (no GPU has run this yet): the progress lines and summary.md give
+# the measured s/epoch; size RCNN_EPOCHS (and the deadline) from them.
 #
 # Any variable below can be set in the environment: RCNN_EPOCHS=20 TRAIN_DEADLINE_S=450 bash bench/gpu.sh OUT.
 set -uo pipefail
@@ -65,9 +68,9 @@ RCNN_BATCH=${RCNN_BATCH:-4}
 RCNN_WORKERS=${RCNN_WORKERS:-2}
 RCNN_NICE=${RCNN_NICE:-10}                # Faster R-CNN yields the CPU to YOLO's 100-epoch schedule
 BOOTSTRAP=${BOOTSTRAP:-200}               # paired bootstrap draws per seed in the tables (1000: ~2 min more)
-TRAIN_DEADLINE_S=${TRAIN_DEADLINE_S:-420} # seconds after the start when trainings still running are stopped
-TABLE_TIMEOUT_S=${TABLE_TIMEOUT_S:-100}
-OVERHEAD_TIMEOUT_S=${OVERHEAD_TIMEOUT_S:-100}
+TRAIN_DEADLINE_S=${TRAIN_DEADLINE_S:-400} # seconds after the start when trainings still running are stopped
+TABLE_TIMEOUT_S=${TABLE_TIMEOUT_S:-75}    # the tables and overhead.py run side by side after the trainings:
+OVERHEAD_TIMEOUT_S=${OVERHEAD_TIMEOUT_S:-75}  # 400 + 75 + packing stays inside 8 minutes
 PROGRESS_S=${PROGRESS_S:-30}
 SPLIT=${SPLIT:-runs}                      # runs: harnesses as above; family: one per family, its runs in turn
 if (( SMOKE )); then  # every step and mode, tiny: one epoch of a few images at imgsz 32, one seed
@@ -78,6 +81,7 @@ if (( SMOKE )); then  # every step and mode, tiny: one epoch of a few images at 
     RCNN_SCHEDULE=(--epochs 1 --imgsz 32 --batch 2 --lr "$RCNN_LR" --lr-step 1)
     OVERHEAD=(--device cpu --imgsz 32 --batch 2 --repeats 1)
     WORK=${GPU_WORK:-$(mktemp -d /tmp/yolo_sizeloss_smoke.XXXXXX)}
+    [[ -n ${GPU_WORK:-} ]] || REMOVE_WORK=1  # its checkpoints take 1.3 GB; OUT has what matters
     DATA=$WORK/data/data.yaml
 else
     DEVICE=0
@@ -96,7 +100,7 @@ mkdir -p "$WORK/logs"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 TEE=$!
 
-PIDS=(); NAMES=(); FAILED=(); PACKED=0
+PIDS=(); NAMES=(); FAILED=(); PACKED=0; REMOVE_WORK=${REMOVE_WORK:-0}
 say() { echo "[$(( $(date +%s) - START )) s] $*"; }
 pack() {  # OUT's files; once, also when the script stops early
     (( PACKED )) && return
@@ -109,6 +113,7 @@ finish() {
     local rc=$?
     pack
     (( ${#FAILED[@]} )) && { say "FAILED: ${FAILED[*]}"; rc=1; }
+    (( REMOVE_WORK )) && rm -rf "$WORK"
     say "done in $(( $(date +%s) - START )) s; OUT: $(ls "$OUT" | tr '\n' ' ')"
     exec 1>&- 2>&-
     wait "$TEE" 2>/dev/null
@@ -142,7 +147,7 @@ if (( SMOKE )); then
 fi
 "$PYTHON" bench/gpu.py prepare --data "$DATA" >"$WORK/logs/prepare.log" 2>&1 \
     || { tail -n 5 "$WORK/logs/prepare.log"; die "prepare" "bench/gpu.py prepare failed"; }
-grep -E "^(python|GPU)" "$WORK/logs/prepare.log"
+grep -E "^(python|GPU|Ultralytics. data check)" "$WORK/logs/prepare.log"
 say "prepared"
 
 # ---- 3. trainings

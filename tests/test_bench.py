@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -359,6 +360,7 @@ def test_the_gpu_script_smoke_mode_runs_every_step_and_packs_its_tables(tmp_path
     env = {**os.environ, "GPU_WORK": str(work), "PYTHON": sys.executable, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0"}
     done = subprocess.run(["bash", "bench/gpu.sh", "--smoke", str(out)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=1200)
+    shutil.rmtree(work)  # 1.3 GB of checkpoints
     assert done.returncode == 0, done.stdout[-4000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu.log", "logs.tar.gz", "overhead.md", "rcnn_results.md",
                                                      "records.tar.gz", "summary.md", "yolo_results.md"]
