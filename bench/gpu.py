@@ -126,8 +126,14 @@ def epoch_times(path: Path) -> list[float]:
     if not path.is_file():
         return []
     with open(path) as f:
-        rows = [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
-    return [float(row["time"]) for row in rows if row.get("time")]
+        rows = [{str(k).strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
+    times = []
+    for row in rows:
+        try:
+            times.append(float(row["time"]))
+        except (KeyError, TypeError, ValueError):  # a row its training is writing now
+            break
+    return times
 
 
 def family_line(family: str, states: list[dict]) -> str:

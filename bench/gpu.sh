@@ -72,11 +72,11 @@ TRAIN_DEADLINE_S=${TRAIN_DEADLINE_S:-400} # seconds after the start when trainin
 TABLE_TIMEOUT_S=${TABLE_TIMEOUT_S:-75}    # the tables and overhead.py run side by side after the trainings:
 OVERHEAD_TIMEOUT_S=${OVERHEAD_TIMEOUT_S:-75}  # 400 + 75 + packing stays inside 8 minutes
 PROGRESS_S=${PROGRESS_S:-30}
-SPLIT=${SPLIT:-runs}                      # runs: harnesses as above; family: one per family, its runs in turn
+SPLIT=${SPLIT:-}                          # runs: harnesses as above; family: one per family, its runs in turn
 if (( SMOKE )); then  # every step and mode, tiny: one epoch of a few images at imgsz 32, one seed
     # one harness per family: on 2 cores and little memory, 7 at once (each ~0.7 GB beside its training) thrash
     # and BCCD's first 8 train, 4 val and 8 test images (bench/gpu.py subset), so that validation is cheap
-    SEEDS=0; DEVICE=cpu; SPLIT=family; YOLO_WORKERS=1; RCNN_WORKERS=1; RCNN_NICE=0; BOOTSTRAP=20; PROGRESS_S=10
+    SEEDS=0; DEVICE=cpu; SPLIT=${SPLIT:-family}; YOLO_WORKERS=1; RCNN_WORKERS=1; RCNN_NICE=0; BOOTSTRAP=20; PROGRESS_S=10
     YOLO_SCHEDULE=(--preset gpu --epochs 1 --imgsz 32 --batch 4)
     RCNN_SCHEDULE=(--epochs 1 --imgsz 32 --batch 2 --lr "$RCNN_LR" --lr-step 1)
     OVERHEAD=(--device cpu --imgsz 32 --batch 2 --repeats 1)
@@ -84,7 +84,7 @@ if (( SMOKE )); then  # every step and mode, tiny: one epoch of a few images at 
     [[ -n ${GPU_WORK:-} ]] || REMOVE_WORK=1  # its checkpoints take 1.3 GB; OUT has what matters
     DATA=$WORK/data/data.yaml
 else
-    DEVICE=0
+    DEVICE=0; SPLIT=${SPLIT:-runs}
     YOLO_SCHEDULE=(--preset gpu)
     RCNN_SCHEDULE=(--epochs "$RCNN_EPOCHS" --imgsz "$RCNN_IMGSZ" --batch "$RCNN_BATCH" --lr "$RCNN_LR"
                    --lr-step "$RCNN_LR_STEP")

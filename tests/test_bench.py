@@ -38,6 +38,7 @@ def bench_script(name: str):
 compare = bench_script("compare")
 one_class = bench_script("one_class")
 overhead = bench_script("overhead")
+gpu = bench_script("gpu")
 unmatched = bench_script("unmatched")
 
 
@@ -350,6 +351,32 @@ def test_sync_count_tallies_the_sync_debug_warnings_by_line(monkeypatch):
     assert table[-1] == "| nwd | a.py:1 x2, b.py:3 x1 |"
     assert overhead.short_path("/x/lib/python3.12/site-packages/ultralytics/utils/loss.py") == "ultralytics/utils/loss.py"
     assert overhead.short_path("/work/checkout/yolo_sizeloss/weights.py") == "yolo_sizeloss/weights.py"
+
+
+def test_gpu_progress_and_summary_read_each_runs_results_csv(tmp_path):
+    def run(name, times, epochs=100, evaluated=False, family="yolo"):
+        folder = tmp_path / family / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "args.yaml").write_text(f"epochs: {epochs}\nimgsz: 416\n")
+        (folder / "results.csv").write_text("epoch,time\n" + "".join(f"{i + 1},{t}\n" for i, t in enumerate(times)))
+        if evaluated:
+            (tmp_path / family / "val" / name).mkdir(parents=True)
+            (tmp_path / family / "val" / name / "metrics.json").write_text("{}")
+
+    run("baseline-s0", [4, 6, 8, 10])  # 2 s an epoch after the first
+    run("nwd-s0", [5, 9, 13, 17, ""])  # 4 s an epoch; its training is writing the fifth row
+    run("nwd-s1", [])  # started, no epoch yet
+    run("rcnn-plb-s0", [3, 6], epochs=2, family="rcnn")  # trained, being evaluated
+    run("rcnn-nwd-s0", [3, 6], epochs=2, evaluated=True, family="rcnn")
+    line = gpu.progress(tmp_path, start=time.time() - 30)
+    assert line.startswith("[30 s] yolo: 0 evaluated, 0 evaluating, 2 training, 1 starting, epochs 4-4/100, 3.00 s/epoch "
+                           "per run, 0.75 epochs/s in all, about 384 s of training left; "
+                           "rcnn: 1 evaluated, 1 evaluating, 0 training, 0 starting"), line
+    text = gpu.summary(tmp_path)
+    assert "| baseline-s0 | 4/100 | 2.50 | 2.00 | 10 | stopped before its last epoch |" in text
+    assert "| nwd-s1 | 0/100 | n/a | n/a | 0 | stopped before its last epoch |" in text
+    assert "| rcnn-plb-s0 | 2/2 | 3.00 | 3.00 | 6 | trained, not evaluated |" in text
+    assert "| rcnn-nwd-s0 | 2/2 | 3.00 | 3.00 | 6 | evaluated |" in text
 
 
 @pytest.mark.slow
