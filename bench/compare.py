@@ -4,6 +4,7 @@
     python bench/compare.py --preset converged --out bench/results/converged --status      # where it stands
     python bench/compare.py --preset cpu                      # five YOLO modes, one seed, 20 epochs
     python bench/compare.py --preset full --device 0          # GPU: three seeds, a paper-like schedule
+    python bench/compare.py --preset gpu --device 0           # GPU: baseline, nwd:assigner_auto, nwd; 3 seeds, 100 epochs
     python bench/compare.py --losses baseline feedback plb:gt_areas --seeds 0 1 --epochs 30 --out bench/mine
     python bench/compare.py --arch faster_rcnn --losses baseline plb --epochs 15
 
@@ -22,6 +23,12 @@ second harness on the same --out stops there with a one-line error, and --status
 now". Writes OUT/results.md, OUT/results.json and OUT/results.png: mean and spread over seeds per
 mode; each mode's difference to the reference per seed, with mean and 95% t-interval over seeds; and
 per seed the paired bootstrap interval over test images (``--bootstrap`` draws).
+
+Several harnesses may share one OUT, each on its own (mode, seed) subset, to train at once (one GPU
+fed by many dataloaders: ``bench/gpu.sh``): ``--only runs`` trains and evaluates without writing
+the tables (each harness would overwrite them), and one last ``--only table`` call with every mode
+and seed tabulates what is evaluated, training nothing; a (mode, seed) that is not evaluated then
+leaves its seed out of every mode (the differences are paired by seed), and results.md says so.
 """
 
 from __future__ import annotations
@@ -63,7 +70,11 @@ PRESETS = {
                       imgsz=416, batch=16),
     "full": dict(losses=["baseline", "feedback", "scb", "plb", "gradlibra", "plb+scb"], seeds=[0, 1, 2], epochs=100,
                  imgsz=416, batch=16),
+    # one GPU (bench/gpu.sh): the stock loss, the recommended mode and the paper's NWD, three seeds,
+    # 100 epochs (past the CPU's converged 60, where the last epochs still added 1-2 points)
+    "gpu": dict(losses=["baseline", "nwd:assigner_auto", "nwd"], seeds=[0, 1, 2], epochs=100, imgsz=416, batch=16),
 }
+RCNN_SCHEDULE = ("lr", "lr_step")  # Faster R-CNN's flags that compare.py passes on when given
 
 
 def columns(focus: str) -> list[tuple[str, str]]:
@@ -98,17 +109,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int)
     p.add_argument("--imgsz", type=int)
     p.add_argument("--batch", type=int)
+    p.add_argument("--fraction", type=float, help="train on the first fraction of the train split (default: all)")
+    p.add_argument("--lr", type=float, help="Faster R-CNN's SGD learning rate (default: train's)")
+    p.add_argument("--lr-step", type=int, help="Faster R-CNN's StepLR step in epochs (default: train's)")
     p.add_argument("--device", default=None)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--data", default="bccd.yaml")
     p.add_argument("--focus-class", help="class of interest for the tables (default: rarest in the training labels)")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap draws per seed (0: none)")
     p.add_argument("--status", action="store_true", help="print where each run stands; train nothing")
+    p.add_argument("--only", choices=("runs", "table"), help="runs: train and evaluate, write no table; "
+                                                             "table: tabulate what is evaluated, train nothing")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     if args.arch == "faster_rcnn":
         args.batch = args.batch or 4  # the paper's batch
         args.losses = args.losses or ["baseline", "plb"]
+    elif any(getattr(args, key) is not None for key in RCNN_SCHEDULE):
+        p.error("--lr and --lr-step are Faster R-CNN's (--arch faster_rcnn)")
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -139,6 +157,20 @@ def runs_of(args) -> list[tuple[str, list[str]]]:
     model = ["--model", args.model] if args.arch == "yolo" else ["--arch", "faster_rcnn", "--backbone", args.backbone]
     return [(label, ["--loss", loss, *model, *(["--loss-cfg", str(cfg)] if cfg else [])])
             for label, loss, cfg in args.modes]
+
+
+def schedule_of(args, seed: int) -> dict:
+    """The run settings a (mode, seed) is trained with, as its args.yaml records them: the flags
+    given to ``train`` (``schedule_flags``) and what ``check_same_schedule`` compares."""
+    schedule = {"epochs": args.epochs, "imgsz": args.imgsz, "batch": args.batch, "seed": seed}
+    if args.fraction is not None:
+        schedule["fraction"] = args.fraction
+    return {**schedule, **{key: getattr(args, key) for key in RCNN_SCHEDULE if getattr(args, key, None) is not None}}
+
+
+def schedule_flags(args, seed: int) -> list[str]:
+    """``schedule_of`` as ``yolo-sizeloss train`` flags."""
+    return [item for key, value in schedule_of(args, seed).items() for item in (f"--{key.replace('_', '-')}", str(value))]
 
 
 def rarest_class(data: str) -> str:
@@ -210,12 +242,32 @@ def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path)
                 arch = ["--arch", "faster_rcnn"] if args.arch == "faster_rcnn" else []
                 run([*COMMAND, "train", *arch, "--resume", str(last)])
             else:
-                run([*COMMAND, "train", *flags, "--data", args.data, "--epochs", str(args.epochs),
-                     "--imgsz", str(args.imgsz), "--batch", str(args.batch), "--workers", str(args.workers),
-                     "--seed", str(seed), "--project", str(out / "runs"), "--name", name, "--exist-ok", *device])
+                run([*COMMAND, "train", *flags, "--data", args.data, *schedule_flags(args, seed),
+                     "--workers", str(args.workers), "--project", str(out / "runs"), "--name", name, "--exist-ok",
+                     *device])
         run([*COMMAND, "val", "--model", str(best), "--data", args.data, "--split", "test",
              "--imgsz", str(args.imgsz), "--project", str(out / "val"), "--name", name, "--exist-ok", *device])
         return run_report(val_dir, run_dir)
+
+
+def evaluated_runs(args, out: Path) -> tuple[dict[str, list[dict]], list[int], list[str]]:
+    """``--only table``: the reports of the seeds every mode has evaluated ({mode: [report per seed]}),
+    those seeds, and the (mode, seed) names not evaluated. A seed one mode lacks is left out of every
+    mode, so the differences stay paired; with no seed left it is an error."""
+    runs = runs_of(args)
+    missing = [name for label, _ in runs for seed in args.seeds
+               for name, _, val_dir in [run_paths(out, label, seed)] if not (val_dir / "metrics.json").is_file()]
+    seeds = [seed for seed in args.seeds if not any(run_paths(out, label, seed)[0] in missing for label, _ in runs)]
+    if not seeds:
+        raise SystemExit(f"{out}: no seed has every mode evaluated (missing: {', '.join(missing)}); nothing to tabulate")
+    per_mode = {}
+    for label, _ in runs:
+        per_mode[label] = []
+        for seed in seeds:
+            _, run_dir, val_dir = run_paths(out, label, seed)
+            check_same_schedule(run_dir, args, seed)
+            per_mode[label].append(run_report(val_dir, run_dir))
+    return per_mode, seeds, missing
 
 
 def training_finished(run_dir: Path, epochs: int) -> bool:
@@ -237,8 +289,8 @@ def check_same_schedule(run_dir: Path, args, seed: int) -> None:
     saved = run_dir / "args.yaml"
     if not saved.is_file():
         return
-    trained = yaml.safe_load(saved.read_text())
-    wanted = {"epochs": args.epochs, "imgsz": args.imgsz, "batch": args.batch, "seed": seed}
+    trained = {"fraction": 1.0, **yaml.safe_load(saved.read_text())}  # runs from before fraction was recorded
+    wanted = {"fraction": 1.0, **schedule_of(args, seed)}
     differ = [f"{k} {trained.get(k)} (asked {v})" for k, v in wanted.items() if trained.get(k) != v]
     if differ:
         raise SystemExit(f"{run_dir} was trained with {', '.join(differ)}: use another --out")
@@ -352,6 +404,8 @@ def markdown(summary: dict, differences: dict, bootstrap: dict, cols: list[tuple
                  "mAP50-95 is Ultralytics' validator's (YOLO only), 'AP' the COCO AP (faster-coco-eval) of either family. "
                  "s/epoch is each training's wall time as it ran, with whatever else shared the machine: "
                  "bench/overhead.py measures what a loss costs.")
+    if getattr(args, "left_out", None):
+        lines.append(f"\nNot evaluated when tabulated, so their seeds are left out of every mode: {', '.join(args.left_out)}.")
     reference = next(iter(summary))
     if differences:
         lines += [f"\n### Difference to {reference}, paired by seed (percentage points)\n"]
@@ -409,11 +463,17 @@ def main(argv=None) -> int:
     if args.status:
         print("\n".join(status_lines(args, out)))
         return 0
+    out.mkdir(parents=True, exist_ok=True)
+    args.left_out = []
+    if args.only == "table":
+        per_mode, args.seeds, args.left_out = evaluated_runs(args, out)
+    else:
+        per_mode = {label: [train_and_validate(args, label, flags, seed, out) for seed in args.seeds]
+                    for label, flags in runs_of(args)}
+        if args.only == "runs":
+            return 0
     focus = args.focus_class or rarest_class(args.data)
     cols = columns(focus)
-    out.mkdir(parents=True, exist_ok=True)
-    per_mode = {label: [train_and_validate(args, label, flags, seed, out) for seed in args.seeds]
-                for label, flags in runs_of(args)}
     summary = summarise(per_mode, cols)
     differences = seed_differences(per_mode, cols, args.seeds)
     bootstrap = bootstrap_differences(per_mode, args.seeds, args.bootstrap) if args.bootstrap > 0 else {}

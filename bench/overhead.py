@@ -1,20 +1,28 @@
 """Time the size-aware loss against the stock Ultralytics loss on identical batches, in one process.
 
     python bench/overhead.py [--model yolov8n.yaml] [--imgsz 416] [--batch 16] [--repeats 10] [--device cpu]
-                             [--threads 1] [--clock wall|cpu] [--modes MODE ...]
+                             [--threads 1] [--clock event|wall|cpu] [--modes MODE ...] [--sync-count] [--out FILE]
 
 Two figures per mode, each the fastest of all samples over ``--repeats`` rounds (as ``timeit``
 reports: the sample least disturbed by other work on the machine; the modes are interleaved within
-each round, so drift hits them alike) and the ratio to stock; the clock is synchronised wall time on
-a GPU and by default the process's CPU time on the CPU (steadier on a shared machine; with several
-threads it also counts their waiting, so use ``--clock wall`` on a quiet one):
+each round, so drift hits them alike) and the ratio to stock; the clock is by default CUDA events on
+a GPU (the time between two events recorded on the stream around the call, which counts the gaps in
+which the GPU waits for the host to launch work) and the process's CPU time on the CPU (steadier on a
+shared machine; with several threads it also counts their waiting, so use ``--clock wall`` on a
+quiet one):
 - loss: the loss call alone, forward and backward (predictions are leaf tensors: no network),
   timed 10 times per round;
 - step: a whole training step (network forward, loss, backward, SGD step);
 - step, from loss: the stock step plus this mode's extra loss-call time, over the stock step. The
   network's work is the same in every mode, so this is the step ratio without the step's own noise
   (a few percent on a busy CPU, more than the 1% it is meant to resolve).
-The batch is real: the first ``--batch`` BCCD training images, letterboxed, with their labels.
+The batch is real: the first ``--batch`` BCCD training images, letterboxed, with their labels. A
+mode is a ``--loss`` value, or ``LOSS:SETTINGS`` as in bench/compare.py (``nwd:assigner_auto``).
+
+``--sync-count`` (CUDA only) also counts the host synchronisations of one loss call and of one
+training step per mode, as ``torch.cuda.set_sync_debug_mode("warn")`` reports them (one warning per
+synchronising operation it covers; PyTorch's list is not complete), after the timing, with the
+Python lines that caused them. ``--out FILE`` writes the tables to FILE as well.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+import warnings
+from collections import Counter
+from pathlib import Path
 
 import torch
 from ultralytics.cfg import get_cfg
@@ -30,11 +41,20 @@ from ultralytics.data.utils import check_det_dataset
 from ultralytics.nn.tasks import DetectionModel
 
 from yolo_sizeloss.config import load_loss_config
-from yolo_sizeloss.paths import resolve_data
+from yolo_sizeloss.paths import resolve_data, resolve_loss_cfg
 from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss
 
 LOSS_CALLS_PER_ROUND = 10  # the loss call is short: more samples of it per round
-MODES = ("baseline", "feedback", "scb", "plb", "gradlibra", "plb+scb+feedback+gradlibra", "nwd", "nwd+feedback")
+MODES = ("baseline", "feedback", "scb", "plb", "gradlibra", "plb+scb+feedback+gradlibra", "nwd", "nwd+feedback",
+         "nwd:assigner_auto")
+SYNC_WARNING = "synchronizing CUDA operation"  # what set_sync_debug_mode("warn") says, once per operation
+CLOCKS = {"event": "CUDA-event time", "wall": "wall time", "cpu": "process CPU time"}
+
+
+def mode_config(mode: str) -> dict:
+    """The loss settings of ``LOSS`` or ``LOSS:SETTINGS`` (a file or a shipped variant)."""
+    loss, _, settings = mode.partition(":")
+    return load_loss_config(loss, resolve_loss_cfg(settings) if settings else None)
 
 
 def real_batch(imgsz: int, batch_size: int, device: torch.device) -> tuple[dict, list[dict]]:
@@ -62,7 +82,7 @@ def criterion_for(mode: str, model: DetectionModel, labels: list[dict], imgsz: i
     update the trainer's batch-end callback makes), which is part of the cost."""
     if mode == "baseline":
         return model.init_criterion()
-    weighting = AnchorWeighting(load_loss_config(mode)).to(next(model.parameters()).device)
+    weighting = AnchorWeighting(mode_config(mode)).to(next(model.parameters()).device)
     weighting.resolve_from_labels(labels, imgsz)  # as the trainer does when training starts
     criterion = build_size_aware_loss(model, weighting)
 
@@ -75,16 +95,64 @@ def criterion_for(mode: str, model: DetectionModel, labels: list[dict], imgsz: i
 
 
 def timed(fn, device: torch.device, clock: str) -> float:
-    """Seconds of ``fn`` by ``clock``: ``wall`` (synchronised on a GPU) or ``cpu``, this process's CPU
-    time, which other processes on a shared machine disturb far less (but which counts every thread)."""
+    """Seconds of ``fn`` by ``clock``: ``event``, between two CUDA events recorded on the current
+    stream before and after it (the device idle at the first); ``wall`` (synchronised on a GPU); or
+    ``cpu``, this process's CPU time, which other processes on a shared machine disturb far less (but
+    which counts every thread)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+    if clock == "event":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
     now = time.perf_counter if clock == "wall" else time.process_time
     start = now()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return now() - start
+
+
+def count_syncs(fn) -> Counter:
+    """The host synchronisations ``fn`` makes on the GPU, as ``set_sync_debug_mode("warn")`` warns of
+    them: a count per Python line that caused one (``file:line``, paths from the site folder)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return Counter(f"{short_path(w.filename)}:{w.lineno}" for w in caught if SYNC_WARNING in str(w.message))
+
+
+def short_path(filename: str) -> str:
+    """``.../site-packages/ultralytics/utils/loss.py`` -> ``ultralytics/utils/loss.py``; the same for the
+    checkout's ``yolo_sizeloss``."""
+    parts = Path(filename).parts
+    for anchor in ("yolo_sizeloss", "ultralytics", "torch"):
+        if anchor in parts:
+            return "/".join(parts[len(parts) - 1 - parts[::-1].index(anchor):])
+    return filename
+
+
+def sync_table(counts: dict[tuple[str, str], Counter], modes: list[str]) -> list[str]:
+    """Markdown: syncs per loss call and per training step for each mode, the step's count over
+    stock's; then each mode's lines that synchronise, with how often."""
+    base_step = sum(counts["step", "baseline"].values())
+    lines = ["| mode | syncs per loss call | syncs per training step | step - stock |", "|---|---|---|---|"]
+    for mode in modes:
+        loss, step = sum(counts["loss", mode].values()), sum(counts["step", mode].values())
+        lines.append(f"| {mode} | {loss} | {step} | {step - base_step:+d} |")
+    lines += ["", "| mode | where a training step synchronises (file:line, count) |", "|---|---|"]
+    for mode in modes:
+        where = ", ".join(f"{place} x{n}" for place, n in sorted(counts["step", mode].items())) or "none"
+        lines.append(f"| {mode} | {where} |")
+    return lines
 
 
 def main() -> None:
@@ -94,18 +162,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--clock", choices=("wall", "cpu"), help="default: wall on a GPU, cpu (process time) on the CPU")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), help="default: event (CUDA events) on a GPU, cpu (process time) "
+                                                                 "on the CPU")
     parser.add_argument("--threads", type=int, help="CPU threads (default torch's); 1 is steadiest on a busy machine")
     parser.add_argument("--modes", nargs="+", default=MODES, metavar="MODE",
-                        help="--loss specifications to time (baseline, the reference, is always timed)")
+                        help="LOSS or LOSS:SETTINGS to time (baseline, the reference, is always timed)")
+    parser.add_argument("--sync-count", action="store_true", help="count host synchronisations per loss call and "
+                                                                   "training step (CUDA; on the CPU one line says why not)")
+    parser.add_argument("--out", help="also write the tables to this file (markdown)")
     args = parser.parse_args()
     modes = ["baseline", *dict.fromkeys(m for m in args.modes if m != "baseline")]
     for mode in modes:
-        load_loss_config(mode)  # an unknown name stops here, before the model is built
+        mode_config(mode)  # an unknown name or settings file stops here, before the model is built
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    clock = args.clock or ("wall" if device.type == "cuda" else "cpu")
+    clock = args.clock or ("event" if device.type == "cuda" else "cpu")
+    if clock == "event" and device.type != "cuda":
+        parser.error("--clock event needs a CUDA --device")
     torch.manual_seed(0)
     base = DetectionModel(args.model, nc=3, verbose=False).to(device).train()
     base.args = get_cfg()
@@ -133,15 +207,26 @@ def main() -> None:
             times["loss", mode] += [timed(lambda: loss_call(mode), device, clock) for _ in range(LOSS_CALLS_PER_ROUND)]
             times["step", mode].append(timed(lambda: train_step(mode), device, clock))
 
-    print(f"{args.model} imgsz {args.imgsz} batch {args.batch} on {device} ({torch.get_num_threads()} threads), "
-          f"{'wall time' if clock == 'wall' else 'process CPU time'}, fastest of {args.repeats} rounds")
-    print("| mode | loss call ms | ratio | training step ms | ratio | step ratio from loss |\n|---|---|---|---|---|---|")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    lines = [f"{args.model} imgsz {args.imgsz} batch {args.batch} on {device} ({where}), torch {torch.__version__}, "
+             f"{CLOCKS[clock]}, fastest of {args.repeats} rounds", "",
+             "| mode | loss call ms | ratio | training step ms | ratio | step ratio from loss |", "|---|---|---|---|---|---|"]
     best = {key: min(samples) * 1e3 for key, samples in times.items()}
     base_loss, base_step = best["loss", "baseline"], best["step", "baseline"]
     for mode in modes:
         loss_ms, step_ms = best["loss", mode], best["step", mode]
-        print(f"| {mode} | {loss_ms:.1f} | {loss_ms / base_loss:.3f} | {step_ms:.0f} | {step_ms / base_step:.3f} "
-              f"| {(base_step + loss_ms - base_loss) / base_step:.4f} |")
+        lines.append(f"| {mode} | {loss_ms:.2f} | {loss_ms / base_loss:.3f} | {step_ms:.1f} | {step_ms / base_step:.3f} "
+                     f"| {(base_step + loss_ms - base_loss) / base_step:.4f} |")
+    if args.sync_count and device.type == "cuda":
+        counts = {(kind, mode): count_syncs(lambda: (loss_call if kind == "loss" else train_step)(mode))
+                  for mode in modes for kind in ("loss", "step")}
+        lines += ["", "Host synchronisations (torch.cuda.set_sync_debug_mode('warn'), one loss call and one training "
+                      "step after the timing):", "", *sync_table(counts, modes)]
+    elif args.sync_count:
+        lines += ["", f"Host synchronisations: not counted on {device} (set_sync_debug_mode watches CUDA only)."]
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

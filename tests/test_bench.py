@@ -4,9 +4,14 @@ the tables' mean and spread, paired differences over seeds and per seed."""
 import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
+import warnings
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +37,8 @@ def bench_script(name: str):
 
 compare = bench_script("compare")
 one_class = bench_script("one_class")
+overhead = bench_script("overhead")
+gpu = bench_script("gpu")
 unmatched = bench_script("unmatched")
 
 
@@ -272,11 +279,151 @@ def test_a_run_trained_with_another_schedule_is_not_reused(tmp_path):
     compare.check_same_schedule(tmp_path / "new", args, seed=0)  # nothing trained there yet
 
 
+def test_the_gpu_preset_and_the_schedule_flags_reach_train_and_the_schedule_check(tmp_path):
+    args = compare.parse_args(["--preset", "gpu"])
+    assert [label for label, _ in compare.runs_of(args)] == ["baseline", "nwd-assigner_auto", "nwd"]
+    assert (args.epochs, args.imgsz, args.batch, args.seeds) == (100, 416, 16, [0, 1, 2])
+    assert compare.schedule_flags(args, 2) == ["--epochs", "100", "--imgsz", "416", "--batch", "16", "--seed", "2"]
+    rcnn = compare.parse_args(["--arch", "faster_rcnn", "--epochs", "12", "--imgsz", "416", "--fraction", "0.5",
+                               "--lr", "0.02", "--lr-step", "8"])
+    assert compare.schedule_flags(rcnn, 0) == ["--epochs", "12", "--imgsz", "416", "--batch", "4", "--seed", "0",
+                                               "--fraction", "0.5", "--lr", "0.02", "--lr-step", "8"]
+    with pytest.raises(SystemExit):  # YOLO's learning rate is not compare.py's to set
+        compare.parse_args(["--lr", "0.01"])
+    (tmp_path / "args.yaml").write_text("epochs: 12\nimgsz: 416\nbatch: 4\nseed: 0\nfraction: 0.5\nlr: 0.02\nlr_step: 8\n")
+    compare.check_same_schedule(tmp_path, rcnn, seed=0)
+    with pytest.raises(SystemExit, match=r"lr 0.02 \(asked 0.01\)"):
+        compare.check_same_schedule(tmp_path, compare.parse_args(
+            ["--arch", "faster_rcnn", "--epochs", "12", "--imgsz", "416", "--fraction", "0.5", "--lr", "0.01"]), seed=0)
+    (tmp_path / "args.yaml").write_text("epochs: 20\nimgsz: 416\nbatch: 16\nseed: 0\n")  # before fraction was recorded
+    compare.check_same_schedule(tmp_path, compare.parse_args(["--epochs", "20"]), seed=0)
+    with pytest.raises(SystemExit, match=r"fraction 1.0 \(asked 0.1\)"):
+        compare.check_same_schedule(tmp_path, compare.parse_args(["--epochs", "20", "--fraction", "0.1"]), seed=0)
+
+
+def test_only_table_tabulates_the_evaluated_seeds_and_trains_nothing(tmp_path, capsys):
+    metrics = {"recall_by_size": {}, "per_class": {}, "meta": {"bucket_names": ["small"]},
+               "ultralytics": {"mAP50-95": 0.3}}
+    for name in ("baseline-s0", "baseline-s1", "nwd-s0"):  # nwd-s1 not evaluated (stopped, or still training)
+        (tmp_path / "val" / name).mkdir(parents=True)
+        (tmp_path / "val" / name / "metrics.json").write_text(json.dumps(metrics))
+    argv = ["--losses", "baseline", "nwd", "--seeds", "0", "1", "--epochs", "3", "--bootstrap", "0",
+            "--focus-class", "Platelets", "--data", str(tmp_path / "none.yaml"), "--out", str(tmp_path)]
+    assert compare.main([*argv, "--only", "table"]) == 0
+    assert not (tmp_path / "runs").exists()  # nothing trained
+    text = (tmp_path / "results.md").read_text()
+    assert "mean ± sample std over seeds 0;" in text
+    assert "their seeds are left out of every mode: nwd-s1." in text
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["args"]["seeds"] == [0] and saved["args"]["left_out"] == ["nwd-s1"]
+    (tmp_path / "val" / "baseline-s0" / "metrics.json").unlink()
+    (tmp_path / "val" / "baseline-s1" / "metrics.json").unlink()
+    with pytest.raises(SystemExit, match="no seed has every mode evaluated"):
+        compare.main([*argv, "--only", "table"])
+
+
 def test_a_loss_cfg_variant_gets_its_own_label_and_reaches_train_py():
     variant = str(ROOT / "yolo_sizeloss" / "cfg" / "variants" / "gt_areas.yaml")
     [(label, flags)] = compare.runs_of(compare.parse_args(["--losses", "plb", "--loss-cfg", variant]))
     assert label == "plb-gt_areas"
     assert flags[:2] == ["--loss", "plb"] and flags[-2:] == ["--loss-cfg", variant]
+
+
+def test_sync_count_tallies_the_sync_debug_warnings_by_line(monkeypatch):
+    """set_sync_debug_mode needs a GPU; here its warnings are stood in for by the same message."""
+    modes_set = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes_set.append)
+
+    def step():
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation")  # as TORCH_WARN reaches Python
+        warnings.warn("something else")
+
+    counts = overhead.count_syncs(step)
+    assert modes_set == ["warn", "default"] and sum(counts.values()) == 3
+    [(place, n)] = counts.items()
+    assert place.rpartition(":")[0].endswith("test_bench.py") and n == 3  # the line that warned, three times
+    table = overhead.sync_table({("loss", "baseline"): Counter(), ("step", "baseline"): Counter({"a.py:1": 2}),
+                                 ("loss", "nwd"): Counter({"b.py:3": 1}), ("step", "nwd"): Counter({"a.py:1": 2, "b.py:3": 1})},
+                                ["baseline", "nwd"])
+    assert table[2:4] == ["| baseline | 0 | 2 | +0 |", "| nwd | 1 | 3 | +1 |"]
+    assert table[-1] == "| nwd | a.py:1 x2, b.py:3 x1 |"
+    assert overhead.short_path("/x/lib/python3.12/site-packages/ultralytics/utils/loss.py") == "ultralytics/utils/loss.py"
+    assert overhead.short_path("/work/checkout/yolo_sizeloss/weights.py") == "yolo_sizeloss/weights.py"
+
+
+def test_gpu_progress_and_summary_read_each_runs_results_csv(tmp_path):
+    def run(name, times, epochs=100, evaluated=False, family="yolo"):
+        folder = tmp_path / family / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "args.yaml").write_text(f"epochs: {epochs}\nimgsz: 416\n")
+        (folder / "results.csv").write_text("epoch,time\n" + "".join(f"{i + 1},{t}\n" for i, t in enumerate(times)))
+        if evaluated:
+            (tmp_path / family / "val" / name).mkdir(parents=True)
+            (tmp_path / family / "val" / name / "metrics.json").write_text("{}")
+
+    run("baseline-s0", [4, 6, 8, 10])  # 2 s an epoch after the first
+    run("nwd-s0", [5, 9, 13, 17, ""])  # 4 s an epoch; its training is writing the fifth row
+    run("nwd-s1", [])  # started, no epoch yet
+    run("rcnn-plb-s0", [3, 6], epochs=2, family="rcnn")  # trained, being evaluated
+    run("rcnn-nwd-s0", [3, 6], epochs=2, evaluated=True, family="rcnn")
+    line = gpu.progress(tmp_path, start=time.time() - 30)
+    assert line.startswith("[30 s] yolo: 0 evaluated, 0 evaluating, 2 training, 1 starting, epochs 4-4/100, 3.00 s/epoch "
+                           "per run, 0.75 epochs/s in all, about 384 s of training left; "
+                           "rcnn: 1 evaluated, 1 evaluating, 0 training, 0 starting"), line
+    text = gpu.summary(tmp_path)
+    assert "| baseline-s0 | 4/100 | 2.50 | 2.00 | 10 | stopped before its last epoch |" in text
+    assert "| nwd-s1 | 0/100 | n/a | n/a | 0 | stopped before its last epoch |" in text
+    assert "| rcnn-plb-s0 | 2/2 | 3.00 | 3.00 | 6 | trained, not evaluated |" in text
+    assert "| rcnn-nwd-s0 | 2/2 | 3.00 | 3.00 | 6 | evaluated |" in text
+
+
+@pytest.mark.slow
+def test_the_gpu_script_smoke_mode_runs_every_step_and_packs_its_tables(tmp_path):
+    """bench/gpu.sh --smoke: every mode of both families for one tiny epoch on the CPU, the tables,
+    overhead.py, and OUT packed as the GPU run packs it (a few minutes on two busy cores)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "GPU_WORK": str(work), "PYTHON": sys.executable, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0"}
+    done = subprocess.run(["bash", "bench/gpu.sh", "--smoke", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    shutil.rmtree(work)  # 1.3 GB of checkpoints
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu.log", "logs.tar.gz", "overhead.md", "rcnn_results.md",
+                                                     "records.tar.gz", "summary.md", "yolo_results.md"]
+    yolo, rcnn = (out / "yolo_results.md").read_text(), (out / "rcnn_results.md").read_text()
+    assert yolo.startswith("| mode | mAP50-95 |") and rcnn.startswith("| mode | mAP50-95 |")
+    for text, labels in ((yolo, ["baseline", "nwd-assigner_auto", "nwd"]),
+                         (rcnn, ["rcnn-baseline", "rcnn-plb", "rcnn-nwd", "rcnn-nwd-assigner_auto"])):
+        differences = text.split("Difference to")[1]
+        assert all(f"\n| {label} |" in text for label in labels)
+        assert all(f"\n| {label} |" in differences for label in labels[1:])
+        assert "paired bootstrap over test images" in text
+    timing = (out / "overhead.md").read_text()
+    assert "| mode | loss call ms | ratio | training step ms |" in timing
+    assert all(f"\n| {mode} |" in timing for mode in overhead.MODES)
+    assert "Host synchronisations: not counted on cpu" in timing
+    summary = (out / "summary.md").read_text()
+    for name in ("baseline-s0", "nwd-assigner_auto-s0", "rcnn-plb-s0", "rcnn-nwd-assigner_auto-s0"):
+        assert re.search(rf"\| {name} \| 1/1 \| [0-9.]+ \|.*\| evaluated \|", summary), summary
+    log = (out / "gpu.log").read_text()
+    assert "7 harnesses" not in log and "2 harnesses started" in log and "trainings over" in log
+    assert re.search(r"yolo: \d evaluated, .*; rcnn: ", log) and "## overhead" in log
+    with tarfile.open(out / "logs.tar.gz") as logs:
+        assert {"logs/yolo.log", "logs/rcnn.log", "logs/overhead.log", "logs/table-yolo.log"} <= set(logs.getnames())
+    unpacked = tmp_path / "unpacked"
+    with tarfile.open(out / "records.tar.gz") as records:
+        names = set(records.getnames())
+        records.extractall(unpacked, filter="data")
+    assert {"yolo/results.json", "yolo/runs/nwd-s0/results.csv", "yolo/val/nwd-s0/detections.json.gz",
+            "rcnn/runs/rcnn-plb-s0/args.yaml", "rcnn/val/rcnn-plb-s0/metrics.json"} <= names
+    assert not any(name.endswith(".pt") for name in names)
+    # the records are enough to tabulate again, with another number of bootstrap draws
+    (unpacked / "yolo" / "results.md").unlink()
+    assert compare.main(["--preset", "gpu", "--epochs", "1", "--imgsz", "32", "--batch", "4", "--seeds", "0",
+                         "--bootstrap", "5", "--focus-class", "Platelets", "--only", "table",
+                         "--out", str(unpacked / "yolo")]) == 0
+    assert "5 draws of the test images" in (unpacked / "yolo" / "results.md").read_text()
 
 
 def test_one_class_data_set_keeps_only_that_class(tmp_path):
