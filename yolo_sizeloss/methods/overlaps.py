@@ -16,6 +16,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from yolo_sizeloss.methods.base import box_areas
+from yolo_sizeloss.methods.measures import SAFIT_SIZE, SIMD_RELEASED_NORMALISERS, safit, safit_matrix, simd, simd_matrix
 from yolo_sizeloss.methods.nwd import nwd, nwd_matrix
 
 
@@ -63,3 +64,33 @@ class NWDOverlap:
     def elementwise(self, boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
         """Computed in float32 (mixed precision hands in halves), returned in ``boxes_b``'s dtype."""
         return nwd(boxes_a.float(), boxes_b.float(), self._c()).to(boxes_b.dtype)
+
+
+class SAFitOverlap:
+    """SAFit (``methods.measures.safit``): IoU for large ground truths, NWD (constant ``nwd_constant``) for
+    tiny ones, blended per box at size ``size``. ``elementwise`` takes (ground truths, boxes), as the
+    task-aligned assigner passes them."""
+
+    def __init__(self, nwd_constant: float, size: float = SAFIT_SIZE):
+        self.nwd_constant, self.size = nwd_constant, size
+
+    def pairwise(self, boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
+        return safit_matrix(boxes_a, boxes_b, self.nwd_constant, self.size)
+
+    def elementwise(self, boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
+        """Computed in float32, returned in ``boxes_b``'s dtype."""
+        return safit(boxes_b.float(), boxes_a.float(), self.nwd_constant, self.size).to(boxes_b.dtype)
+
+
+class SimDOverlap:
+    """SimD (``methods.measures.simd``) with normalisers ``m_x``, ``m_y``."""
+
+    def __init__(self, m_x: float = SIMD_RELEASED_NORMALISERS[0], m_y: float = SIMD_RELEASED_NORMALISERS[1]):
+        self.m_x, self.m_y = m_x, m_y
+
+    def pairwise(self, boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
+        return simd_matrix(boxes_a, boxes_b, self.m_x, self.m_y)
+
+    def elementwise(self, boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
+        """Computed in float32, returned in ``boxes_b``'s dtype."""
+        return simd(boxes_a.float(), boxes_b.float(), self.m_x, self.m_y).to(boxes_b.dtype)

@@ -1,0 +1,100 @@
+"""SAFit and SimD: values computed by hand, their limits, and what they change in label assignment."""
+
+import math
+
+import pytest
+import torch
+from ultralytics.utils.tal import TaskAlignedAssigner
+
+from yolo_sizeloss.methods.measures import safit, safit_blend_weight, safit_matrix, simd, simd_matrix
+from yolo_sizeloss.methods.overlaps import SAFitOverlap, SimDOverlap
+
+TINY = torch.tensor([[0.0, 0.0, 4.0, 4.0]]), torch.tensor([[1.0, 0.0, 5.0, 4.0]])  # 4x4, shifted 1 px
+LARGE = torch.tensor([[0.0, 0.0, 100.0, 100.0]]), torch.tensor([[1.0, 0.0, 101.0, 100.0]])  # 100x100, shifted 1 px
+C = 12.8  # NWD's constant in these tests (the authors' AI-TOD value)
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_safit_by_hand_on_a_tiny_and_a_large_pair():
+    # tiny: IoU 12/20 = 0.6; NWD exp(-1/12.8) (centres 1 px apart, same size); w = sigmoid((4 - 32)/32)
+    w = sigmoid((4 - 32) / 32)
+    expected = w * 0.6 + (1 - w) * math.exp(-1 / C)
+    assert safit(TINY[1], TINY[0], C).item() == pytest.approx(expected, rel=1e-5)
+    assert safit_blend_weight(TINY[0]).item() == pytest.approx(0.29421, abs=1e-5)
+    # large: IoU 9900/10100; w = sigmoid((100 - 32)/32)
+    w = sigmoid((100 - 32) / 32)
+    expected = w * 9900 / 10100 + (1 - w) * math.exp(-1 / C)
+    assert safit(LARGE[1], LARGE[0], C).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_safit_tends_to_iou_for_large_boxes_and_mostly_nwd_for_tiny_ones():
+    huge = torch.tensor([[0.0, 0.0, 1e4, 1e4]])
+    shifted = huge + torch.tensor([500.0, 0.0, 500.0, 0.0])
+    iou = 9500 / 10500
+    assert safit(shifted, huge, C).item() == pytest.approx(iou, rel=1e-6)  # w = sigmoid(311): 1
+    # a ground truth of area 0: w = sigmoid(-1), the formula's floor, so NWD carries 73% (not all) of it
+    point = torch.tensor([[10.0, 10.0, 10.0, 10.0]])
+    assert safit_blend_weight(point).item() == pytest.approx(sigmoid(-1))
+    nearby = point + 2.0
+    value = safit(nearby, point, C).item()
+    assert math.isfinite(value) and value == pytest.approx((1 - sigmoid(-1)) * math.exp(-math.sqrt(8) / C), rel=1e-4)
+
+
+def test_simd_by_hand_and_scale_invariant():
+    # centres 1 px apart, widths 4 + 4: D_loc = 1 / (8 / 6.13); same shape: D_shape = 0
+    assert simd(*TINY).item() == pytest.approx(math.exp(-6.13 / 8), rel=1e-5)
+    assert simd(*LARGE).item() == pytest.approx(math.exp(-6.13 / 200), rel=1e-5)
+    # the 4x4 pair shifted 1 px is the 100x100 pair shifted 25 px: one similarity for both
+    assert simd(*TINY).item() == pytest.approx(simd(LARGE[0], LARGE[0] + torch.tensor([25.0, 0, 25, 0])).item(), rel=1e-4)
+    # a shape difference: widths 4 and 6, centres equal: D_loc = 0, D_shape = 2 / (10 / 6.13)
+    wider = torch.tensor([[-1.0, 0.0, 5.0, 4.0]])
+    assert simd(TINY[0], wider).item() == pytest.approx(math.exp(-2 / (10 / 6.13)), rel=1e-4)
+
+
+@pytest.mark.parametrize("measure", ["safit", "simd"])
+def test_identical_disjoint_and_zero_size_boxes(measure):
+    f = (lambda a, b: safit(a, b, C)) if measure == "safit" else simd
+    box = torch.tensor([[10.0, 10.0, 30.0, 40.0]])
+    assert f(box, box).item() == pytest.approx(1.0, abs=1e-4)
+    far = box + 500.0
+    value = f(far, box).item()
+    assert 0 <= value < 1e-3 and math.isfinite(value)
+    points = torch.zeros(2, 4)
+    assert torch.isfinite(f(points, points)).all() and torch.isfinite(f(points, box.expand(2, 4))).all()
+
+
+def test_the_pairwise_forms_agree_with_the_elementwise_ones():
+    torch.manual_seed(0)
+    corners = torch.rand(5, 2) * 100
+    gts = torch.cat([corners, corners + torch.rand(5, 2) * 60 + 1], 1)
+    corners = torch.rand(7, 2) * 100
+    boxes = torch.cat([corners, corners + torch.rand(7, 2) * 60 + 1], 1)
+    pairs_gt, pairs_box = gts.repeat_interleave(7, 0), boxes.repeat(5, 1)
+    assert torch.allclose(safit_matrix(gts, boxes, C), safit(pairs_box, pairs_gt, C).view(5, 7), atol=1e-6)
+    assert torch.allclose(simd_matrix(gts, boxes), simd(pairs_gt, pairs_box).view(5, 7), atol=1e-6)
+    overlap = SAFitOverlap(C)
+    assert torch.allclose(overlap.pairwise(gts, boxes).flatten(), overlap.elementwise(pairs_gt, pairs_box), atol=1e-6)
+
+
+def positives_of_a_small_object(overlap) -> int:
+    """Positive anchors the stock task-aligned assigner gives a 10x10 object on a stride-8 grid when
+    every prediction sits 12 px off (no overlap), ranked by ``overlap`` (None: its stock CIoU)."""
+    assigner = TaskAlignedAssigner(topk=10, num_classes=1, alpha=0.5, beta=6.0)
+    if overlap is not None:
+        assigner.iou_calculation = overlap.elementwise
+    grid = torch.arange(4, 64, 8.0)
+    anchors = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), -1).view(-1, 2)
+    predictions = torch.cat([anchors - 5 + 12, anchors + 5 + 12], -1)[None]
+    gt = torch.tensor([[[27.0, 27.0, 37.0, 37.0]]])
+    scores = torch.full((1, len(anchors), 1), 0.5)
+    _, _, _, fg, _ = assigner(scores, predictions, anchors, torch.zeros(1, 1, 1), gt, torch.ones(1, 1, 1))
+    return int(fg.sum())
+
+
+def test_each_measure_gives_a_small_object_more_positive_anchors_than_ciou():
+    stock = positives_of_a_small_object(None)
+    assert positives_of_a_small_object(SAFitOverlap(C)) > stock
+    assert positives_of_a_small_object(SimDOverlap()) > stock
