@@ -1,4 +1,4 @@
-"""Train each loss mode with identical seeds, schedule and data; evaluate on the test split; tabulate.
+"""Train each loss mode with identical seeds, schedule and data; evaluate on the test split (or --split); tabulate.
 
     python bench/compare.py --preset converged --device cpu --out bench/results/converged    # hours: resumable
     python bench/compare.py --preset converged --out bench/results/converged --status      # where it stands
@@ -15,7 +15,8 @@ mode without its own file that one. The first mode is the reference (baseline in
 others' differences to it are paired by seed.
 
 Each run trains with ``yolo-sizeloss train`` into OUT/runs/<mode>-s<seed> and is evaluated with
-``yolo-sizeloss val`` (split test) into OUT/val/<mode>-s<seed>. It resumes: an interrupted training
+``yolo-sizeloss val`` (split test) into OUT/val/<mode>-s<seed>; ``--split val`` evaluates on val
+into OUT/val-val/ and tabulates into results-val.*, for choosing between variants without the test split. It resumes: an interrupted training
 continues from its last.pt, a run whose report exists is not trained or evaluated again (a report
 without a detections file, from before val wrote one, is evaluated again, which takes about a
 minute). A harness holds OUT/runs/<mode>-s<seed>.lock while it trains and evaluates that run: a
@@ -116,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--data", default="bccd.yaml")
     p.add_argument("--focus-class", help="class of interest for the tables (default: rarest in the training labels)")
+    p.add_argument("--split", default="test", help="split the runs are evaluated on (default test; choose "
+                   "between variants on val: its reports go to OUT/val-val/, its tables to results-val.*)")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap draws per seed (0: none)")
     p.add_argument("--status", action="store_true", help="print where each run stands; train nothing")
     p.add_argument("--only", choices=("runs", "table"), help="runs: train and evaluate, write no table; "
@@ -220,15 +223,22 @@ def run_lock(run_dir: Path):
         yield
 
 
-def run_paths(out: Path, label: str, seed: int) -> tuple[str, Path, Path]:
-    """A (mode, seed)'s name, training folder and val report folder."""
+def run_paths(out: Path, label: str, seed: int, split: str = "test") -> tuple[str, Path, Path]:
+    """A (mode, seed)'s name, training folder and report folder on ``split`` (test: OUT/val/, another
+    split OUT/val-<split>/, so that evaluating a run on val for a choice leaves its test report alone)."""
     name = f"{label}-s{seed}"
-    return name, out / "runs" / name, out / "val" / name
+    return name, out / "runs" / name, out / ("val" if split == "test" else f"val-{split}") / name
+
+
+def table_files(out: Path, split: str) -> tuple[Path, Path, Path]:
+    """results.json, results.md and results.png of ``split`` (another split than test: results-<split>.*)."""
+    stem = "results" if split == "test" else f"results-{split}"
+    return out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"
 
 
 def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path) -> dict:
-    """Train one (mode, seed) unless done, evaluate it on the test split; return its report."""
-    name, run_dir, val_dir = run_paths(out, label, seed)
+    """Train one (mode, seed) unless done, evaluate it on ``args.split``; return its report."""
+    name, run_dir, val_dir = run_paths(out, label, seed, args.split)
     check_same_schedule(run_dir, args, seed)
     if report_is_current(val_dir, args.bootstrap):
         return run_report(val_dir, run_dir)
@@ -245,8 +255,8 @@ def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path)
                 run([*COMMAND, "train", *flags, "--data", args.data, *schedule_flags(args, seed),
                      "--workers", str(args.workers), "--project", str(out / "runs"), "--name", name, "--exist-ok",
                      *device])
-        run([*COMMAND, "val", "--model", str(best), "--data", args.data, "--split", "test",
-             "--imgsz", str(args.imgsz), "--project", str(out / "val"), "--name", name, "--exist-ok", *device])
+        run([*COMMAND, "val", "--model", str(best), "--data", args.data, "--split", args.split,
+             "--imgsz", str(args.imgsz), "--project", str(val_dir.parent), "--name", name, "--exist-ok", *device])
         return run_report(val_dir, run_dir)
 
 
@@ -256,15 +266,15 @@ def evaluated_runs(args, out: Path) -> tuple[dict[str, list[dict]], list[int], l
     mode, so the differences stay paired; with no seed left it is an error."""
     runs = runs_of(args)
     missing = [name for label, _ in runs for seed in args.seeds
-               for name, _, val_dir in [run_paths(out, label, seed)] if not (val_dir / "metrics.json").is_file()]
-    seeds = [seed for seed in args.seeds if not any(run_paths(out, label, seed)[0] in missing for label, _ in runs)]
+               for name, _, val_dir in [run_paths(out, label, seed, args.split)] if not (val_dir / "metrics.json").is_file()]
+    seeds = [seed for seed in args.seeds if not any(f"{label}-s{seed}" in missing for label, _ in runs)]
     if not seeds:
         raise SystemExit(f"{out}: no seed has every mode evaluated (missing: {', '.join(missing)}); nothing to tabulate")
     per_mode = {}
     for label, _ in runs:
         per_mode[label] = []
         for seed in seeds:
-            _, run_dir, val_dir = run_paths(out, label, seed)
+            _, run_dir, val_dir = run_paths(out, label, seed, args.split)
             check_same_schedule(run_dir, args, seed)
             per_mode[label].append(run_report(val_dir, run_dir))
     return per_mode, seeds, missing
@@ -315,7 +325,8 @@ def _results(run_dir: Path) -> list[dict]:
 
 def _epoch_seconds(run_dir: Path) -> list[float]:
     """Wall seconds of each epoch (training and validation), from results.csv's time column: seconds
-    since training started, which restarts from 0 when a run is resumed (a drop marks that)."""
+    since training started, which restarted from 0 at a resume in runs made before it continued (a
+    drop marks that)."""
     times = [float(r["time"]) for r in _results(run_dir) if "time" in r]
     return [b - a if b >= a else b for a, b in zip([0.0, *times], times)]
 
@@ -325,7 +336,7 @@ def status_lines(args, out: Path) -> list[str]:
     lines = [f"{out}: {args.epochs} epochs, imgsz {args.imgsz}, batch {args.batch}"]
     for label, _ in runs_of(args):
         for seed in args.seeds:
-            name, run_dir, val_dir = run_paths(out, label, seed)
+            name, run_dir, val_dir = run_paths(out, label, seed, args.split)
             done = len(_results(run_dir))
             if (val_dir / "metrics.json").is_file():
                 state = "evaluated" + ("" if find_detections(val_dir) else ", no detections file")
@@ -399,7 +410,7 @@ def markdown(summary: dict, differences: dict, bootstrap: dict, cols: list[tuple
         [label, *(_mean_std(row[c], 100) for c in titles), _mean_std(row["s/epoch"], 1)] for label, row in summary.items()
     ])]
     seeds = ", ".join(map(str, args.seeds))
-    lines.append(f"\nAP and recall in percent on the test split; mean ± sample std over seeds {seeds}; "
+    lines.append(f"\nAP and recall in percent on the {args.split} split; mean ± sample std over seeds {seeds}; "
                  f"{args.epochs} epochs, imgsz {args.imgsz}, batch {args.batch}. 'input' = areas in network-input pixels; "
                  "mAP50-95 is Ultralytics' validator's (YOLO only), 'AP' the COCO AP (faster-coco-eval) of either family. "
                  "s/epoch is each training's wall time as it ran, with whatever else shared the machine: "
@@ -417,9 +428,9 @@ def markdown(summary: dict, differences: dict, bootstrap: dict, cols: list[tuple
     boot_rows = [[f"{label} s{seed}", *(difference_cell(d[key], 100, 1) if key in d else "n/a" for _, key in cols)]
                  for label, per_seed in bootstrap.items() for seed, d in per_seed.items()]
     if boot_rows:
-        lines += [f"\n### Difference to {reference} per seed, paired bootstrap over test images (percentage points)\n"]
+        lines += [f"\n### Difference to {reference} per seed, paired bootstrap over {args.split} images (percentage points)\n"]
         lines.append(markdown_table(["mode, seed", *titles], boot_rows))
-        lines.append(f"\n{args.bootstrap} draws of the test images with replacement (seed 0), both runs' metrics "
+        lines.append(f"\n{args.bootstrap} draws of the {args.split} images with replacement (seed 0), both runs' metrics "
                      "recomputed on each draw from val's detections files; [95% percentile interval]; * = excludes 0. "
                      "mAP50-95 is Ultralytics' own and not recomputed.")
     elif differences and args.bootstrap > 0:
@@ -434,7 +445,7 @@ def _mean_std(cell: dict, scale: float) -> str:
     return f"{cell['mean'] * scale:.1f}" + (f" ± {cell['std'] * scale:.1f}" if len(cell["values"]) > 1 else "")
 
 
-def plot(summary: dict, focus: str, path: Path) -> None:
+def plot(summary: dict, focus: str, path: Path, split: str = "test") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -448,7 +459,7 @@ def plot(summary: dict, focus: str, path: Path) -> None:
         stds = [100 * row[c]["std"] for c in titles]
         ax.bar([x + i * width for x in range(len(titles))], means, width, yerr=stds, label=label, capsize=2)
     ax.set_xticks([x + width * (len(summary) - 1) / 2 for x in range(len(titles))], titles)
-    ax.set_ylabel("percent (test split)")
+    ax.set_ylabel(f"percent ({split} split)")
     ax.set_title("Size-aware losses: mean ± std over seeds")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
@@ -478,12 +489,13 @@ def main(argv=None) -> int:
     differences = seed_differences(per_mode, cols, args.seeds)
     bootstrap = bootstrap_differences(per_mode, args.seeds, args.bootstrap) if args.bootstrap > 0 else {}
     saved_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "modes"}
-    (out / "results.json").write_text(json.dumps(
+    json_file, md_file, png_file = table_files(out, args.split)
+    json_file.write_text(json.dumps(
         {"args": saved_args, "focus_class": focus, "summary": summary, "differences": differences,
          "bootstrap": bootstrap}, indent=2))
     text = markdown(summary, differences, bootstrap, cols, args)
-    (out / "results.md").write_text(text)
-    plot(summary, focus, out / "results.png")
+    md_file.write_text(text)
+    plot(summary, focus, png_file, args.split)
     print(text)
     return 0
 

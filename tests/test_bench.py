@@ -243,6 +243,24 @@ def test_a_trained_run_is_evaluated_with_the_installed_val_command(tmp_path, cap
     assert f"{tmp_path / 'none.yaml'}" in capfd.readouterr().err  # val's own one-line error
 
 
+def test_a_choice_on_the_val_split_leaves_the_test_reports_alone(tmp_path, capfd):
+    args = compare.parse_args(["--losses", "baseline", "--seeds", "0", "--epochs", "2", "--bootstrap", "0",
+                               "--split", "val", "--data", str(tmp_path / "none.yaml"), "--out", str(tmp_path)])
+    _, run_dir, val_dir = compare.run_paths(tmp_path, "baseline", 0, "val")
+    assert val_dir == tmp_path / "val-val" / "baseline-s0" and compare.run_paths(tmp_path, "baseline", 0)[2] == \
+        tmp_path / "val" / "baseline-s0"
+    assert compare.table_files(tmp_path, "val")[1] == tmp_path / "results-val.md"
+    (run_dir / "weights").mkdir(parents=True)
+    (run_dir / "results.csv").write_text("epoch,time\n1,10\n2,20\n")
+    (run_dir / "weights" / "best.pt").write_bytes((ROOT / "tests" / "assets" / "yolov8n_bccd_baseline.pt").read_bytes())
+    with pytest.raises(subprocess.CalledProcessError) as failed:  # the missing data yaml stops val at its checks
+        compare.train_and_validate(args, "baseline", [], 0, tmp_path)
+    command = failed.value.cmd
+    assert command[command.index("--split") + 1] == "val" and command[command.index("--project") + 1] == str(
+        tmp_path / "val-val")
+    capfd.readouterr()
+
+
 def test_per_seed_paired_bootstrap_from_the_reports_detection_files(tmp_path):
     records, data = load_split("bccd.yaml", "test")
     rng = np.random.default_rng(0)
