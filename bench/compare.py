@@ -16,8 +16,8 @@ others' differences to it are paired by seed.
 
 Each run trains with ``yolo-sizeloss train`` into OUT/runs/<mode>-s<seed> and is evaluated with
 ``yolo-sizeloss val`` (split test) into OUT/val/<mode>-s<seed>; ``--split val`` evaluates on val
-into OUT/val-val/ and tabulates into results-val.*, for choosing between variants without the test split. It resumes: an interrupted training
-continues from its last.pt, a run whose report exists is not trained or evaluated again (a report
+into OUT/val-val/ and tabulates into results-val.*, for choosing between variants without the test
+split. It resumes: an interrupted training continues from its last.pt, a run whose report exists is not trained or evaluated again (a report
 without a detections file, from before val wrote one, is evaluated again, which takes about a
 minute). A harness holds OUT/runs/<mode>-s<seed>.lock while it trains and evaluates that run: a
 second harness on the same --out stops there with a one-line error, and --status says "training
