@@ -9,7 +9,9 @@
     python bench/compare.py --arch faster_rcnn --losses baseline plb --epochs 15
 
 A mode is ``LOSS`` or ``LOSS:SETTINGS`` (``yolo-sizeloss train``'s --loss and --loss-cfg, for either
-family; Faster R-CNN labels start with ``rcnn-``); a mode with a settings file is labelled
+family; Faster R-CNN labels start with ``rcnn-``), optionally with ``@key=value,...``: a YOLO model
+or Ultralytics arguments, for the peers a stock user would try (``baseline@cls_pw=1.0``,
+``nwd:assigner_auto@model=yolov8n-p2.yaml``); a mode with a settings file is labelled
 ``LOSS-<file stem>`` (``plb:gt_areas`` -> ``plb-gt_areas``), and ``--loss-cfg FILE`` gives every
 mode without its own file that one. The first mode is the reference (baseline in every preset): the
 others' differences to it are paired by seed.
@@ -17,9 +19,9 @@ others' differences to it are paired by seed.
 Each run trains with ``yolo-sizeloss train`` into OUT/runs/<mode>-s<seed> and is evaluated with
 ``yolo-sizeloss val`` (split test) into OUT/val/<mode>-s<seed>; ``--split val`` evaluates on val
 into OUT/val-val/ and tabulates into results-val.*, for choosing between variants without the test
-split. It resumes: an interrupted training continues from its last.pt, a run whose report exists is not trained or evaluated again (a report
-without a detections file, from before val wrote one, is evaluated again, which takes about a
-minute). A harness holds OUT/runs/<mode>-s<seed>.lock while it trains and evaluates that run: a
+split. It resumes: an interrupted training continues from its last.pt, a run whose report exists is
+not trained or evaluated again (a report without a detections file, from before val wrote one, is
+evaluated again, which takes about a minute). A harness holds OUT/runs/<mode>-s<seed>.lock while it trains and evaluates that run: a
 second harness on the same --out stops there with a one-line error, and --status says "training
 now". Writes OUT/results.md, OUT/results.json and OUT/results.png: mean and spread over seeds per
 mode; each mode's difference to the reference per seed, with mean and 95% t-interval over seeds; and
@@ -49,6 +51,7 @@ import numpy as np
 import yaml
 
 from yolo_sizeloss.checkpoints import load_checkpoint
+from yolo_sizeloss.cli import parse_pairs
 from yolo_sizeloss.config import LossConfigError, load_loss_config
 from yolo_sizeloss.detections import load_split
 from yolo_sizeloss.detections_file import find_detections, load_detections
@@ -138,28 +141,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.data, args.model = (str(Path(v).resolve()) if Path(v).is_file() else v for v in (args.data, args.model))
     try:  # a typo in a name or a settings file fails now, not after hours of earlier runs
         args.modes = [loss_mode(spec, args.loss_cfg, args.arch) for spec in args.losses]
-    except (LossConfigError, FileNotFoundError) as e:
+    except (LossConfigError, ValueError, FileNotFoundError) as e:
         p.error(str(e))
     return args
 
 
-def loss_mode(spec: str, default_cfg: str | None, arch: str = "yolo") -> tuple[str, str, Path | None]:
-    """``LOSS`` or ``LOSS:SETTINGS`` -> (label, loss, settings file or None), checked with the loss
-    configuration. SETTINGS is a file (relative to the current folder) or a variant shipped in the
-    package (``box_only``, ``gt_areas``)."""
+def loss_mode(spec: str, default_cfg: str | None, arch: str = "yolo") -> tuple[str, str, Path | None, dict]:
+    """``LOSS[:SETTINGS][@key=value,...]`` -> (label, loss, settings file or None, extras), checked with
+    the loss configuration. SETTINGS is a file (relative to the current folder) or a variant shipped
+    in the package (``box_only``, ``gt_areas``). Extras are what a user of stock Ultralytics would
+    try instead of a size-aware loss, for peer rows: ``model=yolov8n-p2.yaml`` (this mode's YOLO
+    model) and Ultralytics training arguments (``cls_pw=1.0``), checked as ``train`` checks them; each
+    extends the label (``baseline@cls_pw=1.0`` -> ``baseline-cls_pw1.0``)."""
+    spec, _, extra_text = spec.partition("@")
     loss, _, cfg = spec.partition(":")
     cfg = cfg or default_cfg
     path = resolve_loss_cfg(cfg) if cfg else None
     load_loss_config(loss, path)
-    label = f"{loss}-{path.stem}" if path else loss
-    return (f"rcnn-{label}" if arch == "faster_rcnn" else label), loss, path
+    pairs = [pair for pair in extra_text.split(",") if pair]
+    model = next((pair.split("=", 1)[1] for pair in pairs if pair.startswith("model=")), None)
+    extras = parse_pairs([pair for pair in pairs if not pair.startswith("model=")])
+    if model is not None:
+        extras["model"] = str(Path(model).resolve()) if Path(model).is_file() else model
+    label = "-".join([loss, *([path.stem] if path else []), *([Path(model).stem] if model else []),
+                      *(f"{key}{value}" for key, value in extras.items() if key != "model")])
+    return (f"rcnn-{label}" if arch == "faster_rcnn" else label), loss, path, extras
 
 
 def runs_of(args) -> list[tuple[str, list[str]]]:
     """(mode label, the ``yolo-sizeloss train`` flags that select it) for every mode to compare, reference first."""
-    model = ["--model", args.model] if args.arch == "yolo" else ["--arch", "faster_rcnn", "--backbone", args.backbone]
-    return [(label, ["--loss", loss, *model, *(["--loss-cfg", str(cfg)] if cfg else [])])
-            for label, loss, cfg in args.modes]
+    runs = []
+    for label, loss, cfg, extras in args.modes:
+        model = extras.get("model", args.model)
+        family = ["--model", model] if args.arch == "yolo" else ["--arch", "faster_rcnn", "--backbone", args.backbone]
+        pairs = [f"{key}={value}" for key, value in extras.items() if key != "model"]
+        runs.append((label, ["--loss", loss, *family, *(["--loss-cfg", str(cfg)] if cfg else []), *pairs]))
+    return runs
 
 
 def schedule_of(args, seed: int) -> dict:

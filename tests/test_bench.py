@@ -497,3 +497,17 @@ def test_unmatched_crops_one_tile_per_confident_detection_without_a_ground_truth
     with Image.open(out) as sheet:
         assert sheet.size == (110 + 2 * unmatched.TILE, unmatched.TILE)
     assert unmatched.main([str(tmp_path / "missing"), "--out", str(out)]) == 1
+
+
+def test_peer_modes_carry_their_model_and_ultralytics_arguments(capsys):
+    """What a user of stock Ultralytics would try instead: class weighting and the P2 head, as modes."""
+    args = compare.parse_args(["--losses", "baseline", "baseline@cls_pw=1.0", "baseline@model=yolov8n-p2.yaml",
+                               "nwd:assigner_auto@model=yolov8n-p2.yaml"])
+    runs = dict(compare.runs_of(args))
+    assert list(runs) == ["baseline", "baseline-cls_pw1.0", "baseline-yolov8n-p2", "nwd-assigner_auto-yolov8n-p2"]
+    assert runs["baseline-cls_pw1.0"] == ["--loss", "baseline", "--model", "yolov8n.yaml", "cls_pw=1.0"]
+    assert runs["baseline-yolov8n-p2"][:4] == ["--loss", "baseline", "--model", "yolov8n-p2.yaml"]
+    assert runs["nwd-assigner_auto-yolov8n-p2"][3] == "yolov8n-p2.yaml" and "--loss-cfg" in runs["nwd-assigner_auto-yolov8n-p2"]
+    with pytest.raises(SystemExit):  # checked as train checks key=value pairs, before any run
+        compare.parse_args(["--losses", "baseline", "baseline@cls_pww=1.0"])
+    assert "did you mean 'cls_pw'" in capsys.readouterr().err
