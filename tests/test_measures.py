@@ -98,3 +98,30 @@ def test_each_measure_gives_a_small_object_more_positive_anchors_than_ciou():
     stock = positives_of_a_small_object(None)
     assert positives_of_a_small_object(SAFitOverlap(C)) > stock
     assert positives_of_a_small_object(SimDOverlap()) > stock
+
+
+@pytest.mark.parametrize("variant, overlap_type", [("safit_assigner", SAFitOverlap), ("simd_assigner", SimDOverlap)])
+def test_a_shipped_variant_puts_the_measure_in_both_families_assignment(variant, overlap_type):
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yolo_sizeloss.config import load_loss_config
+    from yolo_sizeloss.rcnn.switches import LossSwitches
+    from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss, loss_branches
+
+    config = load_loss_config("nwd", variant)
+    config["nwd"]["constant"] = C  # 'auto' is resolved from training labels when a training starts
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    model.args = get_cfg()
+    criterion = build_size_aware_loss(model, AnchorWeighting(config))
+    for branch in loss_branches(criterion):
+        measure = branch.assigner.assigner.iou_calculation
+        assert isinstance(measure.__self__, overlap_type) and measure.__func__ is overlap_type.elementwise
+    images = torch.rand(2, 3, 128, 128)
+    batch = {"img": images, "batch_idx": torch.tensor([0, 1]), "cls": torch.tensor([[2.0], [0.0]]),
+             "bboxes": torch.tensor([[0.5, 0.5, 0.05, 0.05], [0.3, 0.3, 0.4, 0.4]])}
+    loss, _ = criterion(model.train()(images), batch)
+    assert torch.isfinite(loss).all()
+    switches = LossSwitches.from_config(config, C)
+    assert isinstance(switches.rpn_overlap(), overlap_type) and switches.nwd_assigner == variant.split("_")[0]

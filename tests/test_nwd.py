@@ -57,7 +57,7 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
         ("nwd:\n  constant: 0\n", r"o\.yaml:2: nwd\.constant = 0 .*a number > 0 \(network-input pixels\) or auto"),
         ("nwd:\n  ratio: 0.5\n  constant: mean\n", r"o\.yaml:3: nwd\.constant = 'mean' .*or auto"),
         ("nwd:\n  constant: .inf\n", r"o\.yaml:2: nwd\.constant = inf .*> 0"),
-        ("nwd:\n  assigner: 1\n", r"o\.yaml:2: nwd\.assigner = 1 .*true, false or auto"),
+        ("nwd:\n  assigner: 1\n", r"o\.yaml:2: nwd\.assigner = 1 .*true, false, auto or a measure: safit, simd"),
         ("nwd:\n  small_area: 0\n", r"o\.yaml:2: nwd\.small_area = 0 .*a number > 0"),
         ("nwd:\n  terms: [box]\n",
          r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, small_area, rcnn_terms\)"),

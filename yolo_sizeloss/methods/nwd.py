@@ -120,9 +120,14 @@ def finite_box_areas(widths: torch.Tensor, heights: torch.Tensor, caller: str) -
     return areas
 
 
-def _flag_or_auto(value: Any) -> tuple[bool, str]:
-    # 'auto': decided from the training labels when training starts (nwd_assigner_auto)
-    return isinstance(value, bool) or value == "auto", "true, false or auto"
+ASSIGNER_MEASURES = ("safit", "simd")  # nwd.assigner may name another measure (methods.measures) instead of NWD
+
+
+def _flag_auto_or_measure(value: Any) -> tuple[bool, str]:
+    # 'auto': decided from the training labels when training starts (nwd_assigner_auto); a measure's name:
+    # the assigner measures overlap by that one (overlaps.assigner_overlap), the box loss keeps NWD
+    allowed = f"true, false, auto or a measure: {', '.join(ASSIGNER_MEASURES)}"
+    return isinstance(value, bool) or value == "auto" or value in ASSIGNER_MEASURES, allowed
 
 
 def _positive_or_auto(value: Any) -> tuple[bool, str]:
@@ -136,7 +141,7 @@ METHOD = Method(
     settings={
         "ratio": number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         "constant": _positive_or_auto,
-        "assigner": _flag_or_auto,
+        "assigner": _flag_auto_or_measure,
         "small_area": number(lambda v: v > 0, "a number > 0 (network-input pixels squared)"),
     },
     # YOLO: always its box loss; Faster R-CNN: NWD replaces part of a box term, of the two listed

@@ -94,3 +94,18 @@ class SimDOverlap:
     def elementwise(self, boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
         """Computed in float32, returned in ``boxes_b``'s dtype."""
         return simd(boxes_a.float(), boxes_b.float(), self.m_x, self.m_y).to(boxes_b.dtype)
+
+
+def assigner_overlap(assigner: bool | str, nwd_constant: Optional[float], unresolved_hint: str) -> Optional[Overlap]:
+    """The overlap an assigner or matcher measures for a resolved ``nwd.assigner`` setting: NWD (true),
+    SAFit or SimD (by name), or None (false: the detector's stock measure). The one reading of the
+    setting for both families."""
+    if assigner is True:
+        return NWDOverlap(nwd_constant, unresolved_hint)
+    if assigner == "safit":
+        if nwd_constant is None:
+            raise RuntimeError(f"nwd.constant is auto but was not resolved: {unresolved_hint}")
+        return SAFitOverlap(nwd_constant)
+    if assigner == "simd":
+        return SimDOverlap()
+    return None

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from torch import nn
 
 from yolo_sizeloss.methods import REGISTRY, WEIGHT_ORDER
-from yolo_sizeloss.methods.overlaps import IoU, NWDOverlap, Overlap
+from yolo_sizeloss.methods.overlaps import IoU, NWDOverlap, Overlap, assigner_overlap
 
 FAMILY = "faster_rcnn"
 UNRESOLVED_HINT = ("pass LossSwitches.from_config the training_nwd_settings of the training labels (the engine does), "
@@ -26,17 +26,17 @@ class LossSwitches:
 
     ``config`` is the resolved ``{method: settings}`` dict shared with YOLO, whose ``rcnn_terms`` name the
     terms: ``rpn_cls``, ``rpn_box``, ``roi_cls``, ``roi_box``. ``nwd_constant`` is NWD's C in
-    network-input pixels (None: ``auto`` not yet resolved), ``nwd_assigner`` whether the RPN matcher
-    measures overlap by NWD.
+    network-input pixels (None: ``auto`` not yet resolved), ``nwd_assigner`` the resolved ``nwd.assigner``:
+    whether the RPN matcher measures overlap by NWD (or, by name, by SAFit or SimD).
     """
 
     config: dict[str, dict[str, Any]] = field(default_factory=dict)
     nwd_constant: Optional[float] = None
-    nwd_assigner: bool = False
+    nwd_assigner: bool | str = False
 
     @classmethod
     def from_config(
-        cls, config: dict, nwd_constant: Optional[float] = None, nwd_assigner: Optional[bool] = None
+        cls, config: dict, nwd_constant: Optional[float] = None, nwd_assigner: Optional[bool | str] = None
     ) -> "LossSwitches":
         """The switches of a resolved loss config.
 
@@ -51,7 +51,7 @@ class LossSwitches:
             nwd_assigner = nw["assigner"]
         elif nw and nwd_assigner is None:
             raise ValueError("nwd.assigner is auto but was not resolved: pass training_nwd_settings' decision")
-        return cls(config, nwd_constant if nw else None, bool(nw and nwd_assigner))
+        return cls(config, nwd_constant if nw else None, nwd_assigner if nw else False)
 
     def terms(self, method: str) -> tuple[str, ...]:
         """The terms ``method`` acts on (empty when it is not configured)."""
@@ -100,5 +100,6 @@ class LossSwitches:
         return NWDOverlap(self.nwd_constant, UNRESOLVED_HINT)
 
     def rpn_overlap(self) -> Overlap:
-        """The overlap the RPN's matcher measures: NWD with ``nwd.assigner``, else torchvision's IoU."""
-        return self.nwd() if self.nwd_assigner else IoU()
+        """The overlap the RPN's matcher measures: ``nwd.assigner``'s (NWD, or SAFit or SimD by name), else
+        torchvision's IoU."""
+        return assigner_overlap(self.nwd_assigner, self.nwd_constant, UNRESOLVED_HINT) or IoU()

@@ -27,7 +27,7 @@ from yolo_sizeloss.methods import REGISTRY, WEIGHT_ORDER, MatchedSamples
 from yolo_sizeloss.methods.base import box_areas
 from yolo_sizeloss.methods.feedback import FeedbackBalancer
 from yolo_sizeloss.methods.nwd import nwd, resolve_nwd_auto
-from yolo_sizeloss.methods.overlaps import NWDOverlap, Overlap
+from yolo_sizeloss.methods.overlaps import NWDOverlap, Overlap, assigner_overlap
 
 UNRESOLVED_HINT = ("call AnchorWeighting.resolve_from_labels(dataset.labels, imgsz) before training "
                    "(SizeAwareTrainer does), or set a number")
@@ -177,11 +177,12 @@ class AnchorWeighting(nn.Module):
         return nwd(boxes_a.float(), boxes_b.float(), self.nwd_constant)
 
     def overlap(self) -> Overlap | None:
-        """The overlap the task-aligned assigner measures (NWD with ``nwd.assigner``); None: its stock CIoU."""
+        """The overlap the task-aligned assigner measures (``nwd.assigner``: NWD, or SAFit or SimD by name);
+        None: its stock CIoU."""
         if self.nwd_assigner is None:
             raise RuntimeError("nwd.assigner is auto but was not resolved: call AnchorWeighting.resolve_from_labels"
                                "(dataset.labels, imgsz) first (SizeAwareTrainer does), or set true or false")
-        return NWDOverlap(self.nwd_constant, UNRESOLVED_HINT) if self.nwd_assigner else None
+        return assigner_overlap(self.nwd_assigner, self.nwd_constant, UNRESOLVED_HINT)
 
     def _accumulate_epoch_stats(self, gt_area, box_fg, cls_fg):
         """Add the weights on small (< 32^2) and other foreground anchors to the epoch sums (None: 1)."""
