@@ -342,10 +342,7 @@ def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) ->
         (save_dir / "args.yaml").write_text(yaml.safe_dump(plain_args(args), sort_keys=False))
         write_loss_record(save_dir, args.loss_config)
         if checkpoint is not None:
-            resumed_seconds, dropped = continue_results(save_dir / "results.csv", start_epoch)
-            if dropped:
-                LOGGER.info(f"{save_dir / 'results.csv'}: dropped {dropped} row(s) past epoch {start_epoch}, the "
-                            "checkpoint's last epoch (written before the run stopped, trained again now)")
+            resumed_seconds = continue_results(save_dir / "results.csv", start_epoch)
         LOGGER.info(f"size-aware loss: {describe_loss(args.loss_config, 'faster_rcnn')}")
         LOGGER.info(f"Faster R-CNN {args.backbone}, {len(train_records)} train / "
                     f"{len(val_records)} val images, {ctx.world_size} process(es) on {ctx.device}; saving to {save_dir}")

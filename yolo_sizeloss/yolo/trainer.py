@@ -97,10 +97,7 @@ class SizeAwareTrainer(DetectionTrainer):
         super().resume_training(ckpt)
         if ckpt is None or not self.resume or RANK not in {-1, 0}:
             return
-        self.resumed_seconds, dropped = continue_results(self.csv, self.start_epoch)
-        if dropped:
-            LOGGER.info(f"{self.csv}: dropped {dropped} row(s) past epoch {self.start_epoch}, the checkpoint's last "
-                        "epoch (written before the run stopped, trained again now)")
+        self.resumed_seconds = continue_results(self.csv, self.start_epoch)
 
     def setup_model(self):
         """Stock model setup; on resume, the feedback state comes back from the checkpoint's metrics."""
