@@ -66,6 +66,9 @@ def test_every_mode_trains_and_records_its_loss(trained_runs, loss, model):
     assert (args["epochs"], args["imgsz"], args["plots"]) == (1, IMGSZ, False)  # flags and key=value pairs arrive
     row = results_rows(run_dir)[0]
     assert float(row["train/box_loss"]) > 0
+    # every mode, the stock loss too, counts the small objects its assigner left without a positive anchor
+    assert float(row["assign/small_no_pos"]) >= 0 and 0 <= float(row["assign/small_no_pos_share"]) <= 1
+    assert 0 <= float(row["assign/no_pos_share"]) <= 1
     if loss == "baseline":
         assert not any(k.startswith(("sizeloss/", "feedback/")) for k in row)
     else:
@@ -152,6 +155,12 @@ def test_resume_restores_the_feedback_state_and_continues_results_csv(bccd_subse
         first.train()
     before = results_rows(tmp_path / "fb")
     assert [int(r["epoch"]) for r in before] == [1, 2]
+    # as a run started by a version without the assignment columns: the resumed rows must still line up
+    before = [{k: v for k, v in r.items() if not k.startswith("assign/")} for r in before]
+    with open(tmp_path / "fb" / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(before[0]))
+        writer.writeheader()
+        writer.writerows(before)
     last = tmp_path / "fb" / "weights" / "last.pt"
     saved = torch_load(last, map_location="cpu", weights_only=False)["train_metrics"]
     assert saved["feedback/steps"] >= 1
@@ -187,7 +196,9 @@ def test_resume_restores_the_feedback_state_and_continues_results_csv(bccd_subse
     assert restored == {k: saved[k] for k in restored} and len(restored) == 5
     rows = results_rows(tmp_path / "fb")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # epoch 2 once: the row of the killed run is gone
-    assert rows[0] == before[0]
+    assert rows[0] == {**before[0], "assign/small_no_pos": "", "assign/small_no_pos_share": "",
+                       "assign/no_pos_share": ""}  # the earlier row kept, blank in the new columns
+    assert all(float(r["assign/no_pos_share"]) <= 1 and float(r["feedback/gain"]) >= 1 for r in rows[1:])
     times = [float(r["time"]) for r in rows]
     assert times[0] < times[1] < times[2]  # the time column continues across the resume
 
@@ -297,6 +308,8 @@ def test_ddp_worker_trainer_runs_each_weighting_callback_once(bccd_subset, tmp_p
     worker = state["trainer"](overrides=state["args"], _callbacks=state["callbacks"])  # as the worker file does
     assert worker.callbacks["on_pretrain_routine_end"].count(trainer_module.install_weighting) == 1
     assert worker.callbacks["on_train_batch_end"].count(trainer_module.end_weighting_step) == 1
+    assert worker.callbacks["on_pretrain_routine_end"].count(trainer_module.install_assignment_counter) == 1
+    assert worker.callbacks["on_train_batch_end"].count(trainer_module.end_assignment_step) == 1
 
 
 @pytest.mark.slow
@@ -304,6 +317,7 @@ def test_nan_recovery_keeps_validation_losses_stock(bccd_subset, tmp_path):
     """Ultralytics' NaN recovery rebuilds the EMA from the live model; its criterion must stay the stock one."""
     from test_nan import bccd_training_batch
 
+    from yolo_sizeloss.yolo.loss import stock_assigners
     from yolo_sizeloss.yolo.trainer import SizeAwareTrainer
 
     def poison_epoch_two_once(trainer):  # as a diverged step would, before the epoch's NaN check
@@ -321,6 +335,7 @@ def test_nan_recovery_keeps_validation_losses_stock(bccd_subset, tmp_path):
     assert [int(r["epoch"]) for r in results_rows(tmp_path / "nan")] == [1, 2]
 
     ema = trainer.ema.ema  # the EMA the recovery built, which validated the redone epoch
+    assert not any(assigner._forward_hooks for assigner in stock_assigners(ema.criterion))  # its loss is not counted
     batch = bccd_training_batch()
     preds = ema(batch["img"])
     _, items = ema.loss(batch, preds)  # as the validator computes validation losses

@@ -30,3 +30,39 @@ def continue_results(path: Path, epochs_done: int) -> float:
         LOGGER.info(f"{path}: dropped {dropped} row(s) past epoch {epochs_done}, the checkpoint's last epoch "
                     "(written before the run stopped, trained again now)")
     return float(kept[-1][time]) if kept and time is not None else 0.0
+
+
+def widen_header(path: Path, names: list[str]) -> list[str]:
+    """Give an existing ``results.csv`` every column of ``names`` before a row with those columns is
+    appended, and return its header: a run resumed by a version that writes new columns keeps its earlier
+    rows, blank in the new columns, instead of rows longer than their header. The header becomes
+    ``names`` followed by any earlier column the new rows lack (kept, blank in the new rows, which
+    CSV readers read as missing): a writer that puts values in the order of ``names`` (Ultralytics'
+    ``save_metrics``) then lines up. A file whose header starts with ``names`` is left as it is."""
+    if not path.is_file():
+        return list(names)
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    old = [name.strip() for name in rows[0]] if rows else []
+    if not rows or old[:len(names)] == list(names):
+        return old or list(names)
+    header = [*names, *(name for name in old if name not in names)]
+    records = [dict(zip(old, row)) for row in rows[1:] if row]
+    with open(path, "w", newline="") as f:
+        f.writelines(",".join(header) + "\n")
+        f.writelines(",".join(record.get(name, "") for name in header) + "\n" for record in records)
+    added = [name for name in names if name not in old]
+    LOGGER.info(f"{path}: columns reordered" + (f", {', '.join(added)} added (blank in the earlier rows)" if added else ""))
+    return header
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one epoch's ``row`` to ``results.csv`` (the header with the first row; widened first when
+    ``row`` brings new columns)."""
+    header = widen_header(path, list(row))
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, restval="")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)

@@ -11,7 +11,6 @@ and the predictions are gathered on rank 0, which alone writes files.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import math
 import os
@@ -47,7 +46,7 @@ from yolo_sizeloss.rcnn.model import (
     unwrap,
 )
 from yolo_sizeloss.rcnn.switches import LossSwitches
-from yolo_sizeloss.results_csv import continue_results
+from yolo_sizeloss.results_csv import append_row, continue_results
 from yolo_sizeloss.weighting_plot import plot_weighting
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
@@ -220,16 +219,6 @@ def fitness(metrics: dict[str, float]) -> float:
     return metrics["mAP50-95"]
 
 
-def append_results(path: Path, row: dict) -> None:
-    """Append one epoch's row to ``results.csv`` (header written with the first row)."""
-    new = not path.is_file()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
 def plain_args(args: argparse.Namespace) -> dict:
     """The run's arguments as YAML/torch.load-safe plain values."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -396,7 +385,7 @@ def save_epoch(
     switches = unwrap(model).rpn.switches
     constant = switches.nwd_constant
     auto_assigner = args.loss_config.get("nwd", {}).get("assigner") == "auto"  # a column only then: older runs resume
-    append_results(save_dir / "results.csv", {
+    append_row(save_dir / "results.csv", {
         "epoch": epoch + 1,
         "time": round(elapsed, 2),
         **{f"train/{k}": round(v, 6) for k, v in losses.items()},

@@ -327,6 +327,12 @@ def loss_branches(criterion: v8DetectionLoss | E2ELoss) -> tuple[v8DetectionLoss
     return (criterion.one2many, criterion.one2one) if isinstance(criterion, E2ELoss) else (criterion,)
 
 
+def stock_assigners(criterion: v8DetectionLoss | E2ELoss) -> list[nn.Module]:
+    """Each branch's stock assigner, inside the size-aware wrapper where there is one."""
+    return [branch.assigner.assigner if isinstance(branch.assigner, ObservedAssigner) else branch.assigner
+            for branch in loss_branches(criterion)]
+
+
 def install_size_aware_loss(criterion: v8DetectionLoss | E2ELoss, weighting: AnchorWeighting):
     """Wrap the assigner, BCE and box loss of every branch of a stock ``criterion`` in place; return it.
 

@@ -19,9 +19,10 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from yolo_sizeloss.config import check_resumed_loss, describe_loss, loss_name, read_loss_record, write_loss_record
-from yolo_sizeloss.results_csv import continue_results
+from yolo_sizeloss.results_csv import continue_results, widen_header
 from yolo_sizeloss.weighting_plot import plot_weighting
-from yolo_sizeloss.yolo.loss import AnchorWeighting, install_size_aware_loss, remove_size_aware_loss
+from yolo_sizeloss.yolo.assignment import AssignmentCounter
+from yolo_sizeloss.yolo.loss import AnchorWeighting, install_size_aware_loss, remove_size_aware_loss, stock_assigners
 
 
 def end_weighting_step(trainer: "SizeAwareTrainer") -> None:
@@ -47,6 +48,24 @@ def install_weighting(trainer: "SizeAwareTrainer") -> None:
 WEIGHTING_CALLBACKS = {"on_pretrain_routine_end": install_weighting, "on_train_batch_end": end_weighting_step}
 
 
+def install_assignment_counter(trainer: "SizeAwareTrainer") -> None:
+    """``on_pretrain_routine_end`` callback (after ``install_weighting``): count the assignments of the live
+    criterion, every mode's (the stock loss's too: a hook observes, the criterion stays stock)."""
+    model = unwrap_model(trainer.model)
+    if getattr(model, "criterion", None) is None:
+        model.criterion = model.init_criterion()  # what the model's first loss call would build
+    trainer.assignments.to(trainer.device)
+    trainer.assignments.attach(stock_assigners(model.criterion))
+
+
+def end_assignment_step(trainer: "SizeAwareTrainer") -> None:
+    """``on_train_batch_end`` callback: one more training step in the assignment counts."""
+    trainer.assignments.end_step()
+
+
+COUNTER_CALLBACKS = {"on_pretrain_routine_end": install_assignment_counter, "on_train_batch_end": end_assignment_step}
+
+
 class SizeAwareTrainer(DetectionTrainer):
     """Detection trainer whose criterion applies the size-aware weightings of ``loss_config``."""
 
@@ -61,12 +80,13 @@ class SizeAwareTrainer(DetectionTrainer):
         super().__init__(cfg, overrides, _callbacks)
         self.loss_config = self._resumed_loss_config() if self.resume else type(self).loss_config
         self.weighting = AnchorWeighting(self.loss_config) if self.loss_config else None
+        self.assignments = AssignmentCounter()
         self.resumed_seconds = 0.0  # results.csv's time of the epochs a resumed run had trained
-        if self.weighting is not None:
-            # a DDP worker is built with the launching trainer's callbacks (utils.dist.generate_ddp_file), ours included
-            for event, callback in WEIGHTING_CALLBACKS.items():
-                if callback not in self.callbacks[event]:
-                    self.add_callback(event, callback)
+        # a DDP worker is built with the launching trainer's callbacks (utils.dist.generate_ddp_file), ours included
+        callbacks = [*(WEIGHTING_CALLBACKS.items() if self.weighting is not None else ()), *COUNTER_CALLBACKS.items()]
+        for event, callback in callbacks:
+            if callback not in self.callbacks[event]:
+                self.add_callback(event, callback)
         if RANK in {-1, 0}:
             LOGGER.info(f"size-aware loss: {describe_loss(self.loss_config)}")
             write_loss_record(self.save_dir, self.loss_config)
@@ -120,6 +140,7 @@ class SizeAwareTrainer(DetectionTrainer):
         criterion = getattr(self.ema.ema, "criterion", None)
         if criterion is not None:
             remove_size_aware_loss(criterion)
+            AssignmentCounter.detach(stock_assigners(criterion))
 
     def plot_metrics(self) -> None:
         """Ultralytics' results.png, and beside it weighting.png: where the weight went, epoch by epoch
@@ -128,11 +149,12 @@ class SizeAwareTrainer(DetectionTrainer):
         plot_weighting(self.save_dir)
 
     def save_metrics(self, metrics: dict) -> None:
-        """Add the epoch's weighting statistics (and feedback state) to results.csv and the checkpoint."""
-        if self.weighting is not None:
-            stats = self.weighting.epoch_stats()
-            self.metrics.update(stats)  # saved as the checkpoint's train_metrics: resume reads them back
-            metrics = {**{k: v for k, v in metrics.items() if k not in stats}, **stats}  # fixed column order
+        """Add the epoch's weighting statistics (and feedback state) and assignment counts to results.csv and
+        the checkpoint."""
+        stats = {**(self.weighting.epoch_stats() if self.weighting is not None else {}), **self.assignments.epoch_stats()}
+        self.metrics.update(stats)  # saved as the checkpoint's train_metrics: resume reads them back
+        metrics = {**{k: v for k, v in metrics.items() if k not in stats}, **stats}  # fixed column order
+        widen_header(self.csv, ["epoch", "time", *metrics])  # a run resumed from before a column existed
         # the stock clock restarts at a resume; results.csv's time counts from the run's first start
         self.train_time_start -= self.resumed_seconds
         try:

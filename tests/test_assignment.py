@@ -1,0 +1,95 @@
+"""The count of small ground truths the task-aligned assigner leaves without a positive anchor."""
+
+import csv
+
+import pytest
+import torch
+from ultralytics.cfg import get_cfg
+from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils.tal import TaskAlignedAssigner
+
+from yolo_sizeloss.config import load_loss_config
+from yolo_sizeloss.results_csv import append_row, widen_header
+from yolo_sizeloss.yolo.assignment import AssignmentCounter, unmatched_ground_truths
+from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss, stock_assigners
+
+GRID = torch.arange(4, 64, 8.0)
+ANCHORS = torch.stack(torch.meshgrid(GRID, GRID, indexing="xy"), -1).view(-1, 2)  # stride 8, 64 anchors
+LARGE = [8.0, 8.0, 56.0, 56.0]  # 48 x 48
+SMALL = [26.0, 26.0, 32.0, 32.0]  # 6 x 6, inside the large box
+
+
+def test_unmatched_slots_by_hand():
+    fg = torch.tensor([[True, True, False, True], [False, False, False, False]])
+    idx = torch.tensor([[0, 0, 1, 2], [1, 1, 1, 1]])  # image 0: slot 0 twice, slot 2 once; slot 1 only on a background
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])[..., None]
+    assert unmatched_ground_truths(fg, idx, mask).tolist() == [[False, True, False], [True, False, False]]
+
+
+def assign(predicted_box: list[float]):
+    """The stock assigner (top-k 10) on one image holding the large and the small box: the four anchors that are
+    candidates for the small box (inside it once enlarged to the 16 px ``stride_val``) predict
+    ``predicted_box``, every other anchor a 4 x 4 box in the corner; every score is the same."""
+    assigner = TaskAlignedAssigner(topk=10, num_classes=1, alpha=0.5, beta=6.0)
+    gt = torch.tensor([[LARGE, SMALL]])
+    near_small = ((ANCHORS > 21) & (ANCHORS < 37)).all(-1)
+    predictions = torch.where(near_small[:, None], torch.tensor(predicted_box), torch.tensor([0.0, 0.0, 4.0, 4.0]))
+    scores = torch.full((1, len(ANCHORS), 1), 0.5)
+    return assigner, (scores, predictions[None], ANCHORS, torch.zeros(1, 2, 1), gt, torch.ones(1, 2, 1))
+
+
+@pytest.mark.parametrize("predicted, small_matched", [(LARGE, False), (SMALL, True)])
+def test_a_small_object_inside_a_large_one_loses_its_anchors_when_they_overlap_the_large_one_more(
+        predicted, small_matched):
+    """An anchor candidate for two ground truths goes to the one its prediction overlaps most: predictions
+    that fit the large box take every candidate of the small one."""
+    assigner, inputs = assign(predicted)
+    counter = AssignmentCounter()
+    counter.attach([assigner])
+    assigner(*inputs)
+    counter.end_step()
+    stats = counter.epoch_stats()
+    assert stats == {"assign/small_no_pos": 0.0 if small_matched else 1.0,
+                     "assign/small_no_pos_share": 0.0 if small_matched else 1.0,
+                     "assign/no_pos_share": 0.0 if small_matched else 0.5}
+    assert counter.epoch_stats()["assign/small_no_pos"] == 0.0  # the sums restarted
+
+
+def test_the_counter_hooks_every_branch_of_the_stock_and_the_size_aware_loss_and_changes_no_assignment():
+    torch.manual_seed(0)
+    model = DetectionModel("yolo26n.yaml", nc=2, verbose=False)  # end-to-end: two branches, two assigners
+    model.args = get_cfg()
+    config = load_loss_config("nwd")
+    config["nwd"]["constant"] = 12.0
+    _, inputs = assign(LARGE)
+    for criterion in (model.init_criterion(), build_size_aware_loss(model, AnchorWeighting(config))):
+        assigners = stock_assigners(criterion)
+        assert len(assigners) == 2 and all(type(a) is TaskAlignedAssigner for a in assigners)
+        counter = AssignmentCounter()
+        counter.attach(assigners)
+        counted = [assigner(*inputs) for assigner in assigners]
+        assert counter.sums[0] == 2  # the small box, once per branch
+        AssignmentCounter.detach(assigners)
+        assert not any(a._forward_hooks for a in assigners)
+        uncounted = [assigner(*inputs) for assigner in assigners]
+        assert counter.sums[0] == 2  # detached: no longer counted
+        assert all(torch.equal(a, b) for outs_a, outs_b in zip(counted, uncounted) for a, b in zip(outs_a, outs_b))
+
+
+def read(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_a_resumed_results_csv_gets_the_new_columns_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("epoch,time,train/box_loss,old/col\n1,10,2.5,7\n")
+    append_row(path, {"epoch": 2, "time": 20, "train/box_loss": 2.0, "assign/small_no_pos": 0.5})
+    assert read(path) == [["epoch", "time", "train/box_loss", "assign/small_no_pos", "old/col"],
+                          ["1", "10", "2.5", "", "7"], ["2", "20", "2.0", "0.5", ""]]
+    # a writer that writes values in its own column order (Ultralytics' save_metrics) lines up after widening
+    names = ["epoch", "time", "train/box_loss", "assign/small_no_pos"]
+    assert widen_header(path, names)[:4] == names
+    before = path.read_text()
+    widen_header(path, names)
+    assert path.read_text() == before  # already widened: untouched
