@@ -1,6 +1,7 @@
 """Loss settings as data: defaults from cfg/losses, overrides, and errors naming file, line and range."""
 
 import pytest
+import yaml
 
 from yolo_sizeloss.config import METHODS, LossConfigError, load_loss_config, parse_loss_names
 
@@ -115,3 +116,16 @@ def test_run_defaults_are_one_table_per_family():
     assert run_defaults("yolo") == {"epochs": 50, "imgsz": 416, "batch": 16, "workers": 2, "seed": 0, "fraction": 1.0}
     rcnn = run_defaults("faster_rcnn")
     assert (rcnn["epochs"], rcnn["batch"], rcnn["lr"], rcnn["lr_step"]) == (15, 4, 0.005, 3)  # the PLB paper's
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_old_behaviour(tmp_path):
+    """loss.yaml of a run trained before nwd.box_measure existed: the setting reads as its default, NWD, which is
+    what that run trained with, and the stock request for its loss is the same loss."""
+    from yolo_sizeloss.config import LOSS_FILE, check_resumed_loss, read_loss_record
+
+    old = load_loss_config("nwd")
+    del old["nwd"]["box_measure"]
+    (tmp_path / LOSS_FILE).write_text(yaml.safe_dump({"loss": "nwd", "settings": old}))
+    saved = read_loss_record(tmp_path)
+    assert saved == load_loss_config("nwd") and saved["nwd"]["box_measure"] == "nwd"
+    assert check_resumed_loss(saved, load_loss_config("nwd"), "resuming") is None

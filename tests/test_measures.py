@@ -125,3 +125,78 @@ def test_a_shipped_variant_puts_the_measure_in_both_families_assignment(variant,
     assert torch.isfinite(loss).all()
     switches = LossSwitches.from_config(config, C)
     assert isinstance(switches.rpn_overlap(), overlap_type) and switches.nwd_assigner == variant.split("_")[0]
+
+
+# --- in the box loss ----------------------------------------------------------------------------------------------
+
+def one_pair_box_loss(measure: str, ratio: float, pred_px: list[float], target_px: list[float], constant: float = 16.0):
+    """YOLO's box loss (``MeasureBboxLoss`` around the stock ``BboxLoss``) of one foreground anchor at stride 8
+    (and one background anchor), boxes given in network-input pixels; returns (ours, stock) IoU parts."""
+    from ultralytics.utils.loss import BboxLoss
+
+    from yolo_sizeloss.config import load_loss_config
+    from yolo_sizeloss.yolo.loss import AnchorWeighting, MeasureBboxLoss
+
+    config = load_loss_config("nwd")
+    config["nwd"].update(ratio=ratio, constant=constant, box_measure=measure)
+    torch.manual_seed(0)
+    pred = torch.tensor([[[v / 8 for v in pred_px], [0.0, 0.0, 9.0, 9.0]]])  # stride units, as BboxLoss gets them
+    target = torch.tensor([[[v / 8 for v in target_px], [5.0, 5.0, 6.0, 6.0]]])
+    args = (torch.randn(1, 2, 64), pred, torch.tensor([[2.5, 2.5], [1.5, 1.5]]), target,
+            torch.tensor([[[0.0, 0.75, 0.0], [0.0, 0.0, 0.0]]]), torch.tensor(1.5), torch.tensor([[True, False]]),
+            torch.tensor([64.0, 64.0]), torch.tensor([[8.0], [16.0]]))
+    stock = BboxLoss(16)(*args)[0]
+    return MeasureBboxLoss(BboxLoss(16), AnchorWeighting(config))(*args)[0], stock
+
+
+def test_safit_and_simd_in_yolos_box_loss_by_hand():
+    """Predicted 16 x 16 px at (8, 8), target 24 x 24 px at (8, 8) (tests/test_nwd.py's pair): CIoU =
+    256/576 - 32/1152, NWD = exp(-8/16); score 0.75, normaliser 1.5."""
+    ciou, nwd_value, scale = 256 / 576 - 32 / 1152, math.exp(-8 / 16), 0.75 / 1.5
+    w = sigmoid((24 - 32) / 32)  # SAFit's weight on the detector's own overlap (CIoU) for a 24 px ground truth
+    safit_value = w * ciou + (1 - w) * nwd_value
+    ours, stock = one_pair_box_loss("safit", 0.5, [8, 8, 24, 24], [8, 8, 32, 32])
+    assert ours.item() == pytest.approx((0.5 * (1 - ciou) + 0.5 * (1 - safit_value)) * scale, abs=1e-6)
+    assert stock.item() == pytest.approx((1 - ciou) * scale, abs=1e-6)
+    # SimD: centres 4 px apart on each axis, sides 16 and 24: per axis divided by (16 + 24) / m
+    sx, sy = 40 / 6.13, 40 / 4.59
+    simd_value = math.exp(-(math.hypot(4 / sx, 4 / sy) + math.hypot(8 / sx, 8 / sy)))
+    ours, _ = one_pair_box_loss("simd", 1.0, [8, 8, 24, 24], [8, 8, 32, 32])
+    assert ours.item() == pytest.approx((1 - simd_value) * scale, rel=1e-4)
+
+
+def test_safit_in_the_box_loss_is_the_stock_term_for_a_large_box():
+    """w = sigmoid((400 - 32) / 32) = 1 - 1e-5: a 400 px ground truth keeps the stock CIoU term, even at ratio 1."""
+    ours, stock = one_pair_box_loss("safit", 1.0, [0, 0, 380, 400], [8, 8, 408, 408])
+    assert ours.item() == pytest.approx(stock.item(), rel=1e-4)
+    assert one_pair_box_loss("nwd", 1.0, [0, 0, 380, 400], [8, 8, 408, 408])[0].item() != pytest.approx(
+        stock.item(), rel=1e-2)  # NWD alone would not be
+
+
+@pytest.mark.parametrize("measure", ["nwd", "safit", "simd"])
+def test_each_box_measure_has_a_finite_gradient_for_identical_boxes(measure):
+    from yolo_sizeloss.methods.measures import box_similarity
+
+    pred = torch.tensor([[10.0, 10.0, 14.0, 14.0], [10.0, 10.0, 10.0, 10.0]], requires_grad=True)
+    gt = torch.tensor([[10.0, 10.0, 14.0, 14.0], [10.0, 10.0, 10.0, 10.0]])  # a tiny box and a zero-size one
+    value = box_similarity(measure, pred, gt, C)
+    (1 - value).sum().backward()
+    assert torch.isfinite(pred.grad).all() and torch.isfinite(value).all()
+    assert value[0].item() == pytest.approx(1.0, abs=1e-3)  # identical 4 x 4 boxes: a perfect fit
+    # two identical points: SAFit's IoU member is 0 (no area to overlap), so only its NWD part counts
+    assert value[1].item() == pytest.approx(1 - sigmoid(-1) if measure == "safit" else 1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("measure", ["safit", "simd"])
+def test_faster_rcnn_box_terms_mix_the_named_measure(measure):
+    """The hand-built RPN batch of tests/test_rcnn.py: each positive's decoded box against its ground truth,
+    by the measure ``nwd.box_measure`` names (SAFit with plain IoU: smooth-L1 has no overlap of its own)."""
+    from test_rcnn import RPN_GT, RPN_POS_MATCHED, rpn_box_terms, rpn_forward, tiny_rpn
+    from test_rcnn_nwd import nwd_switches, rpn_predicted_boxes
+
+    losses, labels, anchors = rpn_forward(tiny_rpn(nwd_switches(ratio=0.5, assigner=False, box_measure=measure)))
+    pred = torch.tensor(rpn_predicted_boxes(anchors))
+    gt = RPN_GT[list(RPN_POS_MATCHED)]
+    similarity = safit(pred, gt, 10.0) if measure == "safit" else simd(pred, gt)
+    expected = (0.5 * sum(rpn_box_terms(anchors)) + 0.5 * (1 - similarity).sum().item()) / int((labels >= 0).sum())
+    assert losses["loss_rpn_box_reg"].item() == pytest.approx(expected, rel=1e-5)

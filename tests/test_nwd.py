@@ -15,7 +15,7 @@ from ultralytics.utils.tal import TaskAlignedAssigner, make_anchors
 from yolo_sizeloss.config import LossConfigError, load_loss_config
 from yolo_sizeloss.yolo.loss import (
     AnchorWeighting,
-    NWDBboxLoss,
+    MeasureBboxLoss,
     PendingWeights,
     WeightedBboxLoss,
     build_size_aware_loss,
@@ -36,7 +36,7 @@ def nwd_config(spec="nwd", **settings) -> dict:
 # --- settings -----------------------------------------------------------------------------------
 
 def test_defaults_and_combination_with_a_weighting():
-    assert load_loss_config("nwd") == {"nwd": {"ratio": 0.5, "constant": "auto", "assigner": True,
+    assert load_loss_config("nwd") == {"nwd": {"ratio": 0.5, "constant": "auto", "assigner": True, "box_measure": "nwd",
                                                "small_area": 1024, "rcnn_terms": ["rpn_box"]}}  # rcnn_terms: Faster R-CNN's
     cfg = load_loss_config("nwd+feedback")
     assert list(cfg) == ["nwd", "feedback"] and cfg["feedback"] == load_loss_config("feedback")["feedback"]
@@ -46,7 +46,7 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
     path = tmp_path / "o.yaml"
     path.write_text("nwd:\n  constant: 12.8\n  ratio: 1\n  assigner: false\n")
     assert load_loss_config("nwd", path)["nwd"] == {"ratio": 1, "constant": 12.8, "assigner": False,
-                                                    "small_area": 1024, "rcnn_terms": ["rpn_box"]}
+                                                    "box_measure": "nwd", "small_area": 1024, "rcnn_terms": ["rpn_box"]}
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,8 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
         ("nwd:\n  assigner: 1\n", r"o\.yaml:2: nwd\.assigner = 1 .*true, false, auto or a measure: safit, simd"),
         ("nwd:\n  small_area: 0\n", r"o\.yaml:2: nwd\.small_area = 0 .*a number > 0"),
         ("nwd:\n  terms: [box]\n",
-         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, small_area, rcnn_terms\)"),
+         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, box_measure, small_area, rcnn_terms\)"),
+        ("nwd:\n  box_measure: giou\n", r"o\.yaml:2: nwd\.box_measure = 'giou' .*one of nwd, safit, simd"),
     ],
 )
 def test_bad_settings_name_file_line_and_range(tmp_path, text, message):
@@ -188,20 +189,20 @@ def test_mixed_box_loss_of_one_pair_by_hand():
     stock_iou, stock_dfl = BboxLoss(16)(*args)
     assert stock_iou.item() == pytest.approx((1 - ciou) * score / normaliser, abs=1e-6)
     weighting = AnchorWeighting(nwd_config(ratio=ratio, constant=constant))
-    loss_iou, loss_dfl = NWDBboxLoss(BboxLoss(16), weighting)(*args)
+    loss_iou, loss_dfl = MeasureBboxLoss(BboxLoss(16), weighting)(*args)
     assert loss_iou.item() == pytest.approx(expected, abs=1e-6)
     assert torch.equal(loss_dfl, stock_dfl)
 
     # the size-aware box weight scales the NWD term with the CIoU term (the wrapper order of install)
     pending = PendingWeights(box=torch.tensor([[2.0, 1.0]]))
-    doubled, _ = WeightedBboxLoss(NWDBboxLoss(BboxLoss(16), weighting), pending)(*args)
+    doubled, _ = WeightedBboxLoss(MeasureBboxLoss(BboxLoss(16), weighting), pending)(*args)
     assert doubled.item() == pytest.approx(2 * expected, abs=1e-6)
     # ratio 1 is the NWD term alone, ratio 0 the stock value
     weighting.config["nwd"]["ratio"] = 1
-    assert NWDBboxLoss(BboxLoss(16), weighting)(*args)[0].item() == pytest.approx(
+    assert MeasureBboxLoss(BboxLoss(16), weighting)(*args)[0].item() == pytest.approx(
         (1 - math.exp(-0.5)) * score / normaliser, abs=1e-6)
     weighting.config["nwd"]["ratio"] = 0
-    assert torch.equal(NWDBboxLoss(BboxLoss(16), weighting)(*args)[0], stock_iou)
+    assert torch.equal(MeasureBboxLoss(BboxLoss(16), weighting)(*args)[0], stock_iou)
 
 
 # --- the assigner -------------------------------------------------------------------------------

@@ -387,8 +387,13 @@ def test_auto_assigner_is_decided_from_the_training_boxes_logged_and_kept_in_the
 @pytest.mark.slow
 def test_resume_keeps_the_runs_constant(runs, tmp_path):
     run = tmp_path / "run"
-    last, _ = resumable_copy(runs["nwd"], run, nwd_constant=33.0)  # a value the labels would not give
-    assert main(["--resume", str(last)]) == 0
+    last, checkpoint = resumable_copy(runs["nwd"], run, nwd_constant=33.0)  # a value the labels would not give
+    # as a run saved before nwd.box_measure existed: it resumes with NWD, also when its loss is named
+    for saved in (checkpoint["train_args"]["loss_config"], checkpoint["loss"]):  # one dict, or two copies
+        saved["nwd"].pop("box_measure", None)
+    torch.save(checkpoint, last)
+    assert main(["--resume", str(last), "--loss", "nwd"]) == 0
     rows = results(run)
     assert len(rows) == 2 and float(rows[1]["nwd/constant"]) == 33.0
     assert load_checkpoint(last, RCNN_ARCH)["nwd_constant"] == 33.0
+    assert load_checkpoint(last, RCNN_ARCH)["loss"]["nwd"]["box_measure"] == "nwd"

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from yolo_sizeloss.config import with_new_settings
+
 RCNN_ARCH = "faster_rcnn"
 RCNN_KEYS = ("arch", "backbone", "num_classes", "names", "imgsz", "model", "loss")
 
@@ -32,6 +34,9 @@ def load_checkpoint(path: str | Path, arch: str | None = None) -> dict:
         missing = [k for k in RCNN_KEYS if k not in ckpt]
         if missing:
             raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)}")
+        ckpt["loss"] = with_new_settings(ckpt["loss"])
+        if "loss_config" in ckpt.get("train_args", {}):
+            ckpt["train_args"]["loss_config"] = with_new_settings(ckpt["train_args"]["loss_config"])
     return ckpt
 
 

@@ -170,7 +170,14 @@ def write_loss_record(run_dir: Path, config: dict[str, dict[str, Any]]) -> Path:
 def read_loss_record(run_dir: Path) -> dict[str, dict[str, Any]] | None:
     """The settings ``write_loss_record`` saved in ``run_dir``; None when the run has none."""
     path = Path(run_dir) / LOSS_FILE
-    return yaml.safe_load(path.read_text())["settings"] if path.is_file() else None
+    return with_new_settings(yaml.safe_load(path.read_text())["settings"]) if path.is_file() else None
+
+
+def with_new_settings(saved: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A run's saved settings, with each setting added since it was saved at its default: a new setting's
+    default is the behaviour from before it existed (``nwd.box_measure: nwd``), so the run resumes as it
+    was trained and compares equal to a request for its loss. For both families' resume."""
+    return {method: {**load_loss_config(method)[method], **settings} for method, settings in saved.items()}
 
 
 def check_resumed_loss(saved: dict | None, requested: dict, where: str) -> str | None:

@@ -17,6 +17,7 @@ from yolo_sizeloss.methods.nwd import nwd, nwd_matrix
 SAFIT_SIZE = 32.0  # C of SAFit's blend, in pixels: COCO's small threshold, as the public code sets it
 SIMD_RELEASED_NORMALISERS = (6.13, 4.59)  # m_x, m_y hard-coded in the authors' code (cszzshi/SimD)
 SIMD_EPS = 1e-6  # added to centres and sides, and the floor of the similarity, as the authors' code does
+SIMD_SQRT_EPS = 1e-12  # under SimD's square roots, so that identical boxes have a gradient (0) instead of NaN
 
 
 def _iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
@@ -72,8 +73,8 @@ def _centre_size(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def _simd(a: tuple[Tensor, ...], b: tuple[Tensor, ...], m_x: float, m_y: float) -> Tensor:
     (x1, y1, w1, h1), (x2, y2, w2, h2) = a, b
     scale_x, scale_y = (w1 + w2) / m_x, (h1 + h2) / m_y
-    location = torch.sqrt(((x1 - x2) / scale_x) ** 2 + ((y1 - y2) / scale_y) ** 2)
-    shape = torch.sqrt(((w1 - w2) / scale_x) ** 2 + ((h1 - h2) / scale_y) ** 2)
+    location = torch.sqrt(((x1 - x2) / scale_x) ** 2 + ((y1 - y2) / scale_y) ** 2 + SIMD_SQRT_EPS)
+    shape = torch.sqrt(((w1 - w2) / scale_x) ** 2 + ((h1 - h2) / scale_y) ** 2 + SIMD_SQRT_EPS)
     return torch.exp(-(location + shape)).clamp(min=SIMD_EPS)
 
 
@@ -86,7 +87,9 @@ def simd(boxes_a: Tensor, boxes_b: Tensor, m_x: float = SIMD_RELEASED_NORMALISER
     measured relative to the pair's own size, so one similarity serves tiny and large boxes without a
     data-set constant like NWD's C. Identical boxes give 1, far or mis-shaped ones tend to the floor
     ``SIMD_EPS``; zero-size boxes are finite (``SIMD_EPS`` is added to every side, as the authors' code
-    does). Symmetric and scale-invariant up to that epsilon.
+    does). Symmetric and scale-invariant up to that epsilon. Differentiable (``SIMD_SQRT_EPS`` under the
+    square roots keeps the gradient of identical boxes finite; it moves the value by at most 2e-6): use
+    ``1 - simd`` in a box loss.
     """
     return _simd(_centre_size(boxes_a), _centre_size(boxes_b), m_x, m_y)
 
@@ -98,3 +101,20 @@ def simd_matrix(boxes_a: Tensor, boxes_b: Tensor, m_x: float = SIMD_RELEASED_NOR
     a = tuple(t[:, None] for t in _centre_size(boxes_a.float()))
     b = tuple(t[None, :] for t in _centre_size(boxes_b.float()))
     return _simd(a, b, m_x, m_y)
+
+
+def box_similarity(measure: str, pred_boxes: Tensor, gt_boxes: Tensor, nwd_constant: float | None,
+                   iou: Tensor | None = None) -> Tensor:
+    """The similarity ``nwd.box_measure`` names, of aligned predicted and ground-truth boxes, for a box loss
+    that mixes in ``1 - similarity`` (both families): ``nwd`` (``methods.nwd.nwd``), ``safit`` (``iou``
+    as its IoU member: the detector's own overlap, Ultralytics' CIoU, so that large boxes keep the stock
+    term; plain IoU when None) or ``simd`` (no constant). ``nwd_constant`` may be None for ``simd`` only."""
+    if measure == "simd":
+        return simd(pred_boxes, gt_boxes)
+    if nwd_constant is None:
+        raise ValueError(f"box measure {measure} needs NWD's constant")
+    if measure == "nwd":
+        return nwd(pred_boxes, gt_boxes, nwd_constant)
+    if measure == "safit":
+        return safit(pred_boxes, gt_boxes, nwd_constant, iou=iou)
+    raise ValueError(f"unknown box measure {measure!r}")

@@ -121,6 +121,7 @@ def finite_box_areas(widths: torch.Tensor, heights: torch.Tensor, caller: str) -
 
 
 ASSIGNER_MEASURES = ("safit", "simd")  # nwd.assigner may name another measure (methods.measures) instead of NWD
+BOX_MEASURES = ("nwd", "safit", "simd")  # what nwd.box_measure may mix into the box loss (methods.measures.box_similarity)
 
 
 def _flag_auto_or_measure(value: Any) -> tuple[bool, str]:
@@ -142,6 +143,7 @@ METHOD = Method(
         "ratio": number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         "constant": _positive_or_auto,
         "assigner": _flag_auto_or_measure,
+        "box_measure": lambda v: (v in BOX_MEASURES, f"one of {', '.join(BOX_MEASURES)}"),
         "small_area": number(lambda v: v > 0, "a number > 0 (network-input pixels squared)"),
     },
     # YOLO: always its box loss; Faster R-CNN: NWD replaces part of a box term, of the two listed

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 from yolo_sizeloss.methods import REGISTRY, WEIGHT_ORDER
-from yolo_sizeloss.methods.overlaps import IoU, NWDOverlap, Overlap, assigner_overlap
+from yolo_sizeloss.methods.measures import box_similarity
+from yolo_sizeloss.methods.overlaps import IoU, Overlap, assigner_overlap
 
 FAMILY = "faster_rcnn"
 UNRESOLVED_HINT = ("pass LossSwitches.from_config the training_nwd_settings of the training labels (the engine does), "
@@ -92,12 +93,18 @@ class LossSwitches:
         return self.config["nwd"]["ratio"] if "nwd" in self.config else 0.0
 
     def nwd_mixes(self, term: str) -> bool:
-        """True when ``term``'s box loss mixes in NWD (listed, with a ratio above 0: ratio 0 is the stock term)."""
+        """True when ``term``'s box loss mixes in NWD or ``nwd.box_measure``'s measure (listed, with a ratio
+        above 0: ratio 0 is the stock term)."""
         return term in self.terms("nwd") and self.nwd_ratio > 0
 
-    def nwd(self) -> NWDOverlap:
-        """NWD with the configured constant (measuring raises while ``auto`` is unresolved)."""
-        return NWDOverlap(self.nwd_constant, UNRESOLVED_HINT)
+    def box_similarity(self, pred_boxes: Tensor, gt_boxes: Tensor) -> Tensor:
+        """Element-wise ``nwd.box_measure`` (NWD by default; SAFit with plain IoU, the smooth-L1 terms having
+        none of their own) of predicted boxes and their ground truths, float32; raises while an ``auto``
+        constant the measure needs is unresolved."""
+        measure = self.config["nwd"]["box_measure"]
+        if self.nwd_constant is None and measure != "simd":
+            raise RuntimeError(f"nwd.constant is auto but was not resolved: {UNRESOLVED_HINT}")
+        return box_similarity(measure, pred_boxes.float(), gt_boxes.float(), self.nwd_constant)
 
     def rpn_overlap(self) -> Overlap:
         """The overlap the RPN's matcher measures: ``nwd.assigner``'s (NWD, or SAFit or SimD by name), else

@@ -7,9 +7,9 @@ into per-anchor weights (the methods are ``yolo_sizeloss.methods``, the definiti
 class weight) and the box loss (its per-anchor weight, the target-score sum, times the box weight).
 Everything else, including options Ultralytics adds later (``class_weights``, assigner keywords),
 stays the stock code's. With every weight 1 the loss is the stock one, bit for bit: the normaliser
-``target_scores_sum`` is never touched. NWD (``nwd``) is not a weight: ``NWDBboxLoss`` mixes it into
-the box loss's IoU part and ``methods.overlaps.NWDOverlap`` replaces the assigner's CIoU, each only
-when configured.
+``target_scores_sum`` is never touched. NWD (``nwd``) is not a weight: ``MeasureBboxLoss`` mixes it
+(or the measure ``nwd.box_measure`` names) into the box loss's IoU part and the overlap of
+``nwd.assigner`` (``methods.overlaps``) replaces the assigner's CIoU, each only when configured.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from ultralytics.utils.metrics import bbox_iou
 from yolo_sizeloss.methods import REGISTRY, WEIGHT_ORDER, MatchedSamples
 from yolo_sizeloss.methods.base import box_areas
 from yolo_sizeloss.methods.feedback import FeedbackBalancer
-from yolo_sizeloss.methods.nwd import nwd, resolve_nwd_auto
+from yolo_sizeloss.methods.measures import box_similarity
+from yolo_sizeloss.methods.nwd import resolve_nwd_auto
 from yolo_sizeloss.methods.overlaps import NWDOverlap, Overlap, assigner_overlap
 
 UNRESOLVED_HINT = ("call AnchorWeighting.resolve_from_labels(dataset.labels, imgsz) before training "
@@ -170,11 +171,15 @@ class AnchorWeighting(nn.Module):
         for line in lines:
             LOGGER.info(line)
 
-    def nwd_similarity(self, boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
-        """Element-wise NWD (float32) of xyxy boxes in network-input pixels, with the configured constant."""
-        if self.nwd_constant is None:
+    def box_similarity(self, pred_boxes: torch.Tensor, gt_boxes: torch.Tensor,
+                       ciou: torch.Tensor | None = None) -> torch.Tensor:
+        """Element-wise similarity (float32) of xyxy boxes in network-input pixels by ``nwd.box_measure``,
+        with the configured constant; ``ciou`` (the pairs' CIoU) is SAFit's IoU member."""
+        measure = self.config["nwd"]["box_measure"]
+        if self.nwd_constant is None and measure != "simd":
             raise RuntimeError(f"nwd.constant is auto but was not resolved: {UNRESOLVED_HINT}")
-        return nwd(boxes_a.float(), boxes_b.float(), self.nwd_constant)
+        return box_similarity(measure, pred_boxes.float(), gt_boxes.float(), self.nwd_constant,
+                              None if ciou is None else ciou.float())
 
     def overlap(self) -> Overlap | None:
         """The overlap the task-aligned assigner measures (``nwd.assigner``: NWD, or SAFit or SimD by name);
@@ -291,15 +296,16 @@ class WeightedBboxLoss(nn.Module):
         return self.bbox_loss(pred_dist, pred_bboxes, anchor_points, target_bboxes, target_scores, *args, **kwargs)
 
 
-class NWDBboxLoss(nn.Module):
-    """The stock box loss with NWD mixed into its IoU part: ``(1 - ratio) L_iou + ratio L_nwd`` (``nwd.ratio``).
+class MeasureBboxLoss(nn.Module):
+    """The stock box loss with a measure mixed into its IoU part: ``(1 - ratio) L_iou + ratio L_m`` (``nwd.ratio``).
 
-    ``L_nwd = sum_k w_k (1 - NWD_k) / S`` over the foreground anchors, with the weights ``w_k`` (the
-    anchor's target-score sum; this wrapper sits inside ``WeightedBboxLoss``, so times the size-aware
-    box weight) and the normaliser ``S`` of the stock ``L_iou``. ``BboxLoss`` receives boxes in stride
+    ``L_m = sum_k w_k (1 - m_k) / S`` over the foreground anchors, ``m`` the similarity ``nwd.box_measure``
+    names (NWD by default; ``AnchorWeighting.box_similarity``), with the weights ``w_k`` (the anchor's
+    target-score sum; this wrapper sits inside ``WeightedBboxLoss``, so times the size-aware box
+    weight) and the normaliser ``S`` of the stock ``L_iou``. ``BboxLoss`` receives boxes in stride
     units; NWD is not scale-invariant, so both are scaled back by each anchor's ``stride`` to the
     network-input pixels its constant is measured in. DFL (or L1) is the stock value; ratio 0 returns
-    the stock tensors themselves, ratio 1 the NWD term alone (the paper's loss).
+    the stock tensors themselves, ratio 1 the measure's term alone (NWD's paper's loss).
     """
 
     def __init__(self, bbox_loss: nn.Module, weighting: AnchorWeighting):
@@ -315,11 +321,15 @@ class NWDBboxLoss(nn.Module):
             return loss_iou, loss_dfl
         fg = fg_mask.nonzero(as_tuple=True)
         scale = stride[fg[1]]  # (n, 1): the stride of each foreground anchor's level
-        similarity = self.weighting.nwd_similarity(pred_bboxes[fg] * scale, target_bboxes[fg] * scale)
-        loss_nwd = ((1.0 - similarity) * target_scores[fg].sum(-1)).sum() / target_scores_sum
+        pred_fg, target_fg = pred_bboxes[fg] * scale, target_bboxes[fg] * scale
+        # CIoU as the stock term computes it; only SAFit reads it, so that its large boxes keep the stock term
+        ciou = (bbox_iou(pred_fg, target_fg, xywh=False, CIoU=True).squeeze(-1)
+                if self.weighting.config["nwd"]["box_measure"] == "safit" else None)
+        similarity = self.weighting.box_similarity(pred_fg, target_fg, ciou)
+        loss_measure = ((1.0 - similarity) * target_scores[fg].sum(-1)).sum() / target_scores_sum
         if ratio == 1:
-            return loss_nwd, loss_dfl
-        return (1.0 - ratio) * loss_iou + ratio * loss_nwd, loss_dfl
+            return loss_measure, loss_dfl
+        return (1.0 - ratio) * loss_iou + ratio * loss_measure, loss_dfl
 
 
 def loss_branches(criterion: v8DetectionLoss | E2ELoss) -> tuple[v8DetectionLoss, ...]:
@@ -339,7 +349,8 @@ def install_size_aware_loss(criterion: v8DetectionLoss | E2ELoss, weighting: Anc
     The branches of an end-to-end loss share ``weighting``: each weighs its anchors from its own
     assignment, and the feedback state sees both. Call ``weighting.end_step()`` once per training
     step (``SizeAwareTrainer`` does, at each batch end). With ``nwd`` configured, each branch's box
-    loss also mixes in NWD, and with ``nwd.assigner`` its assigner measures overlap by NWD.
+    loss also mixes in NWD (or ``nwd.box_measure``'s measure), and with ``nwd.assigner`` its assigner
+    measures overlap by NWD (or the measure it names).
     """
     nwd_cfg = weighting.config.get("nwd")
     for branch in loss_branches(criterion):
@@ -355,7 +366,7 @@ def install_size_aware_loss(criterion: v8DetectionLoss | E2ELoss, weighting: Anc
             branch.assigner.iou_calculation = overlap.elementwise
         branch.assigner = ObservedAssigner(branch.assigner, weighting, pending)
         branch.bce = WeightedBCE(branch.bce, pending)
-        bbox_loss = NWDBboxLoss(branch.bbox_loss, weighting) if nwd_cfg else branch.bbox_loss
+        bbox_loss = MeasureBboxLoss(branch.bbox_loss, weighting) if nwd_cfg else branch.bbox_loss
         branch.bbox_loss = WeightedBboxLoss(bbox_loss, pending)
     return criterion
 
@@ -372,7 +383,7 @@ def remove_size_aware_loss(criterion: v8DetectionLoss | E2ELoss) -> v8DetectionL
             del branch.assigner.iou_calculation  # the class's CIoU is back
         branch.bce = branch.bce.bce
         bbox_loss = branch.bbox_loss.bbox_loss
-        branch.bbox_loss = bbox_loss.bbox_loss if isinstance(bbox_loss, NWDBboxLoss) else bbox_loss
+        branch.bbox_loss = bbox_loss.bbox_loss if isinstance(bbox_loss, MeasureBboxLoss) else bbox_loss
     return criterion
 
 
