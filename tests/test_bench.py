@@ -40,6 +40,7 @@ one_class = bench_script("one_class")
 overhead = bench_script("overhead")
 gpu = bench_script("gpu")
 unmatched = bench_script("unmatched")
+no_positive = bench_script("no_positive")
 
 
 def hold_lock(path: Path) -> subprocess.Popen:
@@ -511,3 +512,18 @@ def test_peer_modes_carry_their_model_and_ultralytics_arguments(capsys):
     with pytest.raises(SystemExit):  # checked as train checks key=value pairs, before any run
         compare.parse_args(["--losses", "baseline", "baseline@cls_pww=1.0"])
     assert "did you mean 'cls_pw'" in capsys.readouterr().err
+
+
+def test_no_positive_counts_every_mode_on_the_same_batches(bccd_subset, tmp_path, capsys):
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    weights = tmp_path / "untrained.pt"
+    torch.save({"model": DetectionModel("yolov8n.yaml", nc=3, verbose=False)}, weights)
+    assert no_positive.main(["--weights", str(weights), "--data", str(bccd_subset), "--imgsz", "160",
+                             "--batch", "4", "--batches", "2", "--modes", "baseline", "nwd:safit"]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:]
+            if line.startswith(("baseline", "nwd"))}
+    assert list(rows) == ["baseline", "nwd:safit"]
+    assert rows["baseline"][0] == rows["nwd:safit"][0] and float(rows["baseline"][0]) > 0  # the same small GTs
+    assert all(0 <= float(v.rstrip("%")) <= 100 for row in rows.values() for v in row[2:])
