@@ -7,7 +7,7 @@ model and the same batches.
 The checkpoint's model (in eval mode: its predictions as at inference, nothing trained) sees the same
 augmented training batches for every mode; each mode's criterion assigns them (the task-aligned
 assigner with the mode's overlap, ``nwd`` 'auto' settings resolved from the training labels) and
-``yolo_sizeloss.yolo.assignment.AssignmentCounter`` counts, as every training run does in its
+``yolo_sizeloss.assignment.AssignmentCounter`` counts, as every training run does in its
 ``assign/*`` columns. Prints one row per mode. A trained model's predictions fit their objects, so
 this measures assignment late in training; a run's results.csv shows it epoch by epoch.
 """
@@ -23,9 +23,10 @@ from ultralytics.cfg import get_cfg
 from ultralytics.data import build_dataloader, build_yolo_dataset
 from ultralytics.data.utils import check_det_dataset
 
+from yolo_sizeloss.assignment import AssignmentCounter
 from yolo_sizeloss.config import load_loss_config
 from yolo_sizeloss.paths import resolve_data
-from yolo_sizeloss.yolo.assignment import AssignmentCounter
+from yolo_sizeloss.yolo.assignment import attach_counter
 from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss, stock_assigners
 
 
@@ -55,7 +56,7 @@ def count_mode(model, mode: str, batches, labels, imgsz: int) -> dict[str, float
         weighting.resolve_from_labels(labels, imgsz)
         criterion = build_size_aware_loss(model, weighting)
     counter = AssignmentCounter()
-    counter.attach(stock_assigners(criterion))
+    attach_counter(counter, stock_assigners(criterion))
     with torch.no_grad():
         for batch in batches:
             criterion(model(batch["img"]), batch)

@@ -9,8 +9,10 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils.tal import TaskAlignedAssigner
 
 from yolo_sizeloss.config import load_loss_config
+from yolo_sizeloss.methods.base import box_areas
 from yolo_sizeloss.results_csv import append_row, widen_header
-from yolo_sizeloss.yolo.assignment import AssignmentCounter, unmatched_ground_truths
+from yolo_sizeloss.assignment import AssignmentCounter
+from yolo_sizeloss.yolo.assignment import attach_counter, detach_counters, positives_per_slot
 from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss, stock_assigners
 
 GRID = torch.arange(4, 64, 8.0)
@@ -19,11 +21,20 @@ LARGE = [8.0, 8.0, 56.0, 56.0]  # 48 x 48
 SMALL = [26.0, 26.0, 32.0, 32.0]  # 6 x 6, inside the large box
 
 
-def test_unmatched_slots_by_hand():
+def test_positives_per_slot_and_the_counts_by_hand():
     fg = torch.tensor([[True, True, False, True], [False, False, False, False]])
     idx = torch.tensor([[0, 0, 1, 2], [1, 1, 1, 1]])  # image 0: slot 0 twice, slot 2 once; slot 1 only on a background
-    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])[..., None]
-    assert unmatched_ground_truths(fg, idx, mask).tolist() == [[False, True, False], [True, False, False]]
+    positives = positives_per_slot(fg, idx, 3)
+    assert positives.tolist() == [[2, 0, 1], [0, 0, 0]]
+    valid = torch.tensor([[True, True, True], [True, False, False]])  # image 1 has one ground truth
+    boxes = torch.tensor([[[0, 0, 40, 40], [0, 0, 10, 10], [0, 0, 31, 33]], [[0, 0, 8, 8], [0, 0, 1, 1], [0, 0, 1, 1]]])
+    counter = AssignmentCounter()
+    counter.add(positives, boxes, valid)  # small: slot 1 (unmatched) and slot 2 of image 0, image 1's (unmatched)
+    counter.end_step()
+    counter.end_step()
+    assert counter.sums.tolist() == [3, 2, 4, 2, 2]
+    assert counter.epoch_stats() == {"assign/small_no_pos": 1.0, "assign/small_no_pos_share": 2 / 3,
+                                     "assign/no_pos_share": 0.5}
 
 
 def assign(predicted_box: list[float]):
@@ -45,7 +56,7 @@ def test_a_small_object_inside_a_large_one_loses_its_anchors_when_they_overlap_t
     that fit the large box take every candidate of the small one."""
     assigner, inputs = assign(predicted)
     counter = AssignmentCounter()
-    counter.attach([assigner])
+    attach_counter(counter, [assigner])
     assigner(*inputs)
     counter.end_step()
     stats = counter.epoch_stats()
@@ -66,14 +77,35 @@ def test_the_counter_hooks_every_branch_of_the_stock_and_the_size_aware_loss_and
         assigners = stock_assigners(criterion)
         assert len(assigners) == 2 and all(type(a) is TaskAlignedAssigner for a in assigners)
         counter = AssignmentCounter()
-        counter.attach(assigners)
+        attach_counter(counter, assigners)
         counted = [assigner(*inputs) for assigner in assigners]
         assert counter.sums[0] == 2  # the small box, once per branch
-        AssignmentCounter.detach(assigners)
+        detach_counters(assigners)
         assert not any(a._forward_hooks for a in assigners)
         uncounted = [assigner(*inputs) for assigner in assigners]
         assert counter.sums[0] == 2  # detached: no longer counted
         assert all(torch.equal(a, b) for outs_a, outs_b in zip(counted, uncounted) for a, b in zip(outs_a, outs_b))
+
+
+def test_faster_rcnn_counts_the_anchors_the_matcher_gave_each_ground_truth():
+    from yolo_sizeloss.rcnn.heads import positives_per_gt
+
+    matches = torch.tensor([-1, 0, 2, 2, -2, 0])  # -1, -2: below and between the thresholds
+    assert positives_per_gt(matches, 4).tolist() == [2, 0, 2, 0]
+    assert positives_per_gt(torch.full((5,), -1), 0).tolist() == []  # an image without boxes
+
+
+def test_the_stock_rpn_of_faster_rcnn_is_counted_too():
+    from test_rcnn import RPN_GT, rpn_forward, tiny_rpn
+
+    from yolo_sizeloss.rcnn.switches import LossSwitches
+
+    rpn = tiny_rpn(LossSwitches())  # the stock loss: no method acts, the matcher's counts are still kept
+    rpn_forward(rpn)
+    small = int((box_areas(RPN_GT) < 1024).sum())
+    assert rpn.assignments.sums[0] == small and rpn.assignments.sums[2] == len(RPN_GT)
+    assert rpn.assignments.sums[3] == 0  # the hand-built batch gives every ground truth a positive anchor
+    assert "assignments.sums" not in "".join(rpn.state_dict())  # kept out of checkpoints
 
 
 def read(path):

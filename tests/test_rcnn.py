@@ -400,9 +400,12 @@ def test_one_epoch_writes_results_weights_and_settings(trained_run):
     rows = (trained_run / "results.csv").read_text().splitlines()
     header = rows[0].split(",")
     for column in ("train/loss_objectness", "train/loss_rpn_box_reg", "train/loss_classifier", "train/loss_box_reg",
-                   "metrics/mAP50(B)", "metrics/mAP50-95(B)"):
+                   "metrics/mAP50(B)", "metrics/mAP50-95(B)", "assign/small_no_pos", "assign/small_no_pos_share",
+                   "assign/no_pos_share"):
         assert column in header
     assert len(rows) == 2 and all(math.isfinite(float(v)) for v in rows[1].split(","))
+    row = dict(zip(header, rows[1].split(",")))
+    assert 0 <= float(row["assign/small_no_pos_share"]) <= 1 and 0 <= float(row["assign/no_pos_share"]) <= 1
     checkpoint = load_checkpoint(trained_run / "weights" / "last.pt")
     assert checkpoint["backbone"] == "mobilenet_v3_large_fpn" and checkpoint["imgsz"] == IMGSZ
     assert checkpoint["num_classes"] == 4 and checkpoint["names"] == {0: "RBC", 1: "WBC", 2: "Platelets"}
@@ -434,14 +437,18 @@ def test_resume_continues_the_run(trained_run, tmp_path, capsys):
     checkpoint = torch.load(last, weights_only=True)
     checkpoint["train_args"]["epochs"] = 2  # as if the run had been started for 2 epochs and stopped after 1
     torch.save(checkpoint, last)
-    first_row = (run / "results.csv").read_text().splitlines()[1]
-    with open(run / "results.csv", "a") as f:  # epoch 2's row of a run killed before its checkpoint was written
-        f.write(first_row.replace("1,", "2,", 1) + "\n")
+    # as a run started before the assignment columns existed, killed after epoch 2's row, before its checkpoint
+    old = [row for row in csv.DictReader(open(run / "results.csv"))]
+    old = [{k: v for k, v in row.items() if not k.startswith("assign/")} for row in old]
+    first_row = ",".join(old[0].values())
+    with open(run / "results.csv", "w") as f:
+        f.write(",".join(old[0]) + "\n" + first_row + "\n" + first_row.replace("1,", "2,", 1) + "\n")
     # the checkpoint knows its family: no --arch needed to resume it
     assert train_main(["--resume", str(last)]) == 0
     rows = list(csv.DictReader(open(run / "results.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[1]["time"]) > float(rows[0]["time"])
     assert rows[1] != dict(zip(rows[0], first_row.replace("1,", "2,", 1).split(",")))  # trained again
+    assert rows[0]["assign/no_pos_share"] == "" and float(rows[1]["assign/no_pos_share"]) <= 1  # the columns added
     resumed = load_checkpoint(last)
     assert resumed["epoch"] == 1 and resumed["scheduler"]["last_epoch"] == 2
     assert yaml.safe_load((run / "loss.yaml").read_text())["settings"] == resumed["loss"]

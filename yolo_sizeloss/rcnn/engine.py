@@ -37,7 +37,9 @@ from yolo_sizeloss.methods.nwd import resolve_nwd_auto
 from yolo_sizeloss.paths import resolve_data
 from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection, training_box_sizes
 from yolo_sizeloss.rcnn.model import (
+    assignment_columns,
     build_model,
+    end_assignment_step,
     end_feedback_step,
     feedback_columns,
     model_from_checkpoint,
@@ -151,6 +153,7 @@ def train_one_epoch(
         sum(losses[name] for name in LOSS_NAMES).backward()
         optimizer.step()
         end_feedback_step(unwrap(model))  # once per iteration; the state is summed across processes
+        end_assignment_step(unwrap(model))
         if warmup is not None:
             warmup.step()
         sums += step_sums
@@ -379,8 +382,9 @@ def save_epoch(
     args: argparse.Namespace,
     data: dict,
 ) -> float:
-    """Write the epoch's ``results.csv`` row (with the feedback state at the epoch's end, the NWD
-    constant, if any, and the assigner decision of ``nwd.assigner: auto``), ``weights/last.pt`` and
+    """Write the epoch's ``results.csv`` row (with the feedback state at the epoch's end, the RPN's
+    assignment counts, the NWD constant, if any, and the assigner decision of ``nwd.assigner: auto``),
+    ``weights/last.pt`` and
     (if fitter) ``best.pt``; return the best fitness."""
     switches = unwrap(model).rpn.switches
     constant = switches.nwd_constant
@@ -393,6 +397,7 @@ def save_epoch(
         "metrics/mAP50-95(B)": round(metrics["mAP50-95"], 6),
         "lr/pg0": lr,
         **feedback_columns(unwrap(model)),
+        **assignment_columns(unwrap(model)),
         **({"nwd/constant": constant} if "nwd" in args.loss_config else {}),
         **({"nwd/assigner": float(switches.nwd_assigner)} if auto_assigner else {}),
     })

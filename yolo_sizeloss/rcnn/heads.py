@@ -56,6 +56,7 @@ from torch import Tensor
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
+from yolo_sizeloss.assignment import AssignmentCounter
 from yolo_sizeloss.methods import MatchedSamples
 from yolo_sizeloss.methods.base import box_areas
 from yolo_sizeloss.rcnn.losses import SMOOTH_L1_BETA, stage_weights, weighted_fastrcnn_loss, weighted_rpn_loss
@@ -95,6 +96,7 @@ class SizeBalancedRPN(RegionProposalNetwork):
         super().__init__(*args, **kwargs)
         self.switches = switches
         register_states(self, switches, "rpn")
+        self.assignments = AssignmentCounter()  # ground truths the matcher left without a positive anchor
         self._anchor_targets: Optional[AnchorTargets] = None
         # the one piece of the stock matching that measures overlap (box_iou, set in the stock __init__):
         # the matcher and its thresholds stay, and the methods see the matches the RPN trains on
@@ -122,10 +124,13 @@ class SizeBalancedRPN(RegionProposalNetwork):
         self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
     ) -> tuple[list[Tensor], list[Tensor]]:
         labels, matched_gt_boxes = super().assign_targets_to_anchors(anchors, targets)
+        gt_boxes = [t["boxes"] for t in targets]
+        # the matches again, as the stock code made them: it returns labels only, and the counts (every
+        # mode, the stock loss's too) and the methods need each anchor's ground truth
+        matches = [self.image_matches(a, g) for a, g in zip(anchors, gt_boxes)]
+        counts = [positives_per_gt(m, g.shape[0]) for m, g in zip(matches, gt_boxes)]
+        self.assignments.add(torch.cat(counts), torch.cat(gt_boxes))
         if self.switches.rpn_active:
-            gt_boxes = [t["boxes"] for t in targets]
-            matches = [self.image_matches(a, g) for a, g in zip(anchors, gt_boxes)]
-            counts = [torch.bincount(m[m >= 0], minlength=g.shape[0]) for m, g in zip(matches, gt_boxes)]
             self._anchor_targets = AnchorTargets(
                 torch.cat(anchors), torch.cat(matched_gt_boxes), batch_gt_ids(matches, gt_boxes),
                 box_areas(torch.cat(gt_boxes).float()), torch.cat(counts))
@@ -281,6 +286,15 @@ class SizeBalancedRoIHeads(RoIHeads):
         pos_inds = torch.where(all_labels > 0)[0]
         deltas = box_regression.reshape(rois.shape[0], -1, 4)[pos_inds, all_labels[pos_inds]]
         return pos_inds, self.box_coder.decode_single(deltas, rois[pos_inds])
+
+
+def positives_per_gt(matches: Tensor, num_gt: int) -> Tensor:
+    """The anchors matched to each of an image's ``num_gt`` ground truths (``matches``: the matcher's index per
+    anchor, negative for none), counted without a data-dependent shape (no host synchronisation)."""
+    positives = torch.zeros(num_gt, dtype=torch.int64, device=matches.device)
+    if num_gt == 0:  # an image without boxes: every match is negative, nothing to count into
+        return positives
+    return positives.scatter_add_(0, matches.clamp(min=0), (matches >= 0).long())
 
 
 def batch_gt_ids(matches: list[Tensor], gt_boxes: list[Tensor]) -> Tensor:

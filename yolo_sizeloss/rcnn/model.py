@@ -130,6 +130,19 @@ def end_feedback_step(model: torch.nn.Module) -> None:
         stage.end_step()
 
 
+def end_assignment_step(model: torch.nn.Module) -> None:
+    """End a training iteration for the RPN's assignment counts (a model without our RPN has none)."""
+    counter = getattr(getattr(model, "rpn", None), "assignments", None)
+    if counter is not None:
+        counter.end_step()
+
+
+def assignment_columns(model: torch.nn.Module) -> dict[str, float]:
+    """The epoch's RPN assignment counts as results.csv columns (``yolo_sizeloss.assignment``); they restart."""
+    counter = getattr(getattr(model, "rpn", None), "assignments", None)
+    return {} if counter is None else counter.epoch_stats()
+
+
 def feedback_columns(model: torch.nn.Module) -> dict[str, float]:
     """The feedback state of every stage as ``feedback/<stage>/<name>`` floats (results.csv columns)."""
     return {f"feedback/{name}/{k}": v for name, stage in feedback_stages(model).items() for k, v in stage.state().items()}

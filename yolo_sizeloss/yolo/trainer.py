@@ -18,10 +18,11 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
+from yolo_sizeloss.assignment import AssignmentCounter
 from yolo_sizeloss.config import check_resumed_loss, describe_loss, loss_name, read_loss_record, write_loss_record
 from yolo_sizeloss.results_csv import continue_results, widen_header
 from yolo_sizeloss.weighting_plot import plot_weighting
-from yolo_sizeloss.yolo.assignment import AssignmentCounter
+from yolo_sizeloss.yolo.assignment import attach_counter, detach_counters
 from yolo_sizeloss.yolo.loss import AnchorWeighting, install_size_aware_loss, remove_size_aware_loss, stock_assigners
 
 
@@ -55,7 +56,7 @@ def install_assignment_counter(trainer: "SizeAwareTrainer") -> None:
     if getattr(model, "criterion", None) is None:
         model.criterion = model.init_criterion()  # what the model's first loss call would build
     trainer.assignments.to(trainer.device)
-    trainer.assignments.attach(stock_assigners(model.criterion))
+    attach_counter(trainer.assignments, stock_assigners(model.criterion))
 
 
 def end_assignment_step(trainer: "SizeAwareTrainer") -> None:
@@ -140,7 +141,7 @@ class SizeAwareTrainer(DetectionTrainer):
         criterion = getattr(self.ema.ema, "criterion", None)
         if criterion is not None:
             remove_size_aware_loss(criterion)
-            AssignmentCounter.detach(stock_assigners(criterion))
+            detach_counters(stock_assigners(criterion))
 
     def plot_metrics(self) -> None:
         """Ultralytics' results.png, and beside it weighting.png: where the weight went, epoch by epoch
