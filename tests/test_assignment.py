@@ -125,3 +125,24 @@ def test_a_resumed_results_csv_gets_the_new_columns_and_keeps_its_rows(tmp_path)
     before = path.read_text()
     widen_header(path, names)
     assert path.read_text() == before  # already widened: untouched
+
+
+def test_counting_has_no_data_dependent_shape_so_no_host_synchronisation_on_a_gpu():
+    """Under FakeTensorMode an op whose output shape or value the host must read (what makes a GPU
+    synchronise: ``nonzero``, ``bincount``, boolean indexing, ``.item()``) raises; the counts use none."""
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
+
+    from yolo_sizeloss.methods.base import count_per_gt
+
+    ids = torch.tensor([0, 2, 2, 4, 0, 0])
+    assert count_per_gt(ids, 6).tolist() == torch.bincount(ids, minlength=6).tolist() == [3, 0, 2, 0, 1, 0]
+    assert count_per_gt(ids, 6, ids > 0).tolist() == [0, 0, 2, 0, 1, 0]
+    with FakeTensorMode():
+        fake_ids = torch.randint(0, 6, (50,))
+        with pytest.raises(DynamicOutputShapeException):
+            torch.bincount(fake_ids, minlength=6)  # the detector works
+        assert count_per_gt(fake_ids, 6).shape == (6,)
+        counter = AssignmentCounter()
+        counter.add(positives_per_slot(torch.rand(2, 30) > 0.5, torch.randint(0, 3, (2, 30)), 3),
+                    torch.rand(2, 3, 4) * 50, torch.rand(2, 3) > 0.2)
+        counter.end_step()

@@ -28,6 +28,14 @@ def box_areas(boxes: Tensor) -> Tensor:
     return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
 
 
+def count_per_gt(gt_ids: Tensor, num_gt: int, counted: Tensor | None = None) -> Tensor:
+    """(num_gt,) int64: how many of ``gt_ids`` (indices into the ground truths) name each one, only those
+    where ``counted`` is True if given (an index there must still be in range). ``torch.bincount`` would
+    give the same counts but reads the largest index back to the host first, a synchronisation on a GPU."""
+    ones = torch.ones_like(gt_ids, dtype=torch.int64) if counted is None else counted.long()
+    return torch.zeros(num_gt, dtype=torch.int64, device=gt_ids.device).scatter_add_(0, gt_ids, ones)
+
+
 def number(check: Callable[[float], bool], allowed: str) -> Validator:
     """A finite int or float (not a bool) for which ``check`` holds."""
 

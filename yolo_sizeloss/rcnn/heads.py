@@ -58,7 +58,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from yolo_sizeloss.assignment import AssignmentCounter
 from yolo_sizeloss.methods import MatchedSamples
-from yolo_sizeloss.methods.base import box_areas
+from yolo_sizeloss.methods.base import box_areas, count_per_gt
 from yolo_sizeloss.rcnn.losses import SMOOTH_L1_BETA, stage_weights, weighted_fastrcnn_loss, weighted_rpn_loss
 from yolo_sizeloss.rcnn.switches import LossSwitches
 
@@ -253,7 +253,7 @@ class SizeBalancedRoIHeads(RoIHeads):
             box_loss=lambda: F.smooth_l1_loss(deltas, all_targets[pos_inds], beta=SMOOTH_L1_BETA,
                                               reduction="none").sum(-1).double(),
             gt_areas=box_areas(torch.cat(gt_boxes).float()),
-            gt_counts=torch.bincount(gt_ids, minlength=sum(len(g) for g in gt_boxes)),
+            gt_counts=count_per_gt(gt_ids, sum(len(g) for g in gt_boxes)),
             # the classifier term: every sampled RoI, sized by the RoI itself for the predicted source
             cls_gt_boxes=sized,
             cls_pred_boxes=torch.cat(proposals, dim=0),
@@ -291,10 +291,9 @@ class SizeBalancedRoIHeads(RoIHeads):
 def positives_per_gt(matches: Tensor, num_gt: int) -> Tensor:
     """The anchors matched to each of an image's ``num_gt`` ground truths (``matches``: the matcher's index per
     anchor, negative for none), counted without a data-dependent shape (no host synchronisation)."""
-    positives = torch.zeros(num_gt, dtype=torch.int64, device=matches.device)
     if num_gt == 0:  # an image without boxes: every match is negative, nothing to count into
-        return positives
-    return positives.scatter_add_(0, matches.clamp(min=0), (matches >= 0).long())
+        return torch.zeros(0, dtype=torch.int64, device=matches.device)
+    return count_per_gt(matches.clamp(min=0), num_gt, matches >= 0)
 
 
 def batch_gt_ids(matches: list[Tensor], gt_boxes: list[Tensor]) -> Tensor:

@@ -24,7 +24,7 @@ from ultralytics.utils.loss import E2ELoss, v8DetectionLoss
 from ultralytics.utils.metrics import bbox_iou
 
 from yolo_sizeloss.methods import REGISTRY, WEIGHT_ORDER, MatchedSamples
-from yolo_sizeloss.methods.base import box_areas
+from yolo_sizeloss.methods.base import box_areas, count_per_gt
 from yolo_sizeloss.methods.feedback import FeedbackBalancer
 from yolo_sizeloss.methods.measures import box_similarity
 from yolo_sizeloss.methods.nwd import resolve_nwd_auto
@@ -120,7 +120,7 @@ class AnchorWeighting(nn.Module):
             gt_ids=gt_ids,
             box_loss=lambda: unweighted_iou_loss(pred_fg, target_fg, scores_fg),
             gt_areas=box_areas(gt_bboxes.float()).flatten(),
-            gt_counts=torch.bincount(gt_ids, minlength=fg_mask.shape[0] * num_gt),
+            gt_counts=count_per_gt(gt_ids, fg_mask.shape[0] * num_gt),
             # the size weights on the class term act on the foreground anchors' rows
             cls_gt_boxes=target_fg,
             cls_pred_boxes=pred_fg,
