@@ -269,3 +269,89 @@ def test_resume_restores_feedback_saved_before_the_nonfinite_counter():
     assert weighting.load_feedback_state(old)
     assert weighting.feedback_state() == {**old, "feedback/nonfinite_steps": 0.0}
     assert not weighting.load_feedback_state({"feedback/r": 0.05})
+
+
+# --- the dense layout a GPU uses ----------------------------------------------------------------
+
+def losses_and_state(model, preds, batch, config, dense: bool, steps: int = 2):
+    """Loss, items, gradient of every parameter and the weighting's state after ``steps`` loss calls."""
+    weighting = AnchorWeighting(copy.deepcopy(config))
+    weighting.dense = dense
+    criterion = build_size_aware_loss(model, weighting)
+    out = []
+    for _ in range(steps):
+        model.zero_grad()
+        loss, items = criterion(preds, batch)
+        loss.sum().backward(retain_graph=True)
+        weighting.end_step()
+        out.append((loss.detach(), {k: v.detach() for k, v in items.items()},
+                    [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    return out, weighting.epoch_stats()
+
+
+@pytest.mark.parametrize("yaml_name", ["yolov8n.yaml", "yolo26n.yaml"])
+@pytest.mark.parametrize("spec, settings", [
+    ("plb+scb+feedback+gradlibra", None), ("plb", "gt_areas"), ("nwd", None), ("nwd", "safit"), ("nwd", "simd_assigner"),
+    ("nwd+feedback", None),
+])
+def test_every_anchor_with_the_foreground_marked_gives_the_gathered_losses(yaml_name, spec, settings):
+    """A GPU sees every anchor (no host synchronisation to count the foreground); the CPU gathers the
+    foreground. Losses, gradients and the feedback state agree to float rounding."""
+    config = load_loss_config(spec, settings)
+    if "nwd" in config:
+        config["nwd"]["constant"] = 12.8
+    if "feedback" in config:
+        config["feedback"]["small_area"] = 40.0 ** 2  # some of BCCD's boxes at 256 px are small then
+    model = build_model(yaml_name)
+    batch = bccd_batch(n_images=3)
+    preds = model(batch["img"])
+    gathered, gathered_stats = losses_and_state(model, preds, batch, config, dense=False)
+    dense, dense_stats = losses_and_state(model, preds, batch, config, dense=True)
+    for (loss_g, items_g, grads_g), (loss_d, items_d, grads_d) in zip(gathered, dense):
+        assert torch.allclose(loss_g, loss_d, rtol=1e-5, atol=1e-6), (loss_g, loss_d)
+        assert all(torch.allclose(items_g[k], items_d[k], rtol=1e-5, atol=1e-6) for k in items_g)
+        scale = max(a.abs().max() for a in grads_g)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale) for a, b in zip(grads_g, grads_d))
+    assert gathered_stats.keys() == dense_stats.keys()
+    assert all(gathered_stats[k] == pytest.approx(dense_stats[k], rel=1e-5) for k in gathered_stats)
+    if "feedback" in config:
+        assert gathered_stats["feedback/steps"] == 2 and 0 < gathered_stats["feedback/q"] < 1  # the state moved
+
+
+def test_the_dense_weighting_has_no_data_dependent_shape():
+    """Under FakeTensorMode an op whose output the host must read first (what makes a GPU step wait:
+    ``nonzero``, boolean indexing, ``bincount``, ``.item()``) raises; the dense weighting and box loss use none.
+    The gathered layout does use one (``nonzero``), which is what the dense one replaces."""
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
+
+    from yolo_sizeloss.yolo.loss import MeasureBboxLoss
+
+    class StockTermStandIn(torch.nn.Module):
+        def forward(self, pred_dist, pred_bboxes, *args):
+            return pred_bboxes.sum() * 0, pred_dist.sum() * 0
+
+    b, a, g, c = 2, 50, 3, 3
+    config = load_loss_config("plb+scb+feedback+gradlibra+nwd")
+    config["nwd"].update(constant=12.8, box_measure="safit")
+    with FakeTensorMode():
+        corners = torch.rand(b, a, 2) * 100
+        target = torch.cat([corners, corners + 5 + torch.rand(b, a, 2) * 30], -1)
+        gt = torch.cat([corners[:, :g], corners[:, :g] + 20], -1)
+        inputs = (torch.rand(b, a) > 0.7, torch.randint(0, g, (b, a)), target, torch.rand(b, a, c), target + 1,
+                  torch.rand(b, a, c), gt)
+        for dense in (True, False):
+            weighting = AnchorWeighting(config)
+            weighting.dense = dense
+            if not dense:
+                with pytest.raises(DynamicOutputShapeException):
+                    weighting(*inputs)
+                continue
+            w_box, w_cls = weighting(*inputs)
+            weighting.end_step()
+            assert w_box.shape == (b, a) and w_cls.shape == (b, a, c)
+            box_loss = MeasureBboxLoss(StockTermStandIn(), weighting)  # the stock BboxLoss itself indexes by mask
+            stride = torch.full((a, 1), 8.0)
+            pred = (target / 8 + 0.1).requires_grad_()
+            loss_iou, _ = box_loss(torch.rand(b, a, 64), pred, torch.rand(a, 2) * 12, target / 8,
+                                   torch.rand(b, a, c), torch.tensor(5.0), inputs[0], torch.tensor([96.0, 96.0]), stride)
+            loss_iou.backward()

@@ -82,6 +82,11 @@ class MatchedSamples:
     Its hardness inputs cover every element of the term: ``cls_probs`` and ``cls_targets`` for a sigmoid
     classifier (probabilities and targets of one shape), or ``cls_logits`` (S, K) and ``cls_labels`` (S,)
     for a softmax one (``cls_background`` the background class).
+
+    ``valid`` (P,) bool marks the real positives where a detector keeps its samples dense instead (YOLO on
+    a GPU passes every anchor, foreground marked, so that no shape depends on the data and nothing waits
+    for the host); its class samples are then the same anchors. A method leaves the others out of every
+    mean and sum; their weights are discarded. None: every positive is real.
     """
 
     gt_boxes: Tensor
@@ -98,6 +103,7 @@ class MatchedSamples:
     cls_logits: Optional[Tensor] = None
     cls_labels: Optional[Tensor] = None
     cls_background: int = 0
+    valid: Optional[Tensor] = None
 
     def on_class_samples(self, positive_weights: Tensor) -> Tensor:
         """Weights of the positives spread over the class term's sized samples, 1 on the others."""

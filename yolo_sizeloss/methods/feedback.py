@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from yolo_sizeloss.methods.base import FAMILY_TERMS, MatchedSamples, Method, TermWeights, number
+from yolo_sizeloss.methods.base import FAMILY_TERMS, MatchedSamples, Method, TermWeights, count_per_gt, number
 
 
 def feedback_gain(r: Tensor, q: Tensor, g_max: float) -> Tensor:
@@ -69,9 +69,11 @@ class FeedbackBalancer(nn.Module):
         """
         gt_small = samples.gt_areas < self.small_area
         small = gt_small[samples.gt_ids]
-        matched = torch.zeros_like(gt_small)
-        matched[samples.gt_ids] = True
+        matched = count_per_gt(samples.gt_ids, gt_small.shape[0], samples.valid) > 0
         loss = samples.box_loss()
+        if samples.valid is not None:  # padding samples: neither small nor any loss
+            small = small & samples.valid
+            loss = torch.where(samples.valid, loss, 0.0)
         self.step_sums += torch.stack(
             [(loss * small).sum(), loss.sum(), (matched & gt_small).sum(), matched.sum()]
         ).to(self.step_sums)

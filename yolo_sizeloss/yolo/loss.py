@@ -42,9 +42,37 @@ def unweighted_iou_loss(pred_fg: torch.Tensor, target_fg: torch.Tensor, scores_f
     return (1.0 - bbox_iou(pred_fg, target_fg, xywh=False, CIoU=True).squeeze(-1)) * scores_fg.sum(-1)
 
 
-def scatter_foreground(fg_mask: torch.Tensor, fg: tuple[torch.Tensor, ...], values: torch.Tensor) -> torch.Tensor:
-    """A (B, A) tensor holding ``values`` at the foreground anchors ``fg`` and 1 elsewhere."""
-    return torch.ones(fg_mask.shape, dtype=values.dtype, device=values.device).index_put_(fg, values)
+@dataclass
+class ForegroundLayout:
+    """How the methods see a branch's foreground anchors: ``take`` turns a per-anchor (B, A, ...) tensor into
+    per-sample rows, ``spread`` per-sample weights back into a (B, A) tensor with 1 off the foreground.
+    ``gt_ids`` numbers each sample's ground-truth slot image by image; ``valid`` marks the foreground
+    samples (None: all are)."""
+
+    index: tuple[torch.Tensor, ...] | None  # the foreground's (image, anchor) indices; None: every anchor
+    gt_ids: torch.Tensor
+    valid: torch.Tensor | None
+
+    def take(self, per_anchor: torch.Tensor) -> torch.Tensor:
+        return per_anchor.flatten(0, 1) if self.index is None else per_anchor[self.index]
+
+    def spread(self, values: torch.Tensor, fg_mask: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            return torch.where(self.valid, values, 1.0).view(fg_mask.shape)
+        return torch.ones(fg_mask.shape, dtype=values.dtype, device=values.device).index_put_(self.index, values)
+
+
+def gathered_foreground(fg_mask: torch.Tensor, target_gt_idx: torch.Tensor, num_gt: int) -> ForegroundLayout:
+    """The foreground anchors gathered (``nonzero``: its size is read by the host)."""
+    index = fg_mask.nonzero(as_tuple=True)
+    return ForegroundLayout(index, index[0] * num_gt + target_gt_idx[index], None)
+
+
+def dense_foreground(fg_mask: torch.Tensor, target_gt_idx: torch.Tensor, num_gt: int) -> ForegroundLayout:
+    """Every anchor, the foreground marked: shapes come from the inputs' shapes alone."""
+    images = torch.arange(fg_mask.shape[0], device=fg_mask.device)[:, None].expand(fg_mask.shape)
+    # a background anchor's slot is the assigner's 0: in range, and left out of every count by ``valid``
+    return ForegroundLayout(None, (images * num_gt + target_gt_idx).flatten(), fg_mask.flatten())
 
 
 def training_label_sizes(labels: list[dict], imgsz: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +117,8 @@ class AnchorWeighting(nn.Module):
         self.nwd_constant = None if not nwd_cfg or nwd_cfg["constant"] == "auto" else float(nwd_cfg["constant"])
         self.nwd_assigner = False if not nwd_cfg else None if nwd_cfg["assigner"] == "auto" else nwd_cfg["assigner"]
         self.register_buffer("epoch_sums", torch.zeros(6, dtype=torch.float64))  # box, cls, n: small/other
+        # how the methods see the foreground (forward); None: dense on a GPU, gathered elsewhere
+        self.dense: bool | None = None
 
     @torch.no_grad()
     def forward(
@@ -105,28 +135,32 @@ class AnchorWeighting(nn.Module):
 
         Boxes are xyxy in network-input pixels: ``target_bboxes`` and ``pred_bboxes`` per anchor
         (B, A, 4), ``gt_bboxes`` per ground-truth slot (B, G, 4); ``pred_probs`` are class probabilities.
-        PLB, SCB and feedback weigh foreground anchors only, so they are computed on those alone
-        and scattered into a tensor of ones; Grad-Libra weighs every anchor and class.
+        PLB, SCB and feedback weigh foreground anchors only; Grad-Libra weighs every anchor and class.
+        The methods see the foreground anchors gathered (``gathered_foreground``, the CPU: exact, and
+        the fewest samples) or every anchor with the foreground marked (``dense_foreground``, a GPU:
+        gathering needs the host to read how many there are, a synchronisation per step); the weights
+        agree to float rounding.
         """
         target_gt_idx = target_gt_idx.long()  # float in the assigner's early return for a batch without boxes
-        fg = fg_mask.nonzero(as_tuple=True)
-        # per foreground anchor, as every weight below; float32, since mixed precision hands in halves
-        target_fg, scores_fg, pred_fg = target_bboxes[fg].float(), target_scores[fg].float(), pred_bboxes[fg].float()
-        num_gt = gt_bboxes.shape[1]
-        gt_ids = fg[0] * num_gt + target_gt_idx[fg]  # ground-truth slots numbered image by image
+        # a batch without any box has no slot for the background's index 0 to point at: gathered (and empty)
+        dense = self.dense_on(fg_mask.device) and gt_bboxes.shape[1] > 0
+        layout = (dense_foreground if dense else gathered_foreground)(fg_mask, target_gt_idx, gt_bboxes.shape[1])
+        # per sample, as every weight below; float32, since mixed precision hands in halves
+        target_fg, scores_fg, pred_fg = (layout.take(t).float() for t in (target_bboxes, target_scores, pred_bboxes))
         samples = MatchedSamples(
             gt_boxes=target_fg,
             pred_boxes=pred_fg,
-            gt_ids=gt_ids,
+            gt_ids=layout.gt_ids,
             box_loss=lambda: unweighted_iou_loss(pred_fg, target_fg, scores_fg),
             gt_areas=box_areas(gt_bboxes.float()).flatten(),
-            gt_counts=count_per_gt(gt_ids, fg_mask.shape[0] * num_gt),
+            gt_counts=count_per_gt(layout.gt_ids, gt_bboxes.shape[0] * gt_bboxes.shape[1], layout.valid),
             # the size weights on the class term act on the foreground anchors' rows
             cls_gt_boxes=target_fg,
             cls_pred_boxes=pred_fg,
-            cls_positives=torch.arange(gt_ids.shape[0], device=gt_ids.device),
+            cls_positives=torch.arange(layout.gt_ids.shape[0], device=fg_mask.device),
             cls_probs=pred_probs,
             cls_targets=target_scores,
+            valid=layout.valid,
         )
         factors = {"box": [], "cls": []}
         hardness = None
@@ -139,15 +173,20 @@ class AnchorWeighting(nn.Module):
             hardness = weights.cls_all if weights.cls_all is not None else hardness
 
         box_fg, cls_fg = (torch.stack(ws).prod(0) if ws else None for ws in (factors["box"], factors["cls"]))
-        w_box = None if box_fg is None else scatter_foreground(fg_mask, fg, box_fg)
-        w_cls = None if cls_fg is None else scatter_foreground(fg_mask, fg, cls_fg)[..., None]
+        w_box = None if box_fg is None else layout.spread(box_fg, fg_mask)
+        w_cls = None if cls_fg is None else layout.spread(cls_fg, fg_mask)[..., None]
         if hardness is not None:  # over every anchor and class (Grad-Libra)
             w_cls = hardness if w_cls is None else hardness * w_cls
             # the weight on each foreground anchor's target class
-            cls_fg = hardness[fg].gather(-1, scores_fg.argmax(-1, keepdim=True)).squeeze(-1) * (
+            cls_fg = layout.take(hardness).gather(-1, scores_fg.argmax(-1, keepdim=True)).squeeze(-1) * (
                 1.0 if cls_fg is None else cls_fg)
-        self._accumulate_epoch_stats(box_areas(target_fg), box_fg, cls_fg)
+        self._accumulate_epoch_stats(box_areas(target_fg), box_fg, cls_fg, layout.valid)
         return w_box, w_cls
+
+    def dense_on(self, device: torch.device) -> bool:
+        """Whether the methods see every anchor (``dense_foreground``) on ``device``: on a GPU, unless ``dense``
+        says otherwise."""
+        return self.dense if self.dense is not None else device.type == "cuda"
 
     @property
     def feedback(self) -> FeedbackBalancer | None:
@@ -189,12 +228,14 @@ class AnchorWeighting(nn.Module):
                                "(dataset.labels, imgsz) first (SizeAwareTrainer does), or set true or false")
         return assigner_overlap(self.nwd_assigner, self.nwd_constant, UNRESOLVED_HINT)
 
-    def _accumulate_epoch_stats(self, gt_area, box_fg, cls_fg):
-        """Add the weights on small (< 32^2) and other foreground anchors to the epoch sums (None: 1)."""
-        small = (gt_area < COCO_SMALL_AREA).to(gt_area.dtype)
-        other = 1.0 - small
-        box = torch.ones_like(gt_area) if box_fg is None else box_fg
-        cls = torch.ones_like(gt_area) if cls_fg is None else cls_fg
+    def _accumulate_epoch_stats(self, gt_area, box_fg, cls_fg, valid=None):
+        """Add the weights on small (< 32^2) and other foreground anchors to the epoch sums (None: 1;
+        ``valid``: which samples are foreground, None: all)."""
+        real = torch.ones_like(gt_area, dtype=torch.bool) if valid is None else valid
+        small = ((gt_area < COCO_SMALL_AREA) & real).to(gt_area.dtype)
+        other = real.to(gt_area.dtype) - small
+        box = torch.ones_like(gt_area) if box_fg is None else torch.where(real, box_fg, 0.0)
+        cls = torch.ones_like(gt_area) if cls_fg is None else torch.where(real, cls_fg, 0.0)
         self.epoch_sums += torch.stack(
             [box @ small, cls @ small, small.sum(), box @ other, cls @ other, other.sum()]
         ).to(self.epoch_sums)
@@ -319,14 +360,22 @@ class MeasureBboxLoss(nn.Module):
         ratio = self.weighting.config["nwd"]["ratio"]
         if ratio == 0:
             return loss_iou, loss_dfl
-        fg = fg_mask.nonzero(as_tuple=True)
-        scale = stride[fg[1]]  # (n, 1): the stride of each foreground anchor's level
-        pred_fg, target_fg = pred_bboxes[fg] * scale, target_bboxes[fg] * scale
+        if self.weighting.dense_on(fg_mask.device):  # every anchor, the background's term masked out: no sync
+            fg = fg_mask[..., None]
+            unit = pred_bboxes.new_tensor([0.0, 0.0, 1.0, 1.0])  # a finite pair for the background (no NaN to mask)
+            pred_fg = torch.where(fg, pred_bboxes * stride, unit).flatten(0, 1)
+            target_fg = torch.where(fg, target_bboxes * stride, unit).flatten(0, 1)
+            weight = torch.where(fg_mask, target_scores.sum(-1), 0.0).flatten()
+        else:
+            index = fg_mask.nonzero(as_tuple=True)
+            scale = stride[index[1]]  # (n, 1): the stride of each foreground anchor's level
+            pred_fg, target_fg = pred_bboxes[index] * scale, target_bboxes[index] * scale
+            weight = target_scores[index].sum(-1)
         # CIoU as the stock term computes it; only SAFit reads it, so that its large boxes keep the stock term
         ciou = (bbox_iou(pred_fg, target_fg, xywh=False, CIoU=True).squeeze(-1)
                 if self.weighting.config["nwd"]["box_measure"] == "safit" else None)
         similarity = self.weighting.box_similarity(pred_fg, target_fg, ciou)
-        loss_measure = ((1.0 - similarity) * target_scores[fg].sum(-1)).sum() / target_scores_sum
+        loss_measure = ((1.0 - similarity) * weight).sum() / target_scores_sum
         if ratio == 1:
             return loss_measure, loss_dfl
         return (1.0 - ratio) * loss_iou + ratio * loss_measure, loss_dfl
