@@ -282,8 +282,8 @@ def test_nwd_matcher_gives_the_small_object_more_positive_anchors(offset):
     positives = {}
     for name, switches in (("iou", LossSwitches()), ("nwd", LossSwitches(nwd_assigner=True, nwd_constant=constant))):
         rpn = direction_rpn(switches)
-        matches = rpn.image_matches(anchors, gt)
         labels, _ = rpn.assign_targets_to_anchors([anchors], [{"boxes": gt, "labels": torch.tensor([1, 1])}])
+        (matches,) = rpn.proposal_matcher.recorded
         assert torch.equal(labels[0] == 1, matches >= 0)  # the matches are the ones the RPN trains on
         positives[name] = [set(torch.where(matches == g)[0].tolist()) for g in range(2)]
     iou, similarity = box_iou(gt, anchors), nwd_matrix(gt, anchors, constant)

@@ -53,6 +53,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
@@ -82,12 +83,26 @@ class AnchorTargets:
     gt_counts: Tensor  # anchors matched to each of the batch's ground truths, before sampling
 
 
+class RecordingMatcher(Matcher):
+    """torchvision's ``Matcher`` (same thresholds and low-quality rule) that keeps what each call returned in
+    ``recorded``: the ground-truth index per anchor of each image the RPN matched."""
+
+    recorded: list[Tensor]
+
+    def __call__(self, match_quality_matrix: Tensor) -> Tensor:
+        matches = super().__call__(match_quality_matrix)
+        self.recorded.append(matches)
+        return matches
+
+
 class SizeBalancedRPN(RegionProposalNetwork):
     """``RegionProposalNetwork`` whose loss applies PLB1C, PLB1B, SCB, feedback, Grad-Libra and NWD (module docstring).
 
     The instance's ``box_similarity`` (stock: ``box_iou``) is the ``pairwise`` of ``switches.rpn_overlap()``
-    (NWD with ``nwd.assigner``). Overrides two stock methods: ``assign_targets_to_anchors`` (calls the
-    stock one and keeps the anchors, matched boxes and matched ground truths of this forward pass) and
+    (NWD with ``nwd.assigner``), its ``proposal_matcher`` a ``RecordingMatcher`` with the stock settings.
+    Overrides two stock methods: ``assign_targets_to_anchors`` (calls the stock one, counts the ground
+    truths left without a positive anchor in ``assignments``, and keeps the anchors, matched boxes and
+    matched ground truths of this forward pass) and
     ``compute_loss`` (stock when no first-stage switch is on; otherwise the same sampling, with
     weights). ``states`` holds the stage's running states by method (feedback's, when it weighs an RPN term).
     """
@@ -98,6 +113,9 @@ class SizeBalancedRPN(RegionProposalNetwork):
         register_states(self, switches, "rpn")
         self.assignments = AssignmentCounter()  # ground truths the matcher left without a positive anchor
         self._anchor_targets: Optional[AnchorTargets] = None
+        stock = self.proposal_matcher
+        self.proposal_matcher = RecordingMatcher(stock.high_threshold, stock.low_threshold,
+                                                 stock.allow_low_quality_matches)
         # the one piece of the stock matching that measures overlap (box_iou, set in the stock __init__):
         # the matcher and its thresholds stay, and the methods see the matches the RPN trains on
         self.overlap = switches.rpn_overlap()
@@ -123,11 +141,14 @@ class SizeBalancedRPN(RegionProposalNetwork):
     def assign_targets_to_anchors(
         self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
     ) -> tuple[list[Tensor], list[Tensor]]:
+        self.proposal_matcher.recorded = []
         labels, matched_gt_boxes = super().assign_targets_to_anchors(anchors, targets)
         gt_boxes = [t["boxes"] for t in targets]
-        # the matches again, as the stock code made them: it returns labels only, and the counts (every
-        # mode, the stock loss's too) and the methods need each anchor's ground truth
-        matches = [self.image_matches(a, g) for a, g in zip(anchors, gt_boxes)]
+        # the stock code returns labels only; the counts (every mode, the stock loss's too) and the methods
+        # need each anchor's ground truth: the matches it made, recorded (it skips images without boxes)
+        recorded = iter(self.proposal_matcher.recorded)
+        matches = [next(recorded) if g.numel() else torch.full((a.shape[0],), -1, dtype=torch.long, device=a.device)
+                   for a, g in zip(anchors, gt_boxes)]
         counts = [positives_per_gt(m, g.shape[0]) for m, g in zip(matches, gt_boxes)]
         self.assignments.add(torch.cat(counts), torch.cat(gt_boxes))
         if self.switches.rpn_active:
@@ -135,12 +156,6 @@ class SizeBalancedRPN(RegionProposalNetwork):
                 torch.cat(anchors), torch.cat(matched_gt_boxes), batch_gt_ids(matches, gt_boxes),
                 box_areas(torch.cat(gt_boxes).float()), torch.cat(counts))
         return labels, matched_gt_boxes
-
-    def image_matches(self, anchors: Tensor, gt_boxes: Tensor) -> Tensor:
-        """The stock matcher's ground-truth index per anchor of one image (-1/-2: none; all -1 without ground truth)."""
-        if gt_boxes.numel() == 0:
-            return torch.full((anchors.shape[0],), -1, dtype=torch.long, device=anchors.device)
-        return self.proposal_matcher(self.box_similarity(gt_boxes, anchors))
 
     def compute_loss(
         self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
