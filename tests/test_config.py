@@ -129,3 +129,28 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_its_old_behaviour(tmp
     saved = read_loss_record(tmp_path)
     assert saved == load_loss_config("nwd") and saved["nwd"]["box_measure"] == "nwd"
     assert check_resumed_loss(saved, load_loss_config("nwd"), "resuming") is None
+
+
+def test_a_shipped_mode_is_a_loss_name_of_its_own(tmp_path):
+    """``--loss safit`` is ``--loss nwd --loss-cfg safit``: one name for a shipped combination of settings;
+    it combines with methods and takes a user's --loss-cfg on top."""
+    from yolo_sizeloss.paths import shipped_variants
+
+    assert load_loss_config("safit") == load_loss_config("nwd", "safit")
+    assert load_loss_config("safit")["nwd"]["box_measure"] == "safit"
+    both = load_loss_config("safit+feedback")
+    assert both == {**load_loss_config("nwd", "safit"), "feedback": load_loss_config("feedback")["feedback"]}
+    (tmp_path / "ratio.yaml").write_text("nwd:\n  ratio: 0.5\n")
+    assert load_loss_config("safit", tmp_path / "ratio.yaml")["nwd"] == {**load_loss_config("safit")["nwd"], "ratio": 0.5}
+    with pytest.raises(LossConfigError, match="names a method twice"):
+        load_loss_config("safit+nwd")
+    with pytest.raises(LossConfigError, match=r"or a shipped mode: .*safit"):
+        load_loss_config("safitt")
+    assert not set(shipped_variants()) & {"baseline", *METHODS}  # a method's name always means the method
+
+
+def test_faster_rcnn_shorthands_keep_a_modes_settings():
+    from yolo_sizeloss.rcnn.cli import build_parser, loss_config
+
+    config = loss_config(build_parser("train").parse_args(["--loss", "safit", "--plb", "1C,1B"]))
+    assert config["nwd"] == load_loss_config("safit")["nwd"] and config["plb"]["rcnn_terms"] == ["rpn_cls", "rpn_box"]

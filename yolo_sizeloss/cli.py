@@ -95,7 +95,8 @@ def build_yolo_parser(prog: str = "yolo-sizeloss train") -> argparse.ArgumentPar
     p.add_argument("--arch", choices=ARCHS, default="yolo", help="detector family (default yolo)")
     p.add_argument("--data", help="data yaml; a bare name is looked up among the package's (default bccd.yaml)")
     p.add_argument("--model", help="model yaml (trained from scratch) or a local .pt (default yolov8n.yaml)")
-    p.add_argument("--loss", help=f"baseline (default), or methods joined by '+': {', '.join(METHODS)}")
+    p.add_argument("--loss", help=f"baseline (default), or methods joined by '+': {', '.join(METHODS)}; or a "
+                                  f"shipped mode (a variant by name): {', '.join(shipped_variants())}")
     p.add_argument("--loss-cfg", help="a YAML file overriding the methods' settings, or a shipped variant: "
                                       f"{', '.join(shipped_variants())}")
     for flag, kind in (("epochs", int), ("imgsz", int), ("batch", int), ("workers", int), ("seed", int),

@@ -16,7 +16,7 @@ import yaml
 from ultralytics.utils import LOGGER
 
 from yolo_sizeloss.methods import REGISTRY
-from yolo_sizeloss.paths import CFG_DIR, RUN_DEFAULTS_FILE, resolve_loss_cfg
+from yolo_sizeloss.paths import CFG_DIR, RUN_DEFAULTS_FILE, VARIANTS_DIR, resolve_loss_cfg, shipped_variants
 
 LOSS_CFG_DIR = CFG_DIR / "losses"
 LOSS_FILE = "loss.yaml"  # the resolved loss settings, saved in every run folder of either family
@@ -86,26 +86,48 @@ def _merge_section(
         target[key] = value
 
 
-def parse_loss_names(spec: str) -> list[str]:
-    """Split a loss specification (``baseline``, ``plb``, ``plb+scb``) into method names, validated."""
+def _loss_parts(spec: str) -> list[str]:
+    """The '+'-joined parts of a loss specification, each a method, ``baseline`` or a shipped mode
+    (a variant of ``cfg/variants`` named alone: its sections are its methods, its settings theirs)."""
     valid = ("baseline", *METHODS)
     if not spec.strip():
         raise LossConfigError(f"--loss {spec!r}: empty; give baseline or methods joined by '+' ({', '.join(METHODS)})")
-    names = [n.strip() for n in spec.split("+")]
-    for name in names:
-        if name not in valid:
+    parts = [n.strip() for n in spec.split("+")]
+    for name in parts:
+        if name not in valid and name not in shipped_variants():
             raise LossConfigError(
-                f"unknown loss {name!r} in {spec!r}: valid names are {', '.join(valid)}, combined with '+'"
+                f"unknown loss {name!r} in {spec!r}: valid names are {', '.join(valid)}, combined with '+', "
+                f"or a shipped mode: {', '.join(shipped_variants())}"
             )
+    if "baseline" in parts and len(parts) > 1:
+        raise LossConfigError(f"loss {spec!r}: 'baseline' is the stock loss and cannot be combined")
+    return parts
+
+
+def _mode_methods(mode: str) -> list[str]:
+    """The methods a shipped mode sets (its file's sections)."""
+    path = VARIANTS_DIR / f"{mode}.yaml"
+    data, lines = _read_yaml(path)
+    unknown = [m for m in data if m not in REGISTRY]
+    if unknown or not data:
+        raise LossConfigError(f"{path}:{lines.get((str(unknown[0]),), 1) if unknown else 1}: a mode's sections "
+                              f"must be methods ({', '.join(METHODS)})")
+    return list(data)
+
+
+def parse_loss_names(spec: str) -> list[str]:
+    """Split a loss specification (``baseline``, ``plb``, ``plb+scb``, a shipped mode such as ``safit``)
+    into method names, validated."""
+    names = [m for part in _loss_parts(spec) if part != "baseline"
+             for m in (_mode_methods(part) if part not in METHODS else [part])]
     if len(set(names)) != len(names):
         raise LossConfigError(f"loss {spec!r} names a method twice")
-    if "baseline" in names and len(names) > 1:
-        raise LossConfigError(f"loss {spec!r}: 'baseline' is the stock loss and cannot be combined")
-    return [] if names == ["baseline"] else names
+    return names
 
 
 def load_loss_config(spec: str, override: str | Path | None = None) -> dict[str, dict[str, Any]]:
-    """Resolve ``spec`` into ``{method: settings}``: defaults from ``cfg/losses``, then ``override``.
+    """Resolve ``spec`` into ``{method: settings}``: defaults from ``cfg/losses``, then each shipped mode's
+    settings (``--loss safit`` is ``--loss nwd --loss-cfg safit``), then ``override``.
 
     ``override`` is a YAML file, or the name of one shipped in ``cfg/variants``, with sections for
     (some of) the selected methods; a section for a method that ``spec`` does not select, an unknown
@@ -122,25 +144,32 @@ def load_loss_config(spec: str, override: str | Path | None = None) -> dict[str,
         missing = set(REGISTRY[method].schema) - set(config[method])
         if missing:
             raise LossConfigError(f"{path}: defaults missing for {', '.join(sorted(missing))}")
+    for mode in (part for part in _loss_parts(spec) if part not in ("baseline", *METHODS)):
+        _apply_settings_file(config, VARIANTS_DIR / f"{mode}.yaml", spec)
     if override is not None:
         try:
             path = resolve_loss_cfg(override)
         except FileNotFoundError as e:
             raise LossConfigError(str(e)) from None
-        data, lines = _read_yaml(path)
-        if not data:
-            LOGGER.warning(f"--loss-cfg {path} is empty: the defaults of --loss {spec} apply")
-        for method, section in data.items():
-            if method not in REGISTRY:
-                raise LossConfigError(f"{path}:{lines.get((str(method),), 1)}: unknown method '{method}' "
-                                      f"(valid: {', '.join(METHODS)})")
-            if method not in config:
-                raise LossConfigError(
-                    f"{path}:{lines.get((str(method),), 1)}: section '{method}' is not selected by --loss {spec} "
-                    f"(selected: {', '.join(config) or 'baseline'})"
-                )
-            _merge_section(config[method], method, section, path, lines)
+        _apply_settings_file(config, path, spec, warn_empty=True)
     return config
+
+
+def _apply_settings_file(config: dict[str, dict[str, Any]], path: Path, spec: str, warn_empty: bool = False) -> None:
+    """Overlay a settings file's sections on the selected methods' settings, each key checked."""
+    data, lines = _read_yaml(path)
+    if not data and warn_empty:
+        LOGGER.warning(f"--loss-cfg {path} is empty: the defaults of --loss {spec} apply")
+    for method, section in data.items():
+        if method not in REGISTRY:
+            raise LossConfigError(f"{path}:{lines.get((str(method),), 1)}: unknown method '{method}' "
+                                  f"(valid: {', '.join(METHODS)})")
+        if method not in config:
+            raise LossConfigError(
+                f"{path}:{lines.get((str(method),), 1)}: section '{method}' is not selected by --loss {spec} "
+                f"(selected: {', '.join(config) or 'baseline'})"
+            )
+        _merge_section(config[method], method, section, path, lines)
 
 
 def loss_name(config: dict[str, dict[str, Any]]) -> str:

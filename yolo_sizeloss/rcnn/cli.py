@@ -35,6 +35,7 @@ from yolo_sizeloss.config import (
     parse_loss_names,
     run_defaults,
 )
+from yolo_sizeloss.paths import shipped_variants
 from yolo_sizeloss.rcnn.engine import fit
 from yolo_sizeloss.rcnn.model import BACKBONES
 
@@ -73,7 +74,8 @@ def build_parser(prog: str = "yolo-sizeloss train") -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=[RCNN_ARCH], default=RCNN_ARCH, help="detector family")
     p.add_argument("--data", help="YOLO-format data yaml; a bare name is looked up among the package's "
                                   "(default bccd.yaml)")
-    p.add_argument("--loss", help=f"baseline (default), or methods joined by '+': {', '.join(METHODS)}")
+    p.add_argument("--loss", help=f"baseline (default), or methods joined by '+': {', '.join(METHODS)}; or a "
+                                  f"shipped mode (a variant by name): {', '.join(shipped_variants())}")
     p.add_argument("--loss-cfg", help="YAML overriding the methods' settings (rcnn_terms and each method's own), or a shipped variant")
     p.add_argument("--plb", help=f"shorthand: PLB on the paper's switches, a comma list of {','.join(PLB_SHORTHANDS)}")
     p.add_argument("--plb-source", choices=SIZE_SOURCES, help="shorthand for plb.source")
@@ -108,11 +110,10 @@ def build_parser(prog: str = "yolo-sizeloss train") -> argparse.ArgumentParser:
 def loss_config(args: argparse.Namespace) -> dict:
     """The resolved loss settings of ``--loss``/``--loss-cfg`` with the PLB paper's shorthands applied."""
     spec = "baseline" if args.loss is None else args.loss
-    names = parse_loss_names(spec)
-    if args.plb and "plb" not in names:
-        spec = "+".join([*names, "plb"])
-    if args.scb_rpn and "scb" not in names:
-        spec = "+".join([*parse_loss_names(spec), "scb"])
+    for flag, method in ((args.plb, "plb"), (args.scb_rpn, "scb")):
+        names = parse_loss_names(spec)
+        if flag and method not in names:  # the shorthand adds its method (a mode in spec keeps its settings)
+            spec = f"{spec}+{method}" if names else method
     config = load_loss_config(spec, args.loss_cfg)
     if args.plb:
         config["plb"]["rcnn_terms"] = parse_plb(args.plb)
