@@ -38,10 +38,11 @@
 # (~0.2 s). Assumed: 2.5 s per epoch per training with nine at once, 1.5-2 CPU-s each, so nine
 # trainings keep 13-14 of the 16 cores busy and the GPU mostly idle: 100 epochs take about 250 s, plus
 # about 30 s to start and to evaluate on the test split. Run in turns of three, the same nine would
-# need 750 s. The Faster R-CNN harnesses, niced, take the cores YOLO leaves: assumed 5 s per epoch
-# (52 batches of 4, 87 validation images, a 150 MB checkpoint), so 3 seeds x (12 epochs x 5 s + 25 s)
-# take about 255 s per loss uncontended; seeds in turn, not at once, so that a deadline cuts the last
-# seed, not every run (with YOLO taking the cores first, the third seed may not fit: summary.md says).
+# need 750 s. The Faster R-CNN harnesses, niced, take the cores YOLO leaves: assumed 10 s per epoch at
+# imgsz 640 (52 batches of 4 decoded and resized on the host, 87 validation images, a 150 MB checkpoint),
+# so one seed (12 epochs x 10 s + 25 s) takes about 145 s per loss uncontended; seeds in turn, not at
+# once, so that a deadline cuts the last seed, not every run (with YOLO taking the cores first, the
+# second and third seeds may not fit: summary.md says).
 # These are estimates, not readings (no GPU has run this yet): the progress lines and summary.md give
 # the measured s/epoch; size RCNN_EPOCHS (and the deadline) from them.
 #
@@ -60,10 +61,14 @@ SEEDS=${SEEDS:-"0 1 2"}
 YOLO_MODES=${YOLO_MODES:-"baseline nwd:assigner_auto nwd"}  # compare.py --preset gpu's
 YOLO_WORKERS=${YOLO_WORKERS:-2}           # dataloader processes per YOLO training (compare.py's default)
 RCNN_MODES=${RCNN_MODES:-"baseline plb nwd nwd:assigner_auto"}
-RCNN_EPOCHS=${RCNN_EPOCHS:-12}            # Faster R-CNN schedule: the converged CPU one is still being chosen
-RCNN_IMGSZ=${RCNN_IMGSZ:-416}
-RCNN_LR=${RCNN_LR:-0.005}                 # train's default (the PLB paper's, batch 4)
-RCNN_LR_STEP=${RCNN_LR_STEP:-8}           # one tenfold decay, at two thirds of the epochs
+# Faster R-CNN schedule, from the CPU probe of the stock loss (docs/results.md section 5): imgsz 640 puts
+# BCCD's platelets (~30 px there) above the mobilenet FPN's smallest anchor, and lr 0.01 at batch 4 learns
+# from scratch at once; at that lr the probe's test Platelets AP was 11.2 after 9 epochs, so 12 epochs
+# with one tenfold decay at epoch 8 is the shortest schedule it supports (its 30-epoch curve decides more)
+RCNN_EPOCHS=${RCNN_EPOCHS:-12}
+RCNN_IMGSZ=${RCNN_IMGSZ:-640}
+RCNN_LR=${RCNN_LR:-0.01}
+RCNN_LR_STEP=${RCNN_LR_STEP:-8}
 RCNN_BATCH=${RCNN_BATCH:-4}
 RCNN_WORKERS=${RCNN_WORKERS:-2}
 RCNN_NICE=${RCNN_NICE:-10}                # Faster R-CNN yields the CPU to YOLO's 100-epoch schedule
