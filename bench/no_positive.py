@@ -3,8 +3,10 @@ model and the same batches.
 
     python bench/no_positive.py --weights RUN/weights/best.pt --data DATA.yaml --imgsz 640 \\
         --modes baseline nwd nwd:safit nwd:simd_assigner --batches 20
+    python bench/no_positive.py --weights yolov8n.yaml --data bccd.yaml --imgsz 416   # as training starts
 
-The checkpoint's model (in eval mode: its predictions as at inference, nothing trained) sees the same
+The checkpoint's model (or a model yaml's, built with the data's classes and ``--seed``, as a run from
+scratch starts; in eval mode: its predictions as at inference, nothing trained) sees the same
 augmented training batches for every mode; each mode's criterion assigns them (the task-aligned
 assigner with the mode's overlap, ``nwd`` 'auto' settings resolved from the training labels) and
 ``yolo_sizeloss.assignment.AssignmentCounter`` counts, as every training run does in its
@@ -22,6 +24,8 @@ from ultralytics import YOLO
 from ultralytics.cfg import get_cfg
 from ultralytics.data import build_dataloader, build_yolo_dataset
 from ultralytics.data.utils import check_det_dataset
+from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils.torch_utils import init_seeds
 
 from yolo_sizeloss.assignment import AssignmentCounter
 from yolo_sizeloss.config import load_loss_config
@@ -35,7 +39,7 @@ def training_batches(data_yaml: str, imgsz: int, batch: int, count: int, seed: i
     cfg = get_cfg(overrides={"imgsz": imgsz, "seed": seed})
     data = check_det_dataset(resolve_data(data_yaml))
     dataset = build_yolo_dataset(cfg, data["train"], batch, data, mode="train")
-    torch.manual_seed(seed)
+    init_seeds(seed)  # the augmentation draws from Python's and NumPy's generators too
     loader = build_dataloader(dataset, batch, workers=0, shuffle=True)
     batches = []
     for batch_data in loader:
@@ -67,7 +71,7 @@ def count_mode(model, mode: str, batches, labels, imgsz: int) -> dict[str, float
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="a trained YOLO checkpoint")
+    p.add_argument("--weights", required=True, help="a trained YOLO checkpoint, or a model yaml (untrained)")
     p.add_argument("--data", required=True, help="data yaml (its train split is assigned)")
     p.add_argument("--imgsz", type=int, required=True)
     p.add_argument("--modes", nargs="+", default=["baseline", "nwd"], help="LOSS or LOSS:SETTINGS, as bench/compare.py")
@@ -75,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    model = YOLO(args.weights).model.float().eval()
+    if args.weights.endswith((".yaml", ".yml")):
+        init_seeds(args.seed)
+        classes = len(check_det_dataset(resolve_data(args.data))["names"])
+        model = DetectionModel(args.weights, nc=classes, verbose=False).eval()
+    else:
+        model = YOLO(args.weights).model.float().eval()
     model.args = get_cfg(overrides={"imgsz": args.imgsz})  # the criterion's gains: Ultralytics' defaults
     batches, labels = training_batches(args.data, args.imgsz, args.batch, args.batches, args.seed)
     print(f"{args.weights}, {len(batches)} training batches of {args.batch} at imgsz {args.imgsz} (seed {args.seed})")
