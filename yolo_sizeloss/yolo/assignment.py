@@ -13,13 +13,15 @@ import torch
 from torch import nn
 
 from yolo_sizeloss.assignment import AssignmentCounter
+from yolo_sizeloss.methods.base import count_per_gt
 
 
 def positives_per_slot(fg_mask: torch.Tensor, target_gt_idx: torch.Tensor, num_slots: int) -> torch.Tensor:
     """(B, G) int64: the foreground anchors (``fg_mask`` (B, A)) assigned to each ground-truth slot
     (``target_gt_idx`` (B, A), the slot each anchor's target is)."""
-    positives = torch.zeros(fg_mask.shape[0], num_slots, dtype=torch.int64, device=fg_mask.device)
-    return positives.scatter_add_(1, target_gt_idx.long(), fg_mask.long())
+    images = torch.arange(fg_mask.shape[0], device=fg_mask.device)[:, None]
+    slots = (images * num_slots + target_gt_idx.long()).flatten()  # numbered image by image
+    return count_per_gt(slots, fg_mask.shape[0] * num_slots, fg_mask.flatten()).view(-1, num_slots)
 
 
 def _observe(counter: AssignmentCounter, args, kwargs, outputs) -> None:
