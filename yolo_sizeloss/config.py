@@ -93,11 +93,12 @@ def _loss_parts(spec: str) -> list[str]:
     if not spec.strip():
         raise LossConfigError(f"--loss {spec!r}: empty; give baseline or methods joined by '+' ({', '.join(METHODS)})")
     parts = [n.strip() for n in spec.split("+")]
+    modes = shipped_variants()
     for name in parts:
-        if name not in valid and name not in shipped_variants():
+        if name not in valid and name not in modes:
             raise LossConfigError(
                 f"unknown loss {name!r} in {spec!r}: valid names are {', '.join(valid)}, combined with '+', "
-                f"or a shipped mode: {', '.join(shipped_variants())}"
+                f"or a shipped mode: {', '.join(modes)}"
             )
     if "baseline" in parts and len(parts) > 1:
         raise LossConfigError(f"loss {spec!r}: 'baseline' is the stock loss and cannot be combined")
@@ -118,11 +119,17 @@ def _mode_methods(mode: str) -> list[str]:
 def parse_loss_names(spec: str) -> list[str]:
     """Split a loss specification (``baseline``, ``plb``, ``plb+scb``, a shipped mode such as ``safit``)
     into method names, validated."""
-    names = [m for part in _loss_parts(spec) if part != "baseline"
-             for m in (_mode_methods(part) if part not in METHODS else [part])]
+    return _methods_and_modes(spec)[0]
+
+
+def _methods_and_modes(spec: str) -> tuple[list[str], list[str]]:
+    """The methods ``spec`` selects, and the shipped modes among its parts (whose settings apply)."""
+    parts = [part for part in _loss_parts(spec) if part != "baseline"]
+    modes = [part for part in parts if part not in METHODS]
+    names = [m for part in parts for m in (_mode_methods(part) if part in modes else [part])]
     if len(set(names)) != len(names):
         raise LossConfigError(f"loss {spec!r} names a method twice")
-    return names
+    return names, modes
 
 
 def load_loss_config(spec: str, override: str | Path | None = None) -> dict[str, dict[str, Any]]:
@@ -134,7 +141,8 @@ def load_loss_config(spec: str, override: str | Path | None = None) -> dict[str,
     key or an out-of-range value is an error.
     """
     config: dict[str, dict[str, Any]] = {}
-    for method in parse_loss_names(spec):
+    methods, modes = _methods_and_modes(spec)
+    for method in methods:
         path = LOSS_CFG_DIR / f"{method}.yaml"
         data, lines = _read_yaml(path)
         if set(data) != {method}:
@@ -144,7 +152,7 @@ def load_loss_config(spec: str, override: str | Path | None = None) -> dict[str,
         missing = set(REGISTRY[method].schema) - set(config[method])
         if missing:
             raise LossConfigError(f"{path}: defaults missing for {', '.join(sorted(missing))}")
-    for mode in (part for part in _loss_parts(spec) if part not in ("baseline", *METHODS)):
+    for mode in modes:
         _apply_settings_file(config, VARIANTS_DIR / f"{mode}.yaml", spec)
     if override is not None:
         try:
