@@ -32,16 +32,18 @@ from yolo_sizeloss.checkpoints import RCNN_ARCH
 from yolo_sizeloss.cli import train_main
 from yolo_sizeloss.checkpoints import load_checkpoint as load_any_checkpoint
 from yolo_sizeloss.config import load_loss_config
-from yolo_sizeloss.detections import load_split
+from yolo_sizeloss.detections import ImageRecord, load_split
 from yolo_sizeloss.paths import resolve_data
 from yolo_sizeloss.rcnn import export_onnx, predict_records
 from yolo_sizeloss.rcnn.cli import main
 from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection
+from yolo_sizeloss.rcnn.engine import coco_map
 from yolo_sizeloss.methods import MatchedSamples, scb
 from yolo_sizeloss.rcnn.heads import SizeBalancedRoIHeads, SizeBalancedRPN
 from yolo_sizeloss.rcnn.losses import weighted_fastrcnn_loss, weighted_rpn_loss
 from yolo_sizeloss.rcnn.model import build_model
 from yolo_sizeloss.rcnn.switches import LossSwitches
+from yolo_sizeloss.results_csv import class_ap_columns
 
 from conftest import BCCD, ROOT
 IMGSZ = 128
@@ -86,6 +88,19 @@ def bccd_batch(count: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Ten
     records, _ = load_split(resolve_data("bccd.yaml"), "train")
     images, targets, _ = collate_detection([DetectionDataset(records[:count], flip_p=0.0)[i] for i in range(count)])
     return images, targets
+
+
+def test_validation_gives_each_class_ap_and_their_mean():
+    """An RBC found exactly (AP 1), a WBC missed (AP 0), no platelet in the labels: mAP50-95 is the mean
+    over the two classes val holds, and the platelets' results.csv column is NaN."""
+    image = ImageRecord("a.jpg", 640, 480, gt_boxes=np.array([[10.0, 10, 110, 90], [300, 200, 400, 300]]),
+                        gt_classes=np.array([0, 1]), pred_boxes=np.array([[10.0, 10, 110, 90]]),
+                        pred_scores=np.array([0.9]), pred_classes=np.array([0]))
+    metrics = coco_map([image], ["RBC", "WBC", "Platelets"])
+    assert metrics["class_ap"] == {0: 1.0, 1: 0.0} and metrics["mAP50-95"] == pytest.approx(0.5)
+    columns = class_ap_columns({0: "RBC", 1: "WBC", 2: "Platelets"}, metrics["class_ap"])
+    assert list(columns) == ["val/AP50-95 RBC", "val/AP50-95 WBC", "val/AP50-95 Platelets"]
+    assert columns["val/AP50-95 RBC"] == 1.0 and math.isnan(columns["val/AP50-95 Platelets"])
 
 
 def test_switches_off_equal_stock_torchvision_bit_for_bit():
@@ -403,9 +418,12 @@ def test_one_epoch_writes_results_weights_and_settings(trained_run):
                    "metrics/mAP50(B)", "metrics/mAP50-95(B)", "assign/small_no_pos", "assign/small_no_pos_share",
                    "assign/no_pos_share"):
         assert column in header
-    assert len(rows) == 2 and all(math.isfinite(float(v)) for v in rows[1].split(","))
     row = dict(zip(header, rows[1].split(",")))
+    assert len(rows) == 2 and all(math.isfinite(float(v)) for k, v in row.items() if not k.startswith("val/AP50-95"))
     assert 0 <= float(row["assign/small_no_pos_share"]) <= 1 and 0 <= float(row["assign/no_pos_share"]) <= 1
+    # each class's val AP50-95 of the epoch (NaN: none in val); COCO's AP is their mean over the classes val holds
+    class_ap = [float(row[f"val/AP50-95 {name}"]) for name in ("RBC", "WBC", "Platelets")]
+    assert np.nanmean(class_ap) == pytest.approx(float(row["metrics/mAP50-95(B)"]), abs=2e-6)
     checkpoint = load_checkpoint(trained_run / "weights" / "last.pt")
     assert checkpoint["backbone"] == "mobilenet_v3_large_fpn" and checkpoint["imgsz"] == IMGSZ
     assert checkpoint["num_classes"] == 4 and checkpoint["names"] == {0: "RBC", 1: "WBC", 2: "Platelets"}

@@ -69,6 +69,9 @@ def test_every_mode_trains_and_records_its_loss(trained_runs, loss, model):
     # every mode, the stock loss too, counts the small objects its assigner left without a positive anchor
     assert float(row["assign/small_no_pos"]) >= 0 and 0 <= float(row["assign/small_no_pos_share"]) <= 1
     assert 0 <= float(row["assign/no_pos_share"]) <= 1
+    # each class's val AP50-95 of the epoch; Ultralytics' mAP50-95 is their mean over the classes val holds
+    class_ap = [float(row[f"val/AP50-95 {name}"]) for name in ("RBC", "WBC", "Platelets")]
+    assert np.nanmean(class_ap) == pytest.approx(float(row["metrics/mAP50-95(B)"]), abs=2e-6)
     if loss == "baseline":
         assert not any(k.startswith(("sizeloss/", "feedback/")) for k in row)
     else:

@@ -66,3 +66,12 @@ def append_row(path: Path, row: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def class_ap_columns(names: dict[int, str], ap_by_class: dict[int, float]) -> dict[str, float]:
+    """One column per class, ``val/AP50-95 <name>``: the epoch's AP50-95 of that class on the val split
+    (NaN when val holds none of it), both families. Their mean over the classes val holds is the epoch's
+    mAP50-95; the focus class's curve is what choosing a schedule or a variant on val reads, and it
+    stays in results.csv when the checkpoints are gone. Not a ``metrics/`` column: Ultralytics'
+    results.png plots every one of those, which would be one panel per class."""
+    return {f"val/AP50-95 {name.replace(',', ' ')}": float(ap_by_class.get(k, float("nan"))) for k, name in names.items()}

@@ -32,7 +32,7 @@ from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
 from yolo_sizeloss.checks import parse_device
 from yolo_sizeloss.config import describe_loss, write_loss_record
 from yolo_sizeloss.detections import ImageRecord, load_split
-from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics
+from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics, per_class_ap
 from yolo_sizeloss.methods.nwd import resolve_nwd_auto
 from yolo_sizeloss.paths import resolve_data
 from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection, training_box_sizes
@@ -48,7 +48,7 @@ from yolo_sizeloss.rcnn.model import (
     unwrap,
 )
 from yolo_sizeloss.rcnn.switches import LossSwitches
-from yolo_sizeloss.results_csv import append_row, continue_results
+from yolo_sizeloss.results_csv import append_row, class_ap_columns, continue_results
 from yolo_sizeloss.weighting_plot import plot_weighting
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
@@ -197,24 +197,28 @@ def predict(
     return predicted
 
 
-def coco_map(records: list[ImageRecord], num_classes: int) -> dict[str, float]:
+def coco_map(records: list[ImageRecord], names: list[str]) -> dict:
     """COCO box mAP50 and mAP50-95 in original pixels, from the report's evaluation
-    (``yolo_sizeloss.evaluation``, faster-coco-eval); 0 when there is nothing to evaluate."""
-    metrics = coco_metrics(records, num_classes, np.ones(len(records)), COCO_EDGES)
-    return {"mAP50": metrics["ap50"] or 0.0, "mAP50-95": metrics["ap"] or 0.0}
+    (``yolo_sizeloss.evaluation``, faster-coco-eval), 0 when there is nothing to evaluate; and
+    ``class_ap``, each class's AP50-95 by class index (a class without ground truth left out)."""
+    metrics = coco_metrics(records, len(names), np.ones(len(records)), COCO_EDGES)
+    by_class = per_class_ap(records, names)
+    return {"mAP50": metrics["ap50"] or 0.0, "mAP50-95": metrics["ap"] or 0.0,
+            "class_ap": {k: by_class[name]["ap"] for k, name in enumerate(names) if by_class[name]["ap"] is not None}}
 
 
 def validate(
-    model: torch.nn.Module, records: list[ImageRecord], num_classes: int, ctx: DistContext, batch: int, workers: int
-) -> dict[str, float] | None:
-    """Predict each rank's shard of ``records``, gather on rank 0 and return its mAPs there (None elsewhere)."""
+    model: torch.nn.Module, records: list[ImageRecord], names: list[str], ctx: DistContext, batch: int, workers: int
+) -> dict | None:
+    """Predict each rank's shard of ``records``, gather on rank 0 and return its mAPs there (``coco_map``;
+    None elsewhere)."""
     shard = shard_indices(len(records), ctx)
     predicted = predict(model, [records[i] for i in shard], ctx.device, batch, workers)
     if ctx.world_size > 1:
         gathered: list = [None] * ctx.world_size
         dist.all_gather_object(gathered, list(zip(shard, predicted)))
         predicted = [r for _, r in sorted((pair for part in gathered for pair in part), key=lambda p: p[0])]
-    return coco_map(predicted, num_classes) if ctx.is_main else None
+    return coco_map(predicted, names) if ctx.is_main else None
 
 
 def fitness(metrics: dict[str, float]) -> float:
@@ -348,7 +352,8 @@ def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) ->
                                  f"{epoch + 1}/{args.epochs}", ctx.is_main)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        metrics = validate(model, val_records, len(data["names"]), ctx, per_rank_batch, workers)
+        metrics = validate(model, val_records, [data["names"][k] for k in sorted(data["names"])], ctx, per_rank_batch,
+                           workers)
         if ctx.is_main:
             best_fitness = save_epoch(save_dir, epoch, time.time() - train_start, losses, metrics, lr, best_fitness,
                                       model, optimizer, scheduler, args, data)
@@ -373,7 +378,7 @@ def save_epoch(
     epoch: int,
     elapsed: float,
     losses: dict[str, float],
-    metrics: dict[str, float],
+    metrics: dict,
     lr: float,
     best_fitness: float,
     model: torch.nn.Module,
@@ -396,6 +401,7 @@ def save_epoch(
         "metrics/mAP50(B)": round(metrics["mAP50"], 6),
         "metrics/mAP50-95(B)": round(metrics["mAP50-95"], 6),
         "lr/pg0": lr,
+        **class_ap_columns(data["names"], metrics["class_ap"]),
         **feedback_columns(unwrap(model)),
         **assignment_columns(unwrap(model)),
         **({"nwd/constant": constant} if "nwd" in args.loss_config else {}),
@@ -424,7 +430,7 @@ def save_epoch(
     torch.save(checkpoint, save_dir / "weights" / "last.pt")
     if current >= best_fitness:
         torch.save(checkpoint, save_dir / "weights" / "best.pt")
-    LOGGER.info(f"epoch {epoch + 1}: {elapsed:.0f}s since start, " + ", ".join(f"{k} {v:.4f}" for k, v in {**losses, **metrics}.items()))
+    LOGGER.info(f"epoch {epoch + 1}: {elapsed:.0f}s since start, " + ", ".join(f"{k} {v:.4f}" for k, v in {**losses, "mAP50": metrics["mAP50"], "mAP50-95": metrics["mAP50-95"]}.items()))
     return best_fitness
 
 

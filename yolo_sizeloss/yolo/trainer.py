@@ -20,7 +20,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from yolo_sizeloss.assignment import AssignmentCounter
 from yolo_sizeloss.config import check_resumed_loss, describe_loss, loss_name, read_loss_record, write_loss_record
-from yolo_sizeloss.results_csv import continue_results, widen_header
+from yolo_sizeloss.results_csv import class_ap_columns, continue_results, widen_header
 from yolo_sizeloss.weighting_plot import plot_weighting
 from yolo_sizeloss.yolo.assignment import attach_counter, detach_counters
 from yolo_sizeloss.yolo.loss import AnchorWeighting, install_size_aware_loss, remove_size_aware_loss, stock_assigners
@@ -142,6 +142,15 @@ class SizeAwareTrainer(DetectionTrainer):
         if criterion is not None:
             remove_size_aware_loss(criterion)
             detach_counters(stock_assigners(criterion))
+
+    def validate(self):
+        """Stock validation; its metrics gain each class's AP50-95 (``class_ap_columns``), which results.csv
+        and the checkpoint's train_metrics then hold."""
+        metrics, fitness = super().validate()
+        if metrics is not None:
+            box = self.validator.metrics.box
+            metrics.update(class_ap_columns(self.data["names"], dict(zip(box.ap_class_index, box.ap))))
+        return metrics, fitness
 
     def plot_metrics(self) -> None:
         """Ultralytics' results.png, and beside it weighting.png: where the weight went, epoch by epoch
