@@ -349,8 +349,10 @@ def _epoch_seconds(run_dir: Path) -> list[float]:
 
 
 def status_lines(args, out: Path) -> list[str]:
-    """Where each (mode, seed) stands: epochs in results.csv of the total, last.pt, the report."""
+    """Where each (mode, seed) stands: epochs in results.csv of the total, last.pt, the report, and the
+    val split's best epoch (``best_epoch_note``)."""
     lines = [f"{out}: {args.epochs} epochs, imgsz {args.imgsz}, batch {args.batch}"]
+    focus = args.focus_class or rarest_class(args.data)
     for label, _ in runs_of(args):
         for seed in args.seeds:
             name, run_dir, val_dir = run_paths(out, label, seed, args.split)
@@ -365,8 +367,21 @@ def status_lines(args, out: Path) -> list[str]:
                 state = "unfinished, resumes from last.pt"
             else:
                 state = "not started"
-            lines.append(f"{name:<24} {done:>4}/{args.epochs} epochs  {state}")
+            lines.append(f"{name:<24} {done:>4}/{args.epochs} epochs  {state}{best_epoch_note(run_dir, focus)}")
     return lines
+
+
+def best_epoch_note(run_dir: Path, focus: str) -> str:
+    """The val split's verdict on a run, from its results.csv: the best epoch's mAP50-95 (the epoch
+    best.pt holds, as fitness picks it: the last of equal maxima) and the focus class's AP50-95 there
+    where the run logged it. What a choice between modes on val reads without the checkpoints."""
+    rows = [r for r in _results(run_dir) if r.get("metrics/mAP50-95(B)")]
+    if not rows:
+        return ""
+    best = max(reversed(rows), key=lambda r: float(r["metrics/mAP50-95(B)"]))
+    note = f"; val best epoch {best['epoch']}: mAP50-95 {100 * float(best['metrics/mAP50-95(B)']):.1f}"
+    focus_ap = best.get(f"val/AP50-95 {focus}")
+    return note + (f", {focus} AP {100 * float(focus_ap):.1f}" if focus_ap else "")
 
 
 def summarise(per_mode: dict[str, list[dict]], cols: list[tuple[str, str]]) -> dict:

@@ -197,6 +197,20 @@ def test_status_says_where_each_run_stands(tmp_path, capsys):
     assert compare.report_is_current(val / "feedback-s0", bootstrap=1000)
 
 
+def test_status_gives_the_val_splits_best_epoch(tmp_path):
+    """The epoch best.pt holds (the last of equal maxima of mAP50-95, as Ultralytics' fitness picks it)
+    and the focus class's AP there; a run from before the per-class columns gives mAP50-95 alone."""
+    run_dir = tmp_path / "runs" / "nwd-s0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.csv").write_text("epoch,time,metrics/mAP50-95(B),val/AP50-95 Platelets,val/AP50-95 RBC\n"
+                                         "1,10,0.25,0.1,0.4\n2,20,0.5,0.3,0.7\n3,30,0.5,0.35,0.65\n4,40,0.45,0.5,0.4\n")
+    args = compare.parse_args(["--losses", "nwd", "--seeds", "0", "--epochs", "4", "--focus-class", "Platelets"])
+    line = " ".join(compare.status_lines(args, tmp_path)[1].split())
+    assert line == "nwd-s0 4/4 epochs trained, not evaluated; val best epoch 3: mAP50-95 50.0, Platelets AP 35.0"
+    (run_dir / "results.csv").write_text("epoch,time,metrics/mAP50-95(B)\n1,10,0.25\n2,20,0.125\n")
+    assert compare.best_epoch_note(run_dir, "Platelets") == "; val best epoch 1: mAP50-95 25.0"
+
+
 def test_a_second_harness_does_not_train_a_run_another_one_is_training(tmp_path):
     # Two harnesses on one --out both resumed nwd-s0 from its last.pt and interleaved their epochs in
     # one results.csv. A broken --data makes this fail fast where the lock is not checked.
