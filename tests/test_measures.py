@@ -43,6 +43,18 @@ def test_safit_tends_to_iou_for_large_boxes_and_mostly_nwd_for_tiny_ones():
     assert math.isfinite(value) and value == pytest.approx((1 - sigmoid(-1)) * math.exp(-math.sqrt(8) / C), rel=1e-4)
 
 
+def test_safit_spread_sharpens_the_blend_by_hand():
+    """w = sigmoid((sqrt(A) - 32) / spread): SAFit's spread (32) against 8, for a 24 px, a 32 px and a 40 px
+    ground truth, and the blend itself for the 24 px one."""
+    boxes = torch.tensor([[0.0, 0.0, 24.0, 24.0], [0.0, 0.0, 32.0, 32.0], [0.0, 0.0, 40.0, 40.0]])
+    assert safit_blend_weight(boxes).tolist() == pytest.approx([sigmoid(-0.25), 0.5, sigmoid(0.25)], abs=1e-6)
+    assert safit_blend_weight(boxes, spread=8.0).tolist() == pytest.approx([sigmoid(-1), 0.5, sigmoid(1)], abs=1e-6)
+    pred = boxes[:1] + torch.tensor([2.0, 0.0, 2.0, 0.0])  # shifted 2 px: IoU 22/26, NWD exp(-2/C)
+    expected = sigmoid(-1) * 22 / 26 + (1 - sigmoid(-1)) * math.exp(-2 / C)
+    assert safit(pred, boxes[:1], C, spread=8.0).item() == pytest.approx(expected, rel=1e-5)
+    assert safit_matrix(boxes[:1], pred, C, spread=8.0).item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_simd_by_hand_and_scale_invariant():
     # centres 1 px apart, widths 4 + 4: D_loc = 1 / (8 / 6.13); same shape: D_shape = 0
     assert simd(*TINY).item() == pytest.approx(math.exp(-6.13 / 8), rel=1e-5)
@@ -125,6 +137,24 @@ def test_a_shipped_variant_puts_the_measure_in_both_families_assignment(variant,
     assert torch.isfinite(loss).all()
     switches = LossSwitches.from_config(config, C)
     assert isinstance(switches.rpn_overlap(), overlap_type) and switches.nwd_assigner == variant.split("_")[0]
+
+
+def test_safit_spread_reaches_both_families_assignment_and_box_loss():
+    """``nwd.safit_spread`` is the blend YOLO's assigner and box loss and Faster R-CNN's RPN matcher and box
+    term measure by: a 24 px ground truth and its box shifted 2 px, by hand as in the test above."""
+    from yolo_sizeloss.config import load_loss_config
+    from yolo_sizeloss.rcnn.switches import LossSwitches
+    from yolo_sizeloss.yolo.loss import AnchorWeighting
+
+    config = load_loss_config("safit")
+    config["nwd"].update(constant=C, safit_spread=8.0)
+    gt, pred = torch.tensor([[0.0, 0.0, 24.0, 24.0]]), torch.tensor([[2.0, 0.0, 26.0, 24.0]])
+    expected = sigmoid(-1) * 22 / 26 + (1 - sigmoid(-1)) * math.exp(-2 / C)
+    weighting, switches = AnchorWeighting(config), LossSwitches.from_config(config)
+    assert weighting.overlap().elementwise(gt, pred).item() == pytest.approx(expected, rel=1e-5)
+    assert weighting.box_similarity(pred, gt).item() == pytest.approx(expected, rel=1e-5)  # plain IoU without a CIoU
+    assert switches.rpn_overlap().pairwise(gt, pred).item() == pytest.approx(expected, rel=1e-5)
+    assert switches.box_similarity(pred, gt).item() == pytest.approx(expected, rel=1e-5)
 
 
 # --- in the box loss ----------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def nwd_config(spec="nwd", **settings) -> dict:
 
 def test_defaults_and_combination_with_a_weighting():
     assert load_loss_config("nwd") == {"nwd": {"ratio": 0.5, "constant": "auto", "assigner": True, "box_measure": "nwd",
-                                               "small_area": 1024, "rcnn_terms": ["rpn_box"]}}  # rcnn_terms: Faster R-CNN's
+                                               "safit_spread": 32, "small_area": 1024, "rcnn_terms": ["rpn_box"]}}  # rcnn_terms: Faster R-CNN's
     cfg = load_loss_config("nwd+feedback")
     assert list(cfg) == ["nwd", "feedback"] and cfg["feedback"] == load_loss_config("feedback")["feedback"]
 
@@ -46,7 +46,8 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
     path = tmp_path / "o.yaml"
     path.write_text("nwd:\n  constant: 12.8\n  ratio: 1\n  assigner: false\n")
     assert load_loss_config("nwd", path)["nwd"] == {"ratio": 1, "constant": 12.8, "assigner": False,
-                                                    "box_measure": "nwd", "small_area": 1024, "rcnn_terms": ["rpn_box"]}
+                                                    "box_measure": "nwd", "safit_spread": 32, "small_area": 1024,
+                                                    "rcnn_terms": ["rpn_box"]}
 
 
 @pytest.mark.parametrize(
@@ -57,10 +58,11 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
         ("nwd:\n  constant: 0\n", r"o\.yaml:2: nwd\.constant = 0 .*a number > 0 \(network-input pixels\) or auto"),
         ("nwd:\n  ratio: 0.5\n  constant: mean\n", r"o\.yaml:3: nwd\.constant = 'mean' .*or auto"),
         ("nwd:\n  constant: .inf\n", r"o\.yaml:2: nwd\.constant = inf .*> 0"),
+        ("nwd:\n  safit_spread: 0\n", r"o\.yaml:2: nwd\.safit_spread = 0 .*a number > 0 \(network-input pixels\)"),
         ("nwd:\n  assigner: 1\n", r"o\.yaml:2: nwd\.assigner = 1 .*true, false, auto or a measure: safit, simd"),
         ("nwd:\n  small_area: 0\n", r"o\.yaml:2: nwd\.small_area = 0 .*a number > 0"),
         ("nwd:\n  terms: [box]\n",
-         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, box_measure, small_area, rcnn_terms\)"),
+         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, box_measure, safit_spread, small_area, rcnn_terms\)"),
         ("nwd:\n  box_measure: giou\n", r"o\.yaml:2: nwd\.box_measure = 'giou' .*one of nwd, safit, simd"),
     ],
 )

@@ -31,35 +31,41 @@ def _iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), 0.0)
 
 
-def safit_blend_weight(gt_boxes: Tensor, size: float = SAFIT_SIZE) -> Tensor:
-    """SAFit's weight on IoU for each ground truth: ``sigmoid((sqrt(A) - C) / C)``, A its area, C ``size``.
+def safit_blend_weight(gt_boxes: Tensor, size: float = SAFIT_SIZE, spread: float | None = None) -> Tensor:
+    """SAFit's weight on IoU for each ground truth: ``sigmoid((sqrt(A) - C) / s)``, A its area, C ``size``,
+    ``s`` = ``spread`` (SAFit's own: ``C``, the default).
 
-    1 for boxes far above C, ``sigmoid(-1)`` (0.269) for a box of area 0, 0.5 at ``sqrt(A) = C``: the
-    blend moves from mostly NWD for tiny boxes to IoU for large ones, box by box.
+    1 for boxes far above C, 0.5 at ``sqrt(A) = C``, ``sigmoid(-C / s)`` for a box of area 0
+    (``sigmoid(-1)`` = 0.269 with SAFit's spread): the blend moves from mostly NWD for tiny boxes to
+    IoU for large ones, box by box; a smaller spread makes the move sharper (``sigmoid(+-1)`` at
+    ``C +- s`` pixels), so that boxes well below C are measured almost wholly by NWD and boxes well
+    above it almost wholly by IoU.
     """
     side = ((gt_boxes[..., 2:] - gt_boxes[..., :2]).clamp(min=0).prod(-1)).sqrt()
-    return torch.sigmoid((side - size) / size)
+    return torch.sigmoid((side - size) / (size if spread is None else spread))
 
 
 def safit(pred_boxes: Tensor, gt_boxes: Tensor, nwd_constant: float, size: float = SAFIT_SIZE,
-          iou: Tensor | None = None) -> Tensor:
+          iou: Tensor | None = None, spread: float | None = None) -> Tensor:
     """SAFit of aligned boxes (Ying et al., arXiv 2406.14482): ``w * IoU + (1 - w) * NWD``, ``w`` from
-    each ground truth's size (``safit_blend_weight``), NWD with ``nwd_constant`` (``methods.nwd``).
+    each ground truth's size (``safit_blend_weight`` with ``size`` and ``spread``), NWD with
+    ``nwd_constant`` (``methods.nwd``).
 
     NWD is taken between the boxes' centres and half sizes, as the formula says (the public
     ``safit_loss`` uses the top-left corners). ``iou`` replaces the plain IoU with the detector's own
     overlap where it has one (Ultralytics' CIoU), so that large boxes keep exactly the stock term.
     In [0, 1] with plain IoU; differentiable: use ``1 - safit`` in a box loss.
     """
-    w = safit_blend_weight(gt_boxes, size)
+    w = safit_blend_weight(gt_boxes, size, spread)
     overlap = _iou(pred_boxes, gt_boxes) if iou is None else iou
     return w * overlap + (1 - w) * nwd(pred_boxes, gt_boxes, nwd_constant)
 
 
 @torch.no_grad()
-def safit_matrix(gt_boxes: Tensor, boxes: Tensor, nwd_constant: float, size: float = SAFIT_SIZE) -> Tensor:
+def safit_matrix(gt_boxes: Tensor, boxes: Tensor, nwd_constant: float, size: float = SAFIT_SIZE,
+                 spread: float | None = None) -> Tensor:
     """SAFit of every pair, (M, N) for M ground truths and N boxes (a matcher's quality matrix)."""
-    w = safit_blend_weight(gt_boxes.float(), size)[:, None]
+    w = safit_blend_weight(gt_boxes.float(), size, spread)[:, None]
     iou = _iou(gt_boxes.float()[:, None, :], boxes.float()[None, :, :])
     return w * iou + (1 - w) * nwd_matrix(gt_boxes, boxes, nwd_constant)
 
@@ -104,11 +110,12 @@ def simd_matrix(boxes_a: Tensor, boxes_b: Tensor, m_x: float = SIMD_RELEASED_NOR
 
 
 def box_similarity(measure: str, pred_boxes: Tensor, gt_boxes: Tensor, nwd_constant: float | None,
-                   iou: Tensor | None = None) -> Tensor:
+                   iou: Tensor | None = None, safit_spread: float | None = None) -> Tensor:
     """The similarity ``nwd.box_measure`` names, of aligned predicted and ground-truth boxes, for a box loss
     that mixes in ``1 - similarity`` (both families): ``nwd`` (``methods.nwd.nwd``), ``safit`` (``iou``
     as its IoU member: the detector's own overlap, Ultralytics' CIoU, so that large boxes keep the stock
-    term; plain IoU when None) or ``simd`` (no constant). ``nwd_constant`` may be None for ``simd`` only."""
+    term; plain IoU when None; its blend's ``safit_spread``) or ``simd`` (no constant). ``nwd_constant``
+    may be None for ``simd`` only."""
     if measure == "simd":
         return simd(pred_boxes, gt_boxes)
     if nwd_constant is None:
@@ -116,5 +123,5 @@ def box_similarity(measure: str, pred_boxes: Tensor, gt_boxes: Tensor, nwd_const
     if measure == "nwd":
         return nwd(pred_boxes, gt_boxes, nwd_constant)
     if measure == "safit":
-        return safit(pred_boxes, gt_boxes, nwd_constant, iou=iou)
+        return safit(pred_boxes, gt_boxes, nwd_constant, iou=iou, spread=safit_spread)
     raise ValueError(f"unknown box measure {measure!r}")

@@ -144,6 +144,7 @@ METHOD = Method(
         "constant": _positive_or_auto,
         "assigner": _flag_auto_or_measure,
         "box_measure": lambda v: (v in BOX_MEASURES, f"one of {', '.join(BOX_MEASURES)}"),
+        "safit_spread": number(lambda v: v > 0, "a number > 0 (network-input pixels)"),
         "small_area": number(lambda v: v > 0, "a number > 0 (network-input pixels squared)"),
     },
     # YOLO: always its box loss; Faster R-CNN: NWD replaces part of a box term, of the two listed

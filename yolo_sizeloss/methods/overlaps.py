@@ -68,18 +68,19 @@ class NWDOverlap:
 
 class SAFitOverlap:
     """SAFit (``methods.measures.safit``): IoU for large ground truths, NWD (constant ``nwd_constant``) for
-    tiny ones, blended per box at size ``size``. ``elementwise`` takes (ground truths, boxes), as the
-    task-aligned assigner passes them."""
+    tiny ones, blended per box at size ``size`` over ``spread`` pixels (``measures.safit_blend_weight``).
+    ``elementwise`` takes (ground truths, boxes), as the task-aligned assigner passes them."""
 
-    def __init__(self, nwd_constant: float, size: float = SAFIT_SIZE):
-        self.nwd_constant, self.size = nwd_constant, size
+    def __init__(self, nwd_constant: float, size: float = SAFIT_SIZE, spread: float | None = None):
+        self.nwd_constant, self.size, self.spread = nwd_constant, size, spread
 
     def pairwise(self, boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
-        return safit_matrix(boxes_a, boxes_b, self.nwd_constant, self.size)
+        return safit_matrix(boxes_a, boxes_b, self.nwd_constant, self.size, self.spread)
 
     def elementwise(self, boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
         """Computed in float32, returned in ``boxes_b``'s dtype."""
-        return safit(boxes_b.float(), boxes_a.float(), self.nwd_constant, self.size).to(boxes_b.dtype)
+        return safit(boxes_b.float(), boxes_a.float(), self.nwd_constant, self.size,
+                     spread=self.spread).to(boxes_b.dtype)
 
 
 class SimDOverlap:
@@ -96,16 +97,17 @@ class SimDOverlap:
         return simd(boxes_a.float(), boxes_b.float(), self.m_x, self.m_y).to(boxes_b.dtype)
 
 
-def assigner_overlap(assigner: bool | str, nwd_constant: Optional[float], unresolved_hint: str) -> Optional[Overlap]:
+def assigner_overlap(assigner: bool | str, nwd_constant: Optional[float], unresolved_hint: str,
+                     safit_spread: Optional[float] = None) -> Optional[Overlap]:
     """The overlap an assigner or matcher measures for a resolved ``nwd.assigner`` setting: NWD (true),
-    SAFit or SimD (by name), or None (false: the detector's stock measure). The one reading of the
-    setting for both families."""
+    SAFit (its blend over ``safit_spread`` pixels) or SimD (by name), or None (false: the detector's
+    stock measure). The one reading of the setting for both families."""
     if assigner is True:
         return NWDOverlap(nwd_constant, unresolved_hint)
     if assigner == "safit":
         if nwd_constant is None:
             raise RuntimeError(f"nwd.constant is auto but was not resolved: {unresolved_hint}")
-        return SAFitOverlap(nwd_constant)
+        return SAFitOverlap(nwd_constant, spread=safit_spread)
     if assigner == "simd":
         return SimDOverlap()
     return None

@@ -104,9 +104,11 @@ class LossSwitches:
         measure = self.config["nwd"]["box_measure"]
         if self.nwd_constant is None and measure != "simd":
             raise RuntimeError(f"nwd.constant is auto but was not resolved: {UNRESOLVED_HINT}")
-        return box_similarity(measure, pred_boxes.float(), gt_boxes.float(), self.nwd_constant)
+        return box_similarity(measure, pred_boxes.float(), gt_boxes.float(), self.nwd_constant,
+                              safit_spread=self.config["nwd"]["safit_spread"])
 
     def rpn_overlap(self) -> Overlap:
         """The overlap the RPN's matcher measures: ``nwd.assigner``'s (NWD, or SAFit or SimD by name), else
         torchvision's IoU."""
-        return assigner_overlap(self.nwd_assigner, self.nwd_constant, UNRESOLVED_HINT) or IoU()
+        spread = self.config["nwd"]["safit_spread"] if "nwd" in self.config else None
+        return assigner_overlap(self.nwd_assigner, self.nwd_constant, UNRESOLVED_HINT, spread) or IoU()

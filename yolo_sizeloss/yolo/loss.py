@@ -218,7 +218,7 @@ class AnchorWeighting(nn.Module):
         if self.nwd_constant is None and measure != "simd":
             raise RuntimeError(f"nwd.constant is auto but was not resolved: {UNRESOLVED_HINT}")
         return box_similarity(measure, pred_boxes.float(), gt_boxes.float(), self.nwd_constant,
-                              None if ciou is None else ciou.float())
+                              None if ciou is None else ciou.float(), self.config["nwd"]["safit_spread"])
 
     def overlap(self) -> Overlap | None:
         """The overlap the task-aligned assigner measures (``nwd.assigner``: NWD, or SAFit or SimD by name);
@@ -226,7 +226,8 @@ class AnchorWeighting(nn.Module):
         if self.nwd_assigner is None:
             raise RuntimeError("nwd.assigner is auto but was not resolved: call AnchorWeighting.resolve_from_labels"
                                "(dataset.labels, imgsz) first (SizeAwareTrainer does), or set true or false")
-        return assigner_overlap(self.nwd_assigner, self.nwd_constant, UNRESOLVED_HINT)
+        spread = self.config["nwd"]["safit_spread"] if "nwd" in self.config else None
+        return assigner_overlap(self.nwd_assigner, self.nwd_constant, UNRESOLVED_HINT, spread)
 
     def _accumulate_epoch_stats(self, gt_area, box_fg, cls_fg, valid=None):
         """Add the weights on small (< 32^2) and other foreground anchors to the epoch sums (None: 1;
