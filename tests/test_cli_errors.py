@@ -114,7 +114,7 @@ def empty_val(root):
     (rewrite_train_labels("0 nan 0.5 0.1 0.1\n"), "baseline", "split 'train' has no valid images"),
     (rewrite_train_labels("0 0.5 inf 0.1 0.1\n"), "feedback", "split 'train' has no valid images"),
     (empty_val, "baseline", "split 'val'"),
-    (rewrite_train_labels(""), "nwd", "nwd: auto settings need boxes"),
+    (rewrite_train_labels(""), "nwd", "nwd: auto settings and max_small_share need boxes"),
 ])
 def test_bad_data_is_one_line_before_any_run_folder(tmp_path, capsys, mutate, loss, message):
     """Each of these made Ultralytics write PROJECT/NAME and print its set-up before failing."""

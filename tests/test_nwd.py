@@ -37,7 +37,8 @@ def nwd_config(spec="nwd", **settings) -> dict:
 
 def test_defaults_and_combination_with_a_weighting():
     assert load_loss_config("nwd") == {"nwd": {"ratio": 0.5, "constant": "auto", "assigner": True, "box_measure": "nwd",
-                                               "safit_spread": 32, "small_area": 1024, "rcnn_terms": ["rpn_box"]}}  # rcnn_terms: Faster R-CNN's
+                                               "safit_spread": 32, "small_area": 1024, "max_small_share": 1.0,
+                                               "rcnn_terms": ["rpn_box"]}}  # rcnn_terms: Faster R-CNN's
     cfg = load_loss_config("nwd+feedback")
     assert list(cfg) == ["nwd", "feedback"] and cfg["feedback"] == load_loss_config("feedback")["feedback"]
 
@@ -47,7 +48,7 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
     path.write_text("nwd:\n  constant: 12.8\n  ratio: 1\n  assigner: false\n")
     assert load_loss_config("nwd", path)["nwd"] == {"ratio": 1, "constant": 12.8, "assigner": False,
                                                     "box_measure": "nwd", "safit_spread": 32, "small_area": 1024,
-                                                    "rcnn_terms": ["rpn_box"]}
+                                                    "max_small_share": 1.0, "rcnn_terms": ["rpn_box"]}
 
 
 @pytest.mark.parametrize(
@@ -62,7 +63,7 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
         ("nwd:\n  assigner: 1\n", r"o\.yaml:2: nwd\.assigner = 1 .*true, false, auto or a measure: safit, simd"),
         ("nwd:\n  small_area: 0\n", r"o\.yaml:2: nwd\.small_area = 0 .*a number > 0"),
         ("nwd:\n  terms: [box]\n",
-         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, box_measure, safit_spread, small_area, rcnn_terms\)"),
+         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, box_measure, safit_spread, small_area, max_small_share, rcnn_terms\)"),
         ("nwd:\n  box_measure: giou\n", r"o\.yaml:2: nwd\.box_measure = 'giou' .*one of nwd, safit, simd"),
     ],
 )
@@ -123,6 +124,29 @@ def test_auto_assigner_is_the_explicit_setting_it_resolves_to_bit_for_bit(decisi
     expected_loss, expected_items = explicit(preds, batch)
     loss, items = auto(preds, batch)
     assert torch.equal(loss, expected_loss) and same_items(items, expected_items)
+
+
+def test_max_small_share_turns_nwd_off_for_mostly_small_data_bit_for_bit():
+    """A loss that measures by SAFit in both places (``safit_sharp``) with ``max_small_share`` 0.5: on labels
+    two thirds small it is the stock loss bit for bit (recorded as nwd/active 0); on labels one third
+    small it acts."""
+    model = build_model("yolov8n.yaml")
+    batch = bccd_batch()
+    preds = model(batch["img"])
+    expected_loss, expected_items = model.init_criterion()(preds, batch)
+    config = load_loss_config("safit_sharp")
+    config["nwd"].update(max_small_share=0.5, constant=40.0)
+
+    def labels(small: int, other: int) -> list[dict]:  # 768 px^2 (small) and 19200 px^2 at imgsz 320
+        return [{"shape": (480, 640), "bboxes": [[0.5, 0.5, 0.1, 0.1]] * small + [[0.5, 0.5, 0.5, 0.5]] * other}]
+
+    for small, other, active in ((2, 1, False), (1, 2, True)):
+        weighting = AnchorWeighting(config)
+        weighting.resolve_from_labels(labels(small, other), 320)
+        loss, items = build_size_aware_loss(model, weighting)(preds, batch)
+        same = torch.equal(loss, expected_loss) and same_items(items, expected_items)
+        assert (weighting.nwd_active, same, weighting.epoch_stats()["nwd/active"]) == (active, not active, float(active))
+    assert "nwd/active" not in AnchorWeighting(nwd_config(constant=40.0)).epoch_stats()  # a column only when set
 
 
 def test_unresolved_auto_assigner_stops_before_the_first_loss_with_what_to_do():

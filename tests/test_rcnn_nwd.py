@@ -319,17 +319,23 @@ def test_constant_from_the_training_labels_at_imgsz():
     assert widths.tolist() == [32.0, 20.0] and heights.tolist() == [24.0, 40.0]
     auto = load_loss_config("nwd")
     expected = (math.sqrt(32 * 24) + math.sqrt(20 * 40)) / 2
-    assert training_nwd_settings(auto, records, 320, None) == (pytest.approx(expected), True)
-    assert training_nwd_settings(auto, records, 320, {"nwd_constant": 50.0}) == (50.0, True)  # resume keeps the run's
-    assert training_nwd_settings({}, records, 320, None) == (None, False)
+    assert training_nwd_settings(auto, records, 320, None) == (pytest.approx(expected), True, True)
+    assert training_nwd_settings(auto, records, 320, {"nwd_constant": 50.0}) == (50.0, True, True)  # resume keeps the run's
+    assert training_nwd_settings({}, records, 320, None) == (None, False, True)
     fixed = {"nwd": {**auto["nwd"], "constant": 12.8}}
-    assert training_nwd_settings(fixed, records, 320, {"nwd_constant": 50.0}) == (12.8, True)
-    with pytest.raises(ValueError, match="nwd: auto settings need boxes"):
+    assert training_nwd_settings(fixed, records, 320, {"nwd_constant": 50.0}) == (12.8, True, True)
+    with pytest.raises(ValueError, match="nwd: auto settings and max_small_share need boxes"):
         training_nwd_settings(auto, records[2:], 320, None)
     # assigner auto: areas 768 and 800 input px^2; both small below 1024 (IoU), neither below 700 (NWD)
     gated = {"nwd": {**fixed["nwd"], "assigner": "auto"}}
-    assert training_nwd_settings(gated, records, 320, None) == (12.8, False)
-    assert training_nwd_settings({"nwd": {**gated["nwd"], "small_area": 700}}, records, 320, None) == (12.8, True)
+    assert training_nwd_settings(gated, records, 320, None) == (12.8, False, True)
+    assert training_nwd_settings({"nwd": {**gated["nwd"], "small_area": 700}}, records, 320, None) == (12.8, True, True)
+    # max_small_share: both boxes small below 1024 (a share of 1): NWD off above 0.9, on at 1; none small below 700
+    capped = {"nwd": {**fixed["nwd"], "max_small_share": 0.9}}
+    assert training_nwd_settings(capped, records, 320, None) == (12.8, False, False)
+    assert training_nwd_settings({"nwd": {**capped["nwd"], "small_area": 700}}, records, 320, None) == (12.8, True, True)
+    off = LossSwitches.from_config(capped, *training_nwd_settings(capped, records, 320, None))
+    assert (off.nwd_ratio, off.nwd_mixes("rpn_box"), type(off.rpn_overlap()).__name__) == (0.0, False, "IoU")
     with pytest.raises(ValueError, match="nwd.assigner is auto but was not resolved"):
         LossSwitches.from_config(gated)
     assert LossSwitches.from_config(gated, None, False).nwd_assigner is False

@@ -43,7 +43,7 @@ from yolo_sizeloss.config import (
     read_loss_record,
     run_defaults,
 )
-from yolo_sizeloss.methods.nwd import resolve_nwd_auto
+from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.paths import resolve_shipped_file, shipped_variants
 from yolo_sizeloss.rcnn import cli as rcnn_cli
 from yolo_sizeloss.rcnn.data import training_box_sizes
@@ -173,10 +173,9 @@ def check_nwd_needs(loss_config: dict, records: list, imgsz: int) -> None:
     """NWD's ``auto`` settings are computed from the training boxes when training starts; labels
     without a box would stop it there, after the run folder is made, so refuse them now."""
     nwd = loss_config.get("nwd")
-    if nwd and "auto" in (nwd["constant"], nwd["assigner"]):
+    if nwd and needs_training_boxes(nwd):
         try:
-            resolve_nwd_auto(nwd["constant"], nwd["assigner"], nwd["small_area"],
-                             *training_box_sizes(records, imgsz), imgsz)
+            resolve_nwd_auto(nwd, *training_box_sizes(records, imgsz), imgsz)
         except ValueError as e:
             raise DataError(one_line(e)) from e
 

@@ -68,35 +68,54 @@ def nwd_assigner_auto(widths: torch.Tensor, heights: torch.Tensor, small_area: f
     rule of this project, measured on those two data sets (docs/results.md), not the paper's.
     Returns the decision and a sentence for the log.
     """
-    areas = finite_box_areas(widths, heights, "nwd_assigner_auto")
-    share = float((areas < small_area).double().mean())
+    share, count = small_share(widths, heights, small_area, "nwd_assigner_auto")
     use = share < NWD_ASSIGNER_MAX_SMALL_SHARE
-    reason = (f"{share:.1%} of {areas.numel()} training boxes are small, below {small_area:g} input pixels; "
+    reason = (f"{share:.1%} of {count} training boxes are small, below {small_area:g} input pixels; "
               f"NWD ranks anchors only where fewer than {NWD_ASSIGNER_MAX_SMALL_SHARE:.0%} are")
     return use, reason
 
 
+def small_share(widths: torch.Tensor, heights: torch.Tensor, small_area: float, caller: str) -> tuple[float, int]:
+    """The share of the finite boxes that are small (``w * h < small_area``), and how many boxes counted."""
+    areas = finite_box_areas(widths, heights, caller)
+    return float((areas < small_area).double().mean()), areas.numel()
+
+
+def needs_training_boxes(settings: dict[str, Any]) -> bool:
+    """Whether resolving ``nwd``'s ``settings`` reads the training boxes (``resolve_nwd_auto``)."""
+    return "auto" in (settings["constant"], settings["assigner"]) or settings["max_small_share"] < 1
+
+
 def resolve_nwd_auto(
-    constant: float | str, assigner: bool | str, small_area: float, widths: torch.Tensor, heights: torch.Tensor,
-    imgsz: int,
-) -> tuple[float, bool, list[str]]:
-    """NWD's ``constant`` and ``assigner`` settings with each ``auto`` resolved from the training boxes
-    (``widths``, ``heights`` in network-input pixels at ``imgsz``: ``nwd_constant`` and
-    ``nwd_assigner_auto``), and a log line for each one resolved. Both detector families call this
-    once when training starts; no finite box with an ``auto`` setting raises ValueError."""
-    lines = []
+    settings: dict[str, Any], widths: torch.Tensor, heights: torch.Tensor, imgsz: int,
+) -> tuple[float, bool | str, bool, list[str]]:
+    """``nwd``'s settings as a run trains with them, from its training boxes (``widths``, ``heights`` in
+    network-input pixels at ``imgsz``): the constant (``auto``: ``nwd_constant``), the assigner
+    (``auto``: ``nwd_assigner_auto``), whether NWD acts at all (``max_small_share``: not where a larger
+    share of the boxes is small; then the assigner is the stock one and the box loss the stock one),
+    and a log line for each one resolved. Both detector families call this once when training
+    starts; no finite box with a setting that needs boxes raises ValueError."""
+    constant, assigner = settings["constant"], settings["assigner"]
+    lines, active = [], True
     try:
+        if settings["max_small_share"] < 1:
+            share, count = small_share(widths, heights, settings["small_area"], "nwd.max_small_share")
+            active = share <= settings["max_small_share"]
+            lines.append(f"nwd {'acts' if active else 'is off, the stock loss trains'} ({share:.1%} of {count} "
+                         f"training boxes are small, below {settings['small_area']:g} input pixels; "
+                         f"nwd.max_small_share {settings['max_small_share']:g})")
         if constant == "auto":
             constant = nwd_constant(widths, heights)
             lines.append(f"nwd.constant auto = {constant:.2f} input pixels "
                          f"(mean sqrt(w*h) of {widths.numel()} training boxes at imgsz {imgsz})")
         if assigner == "auto":
-            assigner, reason = nwd_assigner_auto(widths, heights, small_area)
+            assigner, reason = nwd_assigner_auto(widths, heights, settings["small_area"])
             lines.append(f"nwd.assigner auto = {str(assigner).lower()} ({reason})")
     except ValueError:
-        raise ValueError("nwd: auto settings need boxes, and the training labels hold none: "
-                         "set nwd.constant to a number and nwd.assigner to true or false") from None
-    return float(constant), assigner, lines
+        raise ValueError("nwd: auto settings and max_small_share need boxes, and the training labels hold none: "
+                         "set nwd.constant to a number, nwd.assigner to true or false and "
+                         "nwd.max_small_share to 1") from None
+    return float(constant), assigner if active else False, active, lines
 
 
 def nwd_constant(widths: torch.Tensor, heights: torch.Tensor) -> float:
@@ -146,6 +165,7 @@ METHOD = Method(
         "box_measure": lambda v: (v in BOX_MEASURES, f"one of {', '.join(BOX_MEASURES)}"),
         "safit_spread": number(lambda v: v > 0, "a number > 0 (network-input pixels)"),
         "small_area": number(lambda v: v > 0, "a number > 0 (network-input pixels squared)"),
+        "max_small_share": number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     },
     # YOLO: always its box loss; Faster R-CNN: NWD replaces part of a box term, of the two listed
     family_terms={"yolo": ("box",), "faster_rcnn": ("rpn_box", "roi_box")},

@@ -33,7 +33,7 @@ from yolo_sizeloss.checks import parse_device
 from yolo_sizeloss.config import describe_loss, write_loss_record
 from yolo_sizeloss.detections import ImageRecord, load_split
 from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics, per_class_ap
-from yolo_sizeloss.methods.nwd import resolve_nwd_auto
+from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.paths import resolve_data
 from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection, training_box_sizes
 from yolo_sizeloss.rcnn.model import (
@@ -277,26 +277,26 @@ def fit(args: argparse.Namespace) -> Path:
 
 def training_nwd_settings(
     config: dict, records: list[ImageRecord], imgsz: int, checkpoint: dict | None, log: bool = True
-) -> tuple[float | None, bool]:
-    """NWD's constant and whether the RPN matcher uses NWD, for this run; (None, False) without ``nwd``.
+) -> tuple[float | None, bool | str, bool]:
+    """NWD's constant, the RPN matcher's measure and whether NWD acts at all, for this run; (None, False,
+    True) without ``nwd``.
 
     The constant is the configured number; on resume the checkpoint's; else (``auto``) the mean
     ``sqrt(w * h)`` of the training boxes at ``imgsz``, as Wang et al. set C (``training_box_sizes``:
     the pixels the heads see). ``assigner: auto`` is ``methods.nwd.nwd_assigner_auto`` of the same
-    boxes. Both are computed once here (``methods.nwd.resolve_nwd_auto``)."""
+    boxes, and ``max_small_share`` turns NWD off where more of them are small. All are computed once
+    here (``methods.nwd.resolve_nwd_auto``)."""
     if "nwd" not in config:
-        return None, False
-    nwd_cfg = config["nwd"]
-    constant, assigner = nwd_cfg["constant"], nwd_cfg["assigner"]
-    if constant == "auto" and checkpoint is not None and checkpoint.get("nwd_constant") is not None:
-        constant = checkpoint["nwd_constant"]
-    if "auto" not in (constant, assigner):
-        return float(constant), assigner
-    constant, assigner, lines = resolve_nwd_auto(
-        constant, assigner, nwd_cfg["small_area"], *training_box_sizes(records, imgsz), imgsz)
+        return None, False, True
+    nwd_cfg = dict(config["nwd"])
+    if nwd_cfg["constant"] == "auto" and checkpoint is not None and checkpoint.get("nwd_constant") is not None:
+        nwd_cfg["constant"] = checkpoint["nwd_constant"]
+    if not needs_training_boxes(nwd_cfg):
+        return float(nwd_cfg["constant"]), nwd_cfg["assigner"], True
+    constant, assigner, active, lines = resolve_nwd_auto(nwd_cfg, *training_box_sizes(records, imgsz), imgsz)
     for line in lines if log else ():
         LOGGER.info(line)
-    return constant, assigner
+    return constant, assigner, active
 
 
 def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) -> Path:
@@ -406,6 +406,8 @@ def save_epoch(
         **assignment_columns(unwrap(model)),
         **({"nwd/constant": constant} if "nwd" in args.loss_config else {}),
         **({"nwd/assigner": float(switches.nwd_assigner)} if auto_assigner else {}),
+        **({"nwd/active": float(switches.nwd_active)} if args.loss_config.get("nwd", {}).get("max_small_share", 1) < 1
+           else {}),
     })
     detector_state, feedback_state = split_feedback_state(unwrap(model).state_dict())
     current = fitness(metrics)
@@ -420,6 +422,7 @@ def save_epoch(
         "feedback": feedback_state,  # the loss heads' feedback state (empty without feedback), for --resume
         "nwd_constant": constant,  # NWD's C as used (auto resolved from the labels); None without nwd
         "nwd_assigner": switches.nwd_assigner,  # NWD in the RPN matcher, as used (also when auto)
+        "nwd_active": switches.nwd_active,  # False: nwd.max_small_share turned NWD off
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "epoch": epoch,

@@ -34,16 +34,19 @@ class LossSwitches:
     config: dict[str, dict[str, Any]] = field(default_factory=dict)
     nwd_constant: Optional[float] = None
     nwd_assigner: bool | str = False
+    nwd_active: bool = True  # False: nwd.max_small_share turned NWD off, the stock terms train
 
     @classmethod
     def from_config(
-        cls, config: dict, nwd_constant: Optional[float] = None, nwd_assigner: Optional[bool | str] = None
+        cls, config: dict, nwd_constant: Optional[float] = None, nwd_assigner: Optional[bool | str] = None,
+        nwd_active: bool = True,
     ) -> "LossSwitches":
         """The switches of a resolved loss config.
 
-        ``nwd_constant`` and ``nwd_assigner`` are what ``nwd.constant: auto`` and ``nwd.assigner:
-        auto`` resolved to (``training_nwd_settings``, computed by the engine from the training
-        labels); a value in the settings wins.
+        ``nwd_constant``, ``nwd_assigner`` and ``nwd_active`` are what ``nwd.constant: auto``,
+        ``nwd.assigner: auto`` and ``nwd.max_small_share`` resolved to (``training_nwd_settings``,
+        computed by the engine from the training labels); a value in the settings wins, except that
+        NWD turned off keeps the stock matcher.
         """
         nw = config.get("nwd")
         if nw and nw["constant"] != "auto":
@@ -52,7 +55,7 @@ class LossSwitches:
             nwd_assigner = nw["assigner"]
         elif nw and nwd_assigner is None:
             raise ValueError("nwd.assigner is auto but was not resolved: pass training_nwd_settings' decision")
-        return cls(config, nwd_constant if nw else None, nwd_assigner if nw else False)
+        return cls(config, nwd_constant if nw else None, nwd_assigner if nw and nwd_active else False, nwd_active)
 
     def terms(self, method: str) -> tuple[str, ...]:
         """The terms ``method`` acts on (empty when it is not configured)."""
@@ -90,7 +93,7 @@ class LossSwitches:
     @property
     def nwd_ratio(self) -> float:
         """NWD's share of a box term it mixes into (0 without NWD)."""
-        return self.config["nwd"]["ratio"] if "nwd" in self.config else 0.0
+        return self.config["nwd"]["ratio"] if "nwd" in self.config and self.nwd_active else 0.0
 
     def nwd_mixes(self, term: str) -> bool:
         """True when ``term``'s box loss mixes in NWD or ``nwd.box_measure``'s measure (listed, with a ratio

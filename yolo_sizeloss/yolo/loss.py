@@ -27,7 +27,7 @@ from yolo_sizeloss.methods import REGISTRY, WEIGHT_ORDER, MatchedSamples
 from yolo_sizeloss.methods.base import box_areas, count_per_gt
 from yolo_sizeloss.methods.feedback import FeedbackBalancer
 from yolo_sizeloss.methods.measures import box_similarity
-from yolo_sizeloss.methods.nwd import resolve_nwd_auto
+from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.methods.overlaps import NWDOverlap, Overlap, assigner_overlap
 
 UNRESOLVED_HINT = ("call AnchorWeighting.resolve_from_labels(dataset.labels, imgsz) before training "
@@ -116,6 +116,8 @@ class AnchorWeighting(nn.Module):
         # setting stays None until resolve_from_labels
         self.nwd_constant = None if not nwd_cfg or nwd_cfg["constant"] == "auto" else float(nwd_cfg["constant"])
         self.nwd_assigner = False if not nwd_cfg else None if nwd_cfg["assigner"] == "auto" else nwd_cfg["assigner"]
+        # False once nwd.max_small_share turned NWD off for the data (resolve_from_labels): the stock loss
+        self.nwd_active = True
         self.register_buffer("epoch_sums", torch.zeros(6, dtype=torch.float64))  # box, cls, n: small/other
         # how the methods see the foreground (forward); None: dense on a GPU, gathered elsewhere
         self.dense: bool | None = None
@@ -183,6 +185,11 @@ class AnchorWeighting(nn.Module):
         self._accumulate_epoch_stats(box_areas(target_fg), box_fg, cls_fg, layout.valid)
         return w_box, w_cls
 
+    @property
+    def nwd_ratio(self) -> float:
+        """NWD's share of the box loss (``nwd.ratio``); 0 without NWD or when it is off for the data."""
+        return self.config["nwd"]["ratio"] if "nwd" in self.config and self.nwd_active else 0.0
+
     def dense_on(self, device: torch.device) -> bool:
         """Whether the methods see every anchor (``dense_foreground``) on ``device``: on a GPU, unless ``dense``
         says otherwise."""
@@ -199,14 +206,16 @@ class AnchorWeighting(nn.Module):
         ``nwd.constant: auto`` becomes the data's mean absolute object size, ``mean(sqrt(w * h))``
         over every box of ``labels`` (an Ultralytics dataset's, ``trainer.train_loader.dataset.labels``)
         in network-input pixels at ``imgsz`` (``training_label_sizes``), as Wang et al. set C;
-        ``nwd.assigner: auto`` becomes ``methods.nwd.nwd_assigner_auto`` of the same boxes. Without such
-        a setting this does nothing.
+        ``nwd.assigner: auto`` becomes ``methods.nwd.nwd_assigner_auto`` of the same boxes; where more than
+        ``nwd.max_small_share`` of them are small, NWD is off (the stock assigner and box loss). Without
+        such a setting this does nothing.
         """
         nwd_cfg = self.config.get("nwd")
-        if not nwd_cfg or "auto" not in (nwd_cfg["constant"], nwd_cfg["assigner"]):
+        if not nwd_cfg or not needs_training_boxes(nwd_cfg):
             return
-        self.nwd_constant, self.nwd_assigner, lines = resolve_nwd_auto(
-            nwd_cfg["constant"], nwd_cfg["assigner"], nwd_cfg["small_area"], *training_label_sizes(labels, imgsz), imgsz)
+        self.nwd_constant, self.nwd_assigner, active, lines = resolve_nwd_auto(
+            nwd_cfg, *training_label_sizes(labels, imgsz), imgsz)
+        self.nwd_active = active
         for line in lines:
             LOGGER.info(line)
 
@@ -261,6 +270,8 @@ class AnchorWeighting(nn.Module):
             stats["nwd/constant"] = self.nwd_constant  # the C trained with, also when it was 'auto'
         if self.config.get("nwd", {}).get("assigner") == "auto":  # a column only for 'auto': older runs resume
             stats["nwd/assigner"] = float(self.nwd_assigner)  # 1: NWD ranked the anchors
+        if self.config.get("nwd", {}).get("max_small_share", 1) < 1:
+            stats["nwd/active"] = float(self.nwd_active)  # 0: the stock loss trained
         return {**stats, **self.feedback_state()}
 
     def feedback_state(self) -> dict[str, float]:
@@ -358,7 +369,7 @@ class MeasureBboxLoss(nn.Module):
                 fg_mask, imgsz, stride):
         loss_iou, loss_dfl = self.bbox_loss(pred_dist, pred_bboxes, anchor_points, target_bboxes, target_scores,
                                             target_scores_sum, fg_mask, imgsz, stride)
-        ratio = self.weighting.config["nwd"]["ratio"]
+        ratio = self.weighting.nwd_ratio
         if ratio == 0:
             return loss_iou, loss_dfl
         if self.weighting.dense_on(fg_mask.device):  # every anchor, the background's term masked out: no sync
