@@ -85,6 +85,21 @@ def test_every_mode_trains_and_records_its_loss(trained_runs, loss, model):
 
 
 @pytest.mark.slow
+def test_safit_sharp_auto_trains_as_the_stock_loss_where_nearly_every_box_is_small(bccd_subset, tmp_path):
+    """At imgsz 64 every BCCD box is under 32 x 32 input pixels, over nwd.max_small_share (0.8): the mode
+    turns NWD off, says so, and trains exactly as the stock loss (same seed, same losses and metrics)."""
+    rows, logs = {}, {}
+    for loss in ("baseline", "safit_sharp_auto"):
+        result = run([sys.executable, "train.py", "--data", str(bccd_subset), "--loss", loss, "--project", str(tmp_path),
+                      "--name", loss, *[("64" if flag == str(IMGSZ) else flag) for flag in COMMON]])
+        rows[loss], logs[loss] = results_rows(tmp_path / loss)[0], result.stdout + result.stderr
+    assert "nwd is off, the stock loss trains (100.0% of" in logs["safit_sharp_auto"]
+    assert float(rows["safit_sharp_auto"]["nwd/active"]) == 0.0
+    for key in ("train/box_loss", "train/cls_loss", "train/dfl_loss", "val/box_loss", "metrics/mAP50-95(B)"):
+        assert rows["safit_sharp_auto"][key] == rows["baseline"][key], key
+
+
+@pytest.mark.slow
 def test_checkpoints_load_and_validate_without_yolo_sizeloss(trained_runs, bccd_subset):
     weights = [str(r / "weights" / "best.pt") for r in trained_runs.values()]
     out = run([sys.executable, "-c", STOCK_ONLY, str(bccd_subset), *weights], cwd="/").stdout
