@@ -283,7 +283,8 @@ def test_training_leaves_checkpoints_that_load(runs, loss):
     stock = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=4)
     stock.load_state_dict(checkpoint["model"])  # strict: the detector's tensors carry torchvision's keys only
     row = results(run)[0]
-    assert all(math.isfinite(float(v)) for v in row.values())
+    # every column finite but a class's val AP, NaN where the tiny val split holds none of it
+    assert all(math.isfinite(float(v)) for k, v in row.items() if not k.startswith("val/AP50-95 "))
     if "feedback" not in loss:
         assert checkpoint["feedback"] == {} and not any(k.startswith("feedback/") for k in row)
         return

@@ -365,7 +365,8 @@ def test_training_leaves_checkpoints_that_stock_torchvision_loads(runs, tiny_dat
     expected = nwd_constant(*training_box_sizes(load_split(tiny_data, "train")[0], IMGSZ))
     assert checkpoint["nwd_constant"] == pytest.approx(expected)
     row = results(runs[loss])[0]
-    assert all(math.isfinite(float(v)) for v in row.values())
+    # every column finite but a class's val AP, NaN where the tiny val split holds none of it
+    assert all(math.isfinite(float(v)) for k, v in row.items() if not k.startswith("val/AP50-95 "))
     assert float(row["nwd/constant"]) == checkpoint["nwd_constant"]  # logged = saved
     model = model_from_checkpoint(checkpoint)
     assert model.rpn.switches.nwd_constant == checkpoint["nwd_constant"]
