@@ -40,7 +40,7 @@ one_class = bench_script("one_class")
 overhead = bench_script("overhead")
 gpu = bench_script("gpu")
 unmatched = bench_script("unmatched")
-no_positive = bench_script("no_positive")
+assignment = bench_script("assignment")
 
 
 def hold_lock(path: Path) -> subprocess.Popen:
@@ -412,6 +412,20 @@ def test_gpu_progress_and_summary_read_each_runs_results_csv(tmp_path):
     assert "| rcnn-nwd-s0 | 2/2 | 3.00 | 3.00 | 6 | evaluated |" in text
 
 
+WHEELS_MIB = 30  # bench/gpu_wheels.sh's four wheels: 29.4 MiB, polars 0.20.31 most of it
+CARRY_LIMIT_MIB = 64  # what one call to the GPU machine may carry: the checkout and the carried .whl
+
+
+def test_the_checkout_leaves_room_for_the_gpu_wheels():
+    """Every tracked file travels to the GPU machine beside .whl; their sum must leave the wheels room."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    sizes = {name: (ROOT / name).stat().st_size for name in listed.stdout.split("\0") if (ROOT / name).is_file()}
+    largest = sorted(sizes, key=sizes.get, reverse=True)[:5]
+    assert sum(sizes.values()) / 2**20 <= CARRY_LIMIT_MIB - WHEELS_MIB, f"largest tracked files: {largest}"
+
+
 @pytest.mark.slow
 def test_the_gpu_script_smoke_mode_runs_every_step_and_packs_its_tables(tmp_path):
     """bench/gpu.sh --smoke: every mode of both families for one tiny epoch on the CPU, the tables,
@@ -528,16 +542,41 @@ def test_peer_modes_carry_their_model_and_ultralytics_arguments(capsys):
     assert "did you mean 'cls_pw'" in capsys.readouterr().err
 
 
-def test_no_positive_counts_every_mode_on_the_same_batches(bccd_subset, tmp_path, capsys):
+def test_assignment_counts_every_mode_on_the_same_batches(bccd_subset, tmp_path, capsys):
     from ultralytics.nn.tasks import DetectionModel
 
     torch.manual_seed(0)
     weights = tmp_path / "untrained.pt"
     torch.save({"model": DetectionModel("yolov8n.yaml", nc=3, verbose=False)}, weights)
-    assert no_positive.main(["--weights", str(weights), "--data", str(bccd_subset), "--imgsz", "160",
+    assert assignment.main(["--weights", str(weights), "--data", str(bccd_subset), "--imgsz", "160",
                              "--batch", "4", "--batches", "2", "--modes", "baseline", "nwd:safit"]) == 0
-    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:]
-            if line.startswith(("baseline", "nwd"))}
+    counts, by_size = capsys.readouterr().out.split("\nper ground truth of each size")
+    rows = {line.split()[0]: line.split()[1:] for line in counts.splitlines() if line.startswith(("baseline", "nwd"))}
     assert list(rows) == ["baseline", "nwd:safit"]
     assert rows["baseline"][0] == rows["nwd:safit"][0] and float(rows["baseline"][0]) > 0  # the same small GTs
     assert all(0 <= float(v.rstrip("%")) <= 100 for row in rows.values() for v in row[2:])
+    sizes = {line.split()[0]: line.split()[1:] for line in by_size.splitlines() if line.startswith(("baseline", "nwd"))}
+    assert list(sizes) == ["baseline", "nwd:safit"]
+    for row in sizes.values():  # the shares of the three sizes add up to the whole target score
+        assert sum(float(v.rstrip("%")) for v in row[2:9:3] if v != "nan") == pytest.approx(100, abs=0.2)
+    assert float(sizes["baseline"][-1]) == 1 and float(sizes["nwd:safit"][-1]) > 0  # the sum against the first mode's
+
+
+def test_size_tally_of_a_hand_built_assignment():
+    """Two images; image 0: a 10x10 (small) and a 100x100 (large) ground truth, image 1: a 50x50 (medium)
+    one and a padding slot. Anchors 0-1 of image 0 go to the small one (scores 0.5, 0.3), anchor 2 to
+    the large one (0.8), anchor 3 is background; anchor 0 of image 1 goes to the medium one (0.4)."""
+    tally = assignment.SizeTally()
+    gt_bboxes = torch.tensor([[[0, 0, 10, 10], [0, 0, 100, 100]], [[0, 0, 50, 50], [0, 0, 0, 0]]], dtype=torch.float32)
+    mask_gt = torch.tensor([[[1], [1]], [[1], [0]]])
+    fg_mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    target_gt_idx = torch.tensor([[0, 0, 1, 0], [0, 0, 0, 0]])
+    target_scores = torch.zeros(2, 4, 3)  # one-hot times the normalised alignment, as the assigner returns
+    target_scores[0, 0, 1], target_scores[0, 1, 1], target_scores[0, 2, 0], target_scores[1, 0, 2] = 0.5, 0.3, 0.8, 0.4
+    target_scores[0, 3, 0] = 0.9  # a background anchor's row: not anyone's score
+    outputs = (None, None, target_scores, fg_mask, target_gt_idx)
+    tally(None, (None, None, None, None, gt_bboxes, mask_gt), {}, outputs)
+    rows = tally.rows()
+    assert rows["small"] == pytest.approx((2, 0.8, 0.8 / 2.0))
+    assert rows["medium"] == pytest.approx((1, 0.4, 0.4 / 2.0))
+    assert rows["large"] == pytest.approx((1, 0.8, 0.8 / 2.0))

@@ -38,7 +38,7 @@ def nwd_config(spec="nwd", **settings) -> dict:
 def test_defaults_and_combination_with_a_weighting():
     assert load_loss_config("nwd") == {"nwd": {"ratio": 0.5, "constant": "auto", "assigner": True, "box_measure": "nwd",
                                                "safit_spread": 32, "small_area": 1024, "max_small_share": 1.0,
-                                               "rcnn_terms": ["rpn_box"]}}  # rcnn_terms: Faster R-CNN's
+                                               "normaliser": "assigned", "rcnn_terms": ["rpn_box"]}}  # rcnn_terms: Faster R-CNN's
     cfg = load_loss_config("nwd+feedback")
     assert list(cfg) == ["nwd", "feedback"] and cfg["feedback"] == load_loss_config("feedback")["feedback"]
 
@@ -48,7 +48,8 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
     path.write_text("nwd:\n  constant: 12.8\n  ratio: 1\n  assigner: false\n")
     assert load_loss_config("nwd", path)["nwd"] == {"ratio": 1, "constant": 12.8, "assigner": False,
                                                     "box_measure": "nwd", "safit_spread": 32, "small_area": 1024,
-                                                    "max_small_share": 1.0, "rcnn_terms": ["rpn_box"]}
+                                                    "max_small_share": 1.0, "normaliser": "assigned",
+                                                    "rcnn_terms": ["rpn_box"]}
 
 
 @pytest.mark.parametrize(
@@ -63,7 +64,7 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
         ("nwd:\n  assigner: 1\n", r"o\.yaml:2: nwd\.assigner = 1 .*true, false, auto or a measure: safit, simd"),
         ("nwd:\n  small_area: 0\n", r"o\.yaml:2: nwd\.small_area = 0 .*a number > 0"),
         ("nwd:\n  terms: [box]\n",
-         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, box_measure, safit_spread, small_area, max_small_share, rcnn_terms\)"),
+         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, box_measure, safit_spread, small_area, max_small_share, normaliser, rcnn_terms\)"),
         ("nwd:\n  box_measure: giou\n", r"o\.yaml:2: nwd\.box_measure = 'giou' .*one of nwd, safit, simd"),
     ],
 )
@@ -299,19 +300,26 @@ def test_nwd_modes_train_and_leave_stock_checkpoints(bccd_subset, tmp_path):
             sizes.append(math.sqrt(w * w0 * h * h0) * TRAIN_IMGSZ / max(w0, h0))
     expected_constant = sum(sizes) / len(sizes)
     small_share = sum(size * size < 32 * 32 for size in sizes) / len(sizes)  # assigner: auto uses NWD below 1/2
+    held = tmp_path / "held.yaml"  # the losses divided by the CIoU targets' sum (nwd.normaliser)
+    held.write_text("nwd:\n  normaliser: ciou\n")
     bests = []
-    for loss, variant in (("nwd", None), ("nwd+feedback", "assigner_auto")):
+    for name, loss, variant in (("nwd", "nwd", None), ("nwd+feedback", "nwd+feedback", "assigner_auto"),
+                                ("held", "nwd", held)):
         code = train_main(["--data", str(bccd_subset), "--loss", loss, "--model", "yolov8n.yaml", "--project",
-                           str(tmp_path), "--name", loss, "--epochs", "1", "--imgsz", str(TRAIN_IMGSZ), "--batch", "8",
-                           "--workers", "0", "--device", "cpu", "plots=False", *(["--loss-cfg", variant] if variant else [])])
-        assert code == 0, loss
-        run_dir = tmp_path / loss
+                           str(tmp_path), "--name", name, "--epochs", "1", "--imgsz", str(TRAIN_IMGSZ), "--batch", "8",
+                           "--workers", "0", "--device", "cpu", "plots=False",
+                           *(["--loss-cfg", str(variant)] if variant else [])])
+        assert code == 0, name
+        run_dir = tmp_path / name
         saved = yaml.safe_load((run_dir / "loss.yaml").read_text())
         assert saved == {"loss": loss, "settings": load_loss_config(loss, variant)}
         columns = read_results(run_dir / "results.csv")
         assert columns["train/box_loss"][0] > 0
         assert columns["nwd/constant"][0] == pytest.approx(expected_constant, rel=1e-3)
-        if variant:
+        # the NWD assigner raised the target scores, so the assigned sum exceeded the CIoU one
+        assert ("nwd/normaliser_scale" in columns) == (name == "held")
+        assert name != "held" or 1 < columns["nwd/normaliser_scale"][0] < 10
+        if variant == "assigner_auto":
             assert saved["settings"]["nwd"]["assigner"] == "auto"
             assert columns["nwd/assigner"][0] == float(small_share < 0.5)
             assert columns["feedback/steps"][0] >= 1
@@ -320,4 +328,4 @@ def test_nwd_modes_train_and_leave_stock_checkpoints(bccd_subset, tmp_path):
         bests.append(str(run_dir / "weights" / "best.pt"))
     done = subprocess.run([sys.executable, "-c", STOCK_ONLY, str(bccd_subset), *bests], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("VALIDATED") == 2
+    assert done.stdout.count("VALIDATED") == 3

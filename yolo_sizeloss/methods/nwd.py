@@ -140,7 +140,10 @@ def finite_box_areas(widths: torch.Tensor, heights: torch.Tensor, caller: str) -
 
 
 ASSIGNER_MEASURES = ("safit", "simd")  # nwd.assigner may name another measure (methods.measures) instead of NWD
-BOX_MEASURES = ("nwd", "safit", "simd")  # what nwd.box_measure may mix into the box loss (methods.measures.box_similarity)
+BOX_MEASURES = ("nwd", "safit", "simd")
+# what YOLO's losses divide by: the assignment's own target-score sum (Ultralytics'), or the sum the stock CIoU
+# would give the same positives (yolo.normaliser); Faster R-CNN's RPN divides by its sampled anchors instead
+NORMALISERS = ("assigned", "ciou")  # what nwd.box_measure may mix into the box loss (methods.measures.box_similarity)
 
 
 def _flag_auto_or_measure(value: Any) -> tuple[bool, str]:
@@ -166,6 +169,7 @@ METHOD = Method(
         "safit_spread": number(lambda v: v > 0, "a number > 0 (network-input pixels)"),
         "small_area": number(lambda v: v > 0, "a number > 0 (network-input pixels squared)"),
         "max_small_share": number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        "normaliser": lambda v: (v in NORMALISERS, f"one of {', '.join(NORMALISERS)}"),
     },
     # YOLO: always its box loss; Faster R-CNN: NWD replaces part of a box term, of the two listed
     family_terms={"yolo": ("box",), "faster_rcnn": ("rpn_box", "roi_box")},

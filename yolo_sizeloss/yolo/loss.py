@@ -7,7 +7,7 @@ into per-anchor weights (the methods are ``yolo_sizeloss.methods``, the definiti
 class weight) and the box loss (its per-anchor weight, the target-score sum, times the box weight).
 Everything else, including options Ultralytics adds later (``class_weights``, assigner keywords),
 stays the stock code's. With every weight 1 the loss is the stock one, bit for bit: the normaliser
-``target_scores_sum`` is never touched. NWD (``nwd``) is not a weight: ``MeasureBboxLoss`` mixes it
+``target_scores_sum`` is never touched (``nwd.normaliser: ciou`` scales every term instead, ``yolo.normaliser``). NWD (``nwd``) is not a weight: ``MeasureBboxLoss`` mixes it
 (or the measure ``nwd.box_measure`` names) into the box loss's IoU part and the overlap of
 ``nwd.assigner`` (``methods.overlaps``) replaces the assigner's CIoU, each only when configured.
 """
@@ -29,6 +29,7 @@ from yolo_sizeloss.methods.feedback import FeedbackBalancer
 from yolo_sizeloss.methods.measures import box_similarity
 from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.methods.overlaps import NWDOverlap, Overlap, assigner_overlap
+from yolo_sizeloss.yolo.normaliser import ciou_target_sum
 
 UNRESOLVED_HINT = ("call AnchorWeighting.resolve_from_labels(dataset.labels, imgsz) before training "
                    "(SizeAwareTrainer does), or set a number")
@@ -119,6 +120,9 @@ class AnchorWeighting(nn.Module):
         # False once nwd.max_small_share turned NWD off for the data (resolve_from_labels): the stock loss
         self.nwd_active = True
         self.register_buffer("epoch_sums", torch.zeros(6, dtype=torch.float64))  # box, cls, n: small/other
+        # nwd.normaliser: ciou: the sum of each call's scale (assigned / CIoU target-score sum) and the calls;
+        # a diagnostic, kept out of checkpoints
+        self.register_buffer("normaliser_sums", torch.zeros(2, dtype=torch.float64), persistent=False)
         # how the methods see the foreground (forward); None: dense on a GPU, gathered elsewhere
         self.dense: bool | None = None
 
@@ -184,6 +188,24 @@ class AnchorWeighting(nn.Module):
                 1.0 if cls_fg is None else cls_fg)
         self._accumulate_epoch_stats(box_areas(target_fg), box_fg, cls_fg, layout.valid)
         return w_box, w_cls
+
+    @property
+    def holds_normaliser(self) -> bool:
+        """Whether the losses are divided by the CIoU targets' sum (``nwd.normaliser: ciou``): only while the
+        assigner measures by another overlap; with the stock one the two sums are the same."""
+        return ("nwd" in self.config and self.config["nwd"]["normaliser"] == "ciou"
+                and self.nwd_active and self.nwd_assigner not in (False, None))
+
+    def normaliser_scale(self, assigner: nn.Module, pd_scores, pd_bboxes, target_labels, target_bboxes,
+                         target_scores, fg_mask, target_gt_idx, num_slots: int) -> torch.Tensor:
+        """The factor (0-dim) that turns the stock normaliser, the sum of the assignment's target scores,
+        into the sum the stock CIoU would give the same positives (``yolo.normaliser``); both at least 1,
+        as the stock loss clamps its own."""
+        reference = ciou_target_sum(assigner, pd_scores, pd_bboxes, target_labels, target_bboxes, fg_mask,
+                                    target_gt_idx, num_slots).clamp(min=1)
+        scale = target_scores.sum().clamp(min=1) / reference
+        self.normaliser_sums += torch.stack([scale.detach().double(), scale.new_ones((), dtype=torch.float64)])
+        return scale
 
     @property
     def nwd_ratio(self) -> float:
@@ -272,6 +294,10 @@ class AnchorWeighting(nn.Module):
             stats["nwd/assigner"] = float(self.nwd_assigner)  # 1: NWD ranked the anchors
         if self.config.get("nwd", {}).get("max_small_share", 1) < 1:
             stats["nwd/active"] = float(self.nwd_active)  # 0: the stock loss trained
+        if self.config.get("nwd", {}).get("normaliser") == "ciou":
+            scale_sum, calls = self.normaliser_sums.tolist()
+            stats["nwd/normaliser_scale"] = scale_sum / calls if calls else 1.0  # mean assigned / CIoU sum
+            self.normaliser_sums.zero_()
         return {**stats, **self.feedback_state()}
 
     def feedback_state(self) -> dict[str, float]:
@@ -311,10 +337,15 @@ class ObservedAssigner(nn.Module):
 
     def forward(self, pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt, *args, **kwargs):
         assignment = self.assigner(pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt, *args, **kwargs)
-        _, target_bboxes, target_scores, fg_mask, target_gt_idx = assignment
-        self.pending.box, self.pending.cls = self.weighting(
-            fg_mask, target_gt_idx, target_bboxes, target_scores, pd_bboxes, pd_scores, gt_bboxes
-        )
+        target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx = assignment
+        box, cls = self.weighting(fg_mask, target_gt_idx, target_bboxes, target_scores, pd_bboxes, pd_scores, gt_bboxes)
+        if self.weighting.holds_normaliser:
+            # every term of both losses times assigned / CIoU sum: the loss divides by the CIoU targets' sum
+            scale = self.weighting.normaliser_scale(self.assigner, pd_scores, pd_bboxes, target_labels, target_bboxes,
+                                                    target_scores, fg_mask, target_gt_idx, gt_bboxes.shape[1])
+            box = scale.expand(fg_mask.shape) if box is None else box * scale
+            cls = scale.view(1, 1, 1) if cls is None else cls * scale
+        self.pending.box, self.pending.cls = box, cls
         return assignment
 
 

@@ -1,9 +1,8 @@
-"""How many small ground truths each mode's label assignment leaves without a positive anchor, on one
-model and the same batches.
+"""What each mode's label assignment gives objects of each size, on one model and the same batches.
 
-    python bench/no_positive.py --weights RUN/weights/best.pt --data DATA.yaml --imgsz 640 \\
+    python bench/assignment.py --weights RUN/weights/best.pt --data DATA.yaml --imgsz 640 \\
         --modes baseline nwd nwd:safit nwd:simd_assigner --batches 20
-    python bench/no_positive.py --weights yolov8n.yaml --data bccd.yaml --imgsz 416   # as training starts
+    python bench/assignment.py --weights yolov8n.yaml --data bccd.yaml --imgsz 416   # as training starts
 
 The checkpoint's model (or a model yaml's, built with the data's classes and ``--seed``, as a run from
 scratch starts; in eval mode: its predictions as at inference, nothing trained) sees the same
@@ -12,6 +11,13 @@ assigner with the mode's overlap, ``nwd`` 'auto' settings resolved from the trai
 ``yolo_sizeloss.assignment.AssignmentCounter`` counts, as every training run does in its
 ``assign/*`` columns. Prints one row per mode. A trained model's predictions fit their objects, so
 this measures assignment late in training; a run's results.csv shows it epoch by epoch.
+
+A second table splits each mode's assignment by ground-truth size (COCO's buckets in network-input
+pixels): positive anchors per ground truth, its summed target score (the weight its anchors carry in
+the box loss and the class targets they are pulled to) and its bucket's share of the step's
+target-score sum, the normaliser of both losses. A measure that is lenient to small boxes raises
+their scores, and so, through the shared normaliser, lowers every other object's weight without
+touching its assignment.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils.torch_utils import init_seeds
 
 from yolo_sizeloss.assignment import AssignmentCounter
+from yolo_sizeloss.methods.base import box_areas
 from yolo_sizeloss.config import load_loss_config
 from yolo_sizeloss.paths import resolve_data
-from yolo_sizeloss.yolo.assignment import attach_counter
+from yolo_sizeloss.yolo.assignment import attach_counter, positives_per_slot
 from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss, stock_assigners
 
 
@@ -50,8 +57,46 @@ def training_batches(data_yaml: str, imgsz: int, batch: int, count: int, seed: i
     return batches, dataset.labels
 
 
-def count_mode(model, mode: str, batches, labels, imgsz: int) -> dict[str, float]:
-    """The assignment counts of one mode (``LOSS`` or ``LOSS:SETTINGS``) over ``batches``."""
+BUCKETS = ("small", "medium", "large")
+BUCKET_EDGES = (32.0**2, 96.0**2)  # COCO's area limits, here in network-input pixels
+
+
+class SizeTally:
+    """A forward hook on a stock assigner: per size bucket, the ground truths, their positive anchors
+    and their summed target scores, over every call since it was made."""
+
+    def __init__(self):
+        self.sums = torch.zeros(3, len(BUCKETS), dtype=torch.float64)  # GTs, positives, target score
+
+    def __call__(self, assigner, args, kwargs, outputs) -> None:
+        gt_bboxes, mask_gt = args[4], args[5]
+        if gt_bboxes.shape[1] == 0:
+            return
+        _, _, target_scores, fg_mask, target_gt_idx = outputs
+        slots = gt_bboxes.shape[1]
+        positives = positives_per_slot(fg_mask, target_gt_idx, slots)
+        images = torch.arange(fg_mask.shape[0])[:, None]
+        score = torch.zeros(fg_mask.shape[0] * slots, dtype=torch.float64).index_add_(
+            0, (images * slots + target_gt_idx.long()).flatten(),
+            (target_scores.sum(-1) * fg_mask).flatten().double()).view(-1, slots)
+        bucket = torch.bucketize(box_areas(gt_bboxes.float()), torch.tensor(BUCKET_EDGES), right=True)
+        valid = mask_gt.reshape(positives.shape).bool()
+        for b in range(len(BUCKETS)):
+            chosen = valid & (bucket == b)
+            self.sums[:, b] += torch.stack([chosen.sum(), positives[chosen].sum(), score[chosen].sum()]).double()
+
+    def rows(self) -> dict[str, tuple[float, float, float]]:
+        """Per bucket: positives per GT, target score per GT, share of all target score."""
+        gts, positives, score = self.sums
+        total = float(score.sum()) or 1.0
+        return {name: (float(positives[b] / gts[b]) if gts[b] else float("nan"),
+                       float(score[b] / gts[b]) if gts[b] else float("nan"), float(score[b]) / total)
+                for b, name in enumerate(BUCKETS)}
+
+
+def count_mode(model, mode: str, batches, labels, imgsz: int) -> tuple[dict[str, float], tuple[dict, float]]:
+    """The assignment counts of one mode (``LOSS`` or ``LOSS:SETTINGS``) over ``batches``, its
+    ``SizeTally.rows`` and its whole target score."""
     loss, _, settings = mode.partition(":")
     if loss == "baseline":
         criterion = model.init_criterion()
@@ -59,14 +104,16 @@ def count_mode(model, mode: str, batches, labels, imgsz: int) -> dict[str, float
         weighting = AnchorWeighting(load_loss_config(loss, settings or None))
         weighting.resolve_from_labels(labels, imgsz)
         criterion = build_size_aware_loss(model, weighting)
-    counter = AssignmentCounter()
+    counter, tally = AssignmentCounter(), SizeTally()
     attach_counter(counter, stock_assigners(criterion))
+    for assigner in stock_assigners(criterion):
+        assigner.register_forward_hook(tally, with_kwargs=True)
     with torch.no_grad():
         for batch in batches:
             criterion(model(batch["img"]), batch)
             counter.end_step()
     small, small_unmatched, total, unmatched, steps = counter.sums.tolist()
-    return {"small": small / steps, **counter.epoch_stats()}
+    return {"small": small / steps, **counter.epoch_stats()}, (tally.rows(), float(tally.sums[2].sum()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,10 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     batches, labels = training_batches(args.data, args.imgsz, args.batch, args.batches, args.seed)
     print(f"{args.weights}, {len(batches)} training batches of {args.batch} at imgsz {args.imgsz} (seed {args.seed})")
     print(f"{'mode':<28} {'small GTs/step':>14} {'small, no positive/step':>24} {'share of small':>15} {'share of all':>13}")
+    by_size = {}
     for mode in args.modes:
-        row = count_mode(model, mode, batches, labels, args.imgsz)
+        row, by_size[mode] = count_mode(model, mode, batches, labels, args.imgsz)
         print(f"{mode:<28} {row['small']:>14.2f} {row['assign/small_no_pos']:>24.2f} "
               f"{row['assign/small_no_pos_share']:>15.1%} {row['assign/no_pos_share']:>13.1%}")
+    print("\nper ground truth of each size (input pixels): positive anchors, summed target score; "
+          "the size's share of all target score, and that sum (the losses' normaliser) against the first mode's")
+    print(f"{'mode':<28}" + "".join(f" {name + ' pos':>10} {name + ' score':>12} {name + ' share':>12}"
+                                    for name in BUCKETS) + f" {'sum':>6}")
+    first = next(iter(by_size.values()))
+    for mode, (rows, total) in by_size.items():
+        print(f"{mode:<28}" + "".join(f" {pos:>10.2f} {score:>12.2f} {share:>12.1%}" for pos, score, share in rows.values())
+              + f" {total / first[1]:>6.2f}")
     return 0
 
 

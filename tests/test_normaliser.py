@@ -1,0 +1,93 @@
+"""``nwd.normaliser: ciou``: YOLO's losses divided by the target-score sum the stock CIoU gives the positives."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from ultralytics.utils.tal import TaskAlignedAssigner
+
+from yolo_sizeloss.config import load_loss_config
+from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss, install_size_aware_loss
+from yolo_sizeloss.yolo.normaliser import ciou_target_sum
+
+from test_loss import bccd_batch, build_model, same_items
+from test_nwd import small_and_large_batch
+
+
+def test_ciou_target_sum_of_two_positives_by_hand():
+    """One 10 x 10 ground truth of class 1; anchor 0 predicts it exactly (CIoU 1) with probability 0.25, anchor 1
+    an 8 x 8 box on the same centre (IoU = CIoU = 64/100: same centre, same aspect) with probability 1; anchor 2
+    is background, its target the padding slot's zeros. alpha 0.5, beta 6: a = (0.5, 0.64^6); the best
+    overlap 1 and the best a 0.5 make the targets 0.5 / 0.5 = 1 and 0.64^6 / 0.5."""
+    assigner = TaskAlignedAssigner(topk=10, num_classes=3, alpha=0.5, beta=6.0)
+    gt = [0.0, 0.0, 10.0, 10.0]
+    pd_bboxes = torch.tensor([[gt, [1.0, 1.0, 9.0, 9.0], [50.0, 50.0, 60.0, 60.0]]])
+    pd_scores = torch.tensor([[[0.9, 0.25, 0.1], [0.0, 1.0, 0.0], [0.3, 0.3, 0.3]]])
+    target_labels = torch.tensor([[1, 1, 0]])
+    target_bboxes = torch.tensor([[gt, gt, [0.0, 0.0, 0.0, 0.0]]])
+    fg_mask = torch.tensor([[True, True, False]])
+    target_gt_idx = torch.tensor([[0, 0, 0]])
+    total = ciou_target_sum(assigner, pd_scores, pd_bboxes, target_labels, target_bboxes, fg_mask, target_gt_idx, 2)
+    assert total.item() == pytest.approx(1 + 0.64**6 / 0.5, rel=1e-5)
+    empty = ciou_target_sum(assigner, pd_scores, pd_bboxes, target_labels, target_bboxes,
+                            torch.zeros_like(fg_mask), target_gt_idx, 0)  # the assigner's early return
+    assert empty.item() == 0
+
+
+def test_ciou_target_sum_is_the_stock_assigners_sum():
+    """On the stock assignment of a real model's predictions for real BCCD labels, and of a hand-built image,
+    the sum equals the stock target scores' sum; an NWD assigner that keeps the same positives gets that
+    same sum back, though its own is larger."""
+    model = build_model("yolov8n.yaml")
+    criterion = model.init_criterion()
+    captured = []
+    hook = criterion.assigner.register_forward_hook(lambda module, args, out: captured.append((args, out)))
+    criterion(model(bccd_batch()["img"]), bccd_batch())
+    hook.remove()
+    captured.append((small_and_large_batch(), criterion.assigner(*small_and_large_batch())))
+    for (pd_scores, pd_bboxes, _, _, gt_bboxes, _), (labels, boxes, scores, fg, idx) in captured:
+        assert fg.sum() > 0
+        ours = ciou_target_sum(criterion.assigner, pd_scores, pd_bboxes, labels, boxes, fg, idx, gt_bboxes.shape[1])
+        assert ours.item() == pytest.approx(scores.sum().item(), rel=1e-5)
+
+    nwd = install_size_aware_loss(copy.deepcopy(criterion), AnchorWeighting({"nwd": {
+        **load_loss_config("nwd")["nwd"], "constant": 45.0}}))
+    inputs = small_and_large_batch()
+    labels, boxes, scores, fg, idx = nwd.assigner(*inputs)
+    stock_scores, stock_fg = captured[-1][1][2], captured[-1][1][3]
+    assert torch.equal(fg, stock_fg) and scores.sum() > 1.3 * stock_scores.sum()  # 13.8 against 9.7
+    ours = ciou_target_sum(nwd.assigner.assigner, inputs[0], inputs[1], labels, boxes, fg, idx, 2)
+    assert ours.item() == pytest.approx(stock_scores.sum().item(), rel=1e-5)
+
+
+def test_held_normaliser_scales_every_term_by_the_ratio_of_the_sums():
+    """With the NWD assigner, the class and box terms divided by the CIoU sum are the terms divided by the
+    assigned sum times their ratio (nwd/normaliser_scale, above 1: NWD raised the scores); the DFL too."""
+    model = build_model("yolov8n.yaml")
+    batch = bccd_batch()
+    preds = model(batch["img"])
+    settings = {**load_loss_config("nwd")["nwd"], "constant": 40.0}
+    assigned = build_size_aware_loss(model, AnchorWeighting({"nwd": settings}))
+    weighting = AnchorWeighting({"nwd": {**settings, "normaliser": "ciou"}})
+    held = build_size_aware_loss(model, weighting)
+    _, expected = assigned(preds, batch)
+    _, items = held(preds, batch)
+    scale = weighting.epoch_stats()["nwd/normaliser_scale"]
+    assert scale > 1.05
+    for key in expected:
+        assert items[key].item() == pytest.approx(expected[key].item() * scale, rel=1e-5), key
+    assert "nwd/normaliser_scale" not in AnchorWeighting({"nwd": settings}).epoch_stats()  # a column only when set
+
+
+def test_held_normaliser_with_the_stock_assigner_is_the_stock_loss_bit_for_bit():
+    model = build_model("yolov8n.yaml")
+    batch = bccd_batch()
+    preds = model(batch["img"])
+    expected_loss, expected_items = model.init_criterion()(preds, batch)
+    weighting = AnchorWeighting({"nwd": {**load_loss_config("nwd")["nwd"], "ratio": 0, "assigner": False,
+                                         "normaliser": "ciou"}})
+    assert not weighting.holds_normaliser
+    loss, items = build_size_aware_loss(model, weighting)(preds, batch)
+    assert torch.equal(loss, expected_loss) and same_items(items, expected_items)
