@@ -13,10 +13,10 @@
 #  2. bench/gpu.py prepare: Ultralytics' settings, matplotlib's font cache and the label caches made
 #     once, before trainings that start together could race on writing them (--smoke first links an
 #     8/4/8-image BCCD subset, bench/gpu.py subset, and runs one harness per family);
-#  3. YOLO (yolov8n from scratch, BCCD, compare.py --preset gpu: baseline, nwd:assigner_auto and nwd,
+#  3. YOLO (yolov8n from scratch, BCCD, compare.py --preset gpu: baseline, nwd and nwd:safit_sharp_auto_norm,
 #     100 epochs, imgsz 416, batch 16) x seeds 0-2: nine bench/compare.py harnesses at once, one per
 #     (mode, seed), all with --only runs into WORK/yolo;
-#     Faster R-CNN (mobilenet_v3_large_fpn from scratch; baseline, plb, nwd, nwd:assigner_auto) at the
+#     Faster R-CNN (mobilenet_v3_large_fpn from scratch; baseline, plb, nwd, nwd:safit_sharp_auto) at the
 #     RCNN_* schedule below: four harnesses at once, one per loss, its seeds in turn, under `nice`;
 #     every 30 s one line of measured throughput (bench/gpu.py progress);
 #  4. at TRAIN_DEADLINE_S (400 s) after the start the harnesses still running are stopped (a stopped run
@@ -58,9 +58,9 @@ mkdir -p "$1" && OUT=$(cd "$1" && pwd) || exit 2
 START=$(date +%s)
 PYTHON=${PYTHON:-python3}
 SEEDS=${SEEDS:-"0 1 2"}
-YOLO_MODES=${YOLO_MODES:-"baseline nwd:assigner_auto nwd"}  # compare.py --preset gpu's
+YOLO_MODES=${YOLO_MODES:-"baseline nwd nwd:safit_sharp_auto_norm"}  # compare.py --preset gpu's
 YOLO_WORKERS=${YOLO_WORKERS:-2}           # dataloader processes per YOLO training (compare.py's default)
-RCNN_MODES=${RCNN_MODES:-"baseline plb nwd nwd:assigner_auto"}
+RCNN_MODES=${RCNN_MODES:-"baseline plb nwd nwd:safit_sharp_auto"}
 # Faster R-CNN schedule, from the CPU probe of the stock loss (docs/results.md section 5): imgsz 640 puts
 # BCCD's platelets (~30 px there) above the mobilenet FPN's smallest anchor, and lr 0.01 at batch 4 learns
 # from scratch at once; at that lr the probe's test Platelets AP was 11.2 after 9 epochs, so 12 epochs

@@ -370,7 +370,6 @@ def test_plb2b_weights_roi_box_only(source):
     (["--loss", "focal"], "unknown loss 'focal'"),
     (["--epochs", "0"], "--epochs 0"), (["--imgsz", "0"], "--imgsz 0"), (["--fraction", "2"], "--fraction 2"),
     (["--plb-source", "gt"], "--plb-source needs PLB"),
-    (["--loss", "safit_sharp_auto_norm"], "nwd.normaliser: ciou is YOLO's"),
 ])
 def test_bad_flags_are_usage_errors_naming_the_flag(tmp_path, capsys, flags, message):
     project = tmp_path / "runs"

@@ -121,9 +121,6 @@ def loss_config(args: argparse.Namespace) -> dict:
         if "plb" not in config:
             raise LossConfigError("--plb-source needs PLB (--loss plb or --plb SWITCHES)")
         config["plb"]["source"] = args.plb_source
-    if config.get("nwd", {}).get("normaliser", "assigned") != "assigned":
-        raise LossConfigError("nwd.normaliser: ciou is YOLO's (its losses divide by the target scores); Faster R-CNN's "
-                              "RPN divides by its sampled anchors: leave nwd.normaliser at assigned")
     if args.scb_rpn and "rpn_cls" not in config["scb"]["rcnn_terms"]:
         config["scb"]["rcnn_terms"] = [*config["scb"]["rcnn_terms"], "rpn_cls"]
     return config

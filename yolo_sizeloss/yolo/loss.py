@@ -204,7 +204,7 @@ class AnchorWeighting(nn.Module):
         reference = ciou_target_sum(assigner, pd_scores, pd_bboxes, target_labels, target_bboxes, fg_mask,
                                     target_gt_idx, num_slots).clamp(min=1)
         scale = target_scores.sum().clamp(min=1) / reference
-        self.normaliser_sums += torch.stack([scale.detach().double(), scale.new_ones((), dtype=torch.float64)])
+        self.normaliser_sums += torch.stack([scale.detach(), torch.ones_like(scale)]).to(self.normaliser_sums)
         return scale
 
     @property
