@@ -34,10 +34,10 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils.torch_utils import init_seeds
 
 from yolo_sizeloss.assignment import AssignmentCounter
-from yolo_sizeloss.methods.base import box_areas
 from yolo_sizeloss.config import load_loss_config
+from yolo_sizeloss.methods.base import box_areas
 from yolo_sizeloss.paths import resolve_data
-from yolo_sizeloss.yolo.assignment import attach_counter, positives_per_slot
+from yolo_sizeloss.yolo.assignment import attach_counter, positives_per_slot, slot_ids
 from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss, stock_assigners
 
 
@@ -75,10 +75,8 @@ class SizeTally:
         _, _, target_scores, fg_mask, target_gt_idx = outputs
         slots = gt_bboxes.shape[1]
         positives = positives_per_slot(fg_mask, target_gt_idx, slots)
-        images = torch.arange(fg_mask.shape[0])[:, None]
         score = torch.zeros(fg_mask.shape[0] * slots, dtype=torch.float64).index_add_(
-            0, (images * slots + target_gt_idx.long()).flatten(),
-            (target_scores.sum(-1) * fg_mask).flatten().double()).view(-1, slots)
+            0, slot_ids(target_gt_idx, slots), (target_scores.sum(-1) * fg_mask).flatten().double()).view(-1, slots)
         bucket = torch.bucketize(box_areas(gt_bboxes.float()), torch.tensor(BUCKET_EDGES), right=True)
         valid = mask_gt.reshape(positives.shape).bool()
         for b in range(len(BUCKETS)):

@@ -140,11 +140,11 @@ def finite_box_areas(widths: torch.Tensor, heights: torch.Tensor, caller: str) -
 
 
 ASSIGNER_MEASURES = ("safit", "simd")  # nwd.assigner may name another measure (methods.measures) instead of NWD
-BOX_MEASURES = ("nwd", "safit", "simd")
+BOX_MEASURES = ("nwd", "safit", "simd")  # what nwd.box_measure may mix into the box loss (methods.measures.box_similarity)
 # what YOLO's losses divide by: the assignment's own target-score sum (Ultralytics'), or the sum the stock CIoU
 # would give the same positives (yolo.normaliser); Faster R-CNN's RPN divides by its sampled anchors, a count
 # no overlap changes, so both train the same loss there
-NORMALISERS = ("assigned", "ciou")  # what nwd.box_measure may mix into the box loss (methods.measures.box_similarity)
+NORMALISERS = ("assigned", "ciou")
 
 
 def _flag_auto_or_measure(value: Any) -> tuple[bool, str]:

@@ -16,11 +16,17 @@ from yolo_sizeloss.assignment import AssignmentCounter
 from yolo_sizeloss.methods.base import count_per_gt
 
 
+def slot_ids(target_gt_idx: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """(B * A,) int64: each anchor's ground-truth slot (``target_gt_idx`` (B, A)) numbered over the batch,
+    image by image (image ``b``'s slots are ``b * num_slots`` onwards)."""
+    images = torch.arange(target_gt_idx.shape[0], device=target_gt_idx.device)[:, None]
+    return (images * num_slots + target_gt_idx.long()).flatten()
+
+
 def positives_per_slot(fg_mask: torch.Tensor, target_gt_idx: torch.Tensor, num_slots: int) -> torch.Tensor:
     """(B, G) int64: the foreground anchors (``fg_mask`` (B, A)) assigned to each ground-truth slot
     (``target_gt_idx`` (B, A), the slot each anchor's target is)."""
-    images = torch.arange(fg_mask.shape[0], device=fg_mask.device)[:, None]
-    slots = (images * num_slots + target_gt_idx.long()).flatten()  # numbered image by image
+    slots = slot_ids(target_gt_idx, num_slots)
     return count_per_gt(slots, fg_mask.shape[0] * num_slots, fg_mask.flatten()).view(-1, num_slots)
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from yolo_sizeloss.yolo.assignment import slot_ids
+
 
 @torch.no_grad()
 def ciou_target_sum(
@@ -47,8 +49,7 @@ def ciou_target_sum(
     overlaps = torch.where(fg_mask, overlaps, 0.0)
     scores = pd_scores.gather(-1, target_labels.long().unsqueeze(-1)).squeeze(-1)
     align = torch.where(fg_mask, scores.pow(assigner.alpha) * overlaps.pow(assigner.beta), 0.0).flatten()
-    images = torch.arange(fg_mask.shape[0], device=fg_mask.device)[:, None]
-    slots = (images * num_slots + target_gt_idx.long()).flatten()  # each anchor's ground truth, numbered over images
+    slots = slot_ids(target_gt_idx, num_slots)
     best = align.new_zeros(2, fg_mask.shape[0] * num_slots)
     best[0].scatter_reduce_(0, slots, align, "amax")
     best[1].scatter_reduce_(0, slots, overlaps.flatten().to(align.dtype), "amax")
