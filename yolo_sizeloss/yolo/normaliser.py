@@ -7,8 +7,11 @@ small boxes (NWD, SAFit) raises the small objects' target scores, which is how i
 to find and trust them, but it also raises the sum, and so lowers the weight of every other object's
 terms without changing their assignment. On BCCD at imgsz 416 the sum is 1.4 (SAFit with a 4 px
 spread) to 2.3 times (NWD) the stock one at the start of training, and about 1.1 times at its end
-(``bench/assignment.py``, docs/results.md section 10). Dividing by the sum that the stock overlap gives the same positives keeps the other objects'
-weight where the stock loss puts it, while the small objects keep their raised targets.
+(``bench/assignment.py``, docs/results.md section 10). Dividing by the sum that the stock overlap gives
+the same positives keeps the other objects' weight where the stock loss puts it in absolute terms, while
+the small objects keep their raised targets. Every term is still divided by one number, so no term's
+share of a step changes, only the loss's scale: an SGD step grows with it, while AdamW (Ultralytics'
+``optimizer: auto`` for short runs) cancels a constant scale and sees only its drift over training.
 """
 
 from __future__ import annotations
