@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from yolo_sizeloss.detections import load_split
@@ -580,3 +581,50 @@ def test_size_tally_of_a_hand_built_assignment():
     assert rows["small"] == pytest.approx((2, 0.8, 0.8 / 2.0))
     assert rows["medium"] == pytest.approx((1, 0.4, 0.4 / 2.0))
     assert rows["large"] == pytest.approx((1, 0.8, 0.8 / 2.0))
+
+
+def _difference(per_seed: dict[str, float]) -> dict:
+    """One column of compare.py's results.json differences, its t-interval computed as compare does."""
+    from yolo_sizeloss.paired import t_interval
+
+    interval = t_interval(list(per_seed.values()))
+    mean, low, high = interval or (next(iter(per_seed.values())), None, None)
+    return {"per_seed": per_seed, "diff": mean, "low": low, "high": high, "excludes_zero": False}
+
+
+def test_suite_reads_each_sets_tables_and_checks_the_goal_lines(tmp_path, monkeypatch, capsys):
+    """bench/suite.py on two hand-built sets: a mixed one over three seeds (t-interval over seeds) and a
+    control with one seed (its paired bootstrap interval), each mode's lines decided by hand."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    suite = bench_script("suite")
+    per_seed = lambda *v: {str(i): x for i, x in enumerate(v)}  # noqa: E731
+    mixed = {"focus_class": "Platelets", "bootstrap": {}, "differences": {
+        # focus +4, +5, +6 points: mean 5, t-interval 5 -+ 4.303 * 1 / sqrt(3) = [2.52, 7.48]
+        "nwd-safit_sharp": {"Platelets AP": _difference(per_seed(0.04, 0.05, 0.06)), "APs input": _difference(per_seed(0.04, 0.05, 0.06)),
+                 "APl orig": _difference(per_seed(-0.004, -0.005, -0.006)), "mAP50-95": _difference(per_seed(0.0, 0.01, -0.01)),
+                 "AP": _difference(per_seed(0.0, 0.0, 0.0)), "R small@0.3": _difference(per_seed(0.1, 0.2, 0.3))},
+        # the same, but APl -1 and the focus class's interval reaching below 0 (+0, +3, +6: [-4.45, +10.45])
+        "nwd": {"Platelets AP": _difference(per_seed(0.0, 0.03, 0.06)), "APs input": _difference(per_seed(0.04, 0.05, 0.06)),
+                   "APl orig": _difference(per_seed(-0.01, -0.01, -0.01)), "mAP50-95": _difference(per_seed(0.0, 0.01, -0.01)),
+                   "AP": _difference(per_seed(0.0, 0.0, 0.0)), "R small@0.3": _difference(per_seed(0.1, 0.2, 0.3))},
+    }}
+    boot = lambda d, lo, hi: {"diff": d, "low": lo, "high": hi}  # noqa: E731
+    control = {"focus_class": "wbc", "differences": {"nwd-safit_sharp": {"AP": _difference(per_seed(0.006))}},
+               "bootstrap": {"nwd-safit_sharp": {"0": {"coco.ap": boot(0.006, -0.01, 0.02)}}}}
+    for name, results in (("mixed", mixed), ("control", control)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"sets": [
+        {"name": "M", "kind": "mixed", "small": "7%", "results": str(tmp_path / "mixed"), "schedule": "s", "command": "c",
+         "trains_as": {"nwd-assigner_auto": "nwd"}},
+        {"name": "C", "kind": "control", "small": "1%", "results": str(tmp_path / "control"), "schedule": "s", "command": "c"},
+    ]}))
+    assert suite.main(["--modes", "nwd:safit_sharp", "nwd:assigner_auto", "--suite", str(tmp_path / "suite.yaml")]) == 0
+    table = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:6]]
+    assert table[0][1:5] == ["nwd-safit_sharp", "3", "+5.0 [+2.5, +7.5]", "+5.0 [+2.5, +7.5]"] and table[0][-1] == "all |"
+    assert table[1][1] == "nwd-assigner_auto (trains as nwd here)"
+    assert table[1][-1] == "misses: focus AP interval not above 0; APl orig -1.0 < -0.5 |"
+    # one seed: the bootstrap's interval; +0.6 is above the control's ceiling of +0.5
+    assert table[2][1:3] == ["nwd-safit_sharp", "1"] and table[2][7] == "+0.6 [-1.0, +2.0]"
+    assert table[2][-1] == "misses: AP +0.6 > +0.5 |"
+    assert table[3][1:4] == ["nwd-assigner_auto", "0", "not run"]

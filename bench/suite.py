@@ -1,0 +1,135 @@
+"""The development suite in one table: each mode's difference to the stock loss on every data set of
+bench/suite.yaml, read from that set's bench/compare.py tables, against this project's goal lines.
+
+    python bench/suite.py --modes nwd nwd:safit_sharp_auto_norm
+    python bench/suite.py --modes nwd --split val --out bench/results/suite-val.md
+
+A mode is named as compare.py's --losses names it. Over several seeds a cell is the mean paired
+difference with its 95% t-interval over seeds; with one seed it is that seed's paired bootstrap interval
+over the test images (mAP50-95, Ultralytics' own, has none). A line is met or not on the mean, and where
+it asks for an interval above 0, on that interval. The lines (LINES) are the 'Beyond NWD' goal: where
+small objects are a minority, the focus class's AP and APs (input frame) at least +3 with intervals above
+0, APl (original frame) at most 0.5 below stock, mAP50-95 not lower; where nearly all are small, AP at
+most 0.5 below stock and small recall at score 0.3 not lower; on a control, AP within 0.5 of stock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from compare import columns, loss_mode, table_files
+from yolo_sizeloss.config import LossConfigError
+from yolo_sizeloss.report import markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = Path(__file__).with_name("suite.yaml")
+FOCUS = "focus AP"  # the column of a set's focus class, whatever its name there
+SHOWN = (FOCUS, "APs input", "APl orig", "mAP50-95", "AP", "R small@0.3")
+# kind -> (column, the least mean difference in points, whether its interval must lie above 0)
+LINES = {
+    "mixed": ((FOCUS, 3.0, True), ("APs input", 3.0, True), ("APl orig", -0.5, False), ("mAP50-95", 0.0, False)),
+    "all_small": (("AP", -0.5, False), ("R small@0.3", 0.0, False)),
+    "control": (("AP", -0.5, False),),  # and at most +0.5 above: CONTROL_CEILING
+}
+CONTROL_CEILING = 0.5
+STOCK = "baseline"  # the reference of every set's tables, and the trains_as value of the stock loss
+
+
+def cell(results: dict, label: str, column: str) -> dict | None:
+    """{diff, low, high} in points of ``label`` against the reference in one set's results.json: the
+    t-interval over seeds, or with one seed the paired bootstrap; None where the mode was not run."""
+    if column == FOCUS:
+        column = f"{results['focus_class']} AP"
+    entry = results["differences"].get(label, {}).get(column)
+    if entry is None or entry["diff"] is None:
+        return None
+    low, high = entry["low"], entry["high"]
+    if low is None and len(entry["per_seed"]) == 1:
+        (seed,) = entry["per_seed"]
+        key = dict(columns(results["focus_class"]))[column]
+        boot = results.get("bootstrap", {}).get(label, {}).get(seed, {}).get(key)
+        if boot is not None:
+            low, high = boot["low"], boot["high"]
+    scale = lambda v: None if v is None else 100 * v  # noqa: E731
+    return {"diff": scale(entry["diff"]), "low": scale(low), "high": scale(high), "seeds": len(entry["per_seed"])}
+
+
+def failed_lines(kind: str, cells: dict[str, dict | None]) -> list[str]:
+    """The lines of ``kind`` that ``cells`` (column -> cell) miss, each as '<column> <what it missed>';
+    a column without a value misses its line."""
+    failed = []
+    for column, least, above_zero in LINES[kind]:
+        c = cells.get(column)
+        if c is None:
+            failed.append(f"{column} not measured")
+        elif c["diff"] < least:
+            failed.append(f"{column} {c['diff']:+.1f} < {least:+.1f}")
+        elif above_zero and (c["low"] is None or c["low"] <= 0):
+            failed.append(f"{column} interval not above 0")
+    if kind == "control" and cells.get("AP") is not None and cells["AP"]["diff"] > CONTROL_CEILING:
+        failed.append(f"AP {cells['AP']['diff']:+.1f} > +{CONTROL_CEILING:.1f}")
+    return failed
+
+
+def text(c: dict | None) -> str:
+    if c is None:
+        return "not run"
+    interval = "" if c["low"] is None else f" [{c['low']:+.1f}, {c['high']:+.1f}]"
+    return f"{c['diff']:+.1f}{interval}"
+
+
+def rows(suite: dict, labels: list[str], split: str, root: Path) -> list[list[str]]:
+    out = []
+    for entry in suite["sets"]:
+        json_path, _, _ = table_files(root / entry["results"], split)
+        results = json.loads(json_path.read_text()) if json_path.is_file() else None
+        for label in labels:
+            name = f"{entry['name']} ({entry['small']})"
+            same = entry.get("trains_as", {}).get(label)
+            if same == STOCK:
+                out.append([name, label, "", *["0"] * len(SHOWN), "all: trains the stock loss here"])
+                continue
+            measured = same or label
+            cells = {column: cell(results, measured, column) if results else None for column in SHOWN}
+            if same:
+                label = f"{label} (trains as {same} here)"
+            seeds = max((c["seeds"] for c in cells.values() if c), default=0)
+            if not seeds:
+                out.append([name, label, "0", *["not run"] * len(SHOWN), ""])
+                continue
+            failed = failed_lines(entry["kind"], cells)
+            out.append([name, label, str(seeds), *(text(cells[c]) for c in SHOWN),
+                        "all" if not failed else "misses: " + "; ".join(failed)])
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", nargs="+", required=True, help="modes as compare.py's --losses names them")
+    p.add_argument("--split", default="test", help="the split the tables are of (val: results-val.json)")
+    p.add_argument("--suite", default=str(SUITE), help="the suite's data sets (default: bench/suite.yaml)")
+    p.add_argument("--out", help="also write the table to this markdown file")
+    args = p.parse_args(argv)
+    try:
+        labels = [loss_mode(spec, None)[0] for spec in args.modes]
+    except (LossConfigError, ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    suite = yaml.safe_load(Path(args.suite).read_text())
+    header = ["data set", "mode", "seeds", *(f"{c} - stock" for c in SHOWN), "goal lines met"]
+    table = markdown_table(header, rows(suite, labels, args.split, ROOT))
+    notes = "\n".join(f"- {s['name']}: {s['schedule']}; `{s['command']}`" for s in suite["sets"])
+    report = (f"{table}\n\nPercentage points on the {args.split} split, the mode minus the stock loss; "
+              f"[95% interval]: over seeds (t) where seeds > 1, else the paired bootstrap over images.\n\n{notes}\n")
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
