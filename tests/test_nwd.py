@@ -13,6 +13,7 @@ from ultralytics.utils.loss import BboxLoss, E2ELoss, v8DetectionLoss
 from ultralytics.utils.tal import TaskAlignedAssigner, make_anchors
 
 from yolo_sizeloss.config import LossConfigError, load_loss_config
+from yolo_sizeloss.methods.nwd import assigner_epochs
 from yolo_sizeloss.yolo.loss import (
     AnchorWeighting,
     MeasureBboxLoss,
@@ -21,6 +22,7 @@ from yolo_sizeloss.yolo.loss import (
     build_size_aware_loss,
     install_size_aware_loss,
     training_label_sizes,
+    use_stock_overlap,
 )
 
 from test_loss import bccd_batch, build_model, same_items
@@ -36,8 +38,8 @@ def nwd_config(spec="nwd", **settings) -> dict:
 # --- settings -----------------------------------------------------------------------------------
 
 def test_defaults_and_combination_with_a_weighting():
-    assert load_loss_config("nwd") == {"nwd": {"ratio": 0.5, "constant": "auto", "assigner": True, "box_measure": "nwd",
-                                               "safit_spread": 32, "small_area": 1024, "max_small_share": 1.0,
+    assert load_loss_config("nwd") == {"nwd": {"ratio": 0.5, "constant": "auto", "assigner": True, "assigner_until": 1.0,
+                                               "box_measure": "nwd", "safit_spread": 32, "small_area": 1024, "max_small_share": 1.0,
                                                "normaliser": "assigned", "rcnn_terms": ["rpn_box"]}}  # rcnn_terms: Faster R-CNN's
     cfg = load_loss_config("nwd+feedback")
     assert list(cfg) == ["nwd", "feedback"] and cfg["feedback"] == load_loss_config("feedback")["feedback"]
@@ -47,7 +49,7 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
     path = tmp_path / "o.yaml"
     path.write_text("nwd:\n  constant: 12.8\n  ratio: 1\n  assigner: false\n")
     assert load_loss_config("nwd", path)["nwd"] == {"ratio": 1, "constant": 12.8, "assigner": False,
-                                                    "box_measure": "nwd", "safit_spread": 32, "small_area": 1024,
+                                                    "assigner_until": 1.0, "box_measure": "nwd", "safit_spread": 32, "small_area": 1024,
                                                     "max_small_share": 1.0, "normaliser": "assigned",
                                                     "rcnn_terms": ["rpn_box"]}
 
@@ -63,8 +65,9 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
         ("nwd:\n  safit_spread: 0\n", r"o\.yaml:2: nwd\.safit_spread = 0 .*a number > 0 \(network-input pixels\)"),
         ("nwd:\n  assigner: 1\n", r"o\.yaml:2: nwd\.assigner = 1 .*true, false, auto or a measure: safit, simd"),
         ("nwd:\n  small_area: 0\n", r"o\.yaml:2: nwd\.small_area = 0 .*a number > 0"),
+        ("nwd:\n  assigner_until: 0\n", r"o\.yaml:2: nwd\.assigner_until = 0 .*a number in \(0, 1\]"),
         ("nwd:\n  terms: [box]\n",
-         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, box_measure, safit_spread, small_area, max_small_share, normaliser, rcnn_terms\)"),
+         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, assigner_until, box_measure, safit_spread, small_area, max_small_share, normaliser, rcnn_terms\)"),
         ("nwd:\n  box_measure: giou\n", r"o\.yaml:2: nwd\.box_measure = 'giou' .*one of nwd, safit, simd"),
     ],
 )
@@ -284,6 +287,35 @@ def test_nwd_overlap_raises_the_poorly_fitted_small_objects_target_scores():
 
 # --- real training ------------------------------------------------------------------------------
 
+def test_assigner_epochs_are_the_first_share_of_the_schedule():
+    settings = load_loss_config("nwd")["nwd"]
+    assert assigner_epochs(settings, 60) == 60  # 1, the paper's: the whole training
+    assert assigner_epochs({**settings, "assigner_until": 1 / 3}, 60) == 20
+    assert assigner_epochs({**settings, "assigner_until": 0.33}, 100) == 33
+    assert assigner_epochs({**settings, "assigner_until": 0.01}, 10) == 1  # at least the first epoch
+
+
+def test_after_assigner_until_the_assigner_measures_by_the_stock_ciou():
+    """``use_stock_overlap`` on a criterion whose assigner measures by SAFit (normaliser held): from then on its loss
+    is, bit for bit, that of the same settings with ``assigner: false`` (the stock CIoU ranks, and the two sums
+    are one), and the weighting knows."""
+    model = build_model("yolov8n.yaml")
+    batch = bccd_batch()
+    preds = model(batch["img"])
+    settings = {**load_loss_config("safit_sharp_auto_norm")["nwd"], "constant": 40.0, "max_small_share": 1.0}
+    staged = AnchorWeighting({"nwd": settings})
+    criterion = build_size_aware_loss(model, staged)
+    assert staged.holds_normaliser and staged.overlap() is not None
+    before, _ = criterion(preds, batch)
+    use_stock_overlap(criterion, staged)
+    after, after_items = criterion(preds, batch)
+    expected, expected_items = build_size_aware_loss(model, AnchorWeighting({"nwd": {**settings, "assigner": False}}))(
+        preds, batch)
+    assert not staged.holds_normaliser and staged.overlap() is None
+    assert torch.equal(after, expected) and same_items(after_items, expected_items)
+    assert not torch.equal(before, after)  # SAFit had ranked otherwise
+
+
 @pytest.mark.slow
 def test_nwd_modes_train_and_leave_stock_checkpoints(bccd_subset, tmp_path):
     from yolo_sizeloss.cli import train_main
@@ -300,13 +332,15 @@ def test_nwd_modes_train_and_leave_stock_checkpoints(bccd_subset, tmp_path):
             sizes.append(math.sqrt(w * w0 * h * h0) * TRAIN_IMGSZ / max(w0, h0))
     expected_constant = sum(sizes) / len(sizes)
     small_share = sum(size * size < 32 * 32 for size in sizes) / len(sizes)  # assigner: auto uses NWD below 1/2
-    held = tmp_path / "held.yaml"  # the losses divided by the CIoU targets' sum (nwd.normaliser)
-    held.write_text("nwd:\n  normaliser: ciou\n")
+    # the losses divided by the CIoU targets' sum (nwd.normaliser), and NWD ranking anchors in the first of two
+    # epochs only (nwd.assigner_until)
+    held = tmp_path / "held.yaml"
+    held.write_text("nwd:\n  normaliser: ciou\n  assigner_until: 0.5\n")
     bests = []
     for name, loss, variant in (("nwd", "nwd", None), ("nwd+feedback", "nwd+feedback", "assigner_auto"),
                                 ("held", "nwd", held)):
         code = train_main(["--data", str(bccd_subset), "--loss", loss, "--model", "yolov8n.yaml", "--project",
-                           str(tmp_path), "--name", name, "--epochs", "1", "--imgsz", str(TRAIN_IMGSZ), "--batch", "8",
+                           str(tmp_path), "--name", name, "--epochs", "2" if name == "held" else "1", "--imgsz", str(TRAIN_IMGSZ), "--batch", "8",
                            "--workers", "0", "--device", "cpu", "plots=False",
                            *(["--loss-cfg", str(variant)] if variant else [])])
         assert code == 0, name
@@ -319,7 +353,9 @@ def test_nwd_modes_train_and_leave_stock_checkpoints(bccd_subset, tmp_path):
         # the NWD assigner raised the target scores, so the assigned sum exceeded the CIoU one
         assert ("nwd/normaliser_scale" in columns) == (name == "held")
         assert name != "held" or 1 < columns["nwd/normaliser_scale"][0] < 10
-        if variant == "assigner_auto":
+        if name == "held":  # the second epoch's assigner measures by the stock CIoU: the two sums are one
+            assert columns["nwd/assigner"] == [1.0, 0.0] and columns["nwd/normaliser_scale"][1] == 1.0
+        elif variant == "assigner_auto":
             assert saved["settings"]["nwd"]["assigner"] == "auto"
             assert columns["nwd/assigner"][0] == float(small_share < 0.5)
             assert columns["feedback/steps"][0] >= 1

@@ -44,7 +44,7 @@ from yolo_sizeloss.config import LossConfigError, load_loss_config
 from yolo_sizeloss.detections import ImageRecord, load_split
 from yolo_sizeloss.rcnn.cli import main
 from yolo_sizeloss.rcnn.data import training_box_sizes
-from yolo_sizeloss.rcnn.engine import training_nwd_settings
+from yolo_sizeloss.rcnn.engine import stage_rpn_overlap, training_nwd_settings
 from yolo_sizeloss.methods.nwd import nwd, nwd_constant, nwd_matrix
 from yolo_sizeloss.methods.overlaps import NWDOverlap
 from yolo_sizeloss.rcnn.heads import SizeBalancedRPN
@@ -305,6 +305,33 @@ def test_nwd_matcher_gives_the_small_object_more_positive_anchors(offset):
         assert positives["nwd"][1] == positives["iou"][1]
 
 
+def test_after_assigner_until_the_rpn_matcher_measures_by_iou():
+    """``nwd.assigner_until: 0.5`` of four epochs: NWD matches in epochs 0 and 1; from epoch 2 the RPN's matcher is
+    torchvision's IoU again and gives the small object of the direction check only IoU's positives."""
+    switches = nwd_switches(assigner_until=0.5)
+    assert [switches.assigner_acts(epoch, 4) for epoch in range(4)] == [True, True, False, False]
+    model = build_model("mobilenet_v3_large_fpn", 4, IMGSZ, switches)
+    stage_rpn_overlap(model, switches, 1, 4, log=False)
+    assert isinstance(model.rpn.overlap, NWDOverlap)
+    stage_rpn_overlap(model, switches, 2, 4, log=False)
+    assert model.rpn.box_similarity is box_iou
+
+    images = ImageList(torch.zeros(1, 1, 256, 256), [(256, 256)])
+    anchors = DIRECTION_ANCHORS(images, [torch.zeros(1, 1, 16, 16)])[0]
+    gt = {"boxes": torch.tensor([SMALL]), "labels": torch.tensor([1])}
+    positives = []
+    for staged in (False, True):
+        rpn = direction_rpn(LossSwitches(nwd_assigner=True, nwd_constant=65.0))
+        if staged:
+            rpn.use_stock_overlap()
+        rpn.assign_targets_to_anchors([anchors], [gt])
+        (matches,) = rpn.proposal_matcher.recorded
+        positives.append(set(torch.where(matches == 0)[0].tolist()))
+    stock = direction_rpn(LossSwitches())
+    stock.assign_targets_to_anchors([anchors], [gt])
+    assert positives[1] == set(torch.where(stock.proposal_matcher.recorded[0] == 0)[0].tolist()) != positives[0]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The constant from the training labels
 
@@ -389,6 +416,18 @@ def test_auto_assigner_is_decided_from_the_training_boxes_logged_and_kept_in_the
     model = model_from_checkpoint(checkpoint)
     assert isinstance(model.rpn.overlap, NWDOverlap) is (share < 0.5)
     assert model.rpn.box_similarity == model.rpn.overlap.pairwise
+
+
+@pytest.mark.slow
+def test_shipped_warmup_mode_hands_the_matcher_back_to_iou_in_training(tiny_data, tmp_path):
+    """``--loss safit_sharp_auto_warmup`` (assigner_until 0.33) over two epochs: SAFit matches in the first
+    (round(0.66) = 1 epoch), IoU in the second, as results.csv records. (At the tests' image size nearly
+    every box is small, where the mode would train the stock loss: max_small_share 1 keeps it acting.)"""
+    flags = [*TRAIN_FLAGS[:TRAIN_FLAGS.index("--epochs")], "--epochs", "2", *TRAIN_FLAGS[TRAIN_FLAGS.index("--epochs") + 2:]]
+    (tmp_path / "acting.yaml").write_text("nwd:\n  max_small_share: 1.0\n")
+    assert main(["--data", str(tiny_data), "--project", str(tmp_path), "--name", "warm", "--loss",
+                 "safit_sharp_auto_warmup", "--loss-cfg", str(tmp_path / "acting.yaml"), *flags]) == 0
+    assert [float(row["nwd/assigner"]) for row in results(tmp_path / "warm")] == [1.0, 0.0]
 
 
 @pytest.mark.slow

@@ -139,6 +139,20 @@ def finite_box_areas(widths: torch.Tensor, heights: torch.Tensor, caller: str) -
     return areas
 
 
+def assigner_epochs(settings: dict[str, Any], epochs: int) -> int:
+    """How many of a run's first ``epochs`` the assigner measures by ``nwd.assigner``'s overlap:
+    ``nwd.assigner_until`` of them, rounded, at least one; the detector's stock overlap ranks anchors after.
+
+    A lenient overlap matters most while predictions are poor: an untrained model's CIoU with a small
+    object is near 0, and so are the object's target scores (on BCCD 0.07 per object under the stock
+    assigner, 2.3-2.8 under NWD-family ones), while a trained model's stock targets reach a third to half
+    of the lenient ones (docs/results.md section 10). Handing assignment back to the stock measure after
+    a warm-up follows PP-YOLOE, which ranks by a static assigner (ATSS) for the first third of its epochs
+    and by the task-aligned one after (``static_assigner_epoch``: 100 of 300, 133 of 400).
+    """
+    return max(1, round(settings["assigner_until"] * epochs))
+
+
 ASSIGNER_MEASURES = ("safit", "simd")  # nwd.assigner may name another measure (methods.measures) instead of NWD
 BOX_MEASURES = ("nwd", "safit", "simd")  # what nwd.box_measure may mix into the box loss (methods.measures.box_similarity)
 # what YOLO's losses divide by: the assignment's own target-score sum (Ultralytics'), or the sum the stock CIoU
@@ -166,6 +180,7 @@ METHOD = Method(
         "ratio": number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         "constant": _positive_or_auto,
         "assigner": _flag_auto_or_measure,
+        "assigner_until": number(lambda v: 0 < v <= 1, "a number in (0, 1]"),
         "box_measure": lambda v: (v in BOX_MEASURES, f"one of {', '.join(BOX_MEASURES)}"),
         "safit_spread": number(lambda v: v > 0, "a number > 0 (network-input pixels)"),
         "small_area": number(lambda v: v > 0, "a number > 0 (network-input pixels squared)"),

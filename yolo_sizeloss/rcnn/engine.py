@@ -34,6 +34,7 @@ from yolo_sizeloss.config import describe_loss, write_loss_record
 from yolo_sizeloss.detections import ImageRecord, load_split
 from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics, per_class_ap
 from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
+from yolo_sizeloss.methods.overlaps import IoU
 from yolo_sizeloss.paths import resolve_data
 from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection, training_box_sizes
 from yolo_sizeloss.rcnn.model import (
@@ -348,6 +349,7 @@ def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) ->
         sampler.set_epoch(epoch)
         torch.manual_seed(args.seed + epoch * ctx.world_size + ctx.rank)  # flips and RPN/RoI sampling
         warmup_iters = min(args.warmup_iters, len(loader) - 1) if epoch == 0 else 0
+        stage_rpn_overlap(unwrap(model), switches, epoch, args.epochs, ctx.is_main)
         losses = train_one_epoch(model, optimizer, loader, ctx.device, warmup_iters,
                                  f"{epoch + 1}/{args.epochs}", ctx.is_main)
         lr = optimizer.param_groups[0]["lr"]
@@ -359,6 +361,15 @@ def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) ->
                                       model, optimizer, scheduler, args, data)
             plot_weighting(save_dir)
     return save_dir
+
+
+def stage_rpn_overlap(model: torch.nn.Module, switches: LossSwitches, epoch: int, epochs: int, log: bool) -> None:
+    """Past ``nwd.assigner_until`` of the epochs the RPN's matcher measures by IoU; called every epoch, so
+    that a run resumed past that point does too."""
+    if switches.nwd_assigner and not switches.assigner_acts(epoch, epochs) and not isinstance(model.rpn.overlap, IoU):
+        model.rpn.use_stock_overlap()
+        if log:
+            LOGGER.info(f"nwd.assigner_until: the RPN's matcher measures by IoU from epoch {epoch + 1}")
 
 
 def checkpoint_or_new_model(
@@ -393,7 +404,9 @@ def save_epoch(
     (if fitter) ``best.pt``; return the best fitness."""
     switches = unwrap(model).rpn.switches
     constant = switches.nwd_constant
-    auto_assigner = args.loss_config.get("nwd", {}).get("assigner") == "auto"  # a column only then: older runs resume
+    nwd_cfg = args.loss_config.get("nwd", {})
+    # a column only where the matcher's measure is decided in training: older runs resume
+    staged_assigner = nwd_cfg.get("assigner") == "auto" or nwd_cfg.get("assigner_until", 1) < 1
     append_row(save_dir / "results.csv", {
         "epoch": epoch + 1,
         "time": round(elapsed, 2),
@@ -405,9 +418,8 @@ def save_epoch(
         **feedback_columns(unwrap(model)),
         **assignment_columns(unwrap(model)),
         **({"nwd/constant": constant} if "nwd" in args.loss_config else {}),
-        **({"nwd/assigner": float(switches.nwd_assigner)} if auto_assigner else {}),
-        **({"nwd/active": float(switches.nwd_active)} if args.loss_config.get("nwd", {}).get("max_small_share", 1) < 1
-           else {}),
+        **({"nwd/assigner": float(switches.assigner_acts(epoch, args.epochs))} if staged_assigner else {}),
+        **({"nwd/active": float(switches.nwd_active)} if nwd_cfg.get("max_small_share", 1) < 1 else {}),
     })
     detector_state, feedback_state = split_feedback_state(unwrap(model).state_dict())
     current = fitness(metrics)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from yolo_sizeloss.methods import REGISTRY, WEIGHT_ORDER
 from yolo_sizeloss.methods.measures import box_similarity
+from yolo_sizeloss.methods.nwd import assigner_epochs
 from yolo_sizeloss.methods.overlaps import IoU, Overlap, assigner_overlap
 
 FAMILY = "faster_rcnn"
@@ -109,6 +110,11 @@ class LossSwitches:
             raise RuntimeError(f"nwd.constant is auto but was not resolved: {UNRESOLVED_HINT}")
         return box_similarity(measure, pred_boxes.float(), gt_boxes.float(), self.nwd_constant,
                               safit_spread=self.config["nwd"]["safit_spread"])
+
+    def assigner_acts(self, epoch: int, epochs: int) -> bool:
+        """Whether the RPN's matcher measures by ``nwd.assigner``'s overlap in ``epoch`` (from 0) of ``epochs``:
+        while NWD acts, for its first ``nwd.assigner_until`` of them (``methods.nwd.assigner_epochs``)."""
+        return bool(self.nwd_assigner) and epoch < assigner_epochs(self.config["nwd"], epochs)
 
     def rpn_overlap(self) -> Overlap:
         """The overlap the RPN's matcher measures: ``nwd.assigner``'s (NWD, or SAFit or SimD by name), else

@@ -291,8 +291,10 @@ class AnchorWeighting(nn.Module):
         self.epoch_sums.zero_()
         if self.nwd_constant is not None:
             stats["nwd/constant"] = self.nwd_constant  # the C trained with, also when it was 'auto'
-        if self.config.get("nwd", {}).get("assigner") == "auto":  # a column only for 'auto': older runs resume
-            stats["nwd/assigner"] = float(self.nwd_assigner)  # 1: NWD ranked the anchors
+        nwd_cfg = self.config.get("nwd", {})
+        # a column only where the assigner's measure is decided in training: older runs resume
+        if nwd_cfg.get("assigner") == "auto" or nwd_cfg.get("assigner_until", 1) < 1:
+            stats["nwd/assigner"] = float(bool(self.nwd_assigner))  # 1: nwd.assigner's measure ranked the anchors
         if self.config.get("nwd", {}).get("max_small_share", 1) < 1:
             stats["nwd/active"] = float(self.nwd_active)  # 0: the stock loss trained
         if self.config.get("nwd", {}).get("normaliser") == "ciou":
@@ -464,6 +466,20 @@ def install_size_aware_loss(criterion: v8DetectionLoss | E2ELoss, weighting: Anc
     return criterion
 
 
+def _restore_stock_overlap(assigner: nn.Module) -> None:
+    if "iou_calculation" in vars(assigner):  # only install sets it on the instance
+        del assigner.iou_calculation  # the class's CIoU is back
+
+
+def use_stock_overlap(criterion: v8DetectionLoss | E2ELoss, weighting: AnchorWeighting) -> None:
+    """From now on every branch's assigner of a criterion carrying the size-aware loss ranks anchors by its
+    stock CIoU (``nwd.assigner_until``); the weights, box loss and normaliser follow ``weighting``, which is
+    told the same."""
+    weighting.nwd_assigner = False
+    for assigner in stock_assigners(criterion):
+        _restore_stock_overlap(assigner)
+
+
 def remove_size_aware_loss(criterion: v8DetectionLoss | E2ELoss) -> v8DetectionLoss | E2ELoss:
     """Undo ``install_size_aware_loss`` in place: every branch gets its stock assigner, BCE and box loss
     back, and keeps the rest of its state (an end-to-end loss its branch gains); return it. A stock
@@ -472,8 +488,7 @@ def remove_size_aware_loss(criterion: v8DetectionLoss | E2ELoss) -> v8DetectionL
         if not isinstance(branch.assigner, ObservedAssigner):
             continue
         branch.assigner = branch.assigner.assigner
-        if "iou_calculation" in vars(branch.assigner):  # only install sets it on the instance
-            del branch.assigner.iou_calculation  # the class's CIoU is back
+        _restore_stock_overlap(branch.assigner)
         branch.bce = branch.bce.bce
         bbox_loss = branch.bbox_loss.bbox_loss
         branch.bbox_loss = bbox_loss.bbox_loss if isinstance(bbox_loss, MeasureBboxLoss) else bbox_loss

@@ -20,10 +20,12 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from yolo_sizeloss.assignment import AssignmentCounter
 from yolo_sizeloss.config import check_resumed_loss, describe_loss, loss_name, read_loss_record, write_loss_record
+from yolo_sizeloss.methods.nwd import assigner_epochs
 from yolo_sizeloss.results_csv import class_ap_columns, continue_results, widen_header
 from yolo_sizeloss.weighting_plot import plot_weighting
 from yolo_sizeloss.yolo.assignment import attach_counter, detach_counters
-from yolo_sizeloss.yolo.loss import AnchorWeighting, install_size_aware_loss, remove_size_aware_loss, stock_assigners
+from yolo_sizeloss.yolo.loss import (AnchorWeighting, install_size_aware_loss, remove_size_aware_loss, stock_assigners,
+                                     use_stock_overlap)
 
 
 def end_weighting_step(trainer: "SizeAwareTrainer") -> None:
@@ -46,7 +48,17 @@ def install_weighting(trainer: "SizeAwareTrainer") -> None:
     model.criterion = install_size_aware_loss(stock, trainer.weighting)
 
 
-WEIGHTING_CALLBACKS = {"on_pretrain_routine_end": install_weighting, "on_train_batch_end": end_weighting_step}
+def stage_assigner(trainer: "SizeAwareTrainer") -> None:
+    """``on_train_epoch_start`` callback: past ``nwd.assigner_until`` of the epochs (``assigner_epochs``), the
+    assigner ranks anchors by its stock CIoU. Every epoch, so that a run resumed past that point does too."""
+    weighting = trainer.weighting
+    if weighting.nwd_assigner and trainer.epoch >= assigner_epochs(weighting.config["nwd"], trainer.epochs):
+        use_stock_overlap(unwrap_model(trainer.model).criterion, weighting)
+        LOGGER.info(f"nwd.assigner_until: the stock CIoU ranks anchors from epoch {trainer.epoch + 1}")
+
+
+WEIGHTING_CALLBACKS = {"on_pretrain_routine_end": install_weighting, "on_train_batch_end": end_weighting_step,
+                       "on_train_epoch_start": stage_assigner}
 
 
 def install_assignment_counter(trainer: "SizeAwareTrainer") -> None:
