@@ -628,3 +628,21 @@ def test_suite_reads_each_sets_tables_and_checks_the_goal_lines(tmp_path, monkey
     assert table[2][1:3] == ["nwd-safit_sharp", "1"] and table[2][7] == "+0.6 [-1.0, +2.0]"
     assert table[2][-1] == "misses: AP +0.6 > +0.5 |"
     assert table[3][1:4] == ["nwd-assigner_auto", "0", "not run"]
+
+
+def test_curves_averages_each_epochs_gap_over_seeds_and_bins(tmp_path, capsys):
+    """bench/curves.py on hand-written results.csv files: per epoch (mode - baseline) in percent, mean over the
+    two seeds, then over bins of two epochs (the last bin shorter)."""
+    curves = bench_script("curves")
+    values = {("baseline", 0): [0.10, 0.20, 0.30], ("baseline", 1): [0.10, 0.30, 0.30],
+              ("nwd", 0): [0.12, 0.26, 0.31], ("nwd", 1): [0.10, 0.30, 0.33]}
+    for (label, seed), column in values.items():
+        run = tmp_path / "runs" / f"{label}-s{seed}"
+        run.mkdir(parents=True)
+        rows = "".join(f"{e + 1},{v}\n" for e, v in enumerate(column))
+        (run / "results.csv").write_text("epoch,metrics/mAP50-95(B)\n" + rows)
+    # epoch gaps in points: seed 0 +2, +6, +1; seed 1 0, 0, +3 -> means +1, +3, +2 -> bins (+1 +3)/2 = +2, then +2
+    assert curves.main([str(tmp_path), "--modes", "nwd", "--seeds", "0", "1", "--bin", "2"]) == 0
+    assert "| nwd | +2.0 | +2.0 |" in capsys.readouterr().out
+    assert curves.main([str(tmp_path), "--modes", "nwd", "--seeds", "0", "1", "--column", "val/AP50-95 x"]) == 2
+    assert "'val/AP50-95 x' is not a column of both nwd-s0 and baseline-s0" in capsys.readouterr().err
