@@ -55,8 +55,8 @@ def cell(results: dict, label: str, column: str) -> dict | None:
         boot = results.get("bootstrap", {}).get(label, {}).get(seed, {}).get(key)
         if boot is not None:
             low, high = boot["low"], boot["high"]
-    scale = lambda v: None if v is None else 100 * v  # noqa: E731
-    return {"diff": scale(entry["diff"]), "low": scale(low), "high": scale(high), "seeds": len(entry["per_seed"])}
+    points = [None if v is None else 100 * v for v in (entry["diff"], low, high)]
+    return {**dict(zip(("diff", "low", "high"), points)), "seeds": len(entry["per_seed"])}
 
 
 def failed_lines(kind: str, cells: dict[str, dict | None]) -> list[str]:
@@ -76,7 +76,8 @@ def failed_lines(kind: str, cells: dict[str, dict | None]) -> list[str]:
     return failed
 
 
-def text(c: dict | None) -> str:
+def cell_text(c: dict | None) -> str:
+    """``+5.0 [+2.5, +7.5]`` (no interval where there is none), ``not run`` for no cell."""
     if c is None:
         return "not run"
     interval = "" if c["low"] is None else f" [{c['low']:+.1f}, {c['high']:+.1f}]"
@@ -103,7 +104,7 @@ def rows(suite: dict, labels: list[str], split: str, root: Path) -> list[list[st
                 out.append([name, label, "0", *["not run"] * len(SHOWN), ""])
                 continue
             failed = failed_lines(entry["kind"], cells)
-            out.append([name, label, str(seeds), *(text(cells[c]) for c in SHOWN),
+            out.append([name, label, str(seeds), *(cell_text(cells[c]) for c in SHOWN),
                         "all" if not failed else "misses: " + "; ".join(failed)])
     return out
 
