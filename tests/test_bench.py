@@ -259,6 +259,23 @@ def test_a_trained_run_is_evaluated_with_the_installed_val_command(tmp_path, cap
     assert f"{tmp_path / 'none.yaml'}" in capfd.readouterr().err  # val's own one-line error
 
 
+def test_a_recorded_run_without_its_checkpoints_is_an_error_not_a_new_training(tmp_path):
+    """A committed run folder holds its record (results.csv, args) but no weights: evaluating it on another split
+    must stop with a one-line error, not train it again into the same folder over its record."""
+    args = compare.parse_args(["--losses", "baseline", "--seeds", "0", "--epochs", "2", "--bootstrap", "0",
+                               "--split", "val", "--out", str(tmp_path)])
+    _, run_dir, _ = compare.run_paths(tmp_path, "baseline", 0, "val")
+    run_dir.mkdir(parents=True)
+    record = "epoch,time\n1,10\n2,20\n"
+    (run_dir / "results.csv").write_text(record)
+    with pytest.raises(SystemExit, match=r"baseline-s0: 2 epochs are recorded but weights/best\.pt is missing"):
+        compare.train_and_validate(args, "baseline", [], 0, tmp_path)
+    (run_dir / "results.csv").write_text(record[:-len("2,20\n")])  # interrupted, and its last.pt gone too
+    with pytest.raises(SystemExit, match=r"1 epochs are recorded but weights/last\.pt is missing"):
+        compare.train_and_validate(args, "baseline", [], 0, tmp_path)
+    assert (run_dir / "results.csv").read_text() == record[:-len("2,20\n")] and not (run_dir / "weights").exists()
+
+
 def test_a_choice_on_the_val_split_leaves_the_test_reports_alone(tmp_path, capfd):
     args = compare.parse_args(["--losses", "baseline", "--seeds", "0", "--epochs", "2", "--bootstrap", "0",
                                "--split", "val", "--data", str(tmp_path / "none.yaml"), "--out", str(tmp_path)])
