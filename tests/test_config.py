@@ -1,5 +1,7 @@
 """Loss settings as data: defaults from cfg/losses, overrides, and errors naming file, line and range."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -154,3 +156,15 @@ def test_faster_rcnn_shorthands_keep_a_modes_settings():
 
     config = loss_config(build_parser("train").parse_args(["--loss", "safit", "--plb", "1C,1B"]))
     assert config["nwd"] == load_loss_config("safit")["nwd"] and config["plb"]["rcnn_terms"] == ["rpn_cls", "rpn_box"]
+
+
+def test_every_shipped_mode_is_documented_for_users():
+    """A variant added to cfg/variants is a new --loss name: README's table and docs/methods.md's list of
+    defaults name each one."""
+    from yolo_sizeloss.paths import shipped_variants
+
+    root = Path(__file__).resolve().parent.parent
+    readme, methods = (root / "README.md").read_text(), (root / "docs" / "methods.md").read_text()
+    for name in shipped_variants():
+        assert f"| `{name}`" in readme or f", `{name}` |" in readme, name
+        assert f"`{name}`" in methods, name
