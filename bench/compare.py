@@ -268,11 +268,11 @@ def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path)
                 # the run's own loss.yaml and args rule a resume: a loss flag without its settings file would differ
                 arch = ["--arch", "faster_rcnn"] if args.arch == "faster_rcnn" else []
                 run([*COMMAND, "train", *arch, "--resume", str(last)])
-            elif _results(run_dir):
+            elif recorded := _results(run_dir):
                 # a record whose checkpoint is gone (the repository keeps records, not checkpoints): training
                 # into the folder again would overwrite it
                 missing = "best.pt" if finished else "last.pt"
-                raise SystemExit(f"{run_dir}: {len(_results(run_dir))} epochs are recorded but weights/{missing} is "
+                raise SystemExit(f"{run_dir}: {len(recorded)} epochs are recorded but weights/{missing} is "
                                  "missing (checkpoints are not kept with the results), so it can be neither "
                                  "evaluated nor resumed; train it into another --out")
             else:

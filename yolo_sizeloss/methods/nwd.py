@@ -153,6 +153,13 @@ def assigner_epochs(settings: dict[str, Any], epochs: int) -> int:
     return max(1, round(settings["assigner_until"] * epochs))
 
 
+def assigner_decided_in_training(settings: dict[str, Any]) -> bool:
+    """Whether a run's assigner measure is decided while it trains (``assigner: auto`` from the labels,
+    ``assigner_until`` below 1 by the epoch), so that results.csv records it as ``nwd/assigner``; runs without
+    either keep the columns they had, and older runs resume into them."""
+    return settings.get("assigner") == "auto" or settings.get("assigner_until", 1) < 1
+
+
 ASSIGNER_MEASURES = ("safit", "simd")  # nwd.assigner may name another measure (methods.measures) instead of NWD
 BOX_MEASURES = ("nwd", "safit", "simd")  # what nwd.box_measure may mix into the box loss (methods.measures.box_similarity)
 # what YOLO's losses divide by: the assignment's own target-score sum (Ultralytics'), or the sum the stock CIoU

@@ -33,7 +33,7 @@ from yolo_sizeloss.checks import parse_device
 from yolo_sizeloss.config import describe_loss, write_loss_record
 from yolo_sizeloss.detections import ImageRecord, load_split
 from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics, per_class_ap
-from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
+from yolo_sizeloss.methods.nwd import assigner_decided_in_training, needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.methods.overlaps import IoU
 from yolo_sizeloss.paths import resolve_data
 from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection, training_box_sizes
@@ -405,8 +405,6 @@ def save_epoch(
     switches = unwrap(model).rpn.switches
     constant = switches.nwd_constant
     nwd_cfg = args.loss_config.get("nwd", {})
-    # a column only where the matcher's measure is decided in training: older runs resume
-    staged_assigner = nwd_cfg.get("assigner") == "auto" or nwd_cfg.get("assigner_until", 1) < 1
     append_row(save_dir / "results.csv", {
         "epoch": epoch + 1,
         "time": round(elapsed, 2),
@@ -418,7 +416,8 @@ def save_epoch(
         **feedback_columns(unwrap(model)),
         **assignment_columns(unwrap(model)),
         **({"nwd/constant": constant} if "nwd" in args.loss_config else {}),
-        **({"nwd/assigner": float(switches.assigner_acts(epoch, args.epochs))} if staged_assigner else {}),
+        **({"nwd/assigner": float(switches.assigner_acts(epoch, args.epochs))}
+           if assigner_decided_in_training(nwd_cfg) else {}),
         **({"nwd/active": float(switches.nwd_active)} if nwd_cfg.get("max_small_share", 1) < 1 else {}),
     })
     detector_state, feedback_state = split_feedback_state(unwrap(model).state_dict())

@@ -28,7 +28,7 @@ from yolo_sizeloss.methods import REGISTRY, WEIGHT_ORDER, MatchedSamples
 from yolo_sizeloss.methods.base import box_areas, count_per_gt
 from yolo_sizeloss.methods.feedback import FeedbackBalancer
 from yolo_sizeloss.methods.measures import box_similarity
-from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
+from yolo_sizeloss.methods.nwd import assigner_decided_in_training, needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.methods.overlaps import NWDOverlap, Overlap, assigner_overlap
 from yolo_sizeloss.yolo.normaliser import ciou_target_sum
 
@@ -292,12 +292,11 @@ class AnchorWeighting(nn.Module):
         if self.nwd_constant is not None:
             stats["nwd/constant"] = self.nwd_constant  # the C trained with, also when it was 'auto'
         nwd_cfg = self.config.get("nwd", {})
-        # a column only where the assigner's measure is decided in training: older runs resume
-        if nwd_cfg.get("assigner") == "auto" or nwd_cfg.get("assigner_until", 1) < 1:
+        if assigner_decided_in_training(nwd_cfg):
             stats["nwd/assigner"] = float(bool(self.nwd_assigner))  # 1: nwd.assigner's measure ranked the anchors
-        if self.config.get("nwd", {}).get("max_small_share", 1) < 1:
+        if nwd_cfg.get("max_small_share", 1) < 1:
             stats["nwd/active"] = float(self.nwd_active)  # 0: the stock loss trained
-        if self.config.get("nwd", {}).get("normaliser") == "ciou":
+        if nwd_cfg.get("normaliser") == "ciou":
             scale_sum, calls = self.normaliser_sums.tolist()
             stats["nwd/normaliser_scale"] = scale_sum / calls if calls else 1.0  # mean assigned / CIoU sum
             self.normaliser_sums.zero_()
