@@ -85,7 +85,7 @@ def test_loss_cfg_names_a_shipped_variant_unless_a_file_of_that_name_is_here(tmp
     assert load_loss_config("nwd")["nwd"]["assigner"] is True  # the paper's default stays the default
     (tmp_path / "box_only").write_text("nwd:\n  ratio: 0.25\n")
     assert load_loss_config("nwd", "box_only")["nwd"] == {**load_loss_config("nwd")["nwd"], "ratio": 0.25}
-    with pytest.raises(LossConfigError, match=r"loss settings 'boxonly' not found .*; shipped variants: assigner_auto, assigner_only, box_only, gt_areas, safit, safit_assigner, safit_sharp, safit_sharp_auto, safit_sharp_auto_norm, safit_sharp_auto_warmup, simd_assigner$"):
+    with pytest.raises(LossConfigError, match=r"loss settings 'boxonly' not found .*; shipped variants: assigner_auto, assigner_only, box_only, gt_areas, nwd_targets, safit, safit_assigner, safit_sharp, safit_sharp_auto, safit_sharp_auto_norm, safit_sharp_auto_warmup, simd_assigner$"):
         load_loss_config("nwd", "boxonly")
 
 

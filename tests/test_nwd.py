@@ -40,7 +40,8 @@ def nwd_config(spec="nwd", **settings) -> dict:
 def test_defaults_and_combination_with_a_weighting():
     assert load_loss_config("nwd") == {"nwd": {"ratio": 0.5, "constant": "auto", "assigner": True, "assigner_until": 1.0,
                                                "box_measure": "nwd", "safit_spread": 32, "small_area": 1024, "max_small_share": 1.0,
-                                               "normaliser": "assigned", "rcnn_terms": ["rpn_box"]}}  # rcnn_terms: Faster R-CNN's
+                                               "normaliser": "assigned", "box_weights": "assigned",
+                                               "rcnn_terms": ["rpn_box"]}}  # rcnn_terms: Faster R-CNN's
     cfg = load_loss_config("nwd+feedback")
     assert list(cfg) == ["nwd", "feedback"] and cfg["feedback"] == load_loss_config("feedback")["feedback"]
 
@@ -51,7 +52,7 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
     assert load_loss_config("nwd", path)["nwd"] == {"ratio": 1, "constant": 12.8, "assigner": False,
                                                     "assigner_until": 1.0, "box_measure": "nwd", "safit_spread": 32, "small_area": 1024,
                                                     "max_small_share": 1.0, "normaliser": "assigned",
-                                                    "rcnn_terms": ["rpn_box"]}
+                                                    "box_weights": "assigned", "rcnn_terms": ["rpn_box"]}
 
 
 @pytest.mark.parametrize(
@@ -67,7 +68,7 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
         ("nwd:\n  small_area: 0\n", r"o\.yaml:2: nwd\.small_area = 0 .*a number > 0"),
         ("nwd:\n  assigner_until: 0\n", r"o\.yaml:2: nwd\.assigner_until = 0 .*a number in \(0, 1\]"),
         ("nwd:\n  terms: [box]\n",
-         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, assigner_until, box_measure, safit_spread, small_area, max_small_share, normaliser, rcnn_terms\)"),
+         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, assigner_until, box_measure, safit_spread, small_area, max_small_share, normaliser, box_weights, rcnn_terms\)"),
         ("nwd:\n  box_measure: giou\n", r"o\.yaml:2: nwd\.box_measure = 'giou' .*one of nwd, safit, simd"),
     ],
 )
@@ -332,10 +333,10 @@ def test_nwd_modes_train_and_leave_stock_checkpoints(bccd_subset, tmp_path):
             sizes.append(math.sqrt(w * w0 * h * h0) * TRAIN_IMGSZ / max(w0, h0))
     expected_constant = sum(sizes) / len(sizes)
     small_share = sum(size * size < 32 * 32 for size in sizes) / len(sizes)  # assigner: auto uses NWD below 1/2
-    # the losses divided by the CIoU targets' sum (nwd.normaliser), and NWD ranking anchors in the first of two
-    # epochs only (nwd.assigner_until)
+    # the losses divided by the CIoU targets' sum (nwd.normaliser), the box terms weighed by those targets
+    # (nwd.box_weights), and NWD ranking anchors in the first of two epochs only (nwd.assigner_until)
     held = tmp_path / "held.yaml"
-    held.write_text("nwd:\n  normaliser: ciou\n  assigner_until: 0.5\n")
+    held.write_text("nwd:\n  normaliser: ciou\n  box_weights: ciou\n  assigner_until: 0.5\n")
     bests = []
     for name, loss, variant in (("nwd", "nwd", None), ("nwd+feedback", "nwd+feedback", "assigner_auto"),
                                 ("held", "nwd", held)):

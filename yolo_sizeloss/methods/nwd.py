@@ -166,6 +166,9 @@ BOX_MEASURES = ("nwd", "safit", "simd")  # what nwd.box_measure may mix into the
 # would give the same positives (yolo.normaliser); Faster R-CNN's RPN divides by its sampled anchors, a count
 # no overlap changes, so both train the same loss there
 NORMALISERS = ("assigned", "ciou")
+# what weighs each positive anchor's box terms in YOLO's box loss: its assigned target score (Ultralytics'), or the
+# one the stock CIoU would give it (yolo.normaliser); Faster R-CNN's RPN weighs its sampled positives alike
+BOX_WEIGHTS = ("assigned", "ciou")
 
 
 def _flag_auto_or_measure(value: Any) -> tuple[bool, str]:
@@ -193,6 +196,7 @@ METHOD = Method(
         "small_area": number(lambda v: v > 0, "a number > 0 (network-input pixels squared)"),
         "max_small_share": number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         "normaliser": lambda v: (v in NORMALISERS, f"one of {', '.join(NORMALISERS)}"),
+        "box_weights": lambda v: (v in BOX_WEIGHTS, f"one of {', '.join(BOX_WEIGHTS)}"),
     },
     # YOLO: always its box loss; Faster R-CNN: NWD replaces part of a box term, of the two listed
     family_terms={"yolo": ("box",), "faster_rcnn": ("rpn_box", "roi_box")},

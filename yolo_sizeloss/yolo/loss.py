@@ -30,7 +30,7 @@ from yolo_sizeloss.methods.feedback import FeedbackBalancer
 from yolo_sizeloss.methods.measures import box_similarity
 from yolo_sizeloss.methods.nwd import assigner_decided_in_training, needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.methods.overlaps import NWDOverlap, Overlap, assigner_overlap
-from yolo_sizeloss.yolo.normaliser import ciou_target_sum
+from yolo_sizeloss.yolo.normaliser import ciou_target_scores
 
 UNRESOLVED_HINT = ("call AnchorWeighting.resolve_from_labels(dataset.labels, imgsz) before training "
                    "(SizeAwareTrainer does), or set a number")
@@ -194,19 +194,36 @@ class AnchorWeighting(nn.Module):
     def holds_normaliser(self) -> bool:
         """Whether the losses are divided by the CIoU targets' sum (``nwd.normaliser: ciou``): only while the
         assigner measures by another overlap; with the stock one the two sums are the same."""
-        return ("nwd" in self.config and self.config["nwd"]["normaliser"] == "ciou"
-                and self.nwd_active and self.nwd_assigner not in (False, None))
+        return self._lenient_assigner and self.config["nwd"]["normaliser"] == "ciou"
 
-    def normaliser_scale(self, assigner: nn.Module, pd_scores, pd_bboxes, target_labels, target_bboxes,
-                         target_scores, fg_mask, target_gt_idx, num_slots: int) -> torch.Tensor:
-        """The factor (0-dim) that turns the stock normaliser, the sum of the assignment's target scores,
-        into the sum the stock CIoU would give the same positives (``yolo.normaliser``); both at least 1,
-        as the stock loss clamps its own."""
-        reference = ciou_target_sum(assigner, pd_scores, pd_bboxes, target_labels, target_bboxes, fg_mask,
-                                    target_gt_idx, num_slots).clamp(min=1)
-        scale = target_scores.sum().clamp(min=1) / reference
-        self.normaliser_sums += torch.stack([scale.detach(), torch.ones_like(scale)]).to(self.normaliser_sums)
-        return scale
+    @property
+    def holds_box_weights(self) -> bool:
+        """Whether the box terms are weighed by the CIoU targets (``nwd.box_weights: ciou``): only while the
+        assigner measures by another overlap; with the stock one they are the assigned targets."""
+        return self._lenient_assigner and self.config["nwd"]["box_weights"] == "ciou"
+
+    @property
+    def _lenient_assigner(self) -> bool:
+        return "nwd" in self.config and self.nwd_active and self.nwd_assigner not in (False, None)
+
+    def stock_overlap_factors(self, assigner: nn.Module, pd_scores, pd_bboxes, target_labels, target_bboxes,
+                              target_scores, fg_mask, target_gt_idx, num_slots: int
+                              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the stock CIoU would make of this assignment (``yolo.normaliser``), as factors on the terms: on
+        every term (0-dim), the assigned target-score sum over the CIoU targets' sum (both at least 1, as the
+        stock loss clamps its own), with ``nwd.normaliser: ciou``; on each anchor's box terms (B, A), its
+        CIoU target over its assigned target (0 where the assigned one is 0), with ``nwd.box_weights: ciou``.
+        None where a setting keeps Ultralytics' own."""
+        ciou = ciou_target_scores(assigner, pd_scores, pd_bboxes, target_labels, target_bboxes, fg_mask,
+                                  target_gt_idx, num_slots)
+        assigned = target_scores.sum(-1)
+        scale = box = None
+        if self.holds_normaliser:
+            scale = assigned.sum().clamp(min=1) / ciou.sum().clamp(min=1)
+            self.normaliser_sums += torch.stack([scale.detach(), torch.ones_like(scale)]).to(self.normaliser_sums)
+        if self.holds_box_weights:
+            box = torch.where(assigned > 0, ciou / assigned.clamp(min=torch.finfo(assigned.dtype).tiny), 0.0)
+        return scale, box
 
     @property
     def nwd_ratio(self) -> float:
@@ -341,12 +358,15 @@ class ObservedAssigner(nn.Module):
         assignment = self.assigner(pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt, *args, **kwargs)
         target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx = assignment
         box, cls = self.weighting(fg_mask, target_gt_idx, target_bboxes, target_scores, pd_bboxes, pd_scores, gt_bboxes)
-        if self.weighting.holds_normaliser:
-            # every term of both losses times assigned / CIoU sum: the loss divides by the CIoU targets' sum
-            scale = self.weighting.normaliser_scale(self.assigner, pd_scores, pd_bboxes, target_labels, target_bboxes,
-                                                    target_scores, fg_mask, target_gt_idx, gt_bboxes.shape[1])
-            box = scale.expand(fg_mask.shape) if box is None else box * scale
-            cls = scale.view(1, 1, 1) if cls is None else cls * scale
+        if self.weighting.holds_normaliser or self.weighting.holds_box_weights:
+            scale, stock_box = self.weighting.stock_overlap_factors(
+                self.assigner, pd_scores, pd_bboxes, target_labels, target_bboxes, target_scores, fg_mask,
+                target_gt_idx, gt_bboxes.shape[1])
+            if stock_box is not None:  # each anchor's box terms weighed by its CIoU target, not its assigned one
+                box = stock_box if box is None else box * stock_box
+            if scale is not None:  # every term of both losses times assigned / CIoU sum: divided by the CIoU sum
+                box = scale.expand(fg_mask.shape) if box is None else box * scale
+                cls = scale.view(1, 1, 1) if cls is None else cls * scale
         self.pending.box, self.pending.cls = box, cls
         return assignment
 
