@@ -15,9 +15,10 @@ this measures assignment late in training; a run's results.csv shows it epoch by
 A second table splits each mode's assignment by ground-truth size (COCO's buckets in network-input
 pixels): positive anchors per ground truth, its summed target score (the weight its anchors carry in
 the box loss and the class targets they are pulled to) and its bucket's share of the step's
-target-score sum, the normaliser of both losses. A measure that is lenient to small boxes raises
-their scores, and so, through the shared normaliser, lowers every other object's weight without
-touching its assignment.
+target-score sum, the normaliser of both losses, and its share of the box terms' weights (what
+Ultralytics' box loss receives: the target scores, or the stock CIoU's with ``nwd.box_weights:
+ciou``). A measure that is lenient to small boxes raises their scores, and so, through the shared
+normaliser, lowers every other object's weight without touching its assignment.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ultralytics.cfg import get_cfg
 from ultralytics.data import build_dataloader, build_yolo_dataset
 from ultralytics.data.utils import check_det_dataset
 from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils.loss import BboxLoss
 from ultralytics.utils.torch_utils import init_seeds
 
 from yolo_sizeloss.assignment import AssignmentCounter
@@ -38,7 +40,7 @@ from yolo_sizeloss.config import load_loss_config
 from yolo_sizeloss.methods.base import box_areas
 from yolo_sizeloss.paths import resolve_data
 from yolo_sizeloss.yolo.assignment import attach_counter, positives_per_slot, slot_ids
-from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss, stock_assigners
+from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss, loss_branches, stock_assigners
 
 
 def training_batches(data_yaml: str, imgsz: int, batch: int, count: int, seed: int):
@@ -92,9 +94,42 @@ class SizeTally:
                 for b, name in enumerate(BUCKETS)}
 
 
+class BoxWeightTally:
+    """A forward pre-hook on a stock ``BboxLoss``: per size bucket of the target box, the weight its
+    foreground anchors' box terms receive (their target-score rows' sums), over every call since it was made."""
+
+    def __init__(self):
+        self.sums = torch.zeros(len(BUCKETS), dtype=torch.float64)
+
+    def __call__(self, box_loss, args) -> None:
+        # BboxLoss(pred_dist, pred_bboxes, anchor_points, target_bboxes, target_scores, target_scores_sum,
+        #          fg_mask, imgsz, stride): target boxes in stride units
+        target_bboxes, target_scores, fg_mask, stride = args[3], args[4], args[6], args[8]
+        areas = box_areas(target_bboxes.float() * stride)
+        bucket = torch.bucketize(areas, torch.tensor(BUCKET_EDGES), right=True)
+        weight = torch.where(fg_mask, target_scores.sum(-1), 0.0).double()
+        for b in range(len(BUCKETS)):
+            self.sums[b] += weight[bucket == b].sum()
+
+    def shares(self) -> list[float]:
+        total = float(self.sums.sum()) or 1.0
+        return [float(v) / total for v in self.sums]
+
+
+def stock_box_losses(criterion) -> list:
+    """Each branch's stock ``BboxLoss``, inside the size-aware wrappers where there are any."""
+    losses = []
+    for branch in loss_branches(criterion):
+        box_loss = branch.bbox_loss
+        while not isinstance(box_loss, BboxLoss):
+            box_loss = box_loss.bbox_loss
+        losses.append(box_loss)
+    return losses
+
+
 def count_mode(model, mode: str, batches, labels, imgsz: int) -> tuple[dict[str, float], tuple[dict, float]]:
     """The assignment counts of one mode (``LOSS`` or ``LOSS:SETTINGS``) over ``batches``, its
-    ``SizeTally.rows`` and its whole target score."""
+    ``SizeTally.rows``, its whole target score and ``BoxWeightTally.shares``."""
     loss, _, settings = mode.partition(":")
     if loss == "baseline":
         criterion = model.init_criterion()
@@ -106,12 +141,16 @@ def count_mode(model, mode: str, batches, labels, imgsz: int) -> tuple[dict[str,
     attach_counter(counter, stock_assigners(criterion))
     for assigner in stock_assigners(criterion):
         assigner.register_forward_hook(tally, with_kwargs=True)
+    box_tally = BoxWeightTally()
+    for box_loss in stock_box_losses(criterion):
+        box_loss.register_forward_pre_hook(box_tally)
     with torch.no_grad():
         for batch in batches:
             criterion(model(batch["img"]), batch)
             counter.end_step()
     small, small_unmatched, total, unmatched, steps = counter.sums.tolist()
-    return {"small": small / steps, **counter.epoch_stats()}, (tally.rows(), float(tally.sums[2].sum()))
+    return {"small": small / steps, **counter.epoch_stats()}, (tally.rows(), float(tally.sums[2].sum()),
+                                                              box_tally.shares())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,13 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode:<28} {row['small']:>14.2f} {row['assign/small_no_pos']:>24.2f} "
               f"{row['assign/small_no_pos_share']:>15.1%} {row['assign/no_pos_share']:>13.1%}")
     print("\nper ground truth of each size (input pixels): positive anchors, summed target score; "
-          "the size's share of all target score, and that sum (the losses' normaliser) against the first mode's")
+          "the size's share of all target score, and that sum (the losses' normaliser) against the first mode's; "
+          "the size's share of the box terms' weight")
     print(f"{'mode':<28}" + "".join(f" {name + ' pos':>10} {name + ' score':>12} {name + ' share':>12}"
-                                    for name in BUCKETS) + f" {'sum':>6}")
+                                    for name in BUCKETS) + f" {'sum':>6}"
+          + "".join(f" {name + ' box':>10}" for name in BUCKETS))
     first = next(iter(by_size.values()))
-    for mode, (rows, total) in by_size.items():
+    for mode, (rows, total, box_shares) in by_size.items():
         print(f"{mode:<28}" + "".join(f" {pos:>10.2f} {score:>12.2f} {share:>12.1%}" for pos, score, share in rows.values())
-              + f" {total / first[1]:>6.2f}")
+              + f" {total / first[1]:>6.2f}" + "".join(f" {share:>10.1%}" for share in box_shares))
     return 0
 
 

@@ -577,7 +577,11 @@ def test_assignment_counts_every_mode_on_the_same_batches(bccd_subset, tmp_path,
     assert list(sizes) == ["baseline", "nwd:safit"]
     for row in sizes.values():  # the shares of the three sizes add up to the whole target score
         assert sum(float(v.rstrip("%")) for v in row[2:9:3] if v != "nan") == pytest.approx(100, abs=0.2)
-    assert float(sizes["baseline"][-1]) == 1 and float(sizes["nwd:safit"][-1]) > 0  # the sum against the first mode's
+    assert float(sizes["baseline"][9]) == 1 and float(sizes["nwd:safit"][9]) > 0  # the sum against the first mode's
+    for row in sizes.values():  # and of the box terms' weight
+        assert sum(float(v.rstrip("%")) for v in row[10:]) == pytest.approx(100, abs=0.2)
+    # the stock loss's box terms are weighed by its target scores: the same shares
+    assert sizes["baseline"][10:] == sizes["baseline"][2:9:3]
 
 
 def test_size_tally_of_a_hand_built_assignment():
@@ -598,6 +602,19 @@ def test_size_tally_of_a_hand_built_assignment():
     assert rows["small"] == pytest.approx((2, 0.8, 0.8 / 2.0))
     assert rows["medium"] == pytest.approx((1, 0.4, 0.4 / 2.0))
     assert rows["large"] == pytest.approx((1, 0.8, 0.8 / 2.0))
+
+
+def test_box_weight_tally_of_a_hand_built_box_loss_call():
+    """One image at stride 8: anchor 0's target is 2 x 2 stride units (16 x 16 px: small) with score 0.5,
+    anchor 1's 20 x 20 (160 x 160 px: large) with 0.3 + 0.2 over two classes, anchor 2 is background (its
+    row 0.9 counts for no one): shares 0.5 / 0 / 0.5."""
+    tally = assignment.BoxWeightTally()
+    target_bboxes = torch.tensor([[[0, 0, 2, 2], [0, 0, 20, 20], [0, 0, 1, 1]]], dtype=torch.float32)
+    target_scores = torch.tensor([[[0.5, 0, 0], [0.3, 0.2, 0], [0.9, 0, 0]]])
+    fg_mask = torch.tensor([[True, True, False]])
+    stride = torch.full((3, 1), 8.0)
+    tally(None, (None, None, None, target_bboxes, target_scores, 1.0, fg_mask, None, stride))
+    assert tally.shares() == pytest.approx([0.5, 0.0, 0.5])
 
 
 def _difference(per_seed: dict[str, float]) -> dict:
