@@ -63,6 +63,11 @@ BUCKETS = ("small", "medium", "large")
 BUCKET_EDGES = (32.0**2, 96.0**2)  # COCO's area limits, here in network-input pixels
 
 
+def size_buckets(boxes: torch.Tensor) -> torch.Tensor:
+    """The index into ``BUCKETS`` of each xyxy box (network-input pixels), by its area."""
+    return torch.bucketize(box_areas(boxes.float()), torch.tensor(BUCKET_EDGES), right=True)
+
+
 class SizeTally:
     """A forward hook on a stock assigner: per size bucket, the ground truths, their positive anchors
     and their summed target scores, over every call since it was made."""
@@ -79,7 +84,7 @@ class SizeTally:
         positives = positives_per_slot(fg_mask, target_gt_idx, slots)
         score = torch.zeros(fg_mask.shape[0] * slots, dtype=torch.float64).index_add_(
             0, slot_ids(target_gt_idx, slots), (target_scores.sum(-1) * fg_mask).flatten().double()).view(-1, slots)
-        bucket = torch.bucketize(box_areas(gt_bboxes.float()), torch.tensor(BUCKET_EDGES), right=True)
+        bucket = size_buckets(gt_bboxes)
         valid = mask_gt.reshape(positives.shape).bool()
         for b in range(len(BUCKETS)):
             chosen = valid & (bucket == b)
@@ -105,8 +110,7 @@ class BoxWeightTally:
         # BboxLoss(pred_dist, pred_bboxes, anchor_points, target_bboxes, target_scores, target_scores_sum,
         #          fg_mask, imgsz, stride): target boxes in stride units
         target_bboxes, target_scores, fg_mask, stride = args[3], args[4], args[6], args[8]
-        areas = box_areas(target_bboxes.float() * stride)
-        bucket = torch.bucketize(areas, torch.tensor(BUCKET_EDGES), right=True)
+        bucket = size_buckets(target_bboxes.float() * stride)
         weight = torch.where(fg_mask, target_scores.sum(-1), 0.0).double()
         for b in range(len(BUCKETS)):
             self.sums[b] += weight[bucket == b].sum()

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from yolo_sizeloss.methods.base import Method, number
+from yolo_sizeloss.methods.base import Method, choice, number
 
 NWD_EPS = 1e-7  # under NWD's square root, as in the authors' code (github.com/jwwangchn/NWD)
 
@@ -191,12 +191,12 @@ METHOD = Method(
         "constant": _positive_or_auto,
         "assigner": _flag_auto_or_measure,
         "assigner_until": number(lambda v: 0 < v <= 1, "a number in (0, 1]"),
-        "box_measure": lambda v: (v in BOX_MEASURES, f"one of {', '.join(BOX_MEASURES)}"),
+        "box_measure": choice(*BOX_MEASURES),
         "safit_spread": number(lambda v: v > 0, "a number > 0 (network-input pixels)"),
         "small_area": number(lambda v: v > 0, "a number > 0 (network-input pixels squared)"),
         "max_small_share": number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-        "normaliser": lambda v: (v in NORMALISERS, f"one of {', '.join(NORMALISERS)}"),
-        "box_weights": lambda v: (v in BOX_WEIGHTS, f"one of {', '.join(BOX_WEIGHTS)}"),
+        "normaliser": choice(*NORMALISERS),
+        "box_weights": choice(*BOX_WEIGHTS),
     },
     # YOLO: always its box loss; Faster R-CNN: NWD replaces part of a box term, of the two listed
     family_terms={"yolo": ("box",), "faster_rcnn": ("rpn_box", "roi_box")},

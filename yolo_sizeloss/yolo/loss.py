@@ -8,9 +8,10 @@ class weight) and the box loss (its per-anchor weight, the target-score sum, tim
 Everything else, including options Ultralytics adds later (``class_weights``, assigner keywords),
 stays the stock code's. With every weight 1 the loss is the stock one, bit for bit: the normaliser
 ``target_scores_sum`` is never touched (``nwd.normaliser: ciou`` scales every term instead, and
-``nwd.box_weights: ciou`` each positive's box terms, ``yolo.normaliser``). NWD (``nwd``) is not a weight: ``MeasureBboxLoss`` mixes it (or the measure
-``nwd.box_measure`` names) into the box loss's IoU part and the overlap of ``nwd.assigner``
-(``methods.overlaps``) replaces the assigner's CIoU, each only when configured.
+``nwd.box_weights: ciou`` each positive's box terms, ``yolo.normaliser``). NWD (``nwd``) is not a
+weight: ``MeasureBboxLoss`` mixes it (or the measure ``nwd.box_measure`` names) into the box loss's IoU
+part and the overlap of ``nwd.assigner`` (``methods.overlaps``) replaces the assigner's CIoU, each only
+when configured.
 """
 
 from __future__ import annotations

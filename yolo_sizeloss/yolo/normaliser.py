@@ -46,8 +46,9 @@ def ciou_target_scores(
     Per positive anchor ``k`` of ground truth ``g``: ``a_k = s_k^alpha * o_k^beta``, ``s_k`` the predicted
     probability of ``g``'s class, ``o_k`` the overlap of its predicted box with ``g``; its target score
     ``a_k * max_j o_j / (max_j a_j + eps)`` over ``g``'s positives ``j``. Shapes as the assigner's inputs
-    and outputs: ``pd_scores`` (B, A, C) probabilities, ``pd_bboxes`` and ``target_bboxes`` (B, A, 4) xyxy in input pixels, ``target_labels``,
-    ``fg_mask`` and ``target_gt_idx`` (B, A), ``num_slots`` the ground-truth slots per image. For an
+    and outputs: ``pd_scores`` (B, A, C) probabilities, ``pd_bboxes`` and ``target_bboxes`` (B, A, 4) xyxy
+    in input pixels, ``target_labels``, ``fg_mask`` and ``target_gt_idx`` (B, A), ``num_slots`` the
+    ground-truth slots per image. For an
     assignment by the stock overlap these are the stock ``target_scores.sum(-1)`` (to float rounding).
     Masks and scatters only: no host synchronisation.
     """
