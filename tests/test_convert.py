@@ -135,6 +135,31 @@ def test_broken_xml_is_an_error_naming_the_file(tmp_path):
         convert_voc(root, tmp_path / "out", splits=("train",), log=lambda s: None)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_non_finite_coordinate_is_an_error_naming_file_and_object(tmp_path, value):
+    root = write_voc(tmp_path / "voc", [("RBC", 0, 0, 5, 5), ("WBC", value, 0, 50, 40)])
+    with pytest.raises(ConversionError, match=rf"img\.xml: object 1: <xmin> is '{value}', not a finite number"):
+        convert_voc(root, tmp_path / "out", splits=("train",), log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_finite_image_size_is_an_error(tmp_path):
+    root = write_voc(tmp_path / "voc", [("RBC", 0, 0, 5, 5)], size=("nan", 80))
+    with pytest.raises(ConversionError, match=r"img\.xml: image size nanx80.0 is not positive and finite"):
+        convert_voc(root, tmp_path / "out", splits=("train",), log=lambda s: None)
+
+
+def test_a_split_list_that_is_not_text_is_one_error_line(tmp_path, capsys):
+    root = write_voc(tmp_path / "voc", [("RBC", 0, 0, 5, 5)])
+    list_file = root / "ImageSets" / "Main" / "train.txt"
+    list_file.write_bytes(b"img\n\xff\xfe\n")
+    code, stdout, stderr = run_main([root, tmp_path / "out", "--splits", "train"], capsys)
+    assert (code, stdout) == (1, "")
+    assert stderr.splitlines() == [
+        f"python -m yolo_sizeloss.convert: error: {list_file}: not a text file (invalid start byte at byte 4)"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_image_is_an_error(tmp_path):
     root = write_voc(tmp_path / "voc", [("RBC", 0, 0, 5, 5)])
     (root / "JPEGImages" / "img.jpg").unlink()
@@ -209,6 +234,15 @@ def test_overwrite_replaces_the_converted_splits_and_says_what_it_replaced(tmp_p
     assert not (out / "labels" / "train.cache").exists()  # Ultralytics would otherwise reuse the old labels
     assert (out / "images" / "extra" / "other.jpg").read_bytes() == files[out / "images" / "extra" / "other.jpg"]
     assert yaml.safe_load((out / "data.yaml").read_text())["train"] == "images/train"
+
+
+def test_overwriting_one_split_keeps_the_others_in_data_yaml(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main([BCCD_VOC_FIXTURE, out], capsys)[0] == 0
+    before = yaml.safe_load((out / "data.yaml").read_text())
+    assert run_main([BCCD_VOC_FIXTURE, out, "--splits", "train", "--overwrite"], capsys)[0] == 0
+    after = yaml.safe_load((out / "data.yaml").read_text())
+    assert after == before and (after["val"], after["test"]) == ("images/val", "images/test")
 
 
 def test_class_list_with_spaces_is_accepted(tmp_path, capsys):

@@ -15,6 +15,7 @@ A DST that already holds images, labels or a data yaml is refused, naming what i
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 import traceback
@@ -60,9 +61,13 @@ class ConversionSummary:
 def _read_number(obj: ET.Element, tag: str, xml_path: Path, index: int) -> float:
     node = obj.find(f"bndbox/{tag}")
     try:
-        return float(node.text)  # type: ignore[union-attr]
+        value = float(node.text)  # type: ignore[union-attr]
     except (AttributeError, TypeError, ValueError):
         raise ConversionError(f"{xml_path}: object {index}: missing or non-numeric <{tag}>") from None
+    # float() reads "nan" and "inf"; a NaN passes every comparison below and would reach the label file
+    if not math.isfinite(value):
+        raise ConversionError(f"{xml_path}: object {index}: <{tag}> is {node.text.strip()!r}, not a finite number")
+    return value
 
 
 def voc_to_yolo_lines(
@@ -77,8 +82,8 @@ def voc_to_yolo_lines(
         raise ConversionError(f"{xml_path}: unreadable XML ({e})") from None
     except (AttributeError, TypeError, ValueError):
         raise ConversionError(f"{xml_path}: missing or non-numeric <size><width>/<height>") from None
-    if width <= 0 or height <= 0:
-        raise ConversionError(f"{xml_path}: image size {width}x{height} is not positive")
+    if not (0 < width < math.inf and 0 < height < math.inf):  # also false for NaN
+        raise ConversionError(f"{xml_path}: image size {width}x{height} is not positive and finite")
 
     lines = []
     for index, obj in enumerate(root.findall("object")):
@@ -161,7 +166,8 @@ def convert_voc(
     is written, so an error leaves no half-converted output behind. A ``dst`` holding images,
     labels or a data yaml raises UsageError naming them unless ``overwrite``; then
     ``images/<split>``, ``labels/<split>`` (and Ultralytics' ``labels/<split>.cache``, which would
-    describe the old labels) and ``data.yaml`` are replaced, and other entries are left as they are.
+    describe the old labels) and ``data.yaml`` are replaced (listing also the train/val/test folders left
+    in place), and other entries are left as they are.
     """
     src, dst = Path(src), Path(dst)
     replaced, kept = _check_paths(src, dst, splits, overwrite)
@@ -171,7 +177,11 @@ def convert_voc(
         list_file = src / "ImageSets" / "Main" / f"{split}.txt"
         if not list_file.is_file():
             raise ConversionError(f"{list_file}: split list not found")
-        stems = [s.strip() for s in list_file.read_text().splitlines() if s.strip()]
+        try:
+            text = list_file.read_text()
+        except UnicodeDecodeError as e:  # a ValueError, not an OSError: name the file rather than fail
+            raise ConversionError(f"{list_file}: not a text file ({e.reason} at byte {e.start})") from None
+        stems = [s.strip() for s in text.splitlines() if s.strip()]
         for stem in stems:
             xml_path = src / "Annotations" / f"{stem}.xml"
             if not xml_path.is_file():
@@ -193,7 +203,10 @@ def convert_voc(
     for split, image, lines in plan:
         shutil.copy2(image, dst / "images" / split / image.name)
         (dst / "labels" / split / f"{image.stem}.txt").write_text("".join(f"{ln}\n" for ln in lines))
-    data = {"path": str(dst.resolve()), **{s: f"images/{s}" for s in splits}}
+    # a split this run did not convert but left in place (--overwrite of some splits) stays in data.yaml,
+    # so the data set keeps training: its val split, say, is still there
+    present = [s for s in ("train", "val", "test") if s not in splits and (dst / "images" / s).is_dir()]
+    data = {"path": str(dst.resolve()), **{s: f"images/{s}" for s in (*splits, *present)}}
     data["names"] = dict(enumerate(classes))
     (dst / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
