@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ultralytics.cfg import DEFAULT_CFG_DICT, parse_key_value_pair
+from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg, parse_key_value_pair
+from ultralytics.nn.tasks import yaml_model_load
 
 from yolo_sizeloss import convert, validate
 from yolo_sizeloss.checkpoints import RCNN_ARCH, checkpoint_kind, load_checkpoint
@@ -85,6 +86,10 @@ def parse_pairs(pairs: list[str]) -> dict[str, Any]:
         if key in FLAG_KEYS:
             raise ValueError(f"'{pair}': use the --{key.replace('_', '-')} flag instead")
         parsed[key] = value
+    try:  # Ultralytics' own type and range check, which it would otherwise run after the run folder exists
+        check_cfg(parsed)
+    except (TypeError, ValueError) as e:
+        raise ValueError(one_line(e)) from e
     return parsed
 
 
@@ -155,6 +160,14 @@ def check_yolo_resume(args: argparse.Namespace, ckpt: dict) -> None:
 
 def check_yolo_model(model: str) -> str:
     """``--model``: a model yaml name or file, or a local YOLO ``.pt``; anything else names the flag."""
+    if Path(model).suffix in (".yaml", ".yml"):
+        try:  # Ultralytics' own lookup (yolov8n-p2.yaml is its yolov8-p2.yaml at scale n), here before any folder
+            yaml_model_load(model)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--model {model}: no such file, nor one of Ultralytics' model yamls "
+                                    "(such as yolov8n.yaml)") from None
+        except Exception as e:  # a yaml it cannot read
+            raise DataError(f"--model {model}: {one_line(e)}") from e
     if not model.endswith(".pt"):
         return str(Path(model).resolve()) if Path(model).is_file() else model
     if not Path(model).is_file():

@@ -11,6 +11,7 @@ Multi-process training: ``torchrun --nproc_per_node N -m yolo_sizeloss.rcnn.cli 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -146,8 +147,16 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--imgsz {args.imgsz}: must be at least 32")
     if args.warmup_iters < 0:
         raise ValueError(f"--warmup-iters {args.warmup_iters}: must not be negative")
-    if args.lr <= 0:
-        raise ValueError(f"--lr {args.lr}: must be positive")
+    # torch refuses some of these only when the optimizer is built, after the run folder exists, and
+    # takes others (a NaN lr, a growing StepLR factor) without a word
+    for flag, value, ok, rule in (
+        ("lr", args.lr, 0 < args.lr < math.inf, "must be positive and finite"),
+        ("momentum", args.momentum, 0 <= args.momentum < 1, "must be in [0, 1)"),
+        ("weight-decay", args.weight_decay, 0 <= args.weight_decay < math.inf, "must be non-negative and finite"),
+        ("lr-gamma", args.lr_gamma, 0 < args.lr_gamma <= 1, "must be in (0, 1]"),
+    ):
+        if not ok:  # also for NaN, which fails every comparison
+            raise ValueError(f"--{flag} {value}: {rule}")
     check_weights(args.weights)
     return argparse.Namespace(**{**vars(args), "data": check_data_yaml(args.data), "loss_config": loss_config(args)})
 
