@@ -113,3 +113,38 @@ def test_bad_input_gives_one_clear_error_line(checkpoint, bccd_subset, tmp_path)
     one_error_line(val_py("--model", checkpoint, "--data", bccd_subset, "--size-buckets", "0,96,32"), "increasing", code=2)
     run = val_py("--model", tmp_path / "missing.pt", "--data", bccd_subset, "--verbose")
     assert run.returncode != 0 and "Traceback" in run.stderr
+
+
+def test_a_checkpoint_trained_for_other_classes_is_refused_before_any_report(checkpoint, bccd_subset, tmp_path):
+    data = yaml.safe_load(Path(bccd_subset).read_text())
+    renamed = tmp_path / "renamed.yaml"
+    renamed.write_text(yaml.safe_dump({**data, "names": {0: "RBC", 1: "Platelets", 2: "WBC"}}))
+    run = val_py("--model", checkpoint, "--data", renamed, "--split", "test", "--project", tmp_path / "reports")
+    one_error_line(run, "trained for classes ['RBC', 'WBC', 'Platelets'], ")
+    assert "--verbose" not in run.stderr and not (tmp_path / "reports").exists()
+
+
+REPORT = ROOT / "bench" / "results" / "converged" / "val" / "baseline-s0"  # a real val report, committed
+
+
+@pytest.mark.parametrize("case, code, fragment", [
+    ("missing folder", 2, "--compare {dir}/nothere: no metrics.json"),
+    ("empty object", 1, "{dir}/bad/metrics.json: not a val report (no coco, per_class, recall_by_size, meta)"),
+    ("a list", 1, "{dir}/bad/metrics.json: not a val report (no coco"),
+    ("broken json", 1, "{dir}/bad/metrics.json: not a val report (Expecting"),
+    ("corrupt detections", 1, "{dir}/bad/detections.json.gz: not a detections file written by val (Not a gzipped file"),
+])
+def test_compare_names_the_file_that_is_not_a_report(tmp_path, capsys, case, code, fragment):
+    from yolo_sizeloss.validate import main
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    metrics = {"empty object": "{}", "a list": "[1, 2]", "broken json": "{coco: 1}"}.get(
+        case, (REPORT / "metrics.json").read_text())
+    (bad / "metrics.json").write_text(metrics)
+    (bad / "detections.json.gz").write_bytes(b"garbage")
+    other = tmp_path / "nothere" if case == "missing folder" else bad
+    assert main(["--compare", str(REPORT), str(other), "--bootstrap", "10"]) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("yolo-sizeloss val: error: "), err
+    assert fragment.format(dir=tmp_path) in err and "--verbose" not in err, err

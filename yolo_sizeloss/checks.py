@@ -42,7 +42,8 @@ def one_line(error: BaseException | str) -> str:
 def run_guarded(prog: str, check: Callable[[], Any], work: Callable[[Any], Any], verbose: bool) -> int:
     """Run ``work(check())`` and return the exit code: a ValueError or FileNotFoundError from ``check``
     is a usage error (exit 2, prefixed with ``prog``), a DataError exit 1, any failure of ``work``
-    exit 1; each one ``error:`` line, the traceback only when ``verbose``."""
+    exit 1 (with a pointer to ``--verbose`` unless it is a DataError); each one ``error:`` line, the
+    traceback only when ``verbose``."""
     try:
         checked = check()
     except DataError as e:
@@ -60,7 +61,10 @@ def run_guarded(prog: str, check: Callable[[], Any], work: Callable[[Any], Any],
     except Exception as e:
         if verbose:
             raise
-        print(f"{prog}: error: {one_line(e)} (--verbose shows the traceback)", file=sys.stderr)
+        # bad data found only while working (a split's labels, the classes a checkpoint knows) is the
+        # user's to fix, not a failure to debug: no pointer to the traceback
+        hint = "" if isinstance(e, DataError) else " (--verbose shows the traceback)"
+        print(f"{prog}: error: {one_line(e)}{hint}", file=sys.stderr)
         return 1
     return 0
 

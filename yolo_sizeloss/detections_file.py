@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from yolo_sizeloss.checks import DataError, one_line
 from yolo_sizeloss.detections import ImageRecord
 
 DETECTIONS_FILE = "detections.json.gz"
@@ -60,7 +61,14 @@ def load_detections(path: str | Path) -> RunDetections:
     if file is None or not file.is_file():
         raise FileNotFoundError(f"no {DETECTIONS_FILE} (nor {UNCOMPRESSED_DETECTIONS_FILE}) at {path}")
     packed = file.read_bytes()
-    data = json.loads(gzip.decompress(packed) if file.suffix == ".gz" else packed)
+    try:
+        data = json.loads(gzip.decompress(packed) if file.suffix == ".gz" else packed)
+        return _read_run(data)
+    except (OSError, EOFError, ValueError, KeyError, TypeError, IndexError) as e:  # not what val writes
+        raise DataError(f"{file}: not a detections file written by val ({one_line(e)})") from e
+
+
+def _read_run(data: dict) -> RunDetections:
     records = [
         ImageRecord(
             file=image["file"], width=image["width"], height=image["height"],

@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from yolo_sizeloss.checks import DataError, one_line
 from yolo_sizeloss.detections_file import DETECTIONS_FILE, RunDetections, find_detections, load_detections, report_file
 from yolo_sizeloss.evaluation import COCO_MAX_DET, fit_by_size, frame_scales
 from yolo_sizeloss.paired import key_metrics, paired_bootstrap
 from yolo_sizeloss.report import FIT_COLUMNS, FIT_PROTOCOL, bucket_labels, fit_rows, format_value, markdown_table
+
+
+REPORT_KEYS = ("coco", "per_class", "recall_by_size", "meta")  # what a comparison reads of a metrics.json
 
 
 def load_metrics(path: str | Path) -> dict:
@@ -21,7 +25,14 @@ def load_metrics(path: str | Path) -> dict:
     file = report_file(path, "metrics.json")
     if not file.is_file():
         raise FileNotFoundError(f"no metrics.json at {path}")
-    return json.loads(file.read_text())
+    try:
+        metrics = json.loads(file.read_text())
+    except (ValueError, OSError) as e:
+        raise DataError(f"{file}: not a val report ({one_line(e)})") from e
+    missing = [key for key in REPORT_KEYS if not isinstance(metrics, dict) or key not in metrics]
+    if missing:
+        raise DataError(f"{file}: not a val report (no {', '.join(missing)})")
+    return metrics
 
 
 def report_folder(path: str | Path) -> Path:

@@ -34,7 +34,7 @@ from ultralytics.utils.files import increment_path
 from yolo_sizeloss.checkpoints import RCNN_ARCH, checkpoint_kind, load_checkpoint
 from yolo_sizeloss.checks import DataError, OneLineParser, check_data_yaml, one_line, parse_device, run_guarded
 from yolo_sizeloss.detections import ImageRecord, SkippedLabels, check_split, skipped_summary
-from yolo_sizeloss.detections_file import RunDetections
+from yolo_sizeloss.detections_file import RunDetections, report_file
 from yolo_sizeloss.evaluation import (
     COCO_EDGES,
     COCO_MAX_DET,
@@ -131,6 +131,9 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
     if args.compare:
         if args.bootstrap < 0:
             raise ValueError(f"--bootstrap {args.bootstrap}: must not be negative")
+        for path in args.compare:
+            if not report_file(path, "metrics.json").is_file():
+                raise FileNotFoundError(f"--compare {path}: no metrics.json (give a folder val wrote, or its metrics.json)")
         return args
     if not args.model or not args.data:
         raise ValueError("--model and --data are required (or use --compare)")
@@ -150,6 +153,8 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
         kind = checkpoint_kind(checkpoint, args.model)
     except (FileNotFoundError, ValueError) as e:
         raise DataError(f"--model {args.model}: {one_line(e)}") from e
+    if kind != RCNN_ARCH and (task := guess_model_task(yolo_module(checkpoint))) != "detect":
+        raise DataError(f"{args.model} is a '{task}' model; val evaluates detection models only")
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(ValRequest) if hasattr(args, f.name)}
     return ValRequest(**{**flags, "data": data, "checkpoint": checkpoint, "kind": kind})
 
@@ -171,13 +176,25 @@ def predict_records(
     return predict_yolo(args, records, save_dir)
 
 
+def yolo_module(checkpoint: dict) -> torch.nn.Module:
+    """The network of a YOLO checkpoint, as Ultralytics loads it: its EMA where it kept one."""
+    return checkpoint["ema"] if isinstance(checkpoint.get("ema"), torch.nn.Module) else checkpoint["model"]
+
+
+def check_trained_names(args: ValRequest, names: list[str]) -> None:
+    """Refuse a checkpoint trained for other classes than the data yaml names: its per-class and
+    per-size figures would be computed against labels it never learnt."""
+    trained = args.checkpoint["names"] if args.kind == RCNN_ARCH else getattr(yolo_module(args.checkpoint), "names", None)
+    if isinstance(trained, dict):
+        trained = [trained[k] for k in sorted(trained)]
+    if trained is not None and list(trained) != names:
+        raise DataError(f"{args.model}: trained for classes {list(trained)}, {args.data} names {names}")
+
+
 def predict_faster_rcnn(args: ValRequest, records: list[ImageRecord], names: list[str]) -> tuple[list[ImageRecord], dict]:
     """Detections of this project's Faster R-CNN checkpoint (long image side resized to the input size)."""
     ckpt = args.checkpoint
     imgsz = args.imgsz or ckpt["imgsz"]
-    trained = [ckpt["names"][k] for k in sorted(ckpt["names"])]
-    if trained != names:
-        raise DataError(f"{args.model}: trained for classes {trained}, {args.data} names {names}")
     predicted = predict_checkpoint(ckpt, records, imgsz, args.device, batch=args.batch, conf=args.conf,
                                    max_det=max(args.max_det, KEPT_DETECTIONS))
     meta = {"detector": RCNN_ARCH, "backbone": ckpt["backbone"], "imgsz": imgsz, "conf": args.conf}
@@ -186,10 +203,7 @@ def predict_faster_rcnn(args: ValRequest, records: list[ImageRecord], names: lis
 
 def predict_yolo(args: ValRequest, records: list[ImageRecord], save_dir: Path) -> tuple[list[ImageRecord], dict]:
     """Run Ultralytics' stock DetectionValidator (save_json=True) and read its predictions.json back."""
-    module = args.checkpoint["ema"] if isinstance(args.checkpoint.get("ema"), torch.nn.Module) else args.checkpoint["model"]
-    task = guess_model_task(module)
-    if task != "detect":
-        raise DataError(f"{args.model} is a '{task}' model; val evaluates detection models only")
+    module = yolo_module(args.checkpoint)
     imgsz = args.imgsz or int(args.checkpoint.get("train_args", {}).get("imgsz", 640))
     stride = max(int(module.stride.max()), 32)  # as Ultralytics' AutoBackend
     input_size = check_imgsz(imgsz, stride=stride)
@@ -261,6 +275,7 @@ def run_report(args: ValRequest) -> Path:
     edges = parse_size_buckets(args.size_buckets)
     records, data, skipped = check_split(args.data, args.split)
     names = [data["names"][k] for k in range(len(data["names"]))]
+    check_trained_names(args, names)
     save_dir = increment_path(Path(args.project) / args.name, exist_ok=args.exist_ok)
     records, meta = predict_records(args, records, names, save_dir)
     scales = letterbox_scales(records, meta["imgsz"])
