@@ -209,3 +209,43 @@ def test_an_empty_loss_cfg_file_warns_and_trains_the_defaults(tmp_path):
     finally:
         LOGGER.removeHandler(lines)
     assert any("empty.yaml is empty: the defaults of --loss plb apply" in line for line in lines.lines)
+
+
+def interrupted_run(folder, data: str) -> "Path":
+    """``folder``/weights/last.pt: the finished test checkpoint made to look interrupted at epoch 1 of 5
+    (an optimizer state and a non-negative epoch, what a resume needs), trained on ``data``."""
+    import torch
+
+    ckpt = torch.load(FINISHED, weights_only=False)
+    ckpt.update(epoch=1, optimizer={"state": {}, "param_groups": []})
+    ckpt["train_args"].update(epochs=5, data=data, save_dir=str(folder))
+    (folder / "weights").mkdir(parents=True)
+    torch.save(ckpt, folder / "weights" / "last.pt")
+    return folder / "weights" / "last.pt"
+
+
+def test_a_resume_whose_data_yaml_is_gone_is_one_line_naming_it_and_writes_nothing(tmp_path, capsys):
+    last = interrupted_run(tmp_path / "run", str(tmp_path / "gone" / "data.yaml"))
+    assert train_main(["--resume", str(last)]) == 1
+    assert one_error_line(capsys).startswith(f"yolo-sizeloss train: error: --resume {last}: the run's data: "
+                                             f"data yaml '{tmp_path / 'gone' / 'data.yaml'}' not found")
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["last.pt", "weights"]
+
+
+def test_a_resume_continues_in_the_folder_holding_the_checkpoint(tmp_path, capsys):
+    from yolo_sizeloss.cli import build_yolo_parser, check_yolo_request
+
+    interrupted_run(tmp_path / "moved", "bccd.yaml")  # trained in "moved", now elsewhere:
+    moved = tmp_path / "copy"
+    shutil.copytree(tmp_path / "moved", moved)
+    shutil.rmtree(tmp_path / "moved")
+    request = check_yolo_request(build_yolo_parser().parse_args(["--resume", str(moved / "weights" / "last.pt")]))
+    assert request.overrides["save_dir"] == str(moved)  # not the folder it was first saved to
+
+    loose = tmp_path / "last.pt"
+    shutil.copy(moved / "weights" / "last.pt", loose)
+    assert train_main(["--resume", str(loose)]) == 2
+    assert one_error_line(capsys) == (f"yolo-sizeloss train: error: --resume {loose}: a resumed run continues in its "
+                                      f"run folder, and this checkpoint is not in one (RUN/weights/last.pt; it was "
+                                      f"trained in {tmp_path / 'moved'})")
+    assert not (tmp_path / "moved").exists()

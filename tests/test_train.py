@@ -186,7 +186,8 @@ def test_resume_restores_the_feedback_state_and_continues_results_csv(bccd_subse
     # resume: what a resumed run can change is passed (a new --epochs too); new-run defaults are not
     resumed = check_yolo_request(build_yolo_parser().parse_args(
         ["--resume", str(last), "--batch", "8", "--epochs", "9", "close_mosaic=2"]))
-    assert resumed.overrides == {"resume": str(last), "model": str(last), "batch": 8, "epochs": 9, "close_mosaic": 2}
+    assert resumed.overrides == {"resume": str(last), "model": str(last), "batch": 8, "epochs": 9, "close_mosaic": 2,
+                                 "save_dir": str(last.parent.parent)}
     assert resumed.loss_config is None  # the run's own loss.yaml rules
 
     changed = load_loss_config("feedback")

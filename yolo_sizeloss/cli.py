@@ -158,6 +158,18 @@ def check_yolo_resume(args: argparse.Namespace, ckpt: dict) -> None:
         raise ValueError(f"--epochs {args.epochs}: the run has already trained {epoch + 1} epochs")
 
 
+def resumed_run_dir(resume: str, ckpt: dict) -> Path:
+    """The run folder a resume continues in: the one holding ``weights/last.pt``. Ultralytics would
+    continue in the folder the checkpoint was first saved to, so a run folder moved or copied elsewhere
+    would write into the original (or make it again); the folder the user named is the one to write."""
+    last = Path(resume).resolve()
+    if last.parent.name != "weights":
+        trained_in = ckpt["train_args"].get("save_dir", "its run folder")
+        raise ValueError(f"--resume {resume}: a resumed run continues in its run folder, and this checkpoint is "
+                         f"not in one (RUN/weights/last.pt; it was trained in {trained_in})")
+    return last.parent.parent
+
+
 def check_yolo_model(model: str) -> str:
     """``--model``: a model yaml name or file, or a local YOLO ``.pt``; anything else names the flag."""
     if Path(model).suffix in (".yaml", ".yml"):
@@ -205,11 +217,17 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
     loss_config = load_loss_config(args.loss or "baseline", args.loss_cfg) if requested or not args.resume else None
     if args.resume:
         last = Path(args.resume).resolve()
-        check_yolo_resume(args, read_resume_checkpoint(args.resume))
+        ckpt = read_resume_checkpoint(args.resume)
+        check_yolo_resume(args, ckpt)
+        run_dir = resumed_run_dir(args.resume, ckpt)
+        try:
+            check_data_yaml(ckpt["train_args"].get("data") or "")
+        except (DataError, FileNotFoundError) as e:  # the run's data, not this command line, is at fault
+            raise DataError(f"--resume {args.resume}: the run's data: {one_line(e)}") from e
         if loss_config is not None:  # a --loss given with --resume must be the run's own
-            check_resumed_loss(read_loss_record(last.parent.parent), loss_config, f"--resume {args.resume}")
+            check_resumed_loss(read_loss_record(run_dir), loss_config, f"--resume {args.resume}")
         overrides = {**pairs, **{k: given[k] for k in RESUME_FLAGS if k in given}, "resume": str(last),
-                     "model": str(last)}
+                     "model": str(last), "save_dir": str(run_dir)}
         return YoloRun(overrides, loss_config)
     data = check_data_yaml(args.data or "bccd.yaml")
     records = check_training_splits(data)
