@@ -206,14 +206,19 @@ def test_resume_restores_the_feedback_state_and_continues_results_csv(bccd_subse
     assert err == (f"yolo-sizeloss train: error: --resume {last}: a resumed run keeps its loss (feedback); "
                    "the request differs in feedback.momentum (0.9 -> 0.5)")
 
+    # the run folder moved: the resume continues where it is now, not in the folder it was saved to first
+    moved = tmp_path / "fb_moved"
+    shutil.move(tmp_path / "fb", moved)
+    request = check_yolo_request(build_yolo_parser().parse_args(["--resume", str(moved / "weights" / "last.pt")]))
     restored = {}
     # the class knows no loss (it comes from the run's loss.yaml)
-    resumed = SizeAwareTrainer(overrides={"resume": str(last), "model": str(last)})
+    resumed = SizeAwareTrainer(overrides=request.overrides)
     resumed.add_callback("on_pretrain_routine_end", lambda t: restored.update(t.weighting.feedback_state()))
     resumed.train()
     assert resumed.loss_config == load_loss_config("feedback")
     assert restored == {k: saved[k] for k in restored} and len(restored) == 5
-    rows = results_rows(tmp_path / "fb")
+    assert not (tmp_path / "fb").exists()
+    rows = results_rows(moved)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # epoch 2 once: the row of the killed run is gone
     assert rows[0] == {**before[0], "assign/small_no_pos": "", "assign/small_no_pos_share": "",
                        "assign/no_pos_share": ""}  # the earlier row kept, blank in the new columns
