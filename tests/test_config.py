@@ -50,7 +50,10 @@ def test_override_file_changes_only_what_it_names(tmp_path):
         ("plb", "plb:\n  sorce: gt\n", r"o\.yaml:2: unknown key 'plb\.sorce' \(known: source, terms, rcnn_terms\)"),
         ("plb", "plb:\n  rcnn_terms: [rpn_cls, box]\n", r"o\.yaml:2: plb\.rcnn_terms .*rpn_cls, rpn_box, roi_cls, roi_box"),
         ("scb", "scb:\n  rcnn_terms: [roi_cls]\n", r"o\.yaml:2: scb\.rcnn_terms .*rpn_cls, rpn_box \("),
-        ("plb", "scb:\n  beta: 2\n", r"o\.yaml:1: section 'scb' is not selected by --loss plb"),
+        ("plb", "scb:\n  beta: 2\n", r"o\.yaml:1: section 'scb' is not selected by --loss plb \(selected: plb; "
+                                      r"select it with --loss plb\+scb\)"),
+        ("baseline", "nwd:\n  ratio: 0.5\n", r"section 'nwd' is not selected by --loss baseline \(selected: "
+                                              r"baseline; select it with --loss nwd\)"),
         ("plb", "plb:\n  source: gt\nfocal:\n  gamma: 2\n", r"o\.yaml:3: unknown method 'focal' \(valid: feedback, scb"),
         ("plb", "plb: [1, 2\n", r"o\.yaml:\d+: not valid YAML"),
     ],

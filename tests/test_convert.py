@@ -283,3 +283,25 @@ def test_verbose_adds_the_traceback(tmp_path, capsys):
     assert code == 2
     assert stderr.startswith("Traceback") and "UsageError" in stderr
     assert stderr.splitlines()[-1] == f"python -m yolo_sizeloss.convert: error: {out}: output exists and is not a folder"
+
+
+def test_repeated_names_convert_once_and_an_empty_list_warns(tmp_path):
+    root = write_voc(tmp_path / "voc", [("RBC", 0, 0, 5, 5)])
+    (root / "ImageSets" / "Main" / "train.txt").write_text("img\nimg\n")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("\n")
+    log = []
+    summary = convert_voc(root, tmp_path / "out", splits=("train", "val"), log=log.append)
+    assert summary.images == {"train": 1, "val": 0} and summary.kept == 1
+    main_dir = root / "ImageSets" / "Main"
+    assert [line for line in log if line.startswith("WARNING")] == [
+        f"WARNING {main_dir / 'train.txt'}: 1 repeated name(s), converted once",
+        f"WARNING {main_dir / 'val.txt'}: lists no images; the val split is empty",
+    ]
+
+
+def test_an_unknown_flag_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([str(BCCD_VOC_FIXTURE), str(tmp_path / "out"), "--clases", "a"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m yolo_sizeloss.convert: error: unrecognized arguments: --clases a (see --help)"]

@@ -175,7 +175,8 @@ def _apply_settings_file(config: dict[str, dict[str, Any]], path: Path, spec: st
         if method not in config:
             raise LossConfigError(
                 f"{path}:{lines.get((str(method),), 1)}: section '{method}' is not selected by --loss {spec} "
-                f"(selected: {', '.join(config) or 'baseline'})"
+                f"(selected: {', '.join(config) or 'baseline'}; select it with "
+                f"--loss {method if spec == 'baseline' else f'{spec}+{method}'})"
             )
         _merge_section(config[method], method, section, path, lines)
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import yaml
 from ultralytics.data.utils import IMG_FORMATS
 
+from yolo_sizeloss.checks import OneLineParser
+
 BCCD_CLASSES = ("RBC", "WBC", "Platelets")
 
 
@@ -181,7 +183,12 @@ def convert_voc(
             text = list_file.read_text()
         except UnicodeDecodeError as e:  # a ValueError, not an OSError: name the file rather than fail
             raise ConversionError(f"{list_file}: not a text file ({e.reason} at byte {e.start})") from None
-        stems = [s.strip() for s in text.splitlines() if s.strip()]
+        listed = [s.strip() for s in text.splitlines() if s.strip()]
+        stems = list(dict.fromkeys(listed))
+        if len(stems) < len(listed):
+            summary.warnings.append(f"{list_file}: {len(listed) - len(stems)} repeated name(s), converted once")
+        if not stems:  # Ultralytics would stop at training time with "No images found"
+            summary.warnings.append(f"{list_file}: lists no images; the {split} split is empty")
         for stem in stems:
             xml_path = src / "Annotations" / f"{stem}.xml"
             if not xml_path.is_file():
@@ -231,10 +238,10 @@ def name_list(text: str, what: str) -> tuple[str, ...]:
 def main(argv: list[str] | None = None, prog: str = "python -m yolo_sizeloss.convert") -> int:
     """The command line: 0 on success, 2 for a usage error, 1 for bad data or a failed write; one
     ``error:`` line on stderr, the traceback only with ``--verbose``."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("src", help="VOC root (Annotations/, JPEGImages/, ImageSets/Main/)")
     parser.add_argument("dst", help="output root for images/, labels/ and data.yaml")
-    parser.add_argument("--classes", default=",".join(BCCD_CLASSES), help="class names in index order, comma-separated")
+    parser.add_argument("--classes", default=",".join(BCCD_CLASSES), help="class names in index order, comma-separated (default: BCCD's, %(default)s)")
     parser.add_argument("--splits", default="train,val,test", help="split lists to convert, comma-separated")
     parser.add_argument("--overwrite", action="store_true", help="replace the splits and data.yaml already in DST")
     parser.add_argument("--verbose", action="store_true", help="print the traceback of an error")
