@@ -246,6 +246,16 @@ def test_a_resume_continues_in_the_folder_holding_the_checkpoint(tmp_path, capsy
     shutil.copy(moved / "weights" / "last.pt", loose)
     assert train_main(["--resume", str(loose)]) == 2
     assert one_error_line(capsys) == (f"yolo-sizeloss train: error: --resume {loose}: a resumed run continues in its "
-                                      f"run folder, and this checkpoint is not in one (RUN/weights/last.pt; it was "
-                                      f"trained in {tmp_path / 'moved'})")
+                                      f"run folder, and this checkpoint is not in one (RUN/weights/last.pt)")
     assert not (tmp_path / "moved").exists()
+
+
+def test_a_faster_rcnn_checkpoint_outside_a_run_folder_is_refused(tmp_path, capsys):
+    import torch
+
+    loose = tmp_path / "last.pt"
+    torch.save({"arch": "faster_rcnn", "epoch": 1}, loose)
+    assert train_main(["--arch", "faster_rcnn", "--resume", str(loose)]) == 2
+    assert one_error_line(capsys) == (f"yolo-sizeloss train: error: --resume {loose}: a resumed run continues in "
+                                      "its run folder, and this checkpoint is not in one (RUN/weights/last.pt)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

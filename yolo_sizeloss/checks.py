@@ -12,6 +12,7 @@ import argparse
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -103,6 +104,16 @@ def parse_device(device: str | None, allow_mps: bool = True) -> Device:
     if missing:
         raise ValueError(f"--device {device}: no CUDA device {missing[0]} (this machine has {count})")
     return Device("cuda", tuple(int(s) for s in ids))
+
+
+def resumed_run_folder(resume: str) -> Path:
+    """The run folder a ``--resume`` continues in, either family: the one holding ``weights/last.pt``,
+    where the user left it; a checkpoint outside a run folder is a ValueError naming the flag."""
+    last = Path(resume).resolve()
+    if last.parent.name != "weights":
+        raise ValueError(f"--resume {resume}: a resumed run continues in its run folder, and this checkpoint "
+                         "is not in one (RUN/weights/last.pt)")
+    return last.parent.parent
 
 
 def check_data_yaml(data: str) -> str:

@@ -33,6 +33,7 @@ from yolo_sizeloss.checks import (
     check_training_splits,
     one_line,
     parse_device,
+    resumed_run_folder,
     run_guarded,
 )
 from yolo_sizeloss.config import (
@@ -158,18 +159,6 @@ def check_yolo_resume(args: argparse.Namespace, ckpt: dict) -> None:
         raise ValueError(f"--epochs {args.epochs}: the run has already trained {epoch + 1} epochs")
 
 
-def resumed_run_dir(resume: str, ckpt: dict) -> Path:
-    """The run folder a resume continues in: the one holding ``weights/last.pt``. Ultralytics would
-    continue in the folder the checkpoint was first saved to, so a run folder moved or copied elsewhere
-    would write into the original (or make it again); the folder the user named is the one to write."""
-    last = Path(resume).resolve()
-    if last.parent.name != "weights":
-        trained_in = ckpt["train_args"].get("save_dir", "its run folder")
-        raise ValueError(f"--resume {resume}: a resumed run continues in its run folder, and this checkpoint is "
-                         f"not in one (RUN/weights/last.pt; it was trained in {trained_in})")
-    return last.parent.parent
-
-
 def check_yolo_model(model: str) -> str:
     """``--model``: a model yaml name or file, or a local YOLO ``.pt``; anything else names the flag."""
     if Path(model).suffix in (".yaml", ".yml"):
@@ -219,7 +208,9 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
         last = Path(args.resume).resolve()
         ckpt = read_resume_checkpoint(args.resume)
         check_yolo_resume(args, ckpt)
-        run_dir = resumed_run_dir(args.resume, ckpt)
+        # Ultralytics would continue in the folder the checkpoint was first saved to, so a run folder moved
+        # or copied elsewhere would write into the original (or make it again)
+        run_dir = resumed_run_folder(args.resume)
         try:
             check_data_yaml(ckpt["train_args"].get("data") or "")
         except (DataError, FileNotFoundError) as e:  # the run's data, not this command line, is at fault

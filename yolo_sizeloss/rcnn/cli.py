@@ -26,6 +26,7 @@ from yolo_sizeloss.checks import (
     check_run_flags,
     one_line,
     parse_device,
+    resumed_run_folder,
     run_guarded,
 )
 from yolo_sizeloss.config import (
@@ -183,6 +184,7 @@ def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:
     parse_device(args.device, allow_mps=False)
     if not Path(args.resume).is_file():
         raise ValueError(f"--resume {args.resume}: no such checkpoint")
+    resumed_run_folder(args.resume)  # the folder fit() continues in
     ignored = [k for k, v in vars(args).items()
                if v is not None and k not in (*RESUMABLE, *LOSS_FLAGS, "resume", "arch", "verbose")]
     if ignored:

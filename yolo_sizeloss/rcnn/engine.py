@@ -29,7 +29,7 @@ from ultralytics.utils import LOGGER, TQDM
 from ultralytics.utils.files import increment_path
 
 from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
-from yolo_sizeloss.checks import parse_device
+from yolo_sizeloss.checks import parse_device, resumed_run_folder
 from yolo_sizeloss.config import describe_loss, write_loss_record
 from yolo_sizeloss.detections import ImageRecord, load_split
 from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics, per_class_ap
@@ -309,7 +309,7 @@ def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) ->
     switches = LossSwitches.from_config(
         args.loss_config, *training_nwd_settings(args.loss_config, train_records, args.imgsz, checkpoint, ctx.is_main))
     if checkpoint is not None:
-        save_dir = Path(args.resume).resolve().parent.parent
+        save_dir = resumed_run_folder(args.resume)
     else:
         save_dir = make_save_dir(args.project, args.name, args.exist_ok, ctx)
     seed_everything(args.seed)
