@@ -273,7 +273,10 @@ def skipped_meta(skipped: list[SkippedLabels]) -> list[dict]:
 def run_report(args: ValRequest) -> Path:
     """Predict, evaluate and write the report of the checked ``args``; return the output folder."""
     edges = parse_size_buckets(args.size_buckets)
-    records, data, skipped = check_split(args.data, args.split)
+    try:
+        records, data, skipped = check_split(args.data, args.split)
+    except (ValueError, FileNotFoundError) as e:  # the data's fault (no such split, no images), not a failure
+        raise DataError(one_line(e)) from e
     names = [data["names"][k] for k in range(len(data["names"]))]
     check_trained_names(args, names)
     save_dir = increment_path(Path(args.project) / args.name, exist_ok=args.exist_ok)
