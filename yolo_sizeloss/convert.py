@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m yolo_sizeloss.con
     parser = OneLineParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("src", help="VOC root (Annotations/, JPEGImages/, ImageSets/Main/)")
     parser.add_argument("dst", help="output root for images/, labels/ and data.yaml")
-    parser.add_argument("--classes", default=",".join(BCCD_CLASSES), help="class names in index order, comma-separated (default: BCCD's, %(default)s)")
+    parser.add_argument("--classes", default=",".join(BCCD_CLASSES),
+                        help="class names in index order, comma-separated (default: BCCD's, %(default)s)")
     parser.add_argument("--splits", default="train,val,test", help="split lists to convert, comma-separated")
     parser.add_argument("--overwrite", action="store_true", help="replace the splits and data.yaml already in DST")
     parser.add_argument("--verbose", action="store_true", help="print the traceback of an error")

@@ -69,6 +69,7 @@ def load_detections(path: str | Path) -> RunDetections:
 
 
 def _read_run(data: dict) -> RunDetections:
+    """The parsed file's images as records, with their input scales and the class names."""
     records = [
         ImageRecord(
             file=image["file"], width=image["width"], height=image["height"],
