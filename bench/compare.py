@@ -57,7 +57,7 @@ from yolo_sizeloss.detections import load_split
 from yolo_sizeloss.detections_file import find_detections, load_detections
 from yolo_sizeloss.paired import key_metrics, paired_bootstrap, t_interval
 from yolo_sizeloss.paired_report import difference_cell
-from yolo_sizeloss.paths import resolve_loss_cfg
+from yolo_sizeloss.paths import resolve_data, resolve_loss_cfg
 from yolo_sizeloss.report import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,6 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # to them as an absolute path; a name (bccd.yaml, yolov8n.yaml) stays a name for them to look up
     args.data, args.model = (str(Path(v).resolve()) if Path(v).is_file() else v for v in (args.data, args.model))
     try:  # a typo in a name or a settings file fails now, not after hours of earlier runs
+        resolve_data(args.data)
         args.modes = [loss_mode(spec, args.loss_cfg, args.arch) for spec in args.losses]
     except (LossConfigError, ValueError, FileNotFoundError) as e:
         p.error(str(e))
@@ -256,7 +257,7 @@ def table_files(out: Path, split: str) -> tuple[Path, Path, Path]:
 def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path) -> dict:
     """Train one (mode, seed) unless done, evaluate it on ``args.split``; return its report."""
     name, run_dir, val_dir = run_paths(out, label, seed, args.split)
-    check_same_schedule(run_dir, args, seed)
+    check_same_schedule(run_dir, args, seed, flags)
     if report_is_current(val_dir, args.bootstrap):
         return run_report(val_dir, run_dir)
     with run_lock(run_dir):
@@ -295,11 +296,11 @@ def evaluated_runs(args, out: Path) -> tuple[dict[str, list[dict]], list[int], l
     if not seeds:
         raise SystemExit(f"{out}: no seed has every mode evaluated (missing: {', '.join(missing)}); nothing to tabulate")
     per_mode = {}
-    for label, _ in runs:
+    for label, flags in runs:
         per_mode[label] = []
         for seed in seeds:
             _, run_dir, val_dir = run_paths(out, label, seed, args.split)
-            check_same_schedule(run_dir, args, seed)
+            check_same_schedule(run_dir, args, seed, flags)
             per_mode[label].append(run_report(val_dir, run_dir))
     return per_mode, seeds, missing
 
@@ -318,14 +319,27 @@ def report_is_current(val_dir: Path, bootstrap: int) -> bool:
     return (val_dir / "metrics.json").is_file() and (bootstrap <= 0 or find_detections(val_dir) is not None)
 
 
-def check_same_schedule(run_dir: Path, args, seed: int) -> None:
-    """Refuse to reuse a run trained with another schedule (its args.yaml); another --out keeps both."""
+def check_same_schedule(run_dir: Path, args, seed: int, flags: list[str] = ()) -> None:
+    """Refuse to reuse a run trained with another schedule, data set, model or backbone (its
+    args.yaml) than the (mode, seed) asks for with ``flags`` (``runs_of``); another --out keeps both."""
     saved = run_dir / "args.yaml"
     if not saved.is_file():
         return
     trained = {"fraction": 1.0, **yaml.safe_load(saved.read_text())}  # runs from before fraction was recorded
     wanted = {"fraction": 1.0, **schedule_of(args, seed)}
     differ = [f"{k} {trained.get(k)} (asked {v})" for k, v in wanted.items() if trained.get(k) != v]
+    # paths are compared by their last two parts (cfg/bccd.yaml, aerial_cars_jekhor/data.yaml): a checkout
+    # or an installed package moved since keeps its runs, another data set does not
+    if trained.get("data") and Path(trained["data"]).parts[-2:] != Path(resolve_data(args.data)).parts[-2:]:
+        differ.append(f"data {trained['data']} (asked {args.data})")
+    model = flags[flags.index("--model") + 1] if "--model" in flags else None
+    # a resumed YOLO run records its own last.pt as its model, which says nothing of the model it started from
+    own = Path(str(trained.get("model")))
+    resumed = own.name == "last.pt" and own.parent.name == "weights" and own.parent.parent.name == Path(run_dir).name
+    if model and trained.get("model") and not resumed and Path(trained["model"]).name != Path(model).name:
+        differ.append(f"model {trained['model']} (asked {model})")
+    if args.arch == "faster_rcnn" and trained.get("backbone", args.backbone) != args.backbone:
+        differ.append(f"backbone {trained['backbone']} (asked {args.backbone})")
     if differ:
         raise SystemExit(f"{run_dir} was trained with {', '.join(differ)}: use another --out")
 
@@ -518,8 +532,11 @@ def main(argv=None) -> int:
     if args.only == "table":
         per_mode, args.seeds, args.left_out = evaluated_runs(args, out)
     else:
-        per_mode = {label: [train_and_validate(args, label, flags, seed, out) for seed in args.seeds]
-                    for label, flags in runs_of(args)}
+        try:
+            per_mode = {label: [train_and_validate(args, label, flags, seed, out) for seed in args.seeds]
+                        for label, flags in runs_of(args)}
+        except subprocess.CalledProcessError as e:  # the command printed its own one-line error above
+            raise SystemExit(f"compare.py: stopped: `{' '.join(map(str, e.cmd))}` failed (exit {e.returncode})") from None
         if args.only == "runs":
             return 0
     focus = args.focus_class or rarest_class(args.data)

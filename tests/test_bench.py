@@ -212,6 +212,13 @@ def test_status_gives_the_val_splits_best_epoch(tmp_path):
     assert compare.best_epoch_note(run_dir, "Platelets") == "; val best epoch 1: mAP50-95 25.0"
 
 
+
+def unusable_data(folder: Path) -> str:
+    """A data yaml that exists (the harness checks that before anything) but that train and val refuse
+    at their own checks: how these tests make a child command fail."""
+    (folder / "none.yaml").write_text("names: {0: a}\n")
+    return str(folder / "none.yaml")
+
 def test_a_second_harness_does_not_train_a_run_another_one_is_training(tmp_path):
     # Two harnesses on one --out both resumed nwd-s0 from its last.pt and interleaved their epochs in
     # one results.csv. A broken --data makes this fail fast where the lock is not checked.
@@ -219,7 +226,7 @@ def test_a_second_harness_does_not_train_a_run_another_one_is_training(tmp_path)
     holder = hold_lock(tmp_path / "runs" / "baseline-s0.lock")
     try:
         with pytest.raises(SystemExit, match=r"baseline-s0 is being trained by another process"):
-            compare.main(["--losses", "baseline", "--seeds", "0", "--epochs", "1", "--data", str(tmp_path / "none.yaml"),
+            compare.main(["--losses", "baseline", "--seeds", "0", "--epochs", "1", "--data", unusable_data(tmp_path),
                           "--focus-class", "x", "--out", str(tmp_path)])
     finally:
         holder.kill()
@@ -248,7 +255,7 @@ def test_stopping_the_harness_stops_the_training_it_started(tmp_path):
 
 def test_a_trained_run_is_evaluated_with_the_installed_val_command(tmp_path, capfd):
     args = compare.parse_args(["--losses", "baseline", "--seeds", "0", "--epochs", "2", "--bootstrap", "0",
-                               "--data", str(tmp_path / "none.yaml"), "--out", str(tmp_path)])
+                               "--data", unusable_data(tmp_path), "--out", str(tmp_path)])
     _, run_dir, _ = compare.run_paths(tmp_path, "baseline", 0)
     (run_dir / "weights").mkdir(parents=True)
     (run_dir / "results.csv").write_text("epoch,time\n1,10\n2,20\n")  # trained: the harness goes on to evaluate
@@ -278,7 +285,7 @@ def test_a_recorded_run_without_its_checkpoints_is_an_error_not_a_new_training(t
 
 def test_a_choice_on_the_val_split_leaves_the_test_reports_alone(tmp_path, capfd):
     args = compare.parse_args(["--losses", "baseline", "--seeds", "0", "--epochs", "2", "--bootstrap", "0",
-                               "--split", "val", "--data", str(tmp_path / "none.yaml"), "--out", str(tmp_path)])
+                               "--split", "val", "--data", unusable_data(tmp_path), "--out", str(tmp_path)])
     _, run_dir, val_dir = compare.run_paths(tmp_path, "baseline", 0, "val")
     assert val_dir == tmp_path / "val-val" / "baseline-s0" and compare.run_paths(tmp_path, "baseline", 0)[2] == \
         tmp_path / "val" / "baseline-s0"
@@ -330,6 +337,38 @@ def test_a_run_trained_with_another_schedule_is_not_reused(tmp_path):
     compare.check_same_schedule(tmp_path / "new", args, seed=0)  # nothing trained there yet
 
 
+def test_a_run_trained_on_other_data_or_another_model_is_not_reused(tmp_path):
+    run_dir = tmp_path / "runs" / "baseline-s0"
+    run_dir.mkdir(parents=True)
+    args = compare.parse_args(["--epochs", "20", "--imgsz", "416"])
+    [(_, flags)] = compare.runs_of(compare.parse_args(["--epochs", "20", "--losses", "baseline"]))
+    schedule = "epochs: 20\nimgsz: 416\nbatch: 16\nseed: 0\n"
+    # the shipped BCCD, recorded where an older checkout kept it: the same data set
+    (run_dir / "args.yaml").write_text(schedule + "data: /old/checkout/cfg/bccd.yaml\nmodel: yolov8n.yaml\n")
+    compare.check_same_schedule(run_dir, args, 0, flags)
+    with pytest.raises(SystemExit, match=r"model yolov8n.yaml \(asked yolo11n.yaml\)"):
+        compare.check_same_schedule(run_dir, compare.parse_args(["--epochs", "20", "--model", "yolo11n.yaml"]), 0,
+                                    ["--model", "yolo11n.yaml"])
+    platelets = tmp_path / "bccd_platelets" / "data.yaml"
+    platelets.parent.mkdir()
+    platelets.write_text("path: .\n")
+    with pytest.raises(SystemExit, match=r"data /old/checkout/cfg/bccd.yaml \(asked .*bccd_platelets/data.yaml\)"):
+        compare.check_same_schedule(run_dir, compare.parse_args(["--epochs", "20", "--data", str(platelets)]), 0, flags)
+    # a resumed run records its own last.pt as its model: no reading of the model it started from
+    (run_dir / "args.yaml").write_text(schedule + f"data: /x/cfg/bccd.yaml\nmodel: /elsewhere/runs/baseline-s0/weights/last.pt\n")
+    compare.check_same_schedule(run_dir, args, 0, ["--model", "yolo11n.yaml"])
+    rcnn = compare.parse_args(["--arch", "faster_rcnn", "--epochs", "20", "--imgsz", "416", "--batch", "16"])
+    (run_dir / "args.yaml").write_text(schedule + "data: /x/cfg/bccd.yaml\nbackbone: resnet50_fpn\n")
+    with pytest.raises(SystemExit, match=r"backbone resnet50_fpn \(asked mobilenet_v3_large_fpn\)"):
+        compare.check_same_schedule(run_dir, rcnn, 0, [])
+
+
+def test_a_missing_data_yaml_stops_the_harness_before_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--data", str(tmp_path / "nosuch.yaml"), "--out", str(tmp_path / "out")])
+    assert "nosuch.yaml' not found" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_the_gpu_preset_and_the_schedule_flags_reach_train_and_the_schedule_check(tmp_path):
     args = compare.parse_args(["--preset", "gpu"])
     assert [label for label, _ in compare.runs_of(args)] == ["baseline", "nwd", "nwd-safit_sharp_auto_norm"]
@@ -359,7 +398,7 @@ def test_only_table_tabulates_the_evaluated_seeds_and_trains_nothing(tmp_path, c
         (tmp_path / "val" / name).mkdir(parents=True)
         (tmp_path / "val" / name / "metrics.json").write_text(json.dumps(metrics))
     argv = ["--losses", "baseline", "nwd", "--seeds", "0", "1", "--epochs", "3", "--bootstrap", "0",
-            "--focus-class", "Platelets", "--data", str(tmp_path / "none.yaml"), "--out", str(tmp_path)]
+            "--focus-class", "Platelets", "--data", unusable_data(tmp_path), "--out", str(tmp_path)]
     assert compare.main([*argv, "--only", "table"]) == 0
     assert not (tmp_path / "runs").exists()  # nothing trained
     text = (tmp_path / "results.md").read_text()
@@ -680,3 +719,11 @@ def test_curves_averages_each_epochs_gap_over_seeds_and_bins(tmp_path, capsys):
     assert "| nwd | +2.0 | +2.0 |" in capsys.readouterr().out
     assert curves.main([str(tmp_path), "--modes", "nwd", "--seeds", "0", "1", "--column", "val/AP50-95 x"]) == 2
     assert "'val/AP50-95 x' is not a column of both nwd-s0 and baseline-s0" in capsys.readouterr().err
+
+
+def test_a_failing_command_stops_the_harness_with_one_line(tmp_path, capfd):
+    with pytest.raises(SystemExit) as stop:
+        compare.main(["--losses", "baseline", "--seeds", "0", "--epochs", "1", "--data", unusable_data(tmp_path),
+                      "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert re.fullmatch(r"compare\.py: stopped: `.* -m yolo_sizeloss\.cli train .*` failed \(exit 1\)", str(stop.value))
+    assert "Traceback" not in capfd.readouterr().err
