@@ -171,3 +171,24 @@ def test_every_shipped_mode_is_documented_for_users():
     for name in shipped_variants():
         assert f"| `{name}`" in readme or f", `{name}` |" in readme, name
         assert f"`{name}`" in methods, name
+
+
+def test_a_loss_configuration_given_in_python_is_checked_and_completed():
+    from yolo_sizeloss.config import check_loss_config
+    from yolo_sizeloss.yolo import SizeAwareTrainer
+
+    assert check_loss_config("plb+scb") == load_loss_config("plb+scb")
+    assert check_loss_config({}) == {}
+    given = check_loss_config({"plb": {"source": "gt"}})
+    assert given == {"plb": {**load_loss_config("plb")["plb"], "source": "gt"}}
+    assert SizeAwareTrainer.with_loss("feedback").loss_config == load_loss_config("feedback")
+    for bad, message in [
+        ({"nosuch": {}}, r"unknown method 'nosuch' in the loss configuration \(valid: feedback"),
+        ({"plb": {"sorce": "gt"}}, r"unknown key 'plb\.sorce' \(known: source, terms, rcnn_terms\)"),
+        ({"feedback": {"g_max": 0.5}}, r"feedback\.g_max = 0\.5 is out of range"),
+        ({"plb": ["gt"]}, r"section 'plb' must be a mapping of settings"),
+        (["plb"], r"a loss name or a mapping \{method: settings\}, not list"),
+        ("plb+nosuch", r"unknown loss 'nosuch'"),
+    ]:
+        with pytest.raises(LossConfigError, match=message):
+            SizeAwareTrainer.with_loss(bad)

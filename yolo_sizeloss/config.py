@@ -9,6 +9,7 @@ Every error names the file, the line and the allowed range, and is raised before
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,24 @@ def load_loss_config(spec: str, override: str | Path | None = None) -> dict[str,
             raise LossConfigError(str(e)) from None
         _apply_settings_file(config, path, spec, warn_empty=True)
     return config
+
+
+def check_loss_config(config: Any) -> dict[str, dict[str, Any]]:
+    """A loss configuration given in Python, ``{method: {setting: value}}``: each method known, each
+    setting checked as a settings file's are, the settings not given at their defaults. A loss name
+    (``"plb+scb"``) is ``load_loss_config``'s."""
+    if isinstance(config, str):
+        return load_loss_config(config)
+    if not isinstance(config, Mapping):
+        raise LossConfigError(f"a loss configuration is a loss name or a mapping {{method: settings}}, "
+                              f"not {type(config).__name__}")
+    resolved = {}
+    for method, section in config.items():
+        if method not in REGISTRY:
+            raise LossConfigError(f"unknown method {method!r} in the loss configuration (valid: {', '.join(METHODS)})")
+        resolved[method] = dict(load_loss_config(method)[method])
+        _merge_section(resolved[method], method, section, Path("loss configuration"), {})
+    return resolved
 
 
 def _apply_settings_file(config: dict[str, dict[str, Any]], path: Path, spec: str, warn_empty: bool = False) -> None:

@@ -19,7 +19,14 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from yolo_sizeloss.assignment import AssignmentCounter
-from yolo_sizeloss.config import check_resumed_loss, describe_loss, loss_name, read_loss_record, write_loss_record
+from yolo_sizeloss.config import (
+    check_loss_config,
+    check_resumed_loss,
+    describe_loss,
+    loss_name,
+    read_loss_record,
+    write_loss_record,
+)
 from yolo_sizeloss.methods.nwd import assigner_epochs
 from yolo_sizeloss.results_csv import class_ap_columns, continue_results, widen_header
 from yolo_sizeloss.weighting_plot import plot_weighting
@@ -85,9 +92,10 @@ class SizeAwareTrainer(DetectionTrainer):
     loss_config: dict[str, dict[str, Any]] = {}  # baseline; bind settings with with_loss()
 
     @classmethod
-    def with_loss(cls, config: dict[str, dict[str, Any]]) -> type[SizeAwareTrainer]:
-        """A subclass bound to the resolved loss settings ``config`` (``load_loss_config``)."""
-        return type(cls.__name__, (cls,), {"loss_config": config, "__module__": cls.__module__})
+    def with_loss(cls, config: str | dict[str, dict[str, Any]]) -> type[SizeAwareTrainer]:
+        """A subclass bound to a loss: a name (``"plb+scb"``) or settings (``load_loss_config``'s, or a
+        ``{method: {setting: value}}`` of one's own), checked here, before any run folder exists."""
+        return type(cls.__name__, (cls,), {"loss_config": check_loss_config(config), "__module__": cls.__module__})
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks: dict | None = None):
         super().__init__(cfg, overrides, _callbacks)
