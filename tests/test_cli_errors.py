@@ -259,3 +259,12 @@ def test_a_faster_rcnn_checkpoint_outside_a_run_folder_is_refused(tmp_path, caps
     assert one_error_line(capsys) == (f"yolo-sizeloss train: error: --resume {loose}: a resumed run continues in "
                                       "its run folder, and this checkpoint is not in one (RUN/weights/last.pt)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../cfg/bccd.yaml", "losses/plb.yaml", "defaults.yaml"])
+def test_path_prints_shipped_files_only(capsys, name):
+    from yolo_sizeloss.paths import CFG_DIR
+
+    assert main(["path", "bccd.yaml"]) == 0 and capsys.readouterr().out.strip() == str((CFG_DIR / "bccd.yaml").resolve())
+    assert main(["path", name]) == 2
+    assert one_error_line(capsys).startswith(f"yolo-sizeloss path: error: '{name}' is not shipped (data: bccd.yaml;")

@@ -57,7 +57,8 @@ def resolve_shipped_file(name: str) -> Path:
     """The absolute path of a data yaml (``bccd.yaml``) or loss-settings variant the package ships, for
     commands outside this package (stock ``yolo val``) that need a path; a file of that name in the
     working folder does not count."""
-    for folder in (CFG_DIR, VARIANTS_DIR):
+    # a bare name only: an absolute or relative path would resolve outside the package (/etc/passwd)
+    for folder in (CFG_DIR, VARIANTS_DIR) if Path(name).name == name not in ("", ".", "..") else ():
         for candidate in (folder / name, folder / f"{name}.yaml"):
             if candidate.is_file() and candidate != RUN_DEFAULTS_FILE:
                 return candidate.resolve()
