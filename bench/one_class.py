@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from yolo_sizeloss.checks import DataError, check_data_yaml
 from yolo_sizeloss.detections import split_image_files
 from yolo_sizeloss.paths import resolve_data
 
@@ -67,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="new folder for the derived data set")
     args = p.parse_args(argv)
     try:
-        kept = one_class_dataset(args.data, args.keep, Path(args.out))
-    except (ValueError, FileExistsError) as e:
+        kept = one_class_dataset(check_data_yaml(args.data), args.keep, Path(args.out))
+    except (ValueError, FileExistsError, FileNotFoundError) as e:  # FileNotFoundError: no such data yaml
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DataError as e:  # a data yaml found but unusable (its images missing): the data's fault
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"{args.out}/data.yaml: {args.keep} only, boxes per split {kept}")
     return 0
 

@@ -563,6 +563,21 @@ def test_one_class_refuses_images_whose_labels_would_collide_and_writes_nothing(
     assert not (tmp_path / "out").exists()
 
 
+def imageless_data(folder: Path) -> str:
+    """A data yaml whose image folders do not exist."""
+    (folder / "imageless.yaml").write_text(f"path: {folder}\ntrain: images/train\nval: images/val\nnames: {{0: Platelets}}\n")
+    return str(folder / "imageless.yaml")
+
+
+def test_one_class_names_a_missing_or_unusable_data_yaml_in_one_line(tmp_path, capsys):
+    assert one_class.main(["--data", str(tmp_path / "nosuch.yaml"), "--out", str(tmp_path / "a")]) == 2
+    assert f"error: data yaml '{tmp_path / 'nosuch.yaml'}' not found" in capsys.readouterr().err
+    assert one_class.main(["--data", imageless_data(tmp_path), "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'imageless.yaml'}: ") and "images not found" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_unmatched_crops_one_tile_per_confident_detection_without_a_ground_truth(tmp_path, capsys):
     records, data = load_split("bccd.yaml", "test")
     r = records[0]
