@@ -638,6 +638,28 @@ def test_assignment_counts_every_mode_on_the_same_batches(bccd_subset, tmp_path,
     assert sizes["baseline"][10:] == sizes["baseline"][2:9:3]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--modes", "nosuch"], "unknown loss 'nosuch'"),
+    (["--modes", "baseline", "nwd:nosuchvariant"], "loss settings 'nosuchvariant' not found"),
+    (["--weights", "nosuch.pt"], "--weights nosuch.pt: no such file (nothing is downloaded"),
+    (["--weights", "nosuch.yaml"], "--weights nosuch.yaml: no such file, nor one of Ultralytics' model yamls"),
+    (["--data", "nosuch.yaml"], "data yaml 'nosuch.yaml' not found"),
+    (["--batches", "0"], "--batches 0: must be at least 1"),  # it was the whole split
+])
+def test_assignment_refuses_a_mistake_before_loading_any_data(monkeypatch, capsys, flags, message):
+    monkeypatch.setattr(assignment, "training_batches", lambda *a: pytest.fail("loaded the batches"))
+    with pytest.raises(SystemExit) as stop:
+        assignment.main(["--weights", "yolov8n.yaml", "--data", "bccd.yaml", "--imgsz", "160", *flags])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_assignment_names_a_data_yaml_without_its_images_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(assignment, "training_batches", lambda *a: pytest.fail("loaded the batches"))
+    assert assignment.main(["--weights", "yolov8n.yaml", "--data", imageless_data(tmp_path), "--imgsz", "160"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'imageless.yaml'}: " in err and "images not found" in err and len(err.splitlines()) == 1
+
+
 def test_size_tally_of_a_hand_built_assignment():
     """Two images; image 0: a 10x10 (small) and a 100x100 (large) ground truth, image 1: a 50x50 (medium)
     one and a padding slot. Anchors 0-1 of image 0 go to the small one (scores 0.5, 0.3), anchor 2 to
