@@ -40,6 +40,8 @@ from ultralytics.data import build_yolo_dataset
 from ultralytics.data.utils import check_det_dataset
 from ultralytics.nn.tasks import DetectionModel
 
+from yolo_sizeloss.checks import DataError, one_line, parse_device
+from yolo_sizeloss.cli import check_yolo_model
 from yolo_sizeloss.config import load_loss_config
 from yolo_sizeloss.paths import resolve_data, resolve_loss_cfg
 from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss
@@ -55,6 +57,17 @@ def mode_config(mode: str) -> dict:
     """The loss settings of ``LOSS`` or ``LOSS:SETTINGS`` (a file or a shipped variant)."""
     loss, _, settings = mode.partition(":")
     return load_loss_config(loss, resolve_loss_cfg(settings) if settings else None)
+
+
+def timing_device(spec: str | None) -> torch.device:
+    """``--device`` as every command reads it (``checks.parse_device``: a device this machine lacks is a
+    ValueError naming the flag), as the one device all modes are timed on."""
+    device = parse_device(spec)
+    if len(device.indices) > 1:
+        raise ValueError(f"--device {spec}: one device (every mode is timed on the same one)")
+    if device.kind == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(device.kind, device.indices[0] if device.indices else None)
 
 
 def real_batch(imgsz: int, batch_size: int, device: torch.device) -> tuple[dict, list[dict]]:
@@ -155,13 +168,13 @@ def sync_table(counts: dict[tuple[str, str], Counter], modes: list[str]) -> list
     return lines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="yolov8n.yaml")
+    parser.add_argument("--model", default="yolov8n.yaml", help="model yaml (built untrained, as a run from scratch starts)")
     parser.add_argument("--imgsz", type=int, default=416)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cpu, mps or one CUDA index (default: the first GPU, else the CPU)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), help="default: event (CUDA events) on a GPU, cpu (process time) "
                                                                  "on the CPU")
     parser.add_argument("--threads", type=int, help="CPU threads (default torch's); 1 is steadiest on a busy machine")
@@ -170,13 +183,25 @@ def main() -> None:
     parser.add_argument("--sync-count", action="store_true", help="count host synchronisations per loss call and "
                                                                    "training step (CUDA; on the CPU one line says why not)")
     parser.add_argument("--out", help="also write the tables to this file (markdown)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     modes = ["baseline", *dict.fromkeys(m for m in args.modes if m != "baseline")]
-    for mode in modes:
-        mode_config(mode)  # an unknown name or settings file stops here, before the model is built
+    # a mistake stops here, before the model is built and long before the timing ends
+    for flag in ("imgsz", "batch", "repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if Path(args.model).suffix not in (".yaml", ".yml"):
+        parser.error(f"--model {args.model}: give a model yaml (the network is built untrained)")
+    if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):
+        parser.error(f"--out {args.out}: must be a file in an existing folder")
+    try:
+        for mode in modes:
+            mode_config(mode)
+        check_yolo_model(args.model)
+        device = timing_device(args.device)
+    except (ValueError, FileNotFoundError, DataError) as e:  # LossConfigError is a ValueError
+        parser.error(one_line(e))
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     clock = args.clock or ("event" if device.type == "cuda" else "cpu")
     if clock == "event" and device.type != "cuda":
         parser.error("--clock event needs a CUDA --device")

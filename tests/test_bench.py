@@ -443,6 +443,24 @@ def test_sync_count_tallies_the_sync_debug_warnings_by_line(monkeypatch):
     assert overhead.short_path("/work/checkout/yolo_sizeloss/weights.py") == "yolo_sizeloss/weights.py"
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--modes", "nosuch"], "unknown loss 'nosuch'"),
+    (["--modes", "nwd:nosuchvariant"], "loss settings 'nosuchvariant' not found"),
+    (["--model", "nosuch.yaml"], "--model nosuch.yaml: no such file, nor one of Ultralytics' model yamls"),
+    (["--model", "yolov8n.pt"], "--model yolov8n.pt: give a model yaml"),
+    (["--device", "bogus"], "--device bogus: expected cpu, mps, a CUDA index"),
+    (["--repeats", "0"], "--repeats 0: must be at least 1"),  # min() of no samples, after the warm-up
+    (["--out", "OUT/nodir/overhead.md"], "--out OUT/nodir/overhead.md: must be a file in an existing folder"),
+    (["--out", "OUT"], "--out OUT: must be a file in an existing folder"),
+])
+def test_overhead_refuses_a_mistake_before_building_the_model(tmp_path, monkeypatch, capsys, flags, message):
+    """A bad --out was found only after all the timing; the others stopped it with a traceback."""
+    monkeypatch.setattr(overhead, "DetectionModel", lambda *a, **k: pytest.fail("built the model"))
+    with pytest.raises(SystemExit) as stop:
+        overhead.main(["--device", "cpu", *(f.replace("OUT", str(tmp_path)) for f in flags)])
+    assert stop.value.code == 2 and message.replace("OUT", str(tmp_path)) in capsys.readouterr().err
+
+
 def test_gpu_progress_and_summary_read_each_runs_results_csv(tmp_path):
     def run(name, times, epochs=100, evaluated=False, family="yolo"):
         folder = tmp_path / family / "runs" / name
