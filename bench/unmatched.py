@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from yolo_sizeloss.checks import DataError
 from yolo_sizeloss.detections_file import load_detections
 from yolo_sizeloss.evaluation import unmatched_detections
 
@@ -67,9 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conf", type=float, default=0.5, help="score threshold (default 0.5)")
     p.add_argument("--out", required=True, help="PNG file to write")
     args = p.parse_args(argv)
+    # a mistake stops here, not when the sheet is saved after every report's crops are made
+    if not 0 <= args.conf < 1:
+        p.error(f"--conf {args.conf}: must be in [0, 1)")
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        p.error(f"--out {args.out}: must be a file in an existing folder")
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:  # the extension picks the format
+        p.error(f"--out {args.out}: give an image file name PIL can write, such as unmatched.png")
+    for report in args.reports:
+        if not Path(report).exists():
+            p.error(f"REPORT {report}: no such folder")
     try:
         rows = [crops(report, args.conf) for report in args.reports]
-    except FileNotFoundError as e:
+    except (FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     labels = [Path(report).name for report in args.reports]

@@ -615,7 +615,34 @@ def test_unmatched_crops_one_tile_per_confident_detection_without_a_ground_truth
     assert unmatched.main([str(tmp_path / "run"), "--conf", "0.2", "--out", str(out)]) == 0
     with Image.open(out) as sheet:
         assert sheet.size == (110 + 2 * unmatched.TILE, unmatched.TILE)
-    assert unmatched.main([str(tmp_path / "missing"), "--out", str(out)]) == 1
+    assert unmatched.main([str(tmp_path), "--out", str(out)]) == 1  # a folder without a detections file
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["REPORT", "--conf", "5", "--out", "OUT/crops.png"], "--conf 5.0: must be in [0, 1)"),
+    (["REPORT", "--out", "OUT/nodir/crops.png"], "--out OUT/nodir/crops.png: must be a file in an existing folder"),
+    (["REPORT", "--out", "OUT"], "--out OUT: must be a file in an existing folder"),
+    (["REPORT", "--out", "OUT/crops"], "--out OUT/crops: give an image file name PIL can write"),
+    (["REPORT", "--out", "OUT/crops.xyz"], "--out OUT/crops.xyz: give an image file name PIL can write"),
+    (["OUT/missing", "--out", "OUT/crops.png"], "REPORT OUT/missing: no such folder"),
+])
+def test_unmatched_refuses_a_mistake_before_making_any_crop(tmp_path, monkeypatch, capsys, argv, message):
+    """Found only when the sheet was saved, after every report's crops (or never: --conf 5)."""
+    (tmp_path / "report").mkdir()
+    monkeypatch.setattr(unmatched, "crops", lambda *a: pytest.fail("made the crops"))
+    argv = [a.replace("REPORT", str(tmp_path / "report")).replace("OUT", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as stop:
+        unmatched.main(argv)
+    assert stop.value.code == 2 and message.replace("OUT", str(tmp_path)) in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "report"]
+
+
+def test_unmatched_a_detections_file_val_did_not_write_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "detections.json.gz").write_bytes(b"not gzip")
+    assert unmatched.main([str(tmp_path / "run"), "--out", str(tmp_path / "crops.png")]) == 1
+    assert "not a detections file written by val" in capsys.readouterr().err
+    assert not (tmp_path / "crops.png").exists()
 
 
 def test_peer_modes_carry_their_model_and_ultralytics_arguments(capsys):
