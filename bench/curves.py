@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--column", default="metrics/mAP50-95(B)", help="a results.csv column (default: val mAP50-95)")
     p.add_argument("--bin", type=int, default=6, help="epochs per bin (default 6)")
     args = p.parse_args(argv)
+    if args.bin < 1:
+        p.error(f"--bin {args.bin}: must be at least 1")
     runs = Path(args.out) / "runs"
     try:
         gaps = {mode: binned(epoch_gaps(runs, mode, args.reference, args.seeds, args.column), args.bin)

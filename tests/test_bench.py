@@ -803,6 +803,18 @@ def test_curves_averages_each_epochs_gap_over_seeds_and_bins(tmp_path, capsys):
     assert "'val/AP50-95 x' is not a column of both nwd-s0 and baseline-s0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("width", ["0", "-3"])
+def test_curves_refuses_a_bin_below_one_epoch(tmp_path, capsys, width):
+    """--bin 0 said "range() arg 3 must not be zero"; --bin -3 printed an empty table and exit 0."""
+    curves = bench_script("curves")
+    for label in ("baseline", "nwd"):
+        (tmp_path / "runs" / f"{label}-s0").mkdir(parents=True)
+        (tmp_path / "runs" / f"{label}-s0" / "results.csv").write_text("epoch,metrics/mAP50-95(B)\n1,0.1\n2,0.2\n")
+    with pytest.raises(SystemExit) as stop:
+        curves.main([str(tmp_path), "--modes", "nwd", "--seeds", "0", "--bin", width])
+    assert stop.value.code == 2 and f"--bin {width}: must be at least 1" in capsys.readouterr().err
+
+
 def test_a_failing_command_stops_the_harness_with_one_line(tmp_path, capfd):
     with pytest.raises(SystemExit) as stop:
         compare.main(["--losses", "baseline", "--seeds", "0", "--epochs", "1", "--data", unusable_data(tmp_path),
