@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from compare import columns, loss_mode, table_files
+from yolo_sizeloss.checks import one_line
 from yolo_sizeloss.config import LossConfigError
 from yolo_sizeloss.report import markdown_table
 
@@ -120,7 +121,18 @@ def main(argv=None) -> int:
         labels = [loss_mode(spec, None)[0] for spec in args.modes]
     except (LossConfigError, ValueError, FileNotFoundError) as e:
         p.error(str(e))
-    suite = yaml.safe_load(Path(args.suite).read_text())
+    if STOCK in labels:
+        p.error(f"--modes {STOCK}: the stock loss is the reference every mode is measured against")
+    try:
+        suite = yaml.safe_load(Path(args.suite).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        p.error(f"--suite {args.suite}: {one_line(e)}")
+    # the split's tables must exist somewhere, or every cell would read "not run" for a typo
+    if not any(table_files(ROOT / entry["results"], args.split)[0].is_file() for entry in suite["sets"]):
+        p.error(f"--split {args.split}: no set of {args.suite} has tables of that split "
+                f"({table_files(Path(), args.split)[0]})")
+    if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):
+        p.error(f"--out {args.out}: must be a file in an existing folder")
     header = ["data set", "mode", "seeds", *(f"{c} - stock" for c in SHOWN), "goal lines met"]
     table = markdown_table(header, rows(suite, labels, args.split, ROOT))
     notes = "\n".join(f"- {s['name']}: {s['schedule']}; `{s['command']}`" for s in suite["sets"])

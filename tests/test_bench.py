@@ -785,6 +785,28 @@ def test_suite_reads_each_sets_tables_and_checks_the_goal_lines(tmp_path, monkey
     assert table[3][1:4] == ["nwd-assigner_auto", "0", "not run"]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--suite", "OUT/missing.yaml"], "--suite OUT/missing.yaml: "),
+    (["--out", "OUT/nodir/suite.md"], "--out OUT/nodir/suite.md: must be a file in an existing folder"),
+    (["--out", "OUT"], "--out OUT: must be a file in an existing folder"),
+    (["--split", "tset"], "--split tset: no set of OUT/suite.yaml has tables of that split (results-tset.json)"),
+    (["--modes", "baseline"], "--modes baseline: the stock loss is the reference"),
+])
+def test_suite_refuses_a_mistake_before_printing_the_table(tmp_path, monkeypatch, capsys, flags, message):
+    """A bad --out failed after the table was printed; a misspelt split or the reference as a mode printed
+    a table of 'not run' and exit 0."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    suite = bench_script("suite")
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "results.json").write_text(json.dumps({"focus_class": "wbc", "differences": {}, "bootstrap": {}}))
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"sets": [
+        {"name": "C", "kind": "control", "small": "1%", "results": str(tmp_path / "set"), "schedule": "s", "command": "c"}]}))
+    with pytest.raises(SystemExit) as stop:
+        suite.main(["--modes", "nwd", "--suite", str(tmp_path / "suite.yaml"), *(f.replace("OUT", str(tmp_path)) for f in flags)])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and message.replace("OUT", str(tmp_path)) in err and out == ""
+
+
 def test_curves_averages_each_epochs_gap_over_seeds_and_bins(tmp_path, capsys):
     """bench/curves.py on hand-written results.csv files: per epoch (mode - baseline) in percent, mean over the
     two seeds, then over bins of two epochs (the last bin shorter)."""
