@@ -25,20 +25,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from ultralytics import YOLO
 from ultralytics.cfg import get_cfg
 from ultralytics.data import build_dataloader, build_yolo_dataset
 from ultralytics.data.utils import check_det_dataset
-from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils.loss import BboxLoss
 from ultralytics.utils.torch_utils import init_seeds
 
 from yolo_sizeloss.assignment import AssignmentCounter
 from yolo_sizeloss.checks import DataError, check_data_yaml, one_line
-from yolo_sizeloss.config import LossConfigError, load_loss_config
+from yolo_sizeloss.cli import check_yolo_model
+from yolo_sizeloss.config import load_loss_config
 from yolo_sizeloss.methods.base import box_areas
 from yolo_sizeloss.paths import resolve_data
 from yolo_sizeloss.yolo.assignment import attach_counter, positives_per_slot, slot_ids
@@ -139,20 +139,6 @@ def mode_config(mode: str) -> dict:
     return load_loss_config(loss, settings or None)
 
 
-def check_weights(weights: str) -> None:
-    """``--weights``: a model yaml (Ultralytics' own lookup, as train's --model: yolov8n-p2.yaml is its
-    yolov8-p2.yaml at scale n) or a local checkpoint; a FileNotFoundError naming the flag otherwise."""
-    if weights.endswith((".yaml", ".yml")):
-        try:
-            yaml_model_load(weights)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"--weights {weights}: no such file, nor one of Ultralytics' model yamls "
-                                    "(such as yolov8n.yaml)") from None
-    elif not Path(weights).is_file():  # Ultralytics would try to download a checkpoint of that name
-        raise FileNotFoundError(f"--weights {weights}: no such file (nothing is downloaded; give a local .pt "
-                                "or a model yaml)")
-
-
 def count_mode(model, mode: str, batches, labels, imgsz: int) -> tuple[dict[str, float], tuple[dict, float]]:
     """The assignment counts of one mode (``LOSS`` or ``LOSS:SETTINGS``) over ``batches``, its
     ``SizeTally.rows``, its whole target score and ``BoxWeightTally.shares``."""
@@ -196,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for mode in args.modes:
             mode_config(mode)
-        check_weights(args.weights)
+        check_yolo_model(args.weights, "--weights")
         check_data_yaml(args.data)
-    except (LossConfigError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # LossConfigError is a ValueError
         p.error(one_line(e))
     except DataError as e:  # a data yaml found but unusable (its images missing): the data's fault, exit 1
         print(f"{p.prog}: error: {e}", file=sys.stderr)

@@ -159,26 +159,27 @@ def check_yolo_resume(args: argparse.Namespace, ckpt: dict) -> None:
         raise ValueError(f"--epochs {args.epochs}: the run has already trained {epoch + 1} epochs")
 
 
-def check_yolo_model(model: str) -> str:
-    """``--model``: a model yaml name or file, or a local YOLO ``.pt``; anything else names the flag."""
+def check_yolo_model(model: str, flag: str = "--model") -> str:
+    """``--model`` (or the script's ``flag``): a model yaml name or file, or a local YOLO ``.pt``;
+    anything else names the flag."""
     if Path(model).suffix in (".yaml", ".yml"):
         try:  # Ultralytics' own lookup (yolov8n-p2.yaml is its yolov8-p2.yaml at scale n), here before any folder
             yaml_model_load(model)
         except FileNotFoundError:
-            raise FileNotFoundError(f"--model {model}: no such file, nor one of Ultralytics' model yamls "
+            raise FileNotFoundError(f"{flag} {model}: no such file, nor one of Ultralytics' model yamls "
                                     "(such as yolov8n.yaml)") from None
         except Exception as e:  # a yaml it cannot read
-            raise DataError(f"--model {model}: {one_line(e)}") from e
+            raise DataError(f"{flag} {model}: {one_line(e)}") from e
     if not model.endswith(".pt"):
         return str(Path(model).resolve()) if Path(model).is_file() else model
     if not Path(model).is_file():
-        raise FileNotFoundError(f"--model {model}: no such file (nothing is downloaded; give a local .pt or a yaml)")
+        raise FileNotFoundError(f"{flag} {model}: no such file (nothing is downloaded; give a local .pt or a yaml)")
     try:
         kind = checkpoint_kind(load_checkpoint(model), model)
     except ValueError as e:
-        raise DataError(f"--model {model}: {one_line(e)}") from e
+        raise DataError(f"{flag} {model}: {one_line(e)}") from e
     if kind == RCNN_ARCH:
-        raise ValueError(f"--model {model} is a Faster R-CNN checkpoint: train from it with --arch faster_rcnn "
+        raise ValueError(f"{flag} {model} is a Faster R-CNN checkpoint: train from it with --arch faster_rcnn "
                          f"--weights {model}, or continue its run with --resume")
     return str(Path(model).resolve())
 
