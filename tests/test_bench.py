@@ -509,6 +509,9 @@ def test_the_gpu_script_smoke_mode_runs_every_step_and_packs_its_tables(tmp_path
     env = {**os.environ, "GPU_WORK": str(work), "PYTHON": sys.executable, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0"}
     done = subprocess.run(["bash", "bench/gpu.sh", "--smoke", str(out)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=1200)
+    data = tmp_path / "data" / "data.yaml"  # the subset's yaml, to name its data set when tabulating again
+    data.parent.mkdir()
+    shutil.copy(work / "data" / "data.yaml", data)
     shutil.rmtree(work)  # 1.3 GB of checkpoints
     assert done.returncode == 0, done.stdout[-4000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu.log", "logs.tar.gz", "overhead.md", "rcnn_results.md",
@@ -543,7 +546,7 @@ def test_the_gpu_script_smoke_mode_runs_every_step_and_packs_its_tables(tmp_path
     # the records are enough to tabulate again, with another number of bootstrap draws
     (unpacked / "yolo" / "results.md").unlink()
     assert compare.main(["--preset", "gpu", "--epochs", "1", "--imgsz", "32", "--batch", "4", "--seeds", "0",
-                         "--bootstrap", "5", "--focus-class", "Platelets", "--only", "table",
+                         "--bootstrap", "5", "--focus-class", "Platelets", "--only", "table", "--data", str(data),
                          "--out", str(unpacked / "yolo")]) == 0
     assert "5 draws of the test images" in (unpacked / "yolo" / "results.md").read_text()
 
