@@ -40,7 +40,7 @@ from ultralytics.data import build_yolo_dataset
 from ultralytics.data.utils import check_det_dataset
 from ultralytics.nn.tasks import DetectionModel
 
-from yolo_sizeloss.checks import DataError, one_line, parse_device
+from yolo_sizeloss.checks import DataError, one_line, output_file_problem, parse_device
 from yolo_sizeloss.cli import check_yolo_model
 from yolo_sizeloss.config import load_loss_config
 from yolo_sizeloss.paths import resolve_data, resolve_loss_cfg
@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if Path(args.model).suffix not in (".yaml", ".yml"):
         parser.error(f"--model {args.model}: give a model yaml (the network is built untrained)")
-    if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):
-        parser.error(f"--out {args.out}: must be a file in an existing folder")
+    if args.out and (problem := output_file_problem(args.out)):
+        parser.error(f"--out {args.out}: {problem}")
     try:
         for mode in modes:
             mode_config(mode)

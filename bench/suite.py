@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from compare import columns, loss_mode, table_files
-from yolo_sizeloss.checks import one_line
+from yolo_sizeloss.checks import one_line, output_file_problem
 from yolo_sizeloss.config import LossConfigError
 from yolo_sizeloss.report import markdown_table
 
@@ -131,8 +131,8 @@ def main(argv=None) -> int:
     if not any(table_files(ROOT / entry["results"], args.split)[0].is_file() for entry in suite["sets"]):
         p.error(f"--split {args.split}: no set of {args.suite} has tables of that split "
                 f"({table_files(Path(), args.split)[0]})")
-    if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):
-        p.error(f"--out {args.out}: must be a file in an existing folder")
+    if args.out and (problem := output_file_problem(args.out)):
+        p.error(f"--out {args.out}: {problem}")
     header = ["data set", "mode", "seeds", *(f"{c} - stock" for c in SHOWN), "goal lines met"]
     table = markdown_table(header, rows(suite, labels, args.split, ROOT))
     notes = "\n".join(f"- {s['name']}: {s['schedule']}; `{s['command']}`" for s in suite["sets"])

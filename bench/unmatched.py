@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from yolo_sizeloss.checks import DataError
+from yolo_sizeloss.checks import DataError, output_file_problem
 from yolo_sizeloss.detections_file import load_detections
 from yolo_sizeloss.evaluation import unmatched_detections
 
@@ -71,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     # a mistake stops here, not when the sheet is saved after every report's crops are made
     if not 0 <= args.conf < 1:
         p.error(f"--conf {args.conf}: must be in [0, 1)")
-    out = Path(args.out)
-    if out.is_dir() or not out.parent.is_dir():
-        p.error(f"--out {args.out}: must be a file in an existing folder")
-    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:  # the extension picks the format
+    if problem := output_file_problem(args.out):
+        p.error(f"--out {args.out}: {problem}")
+    # the extension picks the format
+    if Image.registered_extensions().get(Path(args.out).suffix.lower()) not in Image.SAVE:
         p.error(f"--out {args.out}: give an image file name PIL can write, such as unmatched.png")
     for report in args.reports:
         if not Path(report).exists():

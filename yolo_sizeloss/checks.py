@@ -116,6 +116,13 @@ def resumed_run_folder(resume: str) -> Path:
     return last.parent.parent
 
 
+def output_file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be written as a new output file (a folder, or in no folder), or None: for the
+    scripts that write one file at the end of long work, to say so before the work."""
+    out = Path(path)
+    return "must be a file in an existing folder" if out.is_dir() or not out.parent.is_dir() else None
+
+
 def check_data_yaml(data: str) -> str:
     """The absolute path of a usable data yaml (Ultralytics' own check); DataError naming the file otherwise."""
     path = resolve_data(data)
