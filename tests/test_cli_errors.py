@@ -268,3 +268,14 @@ def test_path_prints_shipped_files_only(capsys, name):
     assert main(["path", "bccd.yaml"]) == 0 and capsys.readouterr().out.strip() == str((CFG_DIR / "bccd.yaml").resolve())
     assert main(["path", name]) == 2
     assert one_error_line(capsys).startswith(f"yolo-sizeloss path: error: '{name}' is not shipped (data: bccd.yaml;")
+
+
+def test_a_resume_refuses_a_setting_ultralytics_would_ignore_and_writes_nothing(tmp_path, capsys):
+    import torch
+
+    last = interrupted_run(tmp_path / "run", "bccd.yaml")  # trained with mosaic=1.0
+    fliplr = torch.load(last, weights_only=False)["train_args"]["fliplr"]  # the run's own value: no change
+    assert train_main(["--resume", str(last), "mosaic=0.5", f"fliplr={fliplr}", "patience=7"]) == 2
+    assert one_error_line(capsys) == ("yolo-sizeloss train: error: mosaic=0.5: a resumed run keeps its own settings "
+                                      "(mosaic=1.0); start a new run to change them")
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["last.pt", "weights"]

@@ -28,6 +28,11 @@ class DataError(Exception):
     """The data (a data yaml, its images or labels, a checkpoint) cannot be used; exit 1."""
 
 
+class SettingsError(ValueError):
+    """A setting the run cannot honour that only the trainer can tell (Ultralytics decides which settings
+    a resumed run may change); raised before anything is written, reported as a usage mistake (exit 2)."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line naming the program, not the whole usage text."""
 
@@ -42,31 +47,32 @@ def one_line(error: BaseException | str) -> str:
 
 def run_guarded(prog: str, check: Callable[[], Any], work: Callable[[Any], Any], verbose: bool) -> int:
     """Run ``work(check())`` and return the exit code: a ValueError or FileNotFoundError from ``check``
-    is a usage error (exit 2, prefixed with ``prog``), a DataError exit 1, any failure of ``work``
-    exit 1 (with a pointer to ``--verbose`` unless it is a DataError); each one ``error:`` line, the
-    traceback only when ``verbose``."""
+    (or a SettingsError from ``work``) is a usage error (exit 2, prefixed with ``prog``), a DataError
+    exit 1, any other failure of ``work`` exit 1 with a pointer to ``--verbose``; each one ``error:``
+    line, the traceback only when ``verbose``."""
+
+    def report(error: Exception, code: int, hint: str = "") -> int:
+        if verbose:
+            raise error
+        print(f"{prog}: error: {one_line(error)}{hint}", file=sys.stderr)
+        return code
+
     try:
         checked = check()
     except DataError as e:
-        if verbose:
-            raise
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return 1
+        return report(e, 1)
     except (ValueError, FileNotFoundError) as e:  # LossConfigError is a ValueError
-        if verbose:
-            raise
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return report(e, 2)
     try:
         work(checked)
-    except Exception as e:
-        if verbose:
-            raise
+    except SettingsError as e:
+        return report(e, 2)
+    except DataError as e:
         # bad data found only while working (a split's labels, the classes a checkpoint knows) is the
         # user's to fix, not a failure to debug: no pointer to the traceback
-        hint = "" if isinstance(e, DataError) else " (--verbose shows the traceback)"
-        print(f"{prog}: error: {one_line(e)}{hint}", file=sys.stderr)
-        return 1
+        return report(e, 1)
+    except Exception as e:
+        return report(e, 1, " (--verbose shows the traceback)")
     return 0
 
 

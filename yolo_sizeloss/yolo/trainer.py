@@ -19,6 +19,7 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from yolo_sizeloss.assignment import AssignmentCounter
+from yolo_sizeloss.checks import SettingsError
 from yolo_sizeloss.config import (
     check_loss_config,
     check_resumed_loss,
@@ -114,10 +115,22 @@ class SizeAwareTrainer(DetectionTrainer):
 
     def check_resume(self, overrides: dict[str, Any]) -> None:
         """Stock resume check; a new ``epochs`` (above the epochs trained) extends the interrupted run,
-        which stock Ultralytics would ignore."""
+        which stock Ultralytics would ignore. Any other setting the stock check did not take (it keeps the
+        checkpoint's and only warns) is an error before anything is written: a run the user believes was
+        resumed with ``lr0=...`` must not silently train with the old one."""
         super().check_resume({k: v for k, v in overrides.items() if k != "epochs"})
-        if self.resume and "epochs" in overrides:
+        if not self.resume:
+            return
+        if "epochs" in overrides:
             self.args.epochs = overrides["epochs"]
+        # the stock check's own set of changeable settings is internal to it: what it ignored is read off
+        # the result (model and resume become the checkpoint's path by design)
+        ignored = [f"{k}={v}" for k, v in overrides.items()
+                   if k not in {"model", "resume"} and v != getattr(self.args, k, None)]
+        if ignored:
+            kept = ", ".join(f"{k.split('=')[0]}={getattr(self.args, k.split('=')[0], None)}" for k in ignored)
+            raise SettingsError(f"{' '.join(ignored)}: a resumed run keeps its own settings ({kept}); "
+                             "start a new run to change them")
 
     def _resumed_loss_config(self) -> dict[str, dict[str, Any]]:
         """The interrupted run's settings from its ``loss.yaml``; a different request is an error naming
