@@ -279,3 +279,17 @@ def test_a_resume_refuses_a_setting_ultralytics_would_ignore_and_writes_nothing(
     assert one_error_line(capsys) == ("yolo-sizeloss train: error: mosaic=0.5: a resumed run keeps its own settings "
                                       "(mosaic=1.0); start a new run to change them")
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["last.pt", "weights"]
+
+
+@pytest.mark.parametrize("record, message", [
+    ("loss: nwd\nsettings: [oops\n", "{file}:3: not valid YAML"),
+    ("loss: nwd\n", "{file}: not a loss record (no 'settings': damaged?)"),
+    ("loss: nwd\nsettings:\n  nwd: {ratio: 3}\n", "{file}: nwd.ratio = 3 is out of range"),
+])
+def test_a_resume_with_a_damaged_loss_record_is_one_line_naming_it(tmp_path, capsys, record, message):
+    last = interrupted_run(tmp_path / "run", "bccd.yaml")
+    (tmp_path / "run" / "loss.yaml").write_text(record)
+    assert train_main(["--resume", str(last), "--loss", "nwd"]) == 2
+    assert one_error_line(capsys).startswith(
+        "yolo-sizeloss train: error: " + message.format(file=tmp_path / "run" / "loss.yaml"))
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["last.pt", "loss.yaml", "weights"]

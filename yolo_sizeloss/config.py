@@ -69,21 +69,25 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple[str, ...], int]]:
 
 
 def _merge_section(
-    target: dict, method: str, section: Any, path: Path, lines: dict[tuple[str, ...], int]
+    target: dict, method: str, section: Any, path: Path | str, lines: dict[tuple[str, ...], int]
 ) -> None:
-    where = f"{path}:{lines.get((method,), 1)}"
+    """Check ``section``'s settings and set them in ``target``. Errors name ``path`` and, where ``lines``
+    knows it (a file's key lines; empty for settings given in Python), the line."""
+
+    def where(*key: str) -> str:
+        return f"{path}:{lines.get((method, *key), lines.get((method,), 1))}" if lines else str(path)
+
     if section is None:
         return
     if not isinstance(section, dict):
-        raise LossConfigError(f"{where}: section '{method}' must be a mapping of settings")
+        raise LossConfigError(f"{where()}: section '{method}' must be a mapping of settings")
     for key, value in section.items():
-        line = lines.get((method, str(key)), lines.get((method,), 1))
         schema = REGISTRY[method].schema
         if key not in schema:
-            raise LossConfigError(f"{path}:{line}: unknown key '{method}.{key}' (known: {', '.join(schema)})")
+            raise LossConfigError(f"{where(str(key))}: unknown key '{method}.{key}' (known: {', '.join(schema)})")
         ok, allowed = schema[key](value)
         if not ok:
-            raise LossConfigError(f"{path}:{line}: {method}.{key} = {value!r} is out of range: must be {allowed}")
+            raise LossConfigError(f"{where(str(key))}: {method}.{key} = {value!r} is out of range: must be {allowed}")
         target[key] = value
 
 
@@ -164,21 +168,21 @@ def load_loss_config(spec: str, override: str | Path | None = None) -> dict[str,
     return config
 
 
-def check_loss_config(config: Any) -> dict[str, dict[str, Any]]:
-    """A loss configuration given in Python, ``{method: {setting: value}}``: each method known, each
-    setting checked as a settings file's are, the settings not given at their defaults. A loss name
-    (``"plb+scb"``) is ``load_loss_config``'s."""
+def check_loss_config(config: Any, where: str = "loss configuration") -> dict[str, dict[str, Any]]:
+    """A loss configuration given in Python (or read from ``where``), ``{method: {setting: value}}``:
+    each method known, each setting checked as a settings file's are, the settings not given at their
+    defaults. A loss name (``"plb+scb"``) is ``load_loss_config``'s."""
     if isinstance(config, str):
         return load_loss_config(config)
     if not isinstance(config, Mapping):
-        raise LossConfigError(f"a loss configuration is a loss name or a mapping {{method: settings}}, "
+        raise LossConfigError(f"{where}: a loss configuration is a loss name or a mapping {{method: settings}}, "
                               f"not {type(config).__name__}")
     resolved = {}
     for method, section in config.items():
         if method not in REGISTRY:
-            raise LossConfigError(f"unknown method {method!r} in the loss configuration (valid: {', '.join(METHODS)})")
+            raise LossConfigError(f"{where}: unknown method {method!r} (valid: {', '.join(METHODS)})")
         resolved[method] = dict(load_loss_config(method)[method])
-        _merge_section(resolved[method], method, section, Path("loss configuration"), {})
+        _merge_section(resolved[method], method, section, where, {})
     return resolved
 
 
@@ -225,9 +229,16 @@ def write_loss_record(run_dir: Path, config: dict[str, dict[str, Any]]) -> Path:
 
 
 def read_loss_record(run_dir: Path) -> dict[str, dict[str, Any]] | None:
-    """The settings ``write_loss_record`` saved in ``run_dir``; None when the run has none."""
+    """The settings ``write_loss_record`` saved in ``run_dir``, checked, each setting added since at its
+    default (as ``with_new_settings``); None when the run has none. A damaged record is a LossConfigError
+    naming the file."""
     path = Path(run_dir) / LOSS_FILE
-    return with_new_settings(yaml.safe_load(path.read_text())["settings"]) if path.is_file() else None
+    if not path.is_file():
+        return None
+    data, _ = _read_yaml(path)
+    if "settings" not in data:
+        raise LossConfigError(f"{path}: not a loss record (no 'settings': damaged?)")
+    return check_loss_config(data["settings"] or {}, str(path))
 
 
 def with_new_settings(saved: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
