@@ -46,7 +46,7 @@ from yolo_sizeloss.rcnn.cli import main
 from yolo_sizeloss.rcnn.data import training_box_sizes
 from yolo_sizeloss.rcnn.engine import stage_rpn_overlap, training_nwd_settings
 from yolo_sizeloss.methods.nwd import nwd, nwd_constant, nwd_matrix
-from yolo_sizeloss.methods.overlaps import NWDOverlap
+from yolo_sizeloss.methods.overlaps import IoU, NWDOverlap
 from yolo_sizeloss.rcnn.heads import SizeBalancedRPN
 from yolo_sizeloss.rcnn.model import (
     build_model,
@@ -443,3 +443,20 @@ def test_resume_keeps_the_runs_constant(runs, tmp_path):
     assert len(rows) == 2 and float(rows[1]["nwd/constant"]) == 33.0
     assert load_checkpoint(last, RCNN_ARCH)["nwd_constant"] == 33.0
     assert load_checkpoint(last, RCNN_ARCH)["loss"]["nwd"]["box_measure"] == "nwd"
+
+
+@pytest.mark.slow
+def test_resume_keeps_nwd_off_where_max_small_share_turned_it_off(tiny_data, tmp_path):
+    """At the tests' image size nearly every box is small: max_small_share 0.5 turns NWD off for the run,
+    and its resumed epochs train with the run's switches, not the settings' own (NWD on)."""
+    (tmp_path / "off.yaml").write_text("nwd:\n  max_small_share: 0.5\n")
+    assert main(["--data", str(tiny_data), "--project", str(tmp_path), "--name", "off", "--loss", "nwd",
+                 "--loss-cfg", str(tmp_path / "off.yaml"), *TRAIN_FLAGS]) == 0
+    last, _ = resumable_copy(tmp_path / "off", tmp_path / "resumed")
+    assert main(["--resume", str(last)]) == 0
+    assert [float(row["nwd/active"]) for row in results(tmp_path / "resumed")] == [0.0, 0.0]
+    # the resumed model's switches, as saved after its epoch: the stock matcher and box terms
+    checkpoint = load_checkpoint(last, RCNN_ARCH)
+    assert (checkpoint["epoch"], checkpoint["nwd_active"], checkpoint["nwd_assigner"]) == (1, False, False)
+    model = model_from_checkpoint(checkpoint)
+    assert isinstance(model.rpn.overlap, IoU) and model.rpn.switches.nwd_ratio == 0

@@ -375,13 +375,14 @@ def stage_rpn_overlap(model: torch.nn.Module, switches: LossSwitches, epoch: int
 def checkpoint_or_new_model(
     checkpoint: dict | None, args: argparse.Namespace, switches: LossSwitches, num_classes: int
 ) -> torch.nn.Module:
-    """The resumed checkpoint's model, or a new one from ``--backbone``/``--weights``."""
+    """The resumed checkpoint's model, or a new one from ``--backbone``/``--weights``; either with
+    ``switches``, the loop's own (``stage_rpn_overlap`` and results.csv go by them)."""
     if checkpoint is None:
         return build_model(args.backbone, num_classes, args.imgsz, switches, args.weights)
     if checkpoint["num_classes"] != num_classes:
         raise ValueError(f"--resume {args.resume}: checkpoint has {checkpoint['num_classes'] - 1} classes, "
                          f"data {args.data} has {num_classes - 1}")
-    return model_from_checkpoint(checkpoint)
+    return model_from_checkpoint(checkpoint, switches=switches)
 
 
 def save_epoch(

@@ -105,15 +105,17 @@ def unwrap(model: torch.nn.Module) -> FasterRCNN:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def model_from_checkpoint(checkpoint: dict, imgsz: int | None = None) -> FasterRCNN:
+def model_from_checkpoint(
+    checkpoint: dict, imgsz: int | None = None, switches: LossSwitches | None = None
+) -> FasterRCNN:
     """Rebuild the checkpoint's model (at its own ``imgsz`` unless one is given) with its weights,
-    feedback state and resolved NWD settings (``nwd.constant``/``nwd.assigner: auto``) loaded."""
-    model = build_model(
-        checkpoint["backbone"],
-        checkpoint["num_classes"],
-        imgsz or checkpoint["imgsz"],
-        LossSwitches.from_config(checkpoint["loss"], checkpoint.get("nwd_constant"), checkpoint.get("nwd_assigner")),
-    )
+    feedback state and resolved NWD settings (``nwd.constant``/``nwd.assigner: auto`` and whether
+    ``nwd.max_small_share`` left NWD on; a checkpoint older than that record had it on) loaded, or
+    with ``switches``: a resumed run's, resolved by the engine."""
+    switches = switches or LossSwitches.from_config(
+        checkpoint["loss"], checkpoint.get("nwd_constant"), checkpoint.get("nwd_assigner"),
+        checkpoint.get("nwd_active", True))
+    model = build_model(checkpoint["backbone"], checkpoint["num_classes"], imgsz or checkpoint["imgsz"], switches)
     model.load_state_dict({**checkpoint["model"], **checkpoint.get("feedback", {})})
     return model
 
