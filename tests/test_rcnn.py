@@ -486,6 +486,24 @@ def test_resume_continues_the_run(trained_run, tmp_path, capsys):
     assert len((run / "results.csv").read_text().splitlines()) == 4 and load_checkpoint(last)["epoch"] == 2
 
 
+def test_weights_that_fit_no_tensor_are_refused_before_any_run_folder(tiny_data, tmp_path, capsys):
+    from yolo_sizeloss.rcnn.cli import build_parser, check_args, fill_defaults
+
+    unrelated, coco = tmp_path / "unrelated.pt", tmp_path / "coco_classes.pt"
+    torch.save({"foo": torch.zeros(3)}, unrelated)
+    # torchvision's own detector with COCO's 91 classes: all but the class predictor fits a 3-class model
+    torch.save(fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None).state_dict(), coco)
+    project = tmp_path / "proj"
+    flags = ["--arch", "faster_rcnn", "--backbone", "mobilenet_v3_large_fpn", "--data", str(tiny_data),
+             "--project", str(project), "--epochs", "1", "--device", "cpu"]
+    assert train_main([*flags, "--weights", str(unrelated)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"yolo-sizeloss train: error: --weights {unrelated}: no tensor matches this model's names and "
+                   "shapes")
+    assert check_args(fill_defaults(build_parser().parse_args([*flags, "--weights", str(coco)]))).weights == str(coco)
+    assert not project.exists()
+
+
 @pytest.mark.slow
 def test_two_process_gloo_training(tiny_data, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",

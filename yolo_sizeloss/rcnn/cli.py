@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from ultralytics.data.utils import check_det_dataset
 from ultralytics.utils import LOGGER
 
 from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
@@ -39,7 +40,7 @@ from yolo_sizeloss.config import (
 )
 from yolo_sizeloss.paths import shipped_variants
 from yolo_sizeloss.rcnn.engine import fit
-from yolo_sizeloss.rcnn.model import BACKBONES
+from yolo_sizeloss.rcnn.model import BACKBONES, check_weights_match
 
 PLB_SHORTHANDS = {"1C": "rpn_cls", "1B": "rpn_box", "2C": "roi_cls", "2B": "roi_box"}  # the paper's names
 SIZE_SOURCES = ("predicted", "gt")
@@ -158,13 +159,15 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     ):
         if not ok:  # also for NaN, which fails every comparison
             raise ValueError(f"--{flag} {value}: {rule}")
-    check_weights(args.weights)
-    return argparse.Namespace(**{**vars(args), "data": check_data_yaml(args.data), "loss_config": loss_config(args)})
+    data = check_data_yaml(args.data)
+    check_weights(args.weights, args.backbone, data)
+    return argparse.Namespace(**{**vars(args), "data": data, "loss_config": loss_config(args)})
 
 
-def check_weights(weights: str) -> None:
+def check_weights(weights: str, backbone: str, data: str) -> None:
     """``--weights``: DEFAULT, none, or a checkpoint torchvision's Faster R-CNN can start from (this
-    project's, or a plain state dict); a YOLO checkpoint says which flag it belongs to."""
+    project's, or a plain state dict) with a tensor that fits ``backbone`` for the classes of ``data``
+    (a usable data yaml); a YOLO checkpoint says which flag it belongs to."""
     if weights.upper() == "DEFAULT" or weights.lower() == "none":
         return
     if not Path(weights).is_file():
@@ -176,6 +179,7 @@ def check_weights(weights: str) -> None:
     if isinstance(ckpt.get("ema"), torch.nn.Module) or isinstance(ckpt.get("model"), torch.nn.Module):
         raise ValueError(f"--weights {weights} is a YOLO checkpoint: give it to YOLO as --model {weights} "
                          "(Faster R-CNN --weights takes a Faster R-CNN checkpoint or state dict)")
+    check_weights_match(Path(weights), backbone, check_det_dataset(data, autodownload=False)["nc"] + 1)
 
 
 def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:

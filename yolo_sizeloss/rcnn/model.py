@@ -15,6 +15,7 @@ Checkpoints: ``model`` holds the detector's state dict with torchvision's keys o
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -69,19 +70,40 @@ def build_model(
     return model
 
 
-def load_matching_weights(model: torch.nn.Module, path: Path) -> list[str]:
-    """Copy the tensors of ``path`` whose name and shape match into ``model``; return the names skipped."""
+def matching_weights(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``path`` whose name and shape match ``model``'s; ValueError naming ``--weights``
+    when the file holds no state dict or none of its tensors match."""
     if not path.is_file():
         raise FileNotFoundError(f"--weights {path}: no such file (use a checkpoint path, DEFAULT or none)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    expected = f"--weights {path}: expected a state dict or a checkpoint with a 'model' state dict"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # objects weights_only refuses: no state dict of ours holds them
+        raise ValueError(expected) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"--weights {path}: expected a state dict or a checkpoint with a 'model' state dict")
+        raise ValueError(expected)
     own = model.state_dict()
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matching:
         raise ValueError(f"--weights {path}: no tensor matches this model's names and shapes")
+    return matching
+
+
+def check_weights_match(path: Path, backbone: str, num_classes: int) -> None:
+    """``matching_weights``' verdict for the model ``build_model`` would make, before a run folder exists.
+    Names and shapes are all it needs, so the model is made on the meta device: nothing allocated or
+    initialised."""
+    with torch.device("meta"):
+        model = BACKBONES[backbone][0](weights=None, weights_backbone=None, num_classes=num_classes)
+    matching_weights(model, path)
+
+
+def load_matching_weights(model: torch.nn.Module, path: Path) -> list[str]:
+    """Copy the tensors of ``path`` whose name and shape match into ``model``; return the names skipped."""
+    own = model.state_dict()
+    matching = matching_weights(model, path)
     model.load_state_dict(matching, strict=False)
     skipped = sorted(set(own) - set(matching))
     LOGGER.info(f"Loaded {len(matching)}/{len(own)} tensors from {path}" + (f"; new: {', '.join(skipped)}" if skipped else ""))
