@@ -160,7 +160,7 @@ def count_mode(model, mode: str, batches, labels, imgsz: int) -> tuple[dict[str,
         for batch in batches:
             criterion(model(batch["img"]), batch)
             counter.end_step()
-    small, small_unmatched, total, unmatched, steps = counter.sums.tolist()
+    small, steps = counter.sums[0].item(), counter.sums[4].item()
     return {"small": small / steps, **counter.epoch_stats()}, (tally.rows(), float(tally.sums[2].sum()),
                                                               box_tally.shares())
 

@@ -81,6 +81,8 @@ def test_overlaps_measure_pairwise_and_elementwise():
     b = torch.tensor([[1.0, 0, 5, 4], [50, 50, 150, 150], [10, 10, 30, 20]])
     assert IoU().pairwise is box_iou  # the RPN's stock similarity itself
     assert torch.allclose(IoU().elementwise(a, b), box_iou(a, b).diagonal())
+    empty = torch.tensor([[5.0, 5, 5, 5]])  # no area on either side: no overlap, as the other measures say
+    assert IoU().elementwise(empty, empty).tolist() == [0.0]
     measure = NWDOverlap(12.8, "set it")
     assert torch.equal(measure.pairwise(a, b), nwd_matrix(a, b, 12.8))
     assert torch.equal(measure.elementwise(a, b), nwd(a, b, 12.8))

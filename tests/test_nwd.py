@@ -294,6 +294,7 @@ def test_assigner_epochs_are_the_first_share_of_the_schedule():
     assert assigner_epochs({**settings, "assigner_until": 1 / 3}, 60) == 20
     assert assigner_epochs({**settings, "assigner_until": 0.33}, 100) == 33
     assert assigner_epochs({**settings, "assigner_until": 0.01}, 10) == 1  # at least the first epoch
+    assert [assigner_epochs({**settings, "assigner_until": 0.5}, n) for n in (5, 7)] == [3, 4]  # halves round up
 
 
 def test_after_assigner_until_the_assigner_measures_by_the_stock_ciou():

@@ -14,7 +14,6 @@ A DST that already holds images, labels or a data yaml is refused, naming what i
 
 from __future__ import annotations
 
-import argparse
 import math
 import shutil
 import sys

@@ -159,9 +159,7 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
     return ValRequest(**{**flags, "data": data, "checkpoint": checkpoint, "kind": kind})
 
 
-def predict_records(
-    args: ValRequest, records: list[ImageRecord], names: list[str], save_dir: Path
-) -> tuple[list[ImageRecord], dict]:
+def predict_records(args: ValRequest, records: list[ImageRecord], save_dir: Path) -> tuple[list[ImageRecord], dict]:
     """Detections of the checked ``args.checkpoint`` on ``records`` (the split ``check_split`` gave),
     in original image pixels: the dispatch point for detector families.
 
@@ -172,7 +170,7 @@ def predict_records(
     ``save_dir/ultralytics``). A new detector family adds a branch on ``args.kind``.
     """
     if args.kind == RCNN_ARCH:
-        return predict_faster_rcnn(args, records, names)
+        return predict_faster_rcnn(args, records)
     return predict_yolo(args, records, save_dir)
 
 
@@ -191,7 +189,7 @@ def check_trained_names(args: ValRequest, names: list[str]) -> None:
         raise DataError(f"{args.model}: trained for classes {list(trained)}, {args.data} names {names}")
 
 
-def predict_faster_rcnn(args: ValRequest, records: list[ImageRecord], names: list[str]) -> tuple[list[ImageRecord], dict]:
+def predict_faster_rcnn(args: ValRequest, records: list[ImageRecord]) -> tuple[list[ImageRecord], dict]:
     """Detections of this project's Faster R-CNN checkpoint (long image side resized to the input size)."""
     ckpt = args.checkpoint
     imgsz = args.imgsz or ckpt["imgsz"]
@@ -280,7 +278,7 @@ def run_report(args: ValRequest) -> Path:
     names = [data["names"][k] for k in range(len(data["names"]))]
     check_trained_names(args, names)
     save_dir = increment_path(Path(args.project) / args.name, exist_ok=args.exist_ok)
-    records, meta = predict_records(args, records, names, save_dir)
+    records, meta = predict_records(args, records, save_dir)
     scales = letterbox_scales(records, meta["imgsz"])
     metrics = evaluate_records(records, names, scales, edges, args.recall_frame, args.max_det)
     summary = skipped_summary(skipped, len(records) + sum(s.whole_image for s in skipped)) if skipped else ""

@@ -20,7 +20,7 @@ SIMD_EPS = 1e-6  # added to centres and sides, and the floor of the similarity, 
 SIMD_SQRT_EPS = 1e-12  # under SimD's square roots, so that identical boxes have a gradient (0) instead of NaN
 
 
-def _iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
+def elementwise_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
     """IoU of aligned xyxy boxes (0 where both are empty: no overlap to speak of)."""
     lt = torch.max(boxes_a[..., :2], boxes_b[..., :2])
     rb = torch.min(boxes_a[..., 2:], boxes_b[..., 2:])
@@ -57,7 +57,7 @@ def safit(pred_boxes: Tensor, gt_boxes: Tensor, nwd_constant: float, size: float
     In [0, 1] with plain IoU; differentiable: use ``1 - safit`` in a box loss.
     """
     w = safit_blend_weight(gt_boxes, size, spread)
-    overlap = _iou(pred_boxes, gt_boxes) if iou is None else iou
+    overlap = elementwise_iou(pred_boxes, gt_boxes) if iou is None else iou
     return w * overlap + (1 - w) * nwd(pred_boxes, gt_boxes, nwd_constant)
 
 
@@ -66,7 +66,7 @@ def safit_matrix(gt_boxes: Tensor, boxes: Tensor, nwd_constant: float, size: flo
                  spread: float | None = None) -> Tensor:
     """SAFit of every pair, (M, N) for M ground truths and N boxes (a matcher's quality matrix)."""
     w = safit_blend_weight(gt_boxes.float(), size, spread)[:, None]
-    iou = _iou(gt_boxes.float()[:, None, :], boxes.float()[None, :, :])
+    iou = elementwise_iou(gt_boxes.float()[:, None, :], boxes.float()[None, :, :])
     return w * iou + (1 - w) * nwd_matrix(gt_boxes, boxes, nwd_constant)
 
 

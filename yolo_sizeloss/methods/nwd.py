@@ -7,6 +7,7 @@ and the resolution of the settings that are ``auto`` from the training boxes.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -141,7 +142,8 @@ def finite_box_areas(widths: torch.Tensor, heights: torch.Tensor, caller: str) -
 
 def assigner_epochs(settings: dict[str, Any], epochs: int) -> int:
     """How many of a run's first ``epochs`` the assigner measures by ``nwd.assigner``'s overlap:
-    ``nwd.assigner_until`` of them, rounded, at least one; the detector's stock overlap ranks anchors after.
+    ``nwd.assigner_until`` of them, rounded half up (not Python's half to even), at least one; the
+    detector's stock overlap ranks anchors after.
 
     A lenient overlap matters most while predictions are poor: an untrained model's CIoU with a small
     object is near 0, and so are the object's target scores (on BCCD 0.07 per object under the stock
@@ -150,7 +152,7 @@ def assigner_epochs(settings: dict[str, Any], epochs: int) -> int:
     a warm-up follows PP-YOLOE, which ranks by a static assigner (ATSS) for the first third of its epochs
     and by the task-aligned one after (``static_assigner_epoch``: 100 of 300, 133 of 400).
     """
-    return max(1, round(settings["assigner_until"] * epochs))
+    return max(1, math.floor(settings["assigner_until"] * epochs + 0.5))
 
 
 def assigner_decided_in_training(settings: dict[str, Any]) -> bool:

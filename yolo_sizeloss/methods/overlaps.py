@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from typing import Optional, Protocol
 
-import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from yolo_sizeloss.methods.base import box_areas
-from yolo_sizeloss.methods.measures import SAFIT_SIZE, SIMD_RELEASED_NORMALISERS, safit, safit_matrix, simd, simd_matrix
+from yolo_sizeloss.methods.measures import (
+    SAFIT_SIZE, SIMD_RELEASED_NORMALISERS, elementwise_iou, safit, safit_matrix, simd, simd_matrix)
 from yolo_sizeloss.methods.nwd import nwd, nwd_matrix
 
 
@@ -34,13 +33,7 @@ class IoU:
     """Intersection over union: torchvision's ``box_iou`` itself as ``pairwise`` (the RPN matcher's stock measure)."""
 
     pairwise = staticmethod(box_iou)
-
-    @staticmethod
-    def elementwise(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
-        lt = torch.max(boxes_a[..., :2], boxes_b[..., :2])
-        rb = torch.min(boxes_a[..., 2:], boxes_b[..., 2:])
-        inter = box_areas(torch.cat([lt, rb], -1))
-        return inter / (box_areas(boxes_a) + box_areas(boxes_b) - inter)
+    elementwise = staticmethod(elementwise_iou)
 
 
 class NWDOverlap:

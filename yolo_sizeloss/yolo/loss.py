@@ -30,7 +30,7 @@ from yolo_sizeloss.methods.base import box_areas, count_per_gt
 from yolo_sizeloss.methods.feedback import FeedbackBalancer
 from yolo_sizeloss.methods.measures import box_similarity
 from yolo_sizeloss.methods.nwd import assigner_decided_in_training, needs_training_boxes, resolve_nwd_auto
-from yolo_sizeloss.methods.overlaps import NWDOverlap, Overlap, assigner_overlap
+from yolo_sizeloss.methods.overlaps import Overlap, assigner_overlap
 from yolo_sizeloss.yolo.normaliser import ciou_target_scores
 
 UNRESOLVED_HINT = ("call AnchorWeighting.resolve_from_labels(dataset.labels, imgsz) before training "
