@@ -363,8 +363,8 @@ def _results(run_dir: Path) -> list[dict]:
 
 def _epoch_seconds(run_dir: Path) -> list[float]:
     """Wall seconds of each epoch (training and validation), from results.csv's time column: seconds
-    since training started, which restarted from 0 at a resume in runs made before it continued (a
-    drop marks that)."""
+    since training started; in a run resumed by an older trainer the clock restarted from 0 at the
+    resume (a drop marks that)."""
     times = [float(r["time"]) for r in _results(run_dir) if "time" in r]
     return [b - a if b >= a else b for a, b in zip([0.0, *times], times)]
 

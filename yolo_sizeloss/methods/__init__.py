@@ -11,7 +11,7 @@ from yolo_sizeloss.methods.base import FAMILY_TERMS, MatchedSamples, Method, Ter
 # every method by name, in the order messages list them
 REGISTRY: dict[str, Method] = {m.name: m for m in (feedback.METHOD, scb.METHOD, plb.METHOD, gradlibra.METHOD,
                                                     nwd.METHOD)}
-# the order weights multiply in on a term: float products depend on it, and every run so far used this one
+# the order weights multiply in on a term: float products depend on it, so a saved run retrains bit for bit only in it
 WEIGHT_ORDER = ("plb", "scb", "feedback", "gradlibra")
 
 __all__ = ["FAMILY_TERMS", "REGISTRY", "WEIGHT_ORDER", "MatchedSamples", "Method", "TermWeights"]
