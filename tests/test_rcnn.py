@@ -473,11 +473,11 @@ def test_resume_continues_the_run(trained_run, tmp_path, capsys):
     assert (run / "weighting.png").is_file()
     capsys.readouterr()
     assert main(["--resume", str(last)]) == 1  # finished: a one-line error, not a traceback
-    assert "nothing to resume; give --epochs above 2" in capsys.readouterr().err
+    assert "this run finished its 2 epochs; give --epochs above 2 to train on" in capsys.readouterr().err
     assert main(["--resume", str(last), "--imgsz", "256"]) == 2  # a resume keeps its image size
     assert "--imgsz cannot change on resume" in capsys.readouterr().err
     # a changed loss: the YOLO path's words and exit code, under the program's own name
-    assert train_main(["--resume", str(last), "--loss", "feedback"], "yolo-sizeloss train") == 2
+    assert train_main(["--resume", str(last), "--loss", "feedback", "--epochs", "3"], "yolo-sizeloss train") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"yolo-sizeloss train: error: --resume {last}: a resumed run keeps its loss (plb+scb); "
                           "the request differs in") and len(err.splitlines()) == 1
@@ -502,6 +502,41 @@ def test_weights_that_fit_no_tensor_are_refused_before_any_run_folder(tiny_data,
                    "shapes")
     assert check_args(fill_defaults(build_parser().parse_args([*flags, "--weights", str(coco)]))).weights == str(coco)
     assert not project.exists()
+
+
+def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` with its size and modification time: what a command left unchanged."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, code, message", [
+    ([], 1, "--resume {last}: this run finished its 1 epochs; give --epochs above 1 to train on"),
+    (["--epochs", "1"], 2, "--epochs 1: the run has already trained 1 epochs"),
+])
+def test_resuming_a_finished_run_is_one_line_and_writes_nothing(trained_run, tmp_path, capsys, flags, code, message):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)  # trained its 1 of 1 epochs
+    last, before = run / "weights" / "last.pt", folder_state(run)
+    assert train_main(["--resume", str(last), *flags]) == code
+    assert capsys.readouterr().err.strip() == "yolo-sizeloss train: error: " + message.format(last=last)
+    assert folder_state(run) == before
+
+
+@pytest.mark.slow
+def test_a_resume_whose_data_yaml_is_gone_is_one_line_naming_it_and_writes_nothing(trained_run, tmp_path, capsys):
+    run, gone = tmp_path / "run", tmp_path / "gone" / "data.yaml"
+    shutil.copytree(trained_run, run)
+    last = run / "weights" / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["train_args"].update(epochs=2, data=str(gone))  # stopped after 1 of 2 epochs; its data moved since
+    torch.save(checkpoint, last)
+    before = folder_state(run)
+    assert train_main(["--resume", str(last)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"yolo-sizeloss train: error: --resume {last}: the run's data: data yaml '{gone}' not found")
+    assert len(err.splitlines()) == 1 and "--verbose" not in err
+    assert folder_state(run) == before
 
 
 @pytest.mark.slow

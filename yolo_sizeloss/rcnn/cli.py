@@ -39,7 +39,7 @@ from yolo_sizeloss.config import (
     run_defaults,
 )
 from yolo_sizeloss.paths import shipped_variants
-from yolo_sizeloss.rcnn.engine import fit
+from yolo_sizeloss.rcnn.engine import fit, resumed_args
 from yolo_sizeloss.rcnn.model import BACKBONES, check_weights_match
 
 PLB_SHORTHANDS = {"1C": "rpn_cls", "1B": "rpn_box", "2C": "roi_cls", "2B": "roi_box"}  # the paper's names
@@ -184,7 +184,8 @@ def check_weights(weights: str, backbone: str, data: str) -> None:
 
 def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:
     """A resumed run continues with its own settings: a flag other than RESUMABLE is an error naming
-    it, and a loss given must be the run's own (in any order of methods)."""
+    it, it must have epochs left to train (``engine.resumed_args``, as ``fit`` reads it) and data
+    Ultralytics' check accepts, and a loss given must be the run's own (in any order of methods)."""
     parse_device(args.device, allow_mps=False)
     if not Path(args.resume).is_file():
         raise ValueError(f"--resume {args.resume}: no such checkpoint")
@@ -199,6 +200,14 @@ def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:
         checkpoint = load_checkpoint(args.resume, RCNN_ARCH)
     except ValueError as e:
         raise DataError(f"--resume {args.resume}: {one_line(e)}") from e
+    try:
+        run = resumed_args(checkpoint, args)
+    except (KeyError, TypeError) as e:
+        raise DataError(f"--resume {args.resume}: not a Faster R-CNN training checkpoint (no {one_line(e)})") from e
+    try:
+        check_data_yaml(run.data)
+    except (DataError, FileNotFoundError) as e:  # the run's data, not this command line, is at fault
+        raise DataError(f"--resume {args.resume}: the run's data: {one_line(e)}") from e
     if any(getattr(args, k) is not None for k in LOSS_FLAGS):
         note = check_resumed_loss(checkpoint["loss"], loss_config(args), f"--resume {args.resume}")
         if note:

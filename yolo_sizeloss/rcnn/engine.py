@@ -29,7 +29,7 @@ from ultralytics.utils import LOGGER, TQDM
 from ultralytics.utils.files import increment_path
 
 from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
-from yolo_sizeloss.checks import parse_device, resumed_run_folder
+from yolo_sizeloss.checks import DataError, parse_device, resumed_run_folder
 from yolo_sizeloss.config import describe_loss, write_loss_record
 from yolo_sizeloss.detections import ImageRecord, load_split
 from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics, per_class_ap
@@ -234,15 +234,20 @@ def plain_args(args: argparse.Namespace) -> dict:
 
 def resumed_args(checkpoint: dict, args: argparse.Namespace) -> argparse.Namespace:
     """The checkpoint's training arguments, with ``resume`` and, where given now, ``epochs`` (a new total,
-    which also extends a finished run), ``device`` and ``workers``."""
+    which also extends a finished run), ``device`` and ``workers``. Nothing left to train is refused in
+    the YOLO path's words: a new total not above the epochs trained is a ValueError naming ``--epochs``,
+    a finished run without one a DataError."""
     restored = argparse.Namespace(**checkpoint["train_args"])
     restored.resume = str(args.resume)
     for key in ("epochs", "device", "workers"):
         if getattr(args, key, None) is not None:
             setattr(restored, key, getattr(args, key))
-    if checkpoint["epoch"] + 1 >= restored.epochs:
-        raise ValueError(f"--resume {args.resume}: {checkpoint['epoch'] + 1} of {restored.epochs} epochs are trained, "
-                         f"nothing to resume; give --epochs above {checkpoint['epoch'] + 1} to train on")
+    trained = checkpoint["epoch"] + 1
+    if getattr(args, "epochs", None) is not None and args.epochs <= trained:
+        raise ValueError(f"--epochs {args.epochs}: the run has already trained {trained} epochs")
+    if trained >= restored.epochs:
+        raise DataError(f"--resume {args.resume}: this run finished its {trained} epochs; give --epochs above "
+                        f"{trained} to train on")
     return restored
 
 
