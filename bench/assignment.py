@@ -38,8 +38,8 @@ from ultralytics.utils.torch_utils import init_seeds
 from yolo_sizeloss.assignment import AssignmentCounter
 from yolo_sizeloss.checks import DataError, check_data_yaml, one_line
 from yolo_sizeloss.cli import check_yolo_model
-from yolo_sizeloss.config import load_loss_config
-from yolo_sizeloss.methods.base import box_areas
+from yolo_sizeloss.config import load_loss_mode
+from yolo_sizeloss.methods.base import COCO_AREA_LIMITS, box_areas
 from yolo_sizeloss.paths import resolve_data
 from yolo_sizeloss.yolo.assignment import attach_counter, positives_per_slot, slot_ids
 from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss, loss_branches, stock_assigners
@@ -62,12 +62,11 @@ def training_batches(data_yaml: str, imgsz: int, batch: int, count: int, seed: i
 
 
 BUCKETS = ("small", "medium", "large")
-BUCKET_EDGES = (32.0**2, 96.0**2)  # COCO's area limits, here in network-input pixels
 
 
 def size_buckets(boxes: torch.Tensor) -> torch.Tensor:
     """The index into ``BUCKETS`` of each xyxy box (network-input pixels), by its area."""
-    return torch.bucketize(box_areas(boxes.float()), torch.tensor(BUCKET_EDGES), right=True)
+    return torch.bucketize(box_areas(boxes.float()), torch.tensor(COCO_AREA_LIMITS), right=True)
 
 
 class SizeTally:
@@ -133,16 +132,10 @@ def stock_box_losses(criterion) -> list:
     return losses
 
 
-def mode_config(mode: str) -> dict:
-    """The loss settings of ``LOSS`` or ``LOSS:SETTINGS`` (a file or a shipped variant); empty for baseline."""
-    loss, _, settings = mode.partition(":")
-    return load_loss_config(loss, settings or None)
-
-
 def count_mode(model, mode: str, batches, labels, imgsz: int) -> tuple[dict[str, float], tuple[dict, float]]:
     """The assignment counts of one mode (``LOSS`` or ``LOSS:SETTINGS``) over ``batches``, its
     ``SizeTally.rows``, its whole target score and ``BoxWeightTally.shares``."""
-    config = mode_config(mode)
+    config = load_loss_mode(mode)
     if not config:  # baseline: the stock criterion
         criterion = model.init_criterion()
     else:
@@ -181,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
     try:
         for mode in args.modes:
-            mode_config(mode)
+            load_loss_mode(mode)
         check_yolo_model(args.weights, "--weights")
         check_data_yaml(args.data)
     except (ValueError, FileNotFoundError) as e:  # LossConfigError is a ValueError

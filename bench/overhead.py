@@ -42,8 +42,8 @@ from ultralytics.nn.tasks import DetectionModel
 
 from yolo_sizeloss.checks import DataError, one_line, output_file_problem, parse_device
 from yolo_sizeloss.cli import check_yolo_model
-from yolo_sizeloss.config import load_loss_config
-from yolo_sizeloss.paths import resolve_data, resolve_loss_cfg
+from yolo_sizeloss.config import load_loss_mode
+from yolo_sizeloss.paths import resolve_data
 from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss
 
 LOSS_CALLS_PER_ROUND = 10  # the loss call is short: more samples of it per round
@@ -51,12 +51,6 @@ MODES = ("baseline", "feedback", "scb", "plb", "gradlibra", "plb+scb+feedback+gr
          "nwd:safit_sharp_auto_norm")
 SYNC_WARNING = "synchronizing CUDA operation"  # what set_sync_debug_mode("warn") says, once per operation
 CLOCKS = {"event": "CUDA-event time", "wall": "wall time", "cpu": "process CPU time"}
-
-
-def mode_config(mode: str) -> dict:
-    """The loss settings of ``LOSS`` or ``LOSS:SETTINGS`` (a file or a shipped variant)."""
-    loss, _, settings = mode.partition(":")
-    return load_loss_config(loss, resolve_loss_cfg(settings) if settings else None)
 
 
 def timing_device(spec: str | None) -> torch.device:
@@ -95,7 +89,7 @@ def criterion_for(mode: str, model: DetectionModel, labels: list[dict], imgsz: i
     update the trainer's batch-end callback makes), which is part of the cost."""
     if mode == "baseline":
         return model.init_criterion()
-    weighting = AnchorWeighting(mode_config(mode)).to(next(model.parameters()).device)
+    weighting = AnchorWeighting(load_loss_mode(mode)).to(next(model.parameters()).device)
     weighting.resolve_from_labels(labels, imgsz)  # as the trainer does when training starts
     criterion = build_size_aware_loss(model, weighting)
 
@@ -195,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--out {args.out}: {problem}")
     try:
         for mode in modes:
-            mode_config(mode)
+            load_loss_mode(mode)
         check_yolo_model(args.model)
         device = timing_device(args.device)
     except (ValueError, FileNotFoundError, DataError) as e:  # LossConfigError is a ValueError

@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from yolo_sizeloss.methods.base import box_areas
+from yolo_sizeloss.methods.base import COCO_AREA_LIMITS, box_areas
 
-SMALL_AREA = 32 * 32  # COCO's "small", in network-input pixels
 COLUMNS = ("assign/small_no_pos", "assign/small_no_pos_share", "assign/no_pos_share")
 
 
@@ -38,7 +37,7 @@ class AssignmentCounter(nn.Module):
         (..., 4) the ground truths, xyxy in network-input pixels; ``valid`` (...) bool, False for padding
         slots (None: all valid). A mask, not an index, so that no shape depends on the data."""
         valid = torch.ones_like(positives, dtype=torch.bool) if valid is None else valid.bool()
-        small = valid & (box_areas(gt_boxes.float()) < SMALL_AREA)
+        small = valid & (box_areas(gt_boxes.float()) < COCO_AREA_LIMITS[0])
         unmatched = valid & (positives == 0)
         counts = torch.stack([small.sum(), (small & unmatched).sum(), valid.sum(), unmatched.sum()])
         self.sums[:4] += counts.to(self.sums.device, self.sums.dtype)

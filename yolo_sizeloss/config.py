@@ -168,6 +168,13 @@ def load_loss_config(spec: str, override: str | Path | None = None) -> dict[str,
     return config
 
 
+def load_loss_mode(mode: str) -> dict[str, dict[str, Any]]:
+    """The loss settings of a benchmark mode, ``LOSS`` or ``LOSS:SETTINGS`` (a settings file or a shipped
+    variant, as ``--loss-cfg`` takes), as ``bench/compare.py --losses`` names them; empty for baseline."""
+    loss, _, settings = mode.partition(":")
+    return load_loss_config(loss, settings or None)
+
+
 def check_loss_config(config: Any, where: str = "loss configuration") -> dict[str, dict[str, Any]]:
     """A loss configuration given in Python (or read from ``where``), ``{method: {setting: value}}``:
     each method known, each setting checked as a settings file's are, the settings not given at their

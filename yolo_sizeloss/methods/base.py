@@ -22,6 +22,9 @@ FAMILY_TERMS = {  # the loss terms of each detector family, and the setting that
     "faster_rcnn": ("rcnn_terms", ("rpn_cls", "rpn_box", "roi_cls", "roi_box")),  # RPN objectness/box, RoI class/box
 }
 
+# COCO's small / medium / large limits on a box's area, here in network-input pixels (what a detector sees)
+COCO_AREA_LIMITS = (32.0**2, 96.0**2)
+
 
 def box_areas(boxes: Tensor) -> Tensor:
     """Areas of xyxy boxes ``(..., 4)`` (widths and heights below zero count as zero)."""

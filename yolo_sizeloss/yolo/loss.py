@@ -26,7 +26,7 @@ from ultralytics.utils.loss import E2ELoss, v8DetectionLoss
 from ultralytics.utils.metrics import bbox_iou
 
 from yolo_sizeloss.methods import REGISTRY, WEIGHT_ORDER, MatchedSamples
-from yolo_sizeloss.methods.base import box_areas, count_per_gt
+from yolo_sizeloss.methods.base import COCO_AREA_LIMITS, box_areas, count_per_gt
 from yolo_sizeloss.methods.feedback import FeedbackBalancer
 from yolo_sizeloss.methods.measures import box_similarity
 from yolo_sizeloss.methods.nwd import assigner_decided_in_training, needs_training_boxes, resolve_nwd_auto
@@ -35,7 +35,6 @@ from yolo_sizeloss.yolo.normaliser import ciou_target_scores
 
 UNRESOLVED_HINT = ("call AnchorWeighting.resolve_from_labels(dataset.labels, imgsz) before training "
                    "(SizeAwareTrainer does), or set a number")
-COCO_SMALL_AREA = 32 * 32  # the 'small' of the per-epoch statistics, in network-input pixels
 FEEDBACK_STATE = ("r", "q", "gain", "steps")  # what a resume must restore; other feedback buffers are counters
 
 
@@ -283,7 +282,7 @@ class AnchorWeighting(nn.Module):
         """Add the weights on small (< 32^2) and other foreground anchors to the epoch sums (None: 1;
         ``valid``: which samples are foreground, None: all)."""
         real = torch.ones_like(gt_area, dtype=torch.bool) if valid is None else valid
-        small = ((gt_area < COCO_SMALL_AREA) & real).to(gt_area.dtype)
+        small = ((gt_area < COCO_AREA_LIMITS[0]) & real).to(gt_area.dtype)
         other = real.to(gt_area.dtype) - small
         box = torch.ones_like(gt_area) if box_fg is None else torch.where(real, box_fg, 0.0)
         cls = torch.ones_like(gt_area) if cls_fg is None else torch.where(real, cls_fg, 0.0)
