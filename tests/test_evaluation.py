@@ -319,3 +319,20 @@ def test_box_fit_and_confidence_by_size_by_hand():
     assert fit["32-96"] == {"total": 2, "iou": pytest.approx(0.5), "tight": 0.5, "score": pytest.approx(0.475)}
     assert fit["96-inf"] == {"total": 1, "iou": 0.0, "tight": 0.0, "score": 0.0}
     assert fit["all"] == {"total": 4, "iou": pytest.approx(1.6 / 4), "tight": 0.25, "score": pytest.approx(1.35 / 4)}
+
+
+def test_the_report_plot_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    from yolo_sizeloss.report import plot_size_metrics
+
+    records = sized_scene(True)
+    metrics = evaluate_records(records, NAMES, unit_scales(records))
+    metrics["meta"].update(model="m", data="synthetic", split="test", imgsz=640)
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # any backend but the Agg the plot draws with
+    try:
+        assert plot_size_metrics(metrics, tmp_path / "size.png").read_bytes()[:4] == b"\x89PNG"
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)

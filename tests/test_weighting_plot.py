@@ -41,3 +41,17 @@ def test_faster_rcnn_stage_columns_join_the_feedback_panels(tmp_path):
     path = plot_weighting(tmp_path)
     with Image.open(path) as image:
         assert image.size == (1100, 418)  # two panels: shares and gain (no per-anchor weight columns)
+
+
+def test_plotting_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    """A notebook user's interactive backend must survive a plot drawn during training."""
+    import matplotlib
+
+    (tmp_path / "results.csv").write_text("epoch,time,feedback/gain\n1,50.1,4\n")
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # any backend but the Agg the plots draw with
+    try:
+        assert plot_weighting(tmp_path) == tmp_path / "weighting.png"
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)

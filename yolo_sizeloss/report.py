@@ -113,15 +113,13 @@ def _recall_cell(entry: dict) -> str:
 
 def plot_size_metrics(metrics: dict, path: Path) -> Path:
     """PNG: left AP50-95 per bucket in both frames, right recall per bucket at each confidence threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend and open figures stay untouched
 
     meta = metrics["meta"]
     names = meta["bucket_names"]
     x = np.arange(len(names))
-    fig, (ax_ap, ax_rec) = plt.subplots(1, 2, figsize=(max(12, 3.2 * len(names)), 5.2), constrained_layout=True)
+    fig = Figure(figsize=(max(12, 3.2 * len(names)), 5.2), layout="constrained")
+    ax_ap, ax_rec = fig.subplots(1, 2)
 
     frame_label = {"original": "original frame", "input": f"input frame ({meta.get('imgsz', '?')} px)"}
     width = 0.8 / len(FRAMES)
@@ -156,7 +154,6 @@ def plot_size_metrics(metrics: dict, path: Path) -> Path:
     title = f"{Path(meta.get('model', '')).name} on {Path(meta.get('data', '')).name} [{meta.get('split', '')}]"
     fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

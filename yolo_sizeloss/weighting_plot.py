@@ -53,21 +53,18 @@ def plot_weighting(run_dir: str | Path) -> Path | None:
               for title, prefix, parts in PANELS]
     panels = [(title, names) for title, names in panels if names]
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend and open figures stay untouched
 
     path = run_dir / PLOT_FILE
     if not panels:
-        fig = plt.figure(figsize=(5, 1.6))
+        fig = Figure(figsize=(5, 1.6))
         fig.text(0.5, 0.5, f"{run_dir.name}: no per-epoch weighting columns in results.csv\n"
                            "(the stock loss, or a method that records none)", ha="center", va="center")
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         return path
     epochs = columns.get("epoch") or list(range(1, len(next(iter(columns.values()))) + 1))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False, constrained_layout=True)
+    fig = Figure(figsize=(5 * len(panels), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, names) in zip(axes[0], panels):
         for name in names:
             ax.plot(epochs, columns[name], marker=".", label=name.split("/", 1)[1])
@@ -77,5 +74,4 @@ def plot_weighting(run_dir: str | Path) -> Path | None:
         ax.legend(fontsize=8)
     fig.suptitle(f"{run_dir.name}: size-aware weighting per epoch", fontsize=11)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
