@@ -67,7 +67,7 @@ from yolo_sizeloss.rcnn.switches import LossSwitches
 
 def register_states(head: torch.nn.Module, switches: LossSwitches, stage: str) -> None:
     """Give ``head`` the running states of the methods acting in ``stage`` as ``head.states``, each also a
-    submodule under its method's name: the checkpoint keys ``rpn.feedback.r``, ... of every run so far."""
+    submodule under its method's name, which gives the checkpoint keys ``rpn.feedback.r``, ... that saved runs hold."""
     head.states = switches.new_states(stage)
     for name, state in head.states.items():
         head.add_module(name, state)
