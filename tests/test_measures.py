@@ -136,7 +136,7 @@ def test_a_shipped_variant_puts_the_measure_in_both_families_assignment(variant,
     loss, _ = criterion(model.train()(images), batch)
     assert torch.isfinite(loss).all()
     switches = LossSwitches.from_config(config, C)
-    assert isinstance(switches.rpn_overlap(), overlap_type) and switches.nwd_assigner == variant.split("_")[0]
+    assert isinstance(switches.rpn_overlap(), overlap_type) and switches.nwd.assigner == variant.split("_")[0]
 
 
 def test_safit_spread_reaches_both_families_assignment_and_box_loss():
@@ -151,10 +151,10 @@ def test_safit_spread_reaches_both_families_assignment_and_box_loss():
     gt, pred = torch.tensor([[0.0, 0.0, 24.0, 24.0]]), torch.tensor([[2.0, 0.0, 26.0, 24.0]])
     expected = sigmoid(-1) * 22 / 26 + (1 - sigmoid(-1)) * math.exp(-2 / C)
     weighting, switches = AnchorWeighting(config), LossSwitches.from_config(config)
-    assert weighting.overlap().elementwise(gt, pred).item() == pytest.approx(expected, rel=1e-5)
-    assert weighting.box_similarity(pred, gt).item() == pytest.approx(expected, rel=1e-5)  # plain IoU without a CIoU
+    assert weighting.nwd.overlap().elementwise(gt, pred).item() == pytest.approx(expected, rel=1e-5)
+    assert weighting.nwd.box_similarity(pred, gt).item() == pytest.approx(expected, rel=1e-5)  # plain IoU without a CIoU
     assert switches.rpn_overlap().pairwise(gt, pred).item() == pytest.approx(expected, rel=1e-5)
-    assert switches.box_similarity(pred, gt).item() == pytest.approx(expected, rel=1e-5)
+    assert switches.nwd.box_similarity(pred, gt).item() == pytest.approx(expected, rel=1e-5)
 
 
 # --- in the box loss ----------------------------------------------------------------------------------------------

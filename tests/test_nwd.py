@@ -88,13 +88,13 @@ def test_auto_constant_is_the_mean_absolute_size_in_input_pixels():
     assert torch.allclose(widths, torch.tensor([32.0, 160.0, 160.0], dtype=torch.float64))
     assert torch.allclose(heights, torch.tensor([48.0, 120.0, 160.0], dtype=torch.float64))
     weighting = AnchorWeighting(nwd_config())
-    assert weighting.nwd_constant is None  # auto waits for the labels
+    assert weighting.nwd.constant is None  # auto waits for the labels
     weighting.resolve_from_labels(labels, 320)
-    assert weighting.nwd_constant == pytest.approx((math.sqrt(32 * 48) + math.sqrt(160 * 120) + 160) / 3)
-    assert weighting.epoch_stats()["nwd/constant"] == weighting.nwd_constant  # recorded in results.csv
+    assert weighting.nwd.constant == pytest.approx((math.sqrt(32 * 48) + math.sqrt(160 * 120) + 160) / 3)
+    assert weighting.epoch_stats()["nwd/constant"] == weighting.nwd.constant  # recorded in results.csv
     fixed = AnchorWeighting(nwd_config(constant=12.8))
     fixed.resolve_from_labels(labels, 320)  # a number stays as configured
-    assert fixed.nwd_constant == 12.8
+    assert fixed.nwd.constant == 12.8
     with pytest.raises(ValueError, match="hold none"):
         AnchorWeighting(nwd_config()).resolve_from_labels([{"shape": (10, 10), "bboxes": []}], 320)
 
@@ -106,13 +106,13 @@ def test_auto_assigner_uses_nwd_while_small_training_boxes_are_fewer_than_half()
 
     for small, other, uses_nwd in ((1, 2, True), (1, 1, False), (2, 1, False), (0, 3, True)):
         weighting = AnchorWeighting(nwd_config(assigner="auto", constant=40.0))
-        assert weighting.nwd_assigner is None  # auto waits for the labels
+        assert weighting.nwd.assigner is None  # auto waits for the labels
         weighting.resolve_from_labels(labels(small, other), 320)
-        assert weighting.nwd_assigner is uses_nwd, (small, other)
+        assert weighting.nwd.assigner is uses_nwd, (small, other)
         assert weighting.epoch_stats()["nwd/assigner"] == float(uses_nwd)  # recorded in results.csv
     gated = AnchorWeighting(nwd_config(assigner="auto", constant=40.0, small_area=700))  # 768 is no longer small
     gated.resolve_from_labels(labels(2, 1), 320)
-    assert gated.nwd_assigner is True
+    assert gated.nwd.assigner is True
     assert "nwd/assigner" not in AnchorWeighting(nwd_config(constant=40.0)).epoch_stats()  # a column only for auto
 
 
@@ -150,7 +150,7 @@ def test_max_small_share_turns_nwd_off_for_mostly_small_data_bit_for_bit():
         weighting.resolve_from_labels(labels(small, other), 320)
         loss, items = build_size_aware_loss(model, weighting)(preds, batch)
         same = torch.equal(loss, expected_loss) and same_items(items, expected_items)
-        assert (weighting.nwd_active, same, weighting.epoch_stats()["nwd/active"]) == (active, not active, float(active))
+        assert (weighting.nwd.active, same, weighting.epoch_stats()["nwd/active"]) == (active, not active, float(active))
     assert "nwd/active" not in AnchorWeighting(nwd_config(constant=40.0)).epoch_stats()  # a column only when set
 
 
@@ -307,13 +307,13 @@ def test_after_assigner_until_the_assigner_measures_by_the_stock_ciou():
     settings = {**load_loss_config("safit_sharp_auto_norm")["nwd"], "constant": 40.0, "max_small_share": 1.0}
     staged = AnchorWeighting({"nwd": settings})
     criterion = build_size_aware_loss(model, staged)
-    assert staged.holds_normaliser and staged.overlap() is not None
+    assert staged.holds_normaliser and staged.nwd.overlap() is not None
     before, _ = criterion(preds, batch)
     use_stock_overlap(criterion, staged)
     after, after_items = criterion(preds, batch)
     expected, expected_items = build_size_aware_loss(model, AnchorWeighting({"nwd": {**settings, "assigner": False}}))(
         preds, batch)
-    assert not staged.holds_normaliser and staged.overlap() is None
+    assert not staged.holds_normaliser and staged.nwd.overlap() is None
     assert torch.equal(after, expected) and same_items(after_items, expected_items)
     assert not torch.equal(before, after)  # SAFit had ranked otherwise
 

@@ -46,7 +46,7 @@ from yolo_sizeloss.rcnn.cli import main
 from yolo_sizeloss.rcnn.data import training_box_sizes
 from yolo_sizeloss.rcnn.engine import stage_rpn_overlap, training_nwd_settings
 from yolo_sizeloss.methods.nwd import nwd, nwd_constant, nwd_matrix
-from yolo_sizeloss.methods.overlaps import IoU, NWDOverlap
+from yolo_sizeloss.methods.overlaps import IoU, NWDOverlap, ResolvedNWD
 from yolo_sizeloss.rcnn.heads import SizeBalancedRPN
 from yolo_sizeloss.rcnn.model import (
     build_model,
@@ -84,11 +84,11 @@ def nwd_switches(constant: float | None = C, **settings) -> LossSwitches:
 
 def test_defaults_compile_to_the_rpn_box_term_and_matcher():
     s = nwd_switches(constant=None)
-    assert s.terms("nwd") == ("rpn_box",) and s.nwd_ratio == 0.5 and s.nwd_assigner and s.nwd_constant is None  # auto
+    assert s.terms("nwd") == ("rpn_box",) and s.nwd.ratio == 0.5 and s.nwd.assigner and s.nwd.constant is None  # auto
     assert s.rpn_active and not s.roi_active
-    assert nwd_switches(constant=42.0).nwd_constant == 42.0  # auto, resolved by the engine
+    assert nwd_switches(constant=42.0).nwd.constant == 42.0  # auto, resolved by the engine
     fixed = LossSwitches.from_config({"nwd": {**load_loss_config("nwd")["nwd"], "constant": 12.8}}, 42.0)
-    assert fixed.nwd_constant == 12.8  # a number in the settings wins
+    assert fixed.nwd.constant == 12.8  # a number in the settings wins
     model = build_model("mobilenet_v3_large_fpn", 4, IMGSZ, nwd_switches(rcnn_terms=["rpn_box", "roi_box"]))
     assert isinstance(model.rpn.overlap, NWDOverlap) and model.rpn.overlap.constant == C
     assert model.rpn.box_similarity == model.rpn.overlap.pairwise and model.roi_heads.switches.roi_active
@@ -280,7 +280,8 @@ def test_nwd_matcher_gives_the_small_object_more_positive_anchors(offset):
     constant = nwd_constant(gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1])
     assert constant == pytest.approx(65.0)
     positives = {}
-    for name, switches in (("iou", LossSwitches()), ("nwd", LossSwitches(nwd_assigner=True, nwd_constant=constant))):
+    nwd_matcher = LossSwitches(nwd=ResolvedNWD(constant=constant, assigner=True))
+    for name, switches in (("iou", LossSwitches()), ("nwd", nwd_matcher)):
         rpn = direction_rpn(switches)
         labels, _ = rpn.assign_targets_to_anchors([anchors], [{"boxes": gt, "labels": torch.tensor([1, 1])}])
         (matches,) = rpn.proposal_matcher.recorded
@@ -309,7 +310,7 @@ def test_after_assigner_until_the_rpn_matcher_measures_by_iou():
     """``nwd.assigner_until: 0.5`` of four epochs: NWD matches in epochs 0 and 1; from epoch 2 the RPN's matcher is
     torchvision's IoU again and gives the small object of the direction check only IoU's positives."""
     switches = nwd_switches(assigner_until=0.5)
-    assert [switches.assigner_acts(epoch, 4) for epoch in range(4)] == [True, True, False, False]
+    assert [switches.nwd.assigner_acts(epoch, 4) for epoch in range(4)] == [True, True, False, False]
     model = build_model("mobilenet_v3_large_fpn", 4, IMGSZ, switches)
     stage_rpn_overlap(model, switches, 1, 4, log=False)
     assert isinstance(model.rpn.overlap, NWDOverlap)
@@ -321,7 +322,7 @@ def test_after_assigner_until_the_rpn_matcher_measures_by_iou():
     gt = {"boxes": torch.tensor([SMALL]), "labels": torch.tensor([1])}
     positives = []
     for staged in (False, True):
-        rpn = direction_rpn(LossSwitches(nwd_assigner=True, nwd_constant=65.0))
+        rpn = direction_rpn(LossSwitches(nwd=ResolvedNWD(constant=65.0, assigner=True)))
         if staged:
             rpn.use_stock_overlap()
         rpn.assign_targets_to_anchors([anchors], [gt])
@@ -362,10 +363,10 @@ def test_constant_from_the_training_labels_at_imgsz():
     assert training_nwd_settings(capped, records, 320, None) == (12.8, False, False)
     assert training_nwd_settings({"nwd": {**capped["nwd"], "small_area": 700}}, records, 320, None) == (12.8, True, True)
     off = LossSwitches.from_config(capped, *training_nwd_settings(capped, records, 320, None))
-    assert (off.nwd_ratio, off.nwd_mixes("rpn_box"), type(off.rpn_overlap()).__name__) == (0.0, False, "IoU")
+    assert (off.nwd.ratio, off.nwd_mixes("rpn_box"), type(off.rpn_overlap()).__name__) == (0.0, False, "IoU")
     with pytest.raises(ValueError, match="nwd.assigner is auto but was not resolved"):
         LossSwitches.from_config(gated)
-    assert LossSwitches.from_config(gated, None, False).nwd_assigner is False
+    assert LossSwitches.from_config(gated, None, False).nwd.assigner is False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -396,7 +397,7 @@ def test_training_leaves_checkpoints_that_stock_torchvision_loads(runs, tiny_dat
     assert all(math.isfinite(float(v)) for k, v in row.items() if not k.startswith("val/AP50-95 "))
     assert float(row["nwd/constant"]) == checkpoint["nwd_constant"]  # logged = saved
     model = model_from_checkpoint(checkpoint)
-    assert model.rpn.switches.nwd_constant == checkpoint["nwd_constant"]
+    assert model.rpn.switches.nwd.constant == checkpoint["nwd_constant"]
     assert isinstance(model.rpn.overlap, NWDOverlap) and model.rpn.box_similarity == model.rpn.overlap.pairwise
     if "feedback" in loss:
         for stage in ("rpn", "roi"):
@@ -459,4 +460,4 @@ def test_resume_keeps_nwd_off_where_max_small_share_turned_it_off(tiny_data, tmp
     checkpoint = load_checkpoint(last, RCNN_ARCH)
     assert (checkpoint["epoch"], checkpoint["nwd_active"], checkpoint["nwd_assigner"]) == (1, False, False)
     model = model_from_checkpoint(checkpoint)
-    assert isinstance(model.rpn.overlap, IoU) and model.rpn.switches.nwd_ratio == 0
+    assert isinstance(model.rpn.overlap, IoU) and model.rpn.switches.nwd.ratio == 0

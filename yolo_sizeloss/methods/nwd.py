@@ -2,7 +2,8 @@
 
 NWD replaces part of a box term (each family mixes ``1 - nwd`` into its box loss) and, optionally, the
 overlap its assigner or matcher measures (``overlaps.NWDOverlap``). Here: the similarity, its settings,
-and the resolution of the settings that are ``auto`` from the training boxes.
+and the resolution of the settings that are ``auto`` from the training boxes; what a run trains with once
+they are resolved is ``overlaps.ResolvedNWD``.
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ BOX_WEIGHTS = ("assigned", "ciou")
 
 def _flag_auto_or_measure(value: Any) -> tuple[bool, str]:
     # 'auto': decided from the training labels when training starts (nwd_assigner_auto); a measure's name:
-    # the assigner measures overlap by that one (overlaps.assigner_overlap), the box loss keeps NWD
+    # the assigner measures overlap by that one (overlaps.ResolvedNWD.overlap), the box loss keeps NWD
     allowed = f"true, false, auto or a measure: {', '.join(ASSIGNER_MEASURES)}"
     return isinstance(value, bool) or value == "auto" or value in ASSIGNER_MEASURES, allowed
 

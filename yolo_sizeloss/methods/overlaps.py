@@ -4,19 +4,21 @@ An ``Overlap`` measures boxes two ways: ``pairwise`` every box of one set agains
 (a matcher's quality matrix: torchvision's RPN ``box_similarity``), and ``elementwise`` the pairs of
 two aligned sets (the candidate pairs of Ultralytics' ``TaskAlignedAssigner.iou_calculation``). Each
 family hands the configured measure to its stock assigner or matcher in place of the stock one; a new
-measure is one new class here.
+measure is one new class here. ``ResolvedNWD`` is a run's ``nwd`` settings as it trains with them: the one
+reading of them for both families, which hands out the assigner's overlap and the box loss's similarity.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
 
 from torch import Tensor
 from torchvision.ops import box_iou
 
 from yolo_sizeloss.methods.measures import (
-    SAFIT_SIZE, SIMD_RELEASED_NORMALISERS, elementwise_iou, safit, safit_matrix, simd, simd_matrix)
-from yolo_sizeloss.methods.nwd import nwd, nwd_matrix
+    SAFIT_SIZE, SIMD_RELEASED_NORMALISERS, box_similarity, elementwise_iou, safit, safit_matrix, simd, simd_matrix)
+from yolo_sizeloss.methods.nwd import assigner_decided_in_training, assigner_epochs, nwd, nwd_matrix
 
 
 class Overlap(Protocol):
@@ -36,27 +38,31 @@ class IoU:
     elementwise = staticmethod(elementwise_iou)
 
 
+def _known_constant(constant: Optional[float], unresolved_hint: str) -> float:
+    """NWD's constant; None, an ``auto`` one not yet resolved, is a RuntimeError that says what to do: the
+    caller's family's ``unresolved_hint``, or a number in the settings."""
+    if constant is None:
+        raise RuntimeError(f"nwd.constant is auto but was not resolved: {unresolved_hint}, or set a number")
+    return constant
+
+
 class NWDOverlap:
     """NWD (``methods.nwd``) with constant ``C`` (network-input pixels), in (0, 1] as IoU is in [0, 1].
 
-    ``constant`` None is an ``auto`` setting not yet resolved: measuring raises a RuntimeError whose
-    message ends with ``unresolved_hint`` (what the caller's family does to resolve it).
+    ``constant`` None is an ``auto`` setting not yet resolved: measuring, not building, raises
+    (``_known_constant``, with ``unresolved_hint``), so that a model built before the labels are read is fine.
     """
 
     def __init__(self, constant: Optional[float], unresolved_hint: str):
         self.constant, self.unresolved_hint = constant, unresolved_hint
 
-    def _c(self) -> float:
-        if self.constant is None:
-            raise RuntimeError(f"nwd.constant is auto but was not resolved: {self.unresolved_hint}")
-        return self.constant
-
     def pairwise(self, boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
-        return nwd_matrix(boxes_a, boxes_b, self._c())
+        return nwd_matrix(boxes_a, boxes_b, _known_constant(self.constant, self.unresolved_hint))
 
     def elementwise(self, boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
         """Computed in float32 (mixed precision hands in halves), returned in ``boxes_b``'s dtype."""
-        return nwd(boxes_a.float(), boxes_b.float(), self._c()).to(boxes_b.dtype)
+        constant = _known_constant(self.constant, self.unresolved_hint)
+        return nwd(boxes_a.float(), boxes_b.float(), constant).to(boxes_b.dtype)
 
 
 class SAFitOverlap:
@@ -90,17 +96,82 @@ class SimDOverlap:
         return simd(boxes_a.float(), boxes_b.float(), self.m_x, self.m_y).to(boxes_b.dtype)
 
 
-def assigner_overlap(assigner: bool | str, nwd_constant: Optional[float], unresolved_hint: str,
-                     safit_spread: Optional[float] = None) -> Optional[Overlap]:
-    """The overlap an assigner or matcher measures for a resolved ``nwd.assigner`` setting: NWD (true),
-    SAFit (its blend over ``safit_spread`` pixels) or SimD (by name), or None (false: the detector's
-    stock measure). The one reading of the setting for both families."""
-    if assigner is True:
-        return NWDOverlap(nwd_constant, unresolved_hint)
-    if assigner == "safit":
-        if nwd_constant is None:
-            raise RuntimeError(f"nwd.constant is auto but was not resolved: {unresolved_hint}")
-        return SAFitOverlap(nwd_constant, spread=safit_spread)
-    if assigner == "simd":
-        return SimDOverlap()
-    return None
+@dataclass(frozen=True)
+class ResolvedNWD:
+    """``nwd``'s settings as a run trains with them; both families read NWD through it alone (YOLO's
+    ``AnchorWeighting.nwd``, Faster R-CNN's ``LossSwitches.nwd``).
+
+    ``settings`` is the resolved settings dict (None: no ``nwd``). ``constant`` is NWD's C in network-input
+    pixels and ``assigner`` the ``nwd.assigner`` decision, each None while an ``auto`` one waits for the
+    training boxes (``methods.nwd.resolve_nwd_auto``); ``active`` is False where ``nwd.max_small_share``
+    turned NWD off, the assigner then False too (the stock loss trains). ``unresolved_hint`` says what the
+    holder's family does to resolve them, for the errors measuring raises meanwhile.
+    """
+
+    settings: Optional[dict[str, Any]] = None
+    constant: Optional[float] = None
+    assigner: bool | str | None = False
+    active: bool = True
+    unresolved_hint: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: Optional[dict[str, Any]], unresolved_hint: str, constant: Optional[float] = None,
+                      assigner: bool | str | None = None, active: bool = True) -> "ResolvedNWD":
+        """The state of ``settings`` (None: no ``nwd``): the constant and assigner they set, else (``auto``)
+        ``constant`` and ``assigner``, what ``resolve_nwd_auto`` made of them (None: not yet resolved); the
+        assigner False where ``active`` is not."""
+        if settings is None:
+            return cls(active=active, unresolved_hint=unresolved_hint)
+        if settings["constant"] != "auto":
+            constant = float(settings["constant"])
+        if settings["assigner"] != "auto":
+            assigner = settings["assigner"]
+        return cls(settings, constant, assigner if active else False, active, unresolved_hint)
+
+    @property
+    def ratio(self) -> float:
+        """NWD's share of a box term it mixes into (``nwd.ratio``); 0 without NWD or where it is off."""
+        return self.settings["ratio"] if self.settings is not None and self.active else 0.0
+
+    def assigner_acts(self, epoch: int, epochs: int) -> bool:
+        """Whether the assigner or matcher measures by ``nwd.assigner``'s overlap in ``epoch`` (from 0) of
+        ``epochs``: where it does at all, for the first ``nwd.assigner_until`` of them (``assigner_epochs``)."""
+        return bool(self.assigner) and epoch < assigner_epochs(self.settings, epochs)
+
+    def overlap(self) -> Optional[Overlap]:
+        """The overlap the assigner or matcher measures for ``nwd.assigner``: NWD (true), SAFit (over
+        ``nwd.safit_spread`` pixels) or SimD (by name), or None (false: the detector's stock measure)."""
+        if self.assigner is None:
+            raise RuntimeError(f"nwd.assigner is auto but was not resolved: {self.unresolved_hint}, "
+                               "or set true or false")
+        if self.assigner is True:
+            return NWDOverlap(self.constant, self.unresolved_hint)
+        if self.assigner == "safit":
+            return SAFitOverlap(_known_constant(self.constant, self.unresolved_hint),
+                                spread=self.settings["safit_spread"] if self.settings is not None else None)
+        if self.assigner == "simd":
+            return SimDOverlap()
+        return None
+
+    def box_similarity(self, pred_boxes: Tensor, gt_boxes: Tensor, iou: Optional[Tensor] = None) -> Tensor:
+        """Element-wise ``nwd.box_measure`` (``measures.box_similarity``) of predicted boxes and their ground
+        truths, float32; ``iou``, the pairs' overlap by the detector's own measure, is SAFit's IoU member
+        (None: plain IoU)."""
+        measure = self.settings["box_measure"]
+        # SimD has no constant: an unresolved one is no error there
+        constant = self.constant if measure == "simd" else _known_constant(self.constant, self.unresolved_hint)
+        return box_similarity(measure, pred_boxes.float(), gt_boxes.float(), constant,
+                              None if iou is None else iou.float(), self.settings["safit_spread"])
+
+    def epoch_columns(self, assigner_acts: bool) -> dict[str, float]:
+        """NWD's results.csv columns of an epoch, each only where it says something: ``nwd/constant``, the C
+        trained with (also when it was ``auto``); ``nwd/assigner`` where the assigner's measure is decided
+        in training (``assigner_decided_in_training``), 1 while ``assigner_acts``; ``nwd/active`` with a
+        ``max_small_share`` below 1, 0 where the stock loss trained."""
+        settings = self.settings or {}
+        columns = {} if self.constant is None else {"nwd/constant": self.constant}
+        if assigner_decided_in_training(settings):
+            columns["nwd/assigner"] = float(assigner_acts)
+        if settings.get("max_small_share", 1) < 1:
+            columns["nwd/active"] = float(self.active)
+        return columns

@@ -33,7 +33,7 @@ from yolo_sizeloss.checks import DataError, parse_device, resumed_run_folder
 from yolo_sizeloss.config import describe_loss, write_loss_record
 from yolo_sizeloss.detections import ImageRecord, load_split
 from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics, per_class_ap
-from yolo_sizeloss.methods.nwd import assigner_decided_in_training, needs_training_boxes, resolve_nwd_auto
+from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.methods.overlaps import IoU
 from yolo_sizeloss.paths import resolve_data
 from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection, training_box_sizes
@@ -371,7 +371,8 @@ def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) ->
 def stage_rpn_overlap(model: torch.nn.Module, switches: LossSwitches, epoch: int, epochs: int, log: bool) -> None:
     """Past ``nwd.assigner_until`` of the epochs the RPN's matcher measures by IoU; called every epoch, so
     that a run resumed past that point does too."""
-    if switches.nwd_assigner and not switches.assigner_acts(epoch, epochs) and not isinstance(model.rpn.overlap, IoU):
+    nwd = switches.nwd
+    if nwd.assigner and not nwd.assigner_acts(epoch, epochs) and not isinstance(model.rpn.overlap, IoU):
         model.rpn.use_stock_overlap()
         if log:
             LOGGER.info(f"nwd.assigner_until: the RPN's matcher measures by IoU from epoch {epoch + 1}")
@@ -408,9 +409,7 @@ def save_epoch(
     assignment counts, the NWD constant, if any, and the assigner decision of ``nwd.assigner: auto``),
     ``weights/last.pt`` and
     (if fitter) ``best.pt``; return the best fitness."""
-    switches = unwrap(model).rpn.switches
-    constant = switches.nwd_constant
-    nwd_cfg = args.loss_config.get("nwd", {})
+    nwd = unwrap(model).rpn.switches.nwd
     append_row(save_dir / "results.csv", {
         "epoch": epoch + 1,
         "time": round(elapsed, 2),
@@ -421,10 +420,7 @@ def save_epoch(
         **class_ap_columns(data["names"], metrics["class_ap"]),
         **feedback_columns(unwrap(model)),
         **assignment_columns(unwrap(model)),
-        **({"nwd/constant": constant} if "nwd" in args.loss_config else {}),
-        **({"nwd/assigner": float(switches.assigner_acts(epoch, args.epochs))}
-           if assigner_decided_in_training(nwd_cfg) else {}),
-        **({"nwd/active": float(switches.nwd_active)} if nwd_cfg.get("max_small_share", 1) < 1 else {}),
+        **nwd.epoch_columns(nwd.assigner_acts(epoch, args.epochs)),
     })
     detector_state, feedback_state = split_feedback_state(unwrap(model).state_dict())
     current = fitness(metrics)
@@ -437,9 +433,9 @@ def save_epoch(
         "imgsz": args.imgsz,
         "model": detector_state,  # torchvision's keys only: a stock FasterRCNN loads it
         "feedback": feedback_state,  # the loss heads' feedback state (empty without feedback), for --resume
-        "nwd_constant": constant,  # NWD's C as used (auto resolved from the labels); None without nwd
-        "nwd_assigner": switches.nwd_assigner,  # NWD in the RPN matcher, as used (also when auto)
-        "nwd_active": switches.nwd_active,  # False: nwd.max_small_share turned NWD off
+        "nwd_constant": nwd.constant,  # NWD's C as used (auto resolved from the labels); None without nwd
+        "nwd_assigner": nwd.assigner,  # NWD in the RPN matcher, as used (also when auto)
+        "nwd_active": nwd.active,  # False: nwd.max_small_share turned NWD off
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "epoch": epoch,

@@ -200,7 +200,7 @@ class SizeBalancedRPN(RegionProposalNetwork):
         box_similarity = None
         if self.switches.nwd_mixes("rpn_box"):  # the positives' proposals (not clipped) against their ground truth
             proposals = self.box_coder.decode_single(pred_bbox_deltas[pos_inds], targets.anchors[pos_inds])
-            box_similarity = self.switches.box_similarity(proposals, pos_gt)
+            box_similarity = self.switches.nwd.box_similarity(proposals, pos_gt)
         return weighted_rpn_loss(
             objectness.flatten(),
             pred_bbox_deltas,
@@ -211,7 +211,7 @@ class SizeBalancedRPN(RegionProposalNetwork):
             objectness_weights,
             box_weights,
             box_similarity,
-            self.switches.nwd_ratio,
+            self.switches.nwd.ratio,
         )
 
 
@@ -286,7 +286,7 @@ class SizeBalancedRoIHeads(RoIHeads):
         box_similarity = None
         if self.switches.nwd_mixes("roi_box"):  # differentiable predicted boxes against their ground truth
             _, predicted = self.positive_boxes(proposals, labels, box_regression)
-            box_similarity = self.switches.box_similarity(predicted, sized[pos_inds])
+            box_similarity = self.switches.nwd.box_similarity(predicted, sized[pos_inds])
         loss_classifier, loss_box_reg = weighted_fastrcnn_loss(
             class_logits,
             box_regression,
@@ -295,7 +295,7 @@ class SizeBalancedRoIHeads(RoIHeads):
             class_weights,
             box_weights,
             box_similarity,
-            self.switches.nwd_ratio,
+            self.switches.nwd.ratio,
         )
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
 

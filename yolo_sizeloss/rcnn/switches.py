@@ -2,7 +2,7 @@
 
 Nothing here repeats a method's settings or defaults: ``LossSwitches`` holds the resolved settings dict
 (``yolo_sizeloss.config``) and reads each method's Faster R-CNN terms through the registry
-(``yolo_sizeloss.methods``), plus what NWD's ``auto`` settings resolved to.
+(``yolo_sizeloss.methods``), plus NWD's state (``methods.overlaps.ResolvedNWD``).
 """
 
 from __future__ import annotations
@@ -10,16 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from torch import Tensor, nn
+from torch import nn
 
 from yolo_sizeloss.methods import REGISTRY, WEIGHT_ORDER
-from yolo_sizeloss.methods.measures import box_similarity
-from yolo_sizeloss.methods.nwd import assigner_epochs
-from yolo_sizeloss.methods.overlaps import IoU, Overlap, assigner_overlap
+from yolo_sizeloss.methods.overlaps import IoU, Overlap, ResolvedNWD
 
 FAMILY = "faster_rcnn"
-UNRESOLVED_HINT = ("pass LossSwitches.from_config the training_nwd_settings of the training labels (the engine does), "
-                   "or set a number")
+UNRESOLVED_HINT = "pass LossSwitches.from_config the training_nwd_settings of the training labels (the engine does)"
 
 
 @dataclass(frozen=True)
@@ -27,15 +24,12 @@ class LossSwitches:
     """Which Faster R-CNN terms the size-aware methods act on (no method: the stock loss).
 
     ``config`` is the resolved ``{method: settings}`` dict shared with YOLO, whose ``rcnn_terms`` name the
-    terms: ``rpn_cls``, ``rpn_box``, ``roi_cls``, ``roi_box``. ``nwd_constant`` is NWD's C in
-    network-input pixels (None: ``auto`` not yet resolved), ``nwd_assigner`` the resolved ``nwd.assigner``:
-    whether the RPN matcher measures overlap by NWD (or, by name, by SAFit or SimD).
+    terms: ``rpn_cls``, ``rpn_box``, ``roi_cls``, ``roi_box``. ``nwd`` is NWD's state: its constant, and its
+    ``nwd.assigner`` decision, whether the RPN matcher measures overlap by NWD (or, by name, by SAFit or SimD).
     """
 
     config: dict[str, dict[str, Any]] = field(default_factory=dict)
-    nwd_constant: Optional[float] = None
-    nwd_assigner: bool | str = False
-    nwd_active: bool = True  # False: nwd.max_small_share turned NWD off, the stock terms train
+    nwd: ResolvedNWD = field(default_factory=ResolvedNWD)
 
     @classmethod
     def from_config(
@@ -49,14 +43,10 @@ class LossSwitches:
         computed by the engine from the training labels); a value in the settings wins, except that
         NWD turned off keeps the stock matcher.
         """
-        nw = config.get("nwd")
-        if nw and nw["constant"] != "auto":
-            nwd_constant = float(nw["constant"])
-        if nw and nw["assigner"] != "auto":
-            nwd_assigner = nw["assigner"]
-        elif nw and nwd_assigner is None:
+        nwd = ResolvedNWD.from_settings(config.get("nwd"), UNRESOLVED_HINT, nwd_constant, nwd_assigner, nwd_active)
+        if nwd.assigner is None:  # here, not when measuring: the model's RPN takes its matcher's overlap when built
             raise ValueError("nwd.assigner is auto but was not resolved: pass training_nwd_settings' decision")
-        return cls(config, nwd_constant if nw else None, nwd_assigner if nw and nwd_active else False, nwd_active)
+        return cls(config, nwd)
 
     def terms(self, method: str) -> tuple[str, ...]:
         """The terms ``method`` acts on (empty when it is not configured)."""
@@ -91,33 +81,12 @@ class LossSwitches:
         return {name: REGISTRY[name].new_state(settings) for name, settings, _ in self.stage_weights(stage)
                 if REGISTRY[name].new_state is not None}
 
-    @property
-    def nwd_ratio(self) -> float:
-        """NWD's share of a box term it mixes into (0 without NWD)."""
-        return self.config["nwd"]["ratio"] if "nwd" in self.config and self.nwd_active else 0.0
-
     def nwd_mixes(self, term: str) -> bool:
         """True when ``term``'s box loss mixes in NWD or ``nwd.box_measure``'s measure (listed, with a ratio
         above 0: ratio 0 is the stock term)."""
-        return term in self.terms("nwd") and self.nwd_ratio > 0
-
-    def box_similarity(self, pred_boxes: Tensor, gt_boxes: Tensor) -> Tensor:
-        """Element-wise ``nwd.box_measure`` (NWD by default; SAFit with plain IoU, the smooth-L1 terms having
-        none of their own) of predicted boxes and their ground truths, float32; raises while an ``auto``
-        constant the measure needs is unresolved."""
-        measure = self.config["nwd"]["box_measure"]
-        if self.nwd_constant is None and measure != "simd":
-            raise RuntimeError(f"nwd.constant is auto but was not resolved: {UNRESOLVED_HINT}")
-        return box_similarity(measure, pred_boxes.float(), gt_boxes.float(), self.nwd_constant,
-                              safit_spread=self.config["nwd"]["safit_spread"])
-
-    def assigner_acts(self, epoch: int, epochs: int) -> bool:
-        """Whether the RPN's matcher measures by ``nwd.assigner``'s overlap in ``epoch`` (from 0) of ``epochs``:
-        while NWD acts, for its first ``nwd.assigner_until`` of them (``methods.nwd.assigner_epochs``)."""
-        return bool(self.nwd_assigner) and epoch < assigner_epochs(self.config["nwd"], epochs)
+        return term in self.terms("nwd") and self.nwd.ratio > 0
 
     def rpn_overlap(self) -> Overlap:
         """The overlap the RPN's matcher measures: ``nwd.assigner``'s (NWD, or SAFit or SimD by name), else
         torchvision's IoU."""
-        spread = self.config["nwd"]["safit_spread"] if "nwd" in self.config else None
-        return assigner_overlap(self.nwd_assigner, self.nwd_constant, UNRESOLVED_HINT, spread) or IoU()
+        return self.nwd.overlap() or IoU()

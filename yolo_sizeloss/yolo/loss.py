@@ -16,7 +16,7 @@ when configured.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,13 +28,12 @@ from ultralytics.utils.metrics import bbox_iou
 from yolo_sizeloss.methods import REGISTRY, WEIGHT_ORDER, MatchedSamples
 from yolo_sizeloss.methods.base import COCO_AREA_LIMITS, box_areas, count_per_gt
 from yolo_sizeloss.methods.feedback import FeedbackBalancer
-from yolo_sizeloss.methods.measures import box_similarity
-from yolo_sizeloss.methods.nwd import assigner_decided_in_training, needs_training_boxes, resolve_nwd_auto
-from yolo_sizeloss.methods.overlaps import Overlap, assigner_overlap
+from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
+from yolo_sizeloss.methods.overlaps import ResolvedNWD
 from yolo_sizeloss.yolo.normaliser import ciou_target_scores
 
 UNRESOLVED_HINT = ("call AnchorWeighting.resolve_from_labels(dataset.labels, imgsz) before training "
-                   "(SizeAwareTrainer does), or set a number")
+                   "(SizeAwareTrainer does)")
 FEEDBACK_STATE = ("r", "q", "gain", "steps")  # what a resume must restore; other feedback buffers are counters
 
 
@@ -104,7 +103,8 @@ class AnchorWeighting(nn.Module):
     serves every branch of a loss; ``end_step`` is called once per training step. It translates each
     branch's assignment into ``MatchedSamples`` and multiplies the terms by what the methods return
     (``yolo_sizeloss.methods``). Buffers: the methods' states (``states.feedback.*``) and the epoch's
-    weight sums.
+    weight sums. ``nwd`` is NWD's state (``methods.overlaps.ResolvedNWD``): its ``auto`` settings wait for
+    ``resolve_from_labels``.
     """
 
     def __init__(self, config: dict[str, dict[str, Any]]):
@@ -113,13 +113,7 @@ class AnchorWeighting(nn.Module):
         # the running state of each stateful method (feedback's balancer), by method name
         self.states = nn.ModuleDict({name: REGISTRY[name].new_state(settings) for name, settings in config.items()
                                      if REGISTRY[name].new_state is not None})
-        nwd_cfg = config.get("nwd")
-        # NWD's C in network-input pixels, and whether the assigner measures overlap by NWD; an 'auto'
-        # setting stays None until resolve_from_labels
-        self.nwd_constant = None if not nwd_cfg or nwd_cfg["constant"] == "auto" else float(nwd_cfg["constant"])
-        self.nwd_assigner = False if not nwd_cfg else None if nwd_cfg["assigner"] == "auto" else nwd_cfg["assigner"]
-        # False once nwd.max_small_share turned NWD off for the data (resolve_from_labels): the stock loss
-        self.nwd_active = True
+        self.nwd = ResolvedNWD.from_settings(config.get("nwd"), UNRESOLVED_HINT)
         self.register_buffer("epoch_sums", torch.zeros(6, dtype=torch.float64))  # box, cls, n: small/other
         # nwd.normaliser: ciou: the sum of each call's scale (assigned / CIoU target-score sum) and the calls;
         # a diagnostic, kept out of checkpoints
@@ -194,17 +188,13 @@ class AnchorWeighting(nn.Module):
     def holds_normaliser(self) -> bool:
         """Whether the losses are divided by the CIoU targets' sum (``nwd.normaliser: ciou``): only while the
         assigner measures by another overlap; with the stock one the two sums are the same."""
-        return self._lenient_assigner and self.config["nwd"]["normaliser"] == "ciou"
+        return bool(self.nwd.assigner) and self.nwd.settings["normaliser"] == "ciou"
 
     @property
     def holds_box_weights(self) -> bool:
         """Whether the box terms are weighed by the CIoU targets (``nwd.box_weights: ciou``): only while the
         assigner measures by another overlap; with the stock one they are the assigned targets."""
-        return self._lenient_assigner and self.config["nwd"]["box_weights"] == "ciou"
-
-    @property
-    def _lenient_assigner(self) -> bool:
-        return "nwd" in self.config and self.nwd_active and self.nwd_assigner not in (False, None)
+        return bool(self.nwd.assigner) and self.nwd.settings["box_weights"] == "ciou"
 
     def stock_overlap_factors(self, assigner: nn.Module, pd_scores, pd_bboxes, target_labels, target_bboxes,
                               target_scores, fg_mask, target_gt_idx, num_slots: int
@@ -224,11 +214,6 @@ class AnchorWeighting(nn.Module):
         if self.holds_box_weights:
             box = torch.where(assigned > 0, ciou / assigned.clamp(min=torch.finfo(assigned.dtype).tiny), 0.0)
         return scale, box
-
-    @property
-    def nwd_ratio(self) -> float:
-        """NWD's share of the box loss (``nwd.ratio``); 0 without NWD or when it is off for the data."""
-        return self.config["nwd"]["ratio"] if "nwd" in self.config and self.nwd_active else 0.0
 
     def dense_on(self, device: torch.device) -> bool:
         """Whether the methods see every anchor (``dense_foreground``) on ``device``: on a GPU, unless ``dense``
@@ -253,30 +238,10 @@ class AnchorWeighting(nn.Module):
         nwd_cfg = self.config.get("nwd")
         if not nwd_cfg or not needs_training_boxes(nwd_cfg):
             return
-        self.nwd_constant, self.nwd_assigner, active, lines = resolve_nwd_auto(
-            nwd_cfg, *training_label_sizes(labels, imgsz), imgsz)
-        self.nwd_active = active
+        constant, assigner, active, lines = resolve_nwd_auto(nwd_cfg, *training_label_sizes(labels, imgsz), imgsz)
+        self.nwd = ResolvedNWD.from_settings(nwd_cfg, UNRESOLVED_HINT, constant, assigner, active)
         for line in lines:
             LOGGER.info(line)
-
-    def box_similarity(self, pred_boxes: torch.Tensor, gt_boxes: torch.Tensor,
-                       ciou: torch.Tensor | None = None) -> torch.Tensor:
-        """Element-wise similarity (float32) of xyxy boxes in network-input pixels by ``nwd.box_measure``,
-        with the configured constant; ``ciou`` (the pairs' CIoU) is SAFit's IoU member."""
-        measure = self.config["nwd"]["box_measure"]
-        if self.nwd_constant is None and measure != "simd":
-            raise RuntimeError(f"nwd.constant is auto but was not resolved: {UNRESOLVED_HINT}")
-        return box_similarity(measure, pred_boxes.float(), gt_boxes.float(), self.nwd_constant,
-                              None if ciou is None else ciou.float(), self.config["nwd"]["safit_spread"])
-
-    def overlap(self) -> Overlap | None:
-        """The overlap the task-aligned assigner measures (``nwd.assigner``: NWD, or SAFit or SimD by name);
-        None: its stock CIoU."""
-        if self.nwd_assigner is None:
-            raise RuntimeError("nwd.assigner is auto but was not resolved: call AnchorWeighting.resolve_from_labels"
-                               "(dataset.labels, imgsz) first (SizeAwareTrainer does), or set true or false")
-        spread = self.config["nwd"]["safit_spread"] if "nwd" in self.config else None
-        return assigner_overlap(self.nwd_assigner, self.nwd_constant, UNRESOLVED_HINT, spread)
 
     def _accumulate_epoch_stats(self, gt_area, box_fg, cls_fg, valid=None):
         """Add the weights on small (< 32^2) and other foreground anchors to the epoch sums (None: 1;
@@ -306,14 +271,9 @@ class AnchorWeighting(nn.Module):
             "sizeloss/cls_w_other": s[4] / s[5] if s[5] else 1.0,
         }
         self.epoch_sums.zero_()
-        if self.nwd_constant is not None:
-            stats["nwd/constant"] = self.nwd_constant  # the C trained with, also when it was 'auto'
-        nwd_cfg = self.config.get("nwd", {})
-        if assigner_decided_in_training(nwd_cfg):
-            stats["nwd/assigner"] = float(bool(self.nwd_assigner))  # 1: nwd.assigner's measure ranked the anchors
-        if nwd_cfg.get("max_small_share", 1) < 1:
-            stats["nwd/active"] = float(self.nwd_active)  # 0: the stock loss trained
-        if nwd_cfg.get("normaliser") == "ciou":
+        # past nwd.assigner_until use_stock_overlap has set the assigner False: it acts while it is set
+        stats.update(self.nwd.epoch_columns(bool(self.nwd.assigner)))
+        if self.config.get("nwd", {}).get("normaliser") == "ciou":
             scale_sum, calls = self.normaliser_sums.tolist()
             stats["nwd/normaliser_scale"] = scale_sum / calls if calls else 1.0  # mean assigned / CIoU sum
             self.normaliser_sums.zero_()
@@ -406,7 +366,7 @@ class MeasureBboxLoss(nn.Module):
     """The stock box loss with a measure mixed into its IoU part: ``(1 - ratio) L_iou + ratio L_m`` (``nwd.ratio``).
 
     ``L_m = sum_k w_k (1 - m_k) / S`` over the foreground anchors, ``m`` the similarity ``nwd.box_measure``
-    names (NWD by default; ``AnchorWeighting.box_similarity``), with the weights ``w_k`` (the anchor's
+    names (NWD by default; ``ResolvedNWD.box_similarity``), with the weights ``w_k`` (the anchor's
     target-score sum; this wrapper sits inside ``WeightedBboxLoss``, so times the size-aware box
     weight) and the normaliser ``S`` of the stock ``L_iou``. ``BboxLoss`` receives boxes in stride
     units; NWD is not scale-invariant, so both are scaled back by each anchor's ``stride`` to the
@@ -422,7 +382,7 @@ class MeasureBboxLoss(nn.Module):
                 fg_mask, imgsz, stride):
         loss_iou, loss_dfl = self.bbox_loss(pred_dist, pred_bboxes, anchor_points, target_bboxes, target_scores,
                                             target_scores_sum, fg_mask, imgsz, stride)
-        ratio = self.weighting.nwd_ratio
+        ratio = self.weighting.nwd.ratio
         if ratio == 0:
             return loss_iou, loss_dfl
         if self.weighting.dense_on(fg_mask.device):  # every anchor, the background's term masked out: no sync
@@ -438,8 +398,8 @@ class MeasureBboxLoss(nn.Module):
             weight = target_scores[index].sum(-1)
         # CIoU as the stock term computes it; only SAFit reads it, so that its large boxes keep the stock term
         ciou = (bbox_iou(pred_fg, target_fg, xywh=False, CIoU=True).squeeze(-1)
-                if self.weighting.config["nwd"]["box_measure"] == "safit" else None)
-        similarity = self.weighting.box_similarity(pred_fg, target_fg, ciou)
+                if self.weighting.nwd.settings["box_measure"] == "safit" else None)
+        similarity = self.weighting.nwd.box_similarity(pred_fg, target_fg, ciou)
         loss_measure = ((1.0 - similarity) * weight).sum() / target_scores_sum
         if ratio == 1:
             return loss_measure, loss_dfl
@@ -471,7 +431,7 @@ def install_size_aware_loss(criterion: v8DetectionLoss | E2ELoss, weighting: Anc
         if isinstance(branch.assigner, ObservedAssigner):
             raise ValueError("this criterion already carries the size-aware loss")
         pending = PendingWeights()
-        overlap = weighting.overlap()
+        overlap = weighting.nwd.overlap()
         if overlap is not None:
             if not hasattr(branch.assigner, "iou_calculation"):
                 raise TypeError(f"nwd.assigner: {type(branch.assigner).__name__} has no iou_calculation to replace")
@@ -494,7 +454,7 @@ def use_stock_overlap(criterion: v8DetectionLoss | E2ELoss, weighting: AnchorWei
     """From now on every branch's assigner of a criterion carrying the size-aware loss ranks anchors by its
     stock CIoU (``nwd.assigner_until``); the weights, box loss and normaliser follow ``weighting``, which is
     told the same."""
-    weighting.nwd_assigner = False
+    weighting.nwd = replace(weighting.nwd, assigner=False)
     for assigner in stock_assigners(criterion):
         _restore_stock_overlap(assigner)
 

@@ -28,7 +28,6 @@ from yolo_sizeloss.config import (
     read_loss_record,
     write_loss_record,
 )
-from yolo_sizeloss.methods.nwd import assigner_epochs
 from yolo_sizeloss.results_csv import class_ap_columns, continue_results, widen_header
 from yolo_sizeloss.weighting_plot import plot_weighting
 from yolo_sizeloss.yolo.assignment import attach_counter, detach_counters
@@ -57,10 +56,10 @@ def install_weighting(trainer: "SizeAwareTrainer") -> None:
 
 
 def stage_assigner(trainer: "SizeAwareTrainer") -> None:
-    """``on_train_epoch_start`` callback: past ``nwd.assigner_until`` of the epochs (``assigner_epochs``), the
-    assigner ranks anchors by its stock CIoU. Every epoch, so that a run resumed past that point does too."""
+    """``on_train_epoch_start`` callback: past ``nwd.assigner_until`` of the epochs (``ResolvedNWD.assigner_acts``),
+    the assigner ranks anchors by its stock CIoU. Every epoch, so that a run resumed past that point does too."""
     weighting = trainer.weighting
-    if weighting.nwd_assigner and trainer.epoch >= assigner_epochs(weighting.config["nwd"], trainer.epochs):
+    if weighting.nwd.assigner and not weighting.nwd.assigner_acts(trainer.epoch, trainer.epochs):
         use_stock_overlap(unwrap_model(trainer.model).criterion, weighting)
         LOGGER.info(f"nwd.assigner_until: the stock CIoU ranks anchors from epoch {trainer.epoch + 1}")
 
