@@ -355,7 +355,7 @@ def test_a_run_trained_on_other_data_or_another_model_is_not_reused(tmp_path):
     with pytest.raises(SystemExit, match=r"data /old/checkout/cfg/bccd.yaml \(asked .*bccd_platelets/data.yaml\)"):
         compare.check_same_schedule(run_dir, compare.parse_args(["--epochs", "20", "--data", str(platelets)]), 0, flags)
     # a resumed run records its own last.pt as its model: no reading of the model it started from
-    (run_dir / "args.yaml").write_text(schedule + f"data: /x/cfg/bccd.yaml\nmodel: /elsewhere/runs/baseline-s0/weights/last.pt\n")
+    (run_dir / "args.yaml").write_text(schedule + "data: /x/cfg/bccd.yaml\nmodel: /elsewhere/runs/baseline-s0/weights/last.pt\n")
     compare.check_same_schedule(run_dir, args, 0, ["--model", "yolo11n.yaml"])
     rcnn = compare.parse_args(["--arch", "faster_rcnn", "--epochs", "20", "--imgsz", "416", "--batch", "16"])
     (run_dir / "args.yaml").write_text(schedule + "data: /x/cfg/bccd.yaml\nbackbone: resnet50_fpn\n")

@@ -211,7 +211,7 @@ def test_an_empty_loss_cfg_file_warns_and_trains_the_defaults(tmp_path):
     assert any("empty.yaml is empty: the defaults of --loss plb apply" in line for line in lines.lines)
 
 
-def interrupted_run(folder, data: str) -> "Path":
+def interrupted_run(folder, data: str):
     """``folder``/weights/last.pt: the finished test checkpoint made to look interrupted at epoch 1 of 5
     (an optimizer state and a non-negative epoch, what a resume needs), trained on ``data``."""
     import torch
