@@ -96,7 +96,8 @@ def rows(suite: dict, labels: list[str], split: str, root: Path) -> list[list[st
             if same == STOCK:
                 out.append([name, label, "", *["0"] * len(SHOWN), "all: trains the stock loss here"])
                 continue
-            measured = same or label
+            # the mode's own run where there is one, else the run of the loss it trains here
+            measured = label if results and label in results["differences"] else same or label
             cells = {column: cell(results, measured, column) if results else None for column in SHOWN}
             if same:
                 label = f"{label} (trains as {same} here)"

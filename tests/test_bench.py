@@ -775,7 +775,9 @@ def test_suite_reads_each_sets_tables_and_checks_the_goal_lines(tmp_path, monkey
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"sets": [
         {"name": "M", "kind": "mixed", "small": "7%", "results": str(tmp_path / "mixed"), "schedule": "s", "command": "c",
          "trains_as": {"nwd-assigner_auto": "nwd"}},
-        {"name": "C", "kind": "control", "small": "1%", "results": str(tmp_path / "control"), "schedule": "s", "command": "c"},
+        # the mode's own run is read where it has one, even where it trains another mode's loss
+        {"name": "C", "kind": "control", "small": "1%", "results": str(tmp_path / "control"), "schedule": "s", "command": "c",
+         "trains_as": {"nwd-safit_sharp": "nwd"}},
     ]}))
     assert suite.main(["--modes", "nwd:safit_sharp", "nwd:assigner_auto", "--suite", str(tmp_path / "suite.yaml")]) == 0
     table = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:6]]
@@ -783,7 +785,7 @@ def test_suite_reads_each_sets_tables_and_checks_the_goal_lines(tmp_path, monkey
     assert table[1][1] == "nwd-assigner_auto (trains as nwd here)"
     assert table[1][-1] == "misses: focus AP interval not above 0; APl orig -1.0 < -0.5 |"
     # one seed: the bootstrap's interval; +0.6 is above the control's ceiling of +0.5
-    assert table[2][1:3] == ["nwd-safit_sharp", "1"] and table[2][7] == "+0.6 [-1.0, +2.0]"
+    assert table[2][1:3] == ["nwd-safit_sharp (trains as nwd here)", "1"] and table[2][7] == "+0.6 [-1.0, +2.0]"
     assert table[2][-1] == "misses: AP +0.6 > +0.5 |"
     assert table[3][1:4] == ["nwd-assigner_auto", "0", "not run"]
 
