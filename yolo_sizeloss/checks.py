@@ -129,6 +129,15 @@ def output_file_problem(path: str) -> str | None:
     return "must be a file in an existing folder" if out.is_dir() or not out.parent.is_dir() else None
 
 
+def check_resumed_data(resume: str, data: str) -> str:
+    """The data yaml a resumed run trained on (``check_data_yaml``); a DataError says it is the run's data,
+    not the command line, that is at fault. For both families' ``--resume``."""
+    try:
+        return check_data_yaml(data)
+    except (DataError, FileNotFoundError) as e:
+        raise DataError(f"--resume {resume}: the run's data: {one_line(e)}") from e
+
+
 def check_data_yaml(data: str) -> str:
     """The absolute path of a usable data yaml (Ultralytics' own check); DataError naming the file otherwise."""
     path = resolve_data(data)

@@ -29,6 +29,7 @@ from yolo_sizeloss.checks import (
     DataError,
     OneLineParser,
     check_data_yaml,
+    check_resumed_data,
     check_run_flags,
     check_training_splits,
     one_line,
@@ -212,10 +213,7 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
         # Ultralytics would continue in the folder the checkpoint was first saved to, so a run folder moved
         # or copied elsewhere would write into the original (or make it again)
         run_dir = resumed_run_folder(args.resume)
-        try:
-            check_data_yaml(ckpt["train_args"].get("data") or "")
-        except (DataError, FileNotFoundError) as e:  # the run's data, not this command line, is at fault
-            raise DataError(f"--resume {args.resume}: the run's data: {one_line(e)}") from e
+        check_resumed_data(args.resume, ckpt["train_args"].get("data") or "")
         if loss_config is not None:  # a --loss given with --resume must be the run's own
             check_resumed_loss(read_loss_record(run_dir), loss_config, f"--resume {args.resume}")
         overrides = {**pairs, **{k: given[k] for k in RESUME_FLAGS if k in given}, "resume": str(last),

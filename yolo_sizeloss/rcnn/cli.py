@@ -24,6 +24,7 @@ from yolo_sizeloss.checks import (
     DataError,
     OneLineParser,
     check_data_yaml,
+    check_resumed_data,
     check_run_flags,
     one_line,
     parse_device,
@@ -204,10 +205,7 @@ def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:
         run = resumed_args(checkpoint, args)
     except (KeyError, TypeError) as e:
         raise DataError(f"--resume {args.resume}: not a Faster R-CNN training checkpoint (no {one_line(e)})") from e
-    try:
-        check_data_yaml(run.data)
-    except (DataError, FileNotFoundError) as e:  # the run's data, not this command line, is at fault
-        raise DataError(f"--resume {args.resume}: the run's data: {one_line(e)}") from e
+    check_resumed_data(args.resume, run.data)
     if any(getattr(args, k) is not None for k in LOSS_FLAGS):
         note = check_resumed_loss(checkpoint["loss"], loss_config(args), f"--resume {args.resume}")
         if note:

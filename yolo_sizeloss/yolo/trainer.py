@@ -124,12 +124,12 @@ class SizeAwareTrainer(DetectionTrainer):
             self.args.epochs = overrides["epochs"]
         # the stock check's own set of changeable settings is internal to it: what it ignored is read off
         # the result (model and resume become the checkpoint's path by design)
-        ignored = [f"{k}={v}" for k, v in overrides.items()
-                   if k not in {"model", "resume"} and v != getattr(self.args, k, None)]
+        ignored = [k for k, v in overrides.items() if k not in {"model", "resume"} and v != getattr(self.args, k, None)]
         if ignored:
-            kept = ", ".join(f"{k.split('=')[0]}={getattr(self.args, k.split('=')[0], None)}" for k in ignored)
-            raise SettingsError(f"{' '.join(ignored)}: a resumed run keeps its own settings ({kept}); "
-                             "start a new run to change them")
+            asked = " ".join(f"{k}={overrides[k]}" for k in ignored)
+            kept = ", ".join(f"{k}={getattr(self.args, k, None)}" for k in ignored)
+            raise SettingsError(f"{asked}: a resumed run keeps its own settings ({kept}); "
+                                "start a new run to change them")
 
     def _resumed_loss_config(self) -> dict[str, dict[str, Any]]:
         """The interrupted run's settings from its ``loss.yaml``; a different request is an error naming
