@@ -205,6 +205,10 @@ def test_resume_restores_the_feedback_state_and_continues_results_csv(bccd_subse
     err = capsys.readouterr().err.strip()
     assert err == (f"yolo-sizeloss train: error: --resume {last}: a resumed run keeps its loss (feedback); "
                    "the request differs in feedback.momentum (0.9 -> 0.5)")
+    # a new total must leave an epoch to train (one was saved before the kill), as in the Faster R-CNN path
+    assert train_main(["--resume", str(last), "--epochs", "1"], "yolo-sizeloss train") == 2
+    assert capsys.readouterr().err.strip() == (
+        "yolo-sizeloss train: error: --epochs 1: the run has already trained 1 epochs")
 
     # the run folder moved: the resume continues where it is now, not in the folder it was saved to first
     moved = tmp_path / "fb_moved"

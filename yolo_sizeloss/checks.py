@@ -122,6 +122,13 @@ def resumed_run_folder(resume: str) -> Path:
     return last.parent.parent
 
 
+def check_resumed_epochs(epochs: int | None, trained: int) -> None:
+    """A new ``--epochs`` total on resume (None: keep the run's own) must leave something to train;
+    both families' ``--resume`` say so in the same words."""
+    if epochs is not None and epochs <= trained:
+        raise ValueError(f"--epochs {epochs}: the run has already trained {trained} epochs")
+
+
 def output_file_problem(path: str) -> str | None:
     """Why ``path`` cannot be written as a new output file (a folder, or in no folder), or None: for the
     scripts that write one file at the end of long work, to say so before the work."""

@@ -30,6 +30,7 @@ from yolo_sizeloss.checks import (
     OneLineParser,
     check_data_yaml,
     check_resumed_data,
+    check_resumed_epochs,
     check_run_flags,
     check_training_splits,
     one_line,
@@ -156,8 +157,7 @@ def check_yolo_resume(args: argparse.Namespace, ckpt: dict) -> None:
     if epoch < 0 or ckpt.get("optimizer") is None:
         raise DataError(f"--resume {args.resume}: this run finished its {trained_for} epochs; to train on, start a "
                         f"new run from its weights (--model {Path(args.resume).parent / 'best.pt'})")
-    if args.epochs is not None and args.epochs <= epoch + 1:
-        raise ValueError(f"--epochs {args.epochs}: the run has already trained {epoch + 1} epochs")
+    check_resumed_epochs(args.epochs, epoch + 1)
 
 
 def check_yolo_model(model: str, flag: str = "--model") -> str:

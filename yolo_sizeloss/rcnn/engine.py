@@ -29,7 +29,7 @@ from ultralytics.utils import LOGGER, TQDM
 from ultralytics.utils.files import increment_path
 
 from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
-from yolo_sizeloss.checks import DataError, parse_device, resumed_run_folder
+from yolo_sizeloss.checks import DataError, check_resumed_epochs, parse_device, resumed_run_folder
 from yolo_sizeloss.config import describe_loss, write_loss_record
 from yolo_sizeloss.detections import ImageRecord, load_split
 from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics, per_class_ap
@@ -243,8 +243,7 @@ def resumed_args(checkpoint: dict, args: argparse.Namespace) -> argparse.Namespa
         if getattr(args, key, None) is not None:
             setattr(restored, key, getattr(args, key))
     trained = checkpoint["epoch"] + 1
-    if getattr(args, "epochs", None) is not None and args.epochs <= trained:
-        raise ValueError(f"--epochs {args.epochs}: the run has already trained {trained} epochs")
+    check_resumed_epochs(getattr(args, "epochs", None), trained)
     if trained >= restored.epochs:
         raise DataError(f"--resume {args.resume}: this run finished its {trained} epochs; give --epochs above "
                         f"{trained} to train on")
