@@ -147,12 +147,16 @@ def check_resumed_data(resume: str, data: str) -> str:
 
 def check_data_yaml(data: str) -> str:
     """The absolute path of a usable data yaml (Ultralytics' own check); DataError naming the file otherwise."""
+    return checked_data(data)[0]
+
+
+def checked_data(data: str) -> tuple[str, dict]:
+    """``check_data_yaml``'s path with the data dict Ultralytics' check returned (class names, ``nc``)."""
     path = resolve_data(data)
     try:
-        check_det_dataset(path, autodownload=False)
+        return path, check_det_dataset(path, autodownload=False)
     except Exception as e:
         raise DataError(f"{path}: {one_line(e)}") from e
-    return path
 
 
 def check_training_splits(data_yaml: str) -> dict:

@@ -16,14 +16,13 @@ import sys
 from pathlib import Path
 
 import torch
-from ultralytics.data.utils import check_det_dataset
 from ultralytics.utils import LOGGER
 
 from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
 from yolo_sizeloss.checks import (
     DataError,
     OneLineParser,
-    check_data_yaml,
+    checked_data,
     check_resumed_data,
     check_run_flags,
     one_line,
@@ -160,15 +159,15 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     ):
         if not ok:  # also for NaN, which fails every comparison
             raise ValueError(f"--{flag} {value}: {rule}")
-    data = check_data_yaml(args.data)
-    check_weights(args.weights, args.backbone, data)
+    data, info = checked_data(args.data)
+    check_weights(args.weights, args.backbone, info["nc"] + 1)
     return argparse.Namespace(**{**vars(args), "data": data, "loss_config": loss_config(args)})
 
 
-def check_weights(weights: str, backbone: str, data: str) -> None:
+def check_weights(weights: str, backbone: str, num_classes: int) -> None:
     """``--weights``: DEFAULT, none, or a checkpoint torchvision's Faster R-CNN can start from (this
-    project's, or a plain state dict) with a tensor that fits ``backbone`` for the classes of ``data``
-    (a usable data yaml); a YOLO checkpoint says which flag it belongs to."""
+    project's, or a plain state dict) with a tensor that fits ``backbone`` for ``num_classes`` (the
+    data's classes and background); a YOLO checkpoint says which flag it belongs to."""
     if weights.upper() == "DEFAULT" or weights.lower() == "none":
         return
     if not Path(weights).is_file():
@@ -180,7 +179,7 @@ def check_weights(weights: str, backbone: str, data: str) -> None:
     if isinstance(ckpt.get("ema"), torch.nn.Module) or isinstance(ckpt.get("model"), torch.nn.Module):
         raise ValueError(f"--weights {weights} is a YOLO checkpoint: give it to YOLO as --model {weights} "
                          "(Faster R-CNN --weights takes a Faster R-CNN checkpoint or state dict)")
-    check_weights_match(Path(weights), backbone, check_det_dataset(data, autodownload=False)["nc"] + 1)
+    check_weights_match(Path(weights), backbone, num_classes)
 
 
 def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:
