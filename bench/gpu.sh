@@ -17,7 +17,7 @@
 #     100 epochs, imgsz 416, batch 16) x seeds 0-2: nine bench/compare.py harnesses at once, one per
 #     (mode, seed), all with --only runs into WORK/yolo;
 #     Faster R-CNN (mobilenet_v3_large_fpn from scratch; baseline, plb, nwd, nwd:safit_sharp_auto) at the
-#     RCNN_* schedule below: four harnesses at once, one per loss, its seeds in turn, under `nice`;
+#     RCNN_* schedule below (the CPU comparison's): twelve harnesses at once, one per (loss, seed), under `nice`;
 #     every 30 s one line of measured throughput (bench/gpu.py progress);
 #  4. at TRAIN_DEADLINE_S (400 s) after the start the harnesses still running are stopped (a stopped run
 #     is left out of the tables with its seed; summary.md says which);
@@ -38,11 +38,12 @@
 # (~0.2 s). Assumed: 2.5 s per epoch per training with nine at once, 1.5-2 CPU-s each, so nine
 # trainings keep 13-14 of the 16 cores busy and the GPU mostly idle: 100 epochs take about 250 s, plus
 # about 30 s to start and to evaluate on the test split. Run in turns of three, the same nine would
-# need 750 s. The Faster R-CNN harnesses, niced, take the cores YOLO leaves: assumed 10 s per epoch at
-# imgsz 640 (52 batches of 4 decoded and resized on the host, 87 validation images, a 150 MB checkpoint),
-# so one seed (12 epochs x 10 s + 25 s) takes about 145 s per loss uncontended; seeds in turn, not at
-# once, so that a deadline cuts the last seed, not every run (with YOLO taking the cores first, the
-# second and third seeds may not fit: summary.md says).
+# need 750 s. The Faster R-CNN harnesses, niced, take the cores YOLO leaves: assumed 6 CPU-s per epoch
+# at imgsz 640 (52 batches of 4 decoded and resized on the host, their kernel launches, 87 validation
+# images, a 150 MB checkpoint), so the twelve runs' 30 epochs are about 2,200 CPU-s on the 9 cores YOLO
+# leaves, 250 s, and 52 x ~20 ms of GPU work per epoch, about 380 GPU-s in all, time-sliced with
+# YOLO's ~60: the GPU, not the host, may be what the deadline cuts. All seeds at once, not in turn:
+# in turn, 30 epochs of one seed alone (~10 s each) leave the second and third no time.
 # These are estimates, not readings (no GPU has run this yet): the progress lines and summary.md give
 # the measured s/epoch; size RCNN_EPOCHS (and the deadline) from them.
 #
@@ -61,14 +62,14 @@ SEEDS=${SEEDS:-"0 1 2"}
 YOLO_MODES=${YOLO_MODES:-"baseline nwd nwd:safit_sharp_auto_norm"}  # compare.py --preset gpu's
 YOLO_WORKERS=${YOLO_WORKERS:-2}           # dataloader processes per YOLO training (compare.py's default)
 RCNN_MODES=${RCNN_MODES:-"baseline plb nwd nwd:safit_sharp_auto"}
-# Faster R-CNN schedule, from the CPU probe of the stock loss (docs/results.md section 5): imgsz 640 puts
-# BCCD's platelets (~30 px there) above the mobilenet FPN's smallest anchor, and lr 0.01 at batch 4 learns
-# from scratch at once; at that lr the probe's test Platelets AP was 11.2 after 9 epochs, so 12 epochs
-# with one tenfold decay at epoch 8 is the shortest schedule it supports (its 30-epoch curve decides more)
-RCNN_EPOCHS=${RCNN_EPOCHS:-12}
+# Faster R-CNN schedule: the CPU comparison's (docs/results.md section 5). imgsz 640 puts BCCD's
+# platelets (~30 px there) above the mobilenet FPN's smallest anchor, lr 0.01 at batch 4 learns from
+# scratch at once, and the stock loss's 30-epoch val curve rose until the tenfold decay at epoch 20 and
+# was flat after it (val mAP50-95 53.4 at 22, 51.8 at 30): a shorter schedule stops before that decay
+RCNN_EPOCHS=${RCNN_EPOCHS:-30}
 RCNN_IMGSZ=${RCNN_IMGSZ:-640}
 RCNN_LR=${RCNN_LR:-0.01}
-RCNN_LR_STEP=${RCNN_LR_STEP:-8}
+RCNN_LR_STEP=${RCNN_LR_STEP:-20}
 RCNN_BATCH=${RCNN_BATCH:-4}
 RCNN_WORKERS=${RCNN_WORKERS:-2}
 RCNN_NICE=${RCNN_NICE:-10}                # Faster R-CNN yields the CPU to YOLO's 100-epoch schedule
@@ -173,7 +174,9 @@ else
         done
     done
     for mode in $RCNN_MODES; do
-        launch "rcnn-${mode//:/-}" "$RCNN_NICE" "${RCNN_ARGS[@]}" --losses "$mode" --seeds $SEEDS
+        for seed in $SEEDS; do
+            launch "rcnn-${mode//:/-}-s$seed" "$RCNN_NICE" "${RCNN_ARGS[@]}" --losses "$mode" --seeds "$seed"
+        done
     done
 fi
 say "${#PIDS[@]} harnesses started"
