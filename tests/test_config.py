@@ -79,6 +79,11 @@ def test_data_names_resolve_from_any_working_directory(tmp_path, monkeypatch):
     assert resolve_data("mine.yaml") == str(tmp_path / "mine.yaml")  # a file here wins
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         resolve_data("nope.yaml")
+    # a path with a folder is only that path: a yaml gone from old/ must not train on the shipped one
+    with pytest.raises(FileNotFoundError, match=r"^data yaml 'old/bccd.yaml' not found \(tried old/bccd.yaml\)$"):
+        resolve_data("old/bccd.yaml")
+    with pytest.raises(LossConfigError, match=r"loss settings 'old/safit.yaml' not found \(tried old/safit.yaml\)"):
+        load_loss_config("nwd", "old/safit.yaml")
 
 
 def test_loss_cfg_names_a_shipped_variant_unless_a_file_of_that_name_is_here(tmp_path, monkeypatch):

@@ -20,13 +20,15 @@ def resolve_shipped(name: str | Path, folder: Path, what: str) -> Path:
     """Return the absolute path of a file a user names.
 
     An existing path (relative to the working directory) wins; otherwise a bare name such as
-    ``bccd.yaml`` or ``bccd`` is looked up in the package's ``folder``. Raises FileNotFoundError
+    ``bccd.yaml`` or ``bccd`` is looked up in the package's ``folder``. A name with a folder in it is
+    a path only: a missing ``old/bccd.yaml`` must not become the shipped one. Raises FileNotFoundError
     naming every place that was tried.
     """
     path = Path(name).expanduser()
     if path.is_dir():
         raise FileNotFoundError(f"{what} {str(name)!r} is a folder; give a YAML file")
-    candidates = [path, folder / path.name, folder / f"{path.name}.yaml"]
+    bare = str(name) == path.name
+    candidates = [path, *((folder / path.name, folder / f"{path.name}.yaml") if bare else ())]
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
