@@ -293,3 +293,24 @@ def test_a_resume_with_a_damaged_loss_record_is_one_line_naming_it(tmp_path, cap
     assert one_error_line(capsys).startswith(
         "yolo-sizeloss train: error: " + message.format(file=tmp_path / "run" / "loss.yaml"))
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["last.pt", "loss.yaml", "weights"]
+
+
+def test_a_loss_cfg_alone_on_resume_is_read_for_the_runs_own_methods(tmp_path, capsys):
+    from yolo_sizeloss.cli import build_yolo_parser, check_yolo_request
+    from yolo_sizeloss.config import load_loss_config, write_loss_record
+
+    last = interrupted_run(tmp_path / "run", "bccd.yaml")
+    write_loss_record(tmp_path / "run", load_loss_config("nwd"))
+    # the run's settings again: accepted (it resumes with its own loss)
+    (tmp_path / "same.yaml").write_text("nwd:\n  assigner: true\n")
+    request = check_yolo_request(build_yolo_parser().parse_args(["--resume", str(last), "--loss-cfg",
+                                                                 str(tmp_path / "same.yaml")]))
+    assert request.loss_config == load_loss_config("nwd")
+    # other settings of its methods: the difference, not a '--loss baseline' the user never gave
+    assert train_main(["--resume", str(last), "--loss-cfg", "assigner_auto"]) == 2
+    assert one_error_line(capsys) == (f"yolo-sizeloss train: error: --resume {last}: a resumed run keeps its loss "
+                                      "(nwd); the request differs in nwd.assigner (True -> auto)")
+    (tmp_path / "plb.yaml").write_text("plb:\n  source: gt\n")
+    assert train_main(["--resume", str(last), "--loss-cfg", str(tmp_path / "plb.yaml")]) == 2
+    assert "section 'plb' is not selected by --loss nwd" in one_error_line(capsys)
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["last.pt", "loss.yaml", "weights"]

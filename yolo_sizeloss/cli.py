@@ -43,6 +43,7 @@ from yolo_sizeloss.config import (
     METHODS,
     check_resumed_loss,
     load_loss_config,
+    loss_name,
     parse_loss_names,
     read_loss_record,
     run_defaults,
@@ -204,8 +205,6 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
     parse_device(args.device)
     pairs = parse_pairs(args.overrides)
     given = {k: getattr(args, k) for k in (*RUN_FLAGS, *RESUME_FLAGS) if getattr(args, k) is not None}
-    requested = args.loss is not None or args.loss_cfg is not None
-    loss_config = load_loss_config(args.loss or "baseline", args.loss_cfg) if requested or not args.resume else None
     if args.resume:
         last = Path(args.resume).resolve()
         ckpt = read_resume_checkpoint(args.resume)
@@ -214,11 +213,15 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
         # or copied elsewhere would write into the original (or make it again)
         run_dir = resumed_run_folder(args.resume)
         check_resumed_data(args.resume, ckpt["train_args"].get("data") or "")
-        if loss_config is not None:  # a --loss given with --resume must be the run's own
-            check_resumed_loss(read_loss_record(run_dir), loss_config, f"--resume {args.resume}")
+        loss_config = None
+        if args.loss is not None or args.loss_cfg is not None:  # it must be the run's own loss; a --loss-cfg
+            saved = read_loss_record(run_dir)                     # alone sets the run's methods' settings
+            loss_config = load_loss_config(args.loss or loss_name(saved or {}), args.loss_cfg)
+            check_resumed_loss(saved, loss_config, f"--resume {args.resume}")
         overrides = {**pairs, **{k: given[k] for k in RESUME_FLAGS if k in given}, "resume": str(last),
                      "model": str(last), "save_dir": str(run_dir)}
         return YoloRun(overrides, loss_config)
+    loss_config = load_loss_config(args.loss or "baseline", args.loss_cfg)
     data = check_data_yaml(args.data or "bccd.yaml")
     records = check_training_splits(data)
     settings = {**run_defaults("yolo"), **given}

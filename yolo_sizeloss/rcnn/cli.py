@@ -35,6 +35,7 @@ from yolo_sizeloss.config import (
     LossConfigError,
     check_resumed_loss,
     load_loss_config,
+    loss_name,
     parse_loss_names,
     run_defaults,
 )
@@ -110,9 +111,10 @@ def build_parser(prog: str = "yolo-sizeloss train") -> argparse.ArgumentParser:
     return p
 
 
-def loss_config(args: argparse.Namespace) -> dict:
-    """The resolved loss settings of ``--loss``/``--loss-cfg`` with the PLB paper's shorthands applied."""
-    spec = "baseline" if args.loss is None else args.loss
+def loss_config(args: argparse.Namespace, default_loss: str = "baseline") -> dict:
+    """The resolved loss settings of ``--loss`` (``default_loss`` when not given: on resume, the run's
+    methods) and ``--loss-cfg``, with the PLB paper's shorthands applied."""
+    spec = default_loss if args.loss is None else args.loss
     for flag, method in ((args.plb, "plb"), (args.scb_rpn, "scb")):
         names = parse_loss_names(spec)
         if flag and method not in names:  # the shorthand adds its method (a mode in spec keeps its settings)
@@ -206,7 +208,8 @@ def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:
         raise DataError(f"--resume {args.resume}: not a Faster R-CNN training checkpoint (no {one_line(e)})") from e
     check_resumed_data(args.resume, run.data)
     if any(getattr(args, k) is not None for k in LOSS_FLAGS):
-        note = check_resumed_loss(checkpoint["loss"], loss_config(args), f"--resume {args.resume}")
+        note = check_resumed_loss(checkpoint["loss"], loss_config(args, loss_name(checkpoint["loss"] or {})),
+                                  f"--resume {args.resume}")
         if note:
             LOGGER.info(note)
     return args
