@@ -89,7 +89,12 @@ def one_error_line(run: subprocess.CompletedProcess, fragment: str, code: int = 
 
 @pytest.mark.slow
 def test_bad_input_gives_one_clear_error_line(checkpoint, bccd_subset, tmp_path):
-    one_error_line(val_py("--model", tmp_path / "missing.pt", "--data", bccd_subset), "no such checkpoint")
+    # a missing file is a usage error, as in train, naming the path once
+    one_error_line(val_py("--model", tmp_path / "missing.pt", "--data", bccd_subset),
+                   f"error: --model {tmp_path / 'missing.pt'}: no such file", code=2)
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    one_error_line(val_py("--model", tmp_path / "junk.pt", "--data", bccd_subset),
+                   f"error: --model {tmp_path / 'junk.pt'}: not a readable checkpoint (")
     one_error_line(val_py("--model", checkpoint, "--data", bccd_subset, "--max-det", "10"), "--max-det 10: must be above 10", code=2)
     one_error_line(val_py("--model", checkpoint, "--data", bccd_subset, "--imgsz", "0"), "--imgsz 0", code=2)
     one_error_line(val_py("--model", checkpoint), "--model and --data are required", code=2)

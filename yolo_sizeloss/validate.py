@@ -148,11 +148,13 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
     parse_size_buckets(args.size_buckets)
     parse_device(args.device)
     data = check_data_yaml(args.data)
+    if not Path(args.model).is_file():  # a usage error, as train's --model
+        raise FileNotFoundError(f"--model {args.model}: no such file")
     try:
         checkpoint = load_checkpoint(args.model)
         kind = checkpoint_kind(checkpoint, args.model)
-    except (FileNotFoundError, ValueError) as e:
-        raise DataError(f"--model {args.model}: {one_line(e)}") from e
+    except ValueError as e:
+        raise DataError(f"--model {args.model}: {one_line(e).removeprefix(f'{Path(args.model)}: ')}") from e
     if kind != RCNN_ARCH and (task := guess_model_task(yolo_module(checkpoint))) != "detect":
         raise DataError(f"{args.model} is a '{task}' model; val evaluates detection models only")
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(ValRequest) if hasattr(args, f.name)}
