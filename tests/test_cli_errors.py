@@ -20,6 +20,28 @@ def one_error_line(capsys) -> str:
 
 
 @pytest.fixture
+def logged():
+    """The lines Ultralytics' logger writes while the test runs (it writes to the streams it found at
+    import, past pytest's capture)."""
+    import logging
+
+    from ultralytics.utils import LOGGER
+
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    handler = Lines()
+    LOGGER.addHandler(handler)
+    yield handler.lines
+    LOGGER.removeHandler(handler)
+
+
+@pytest.fixture
 def bad_yamls(tmp_path):
     (tmp_path / "images" / "train").mkdir(parents=True)
     shutil.copy(next((BCCD / "images" / "train").glob("*.jpg")), tmp_path / "images" / "train")
@@ -60,7 +82,7 @@ def bad_yamls(tmp_path):
     (["--arch", "faster_rcnn", "--data", "{dir}/missing_split.yaml"], 1, "images not found, missing path"),
     (["--arch", "faster_rcnn", "--data", "{dir}/broken.yaml"], 1, "broken.yaml: YAML syntax error"),
 ])
-def test_train_mistakes_are_one_line_and_leave_nothing(bad_yamls, tmp_path, capsys, argv, code, message):
+def test_train_mistakes_are_one_line_and_leave_nothing(bad_yamls, tmp_path, capsys, logged, argv, code, message):
     project = tmp_path / "runs"
     argv = [a.replace("{dir}", str(bad_yamls)) for a in argv]
     if "--resume" not in argv:  # a resume keeps its run's folder
@@ -68,7 +90,9 @@ def test_train_mistakes_are_one_line_and_leave_nothing(bad_yamls, tmp_path, caps
     if "--device" not in argv:
         argv += ["--device", "cpu"]
     assert train_main(argv) == code
-    assert message in one_error_line(capsys)
+    error = one_error_line(capsys)
+    assert message in error and "download directory" not in error  # nothing is downloaded here
+    assert logged == []  # nothing of Ultralytics' before the error (a data scan before a --model mistake)
     assert not project.exists()
 
 
@@ -186,29 +210,12 @@ def test_a_yolo_checkpoint_as_faster_rcnn_weights_says_which_flag_it_belongs_to(
     assert f"--weights {FINISHED} is a YOLO checkpoint: give it to YOLO as --model" in error and len(error) < 300
 
 
-def test_an_empty_loss_cfg_file_warns_and_trains_the_defaults(tmp_path):
-    import logging
-
-    from ultralytics.utils import LOGGER
-
+def test_an_empty_loss_cfg_file_warns_and_trains_the_defaults(tmp_path, logged):
     from yolo_sizeloss.config import load_loss_config
 
-    class Lines(logging.Handler):
-        def __init__(self):
-            super().__init__()
-            self.lines = []
-
-        def emit(self, record):
-            self.lines.append(record.getMessage())
-
-    lines = Lines()
-    LOGGER.addHandler(lines)  # Ultralytics' logger writes to the streams it found at import, past pytest's capture
-    try:
-        (tmp_path / "empty.yaml").write_text("# nothing yet\n")
-        assert load_loss_config("plb", tmp_path / "empty.yaml") == load_loss_config("plb")
-    finally:
-        LOGGER.removeHandler(lines)
-    assert any("empty.yaml is empty: the defaults of --loss plb apply" in line for line in lines.lines)
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    assert load_loss_config("plb", tmp_path / "empty.yaml") == load_loss_config("plb")
+    assert any("empty.yaml is empty: the defaults of --loss plb apply" in line for line in logged)
 
 
 def interrupted_run(folder, data: str):
@@ -270,7 +277,7 @@ def test_path_prints_shipped_files_only(capsys, name):
     assert one_error_line(capsys).startswith(f"yolo-sizeloss path: error: '{name}' is not shipped (data: bccd.yaml;")
 
 
-def test_a_resume_refuses_a_setting_ultralytics_would_ignore_and_writes_nothing(tmp_path, capsys):
+def test_a_resume_refuses_a_setting_ultralytics_would_ignore_and_writes_nothing(tmp_path, capsys, logged):
     import torch
 
     last = interrupted_run(tmp_path / "run", "bccd.yaml")  # trained with mosaic=1.0
@@ -278,6 +285,7 @@ def test_a_resume_refuses_a_setting_ultralytics_would_ignore_and_writes_nothing(
     assert train_main(["--resume", str(last), "mosaic=0.5", f"fliplr={fliplr}", "patience=7"]) == 2
     assert one_error_line(capsys) == ("yolo-sizeloss train: error: mosaic=0.5: a resumed run keeps its own settings "
                                       "(mosaic=1.0); start a new run to change them")
+    assert not any("Resume ignores" in line for line in logged)  # the stock warning would say it first
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["last.pt", "weights"]
 
 

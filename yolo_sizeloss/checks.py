@@ -9,19 +9,23 @@ with ``--verbose``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from ultralytics.data.utils import check_det_dataset
+from ultralytics.utils import LOGGER
 
 from yolo_sizeloss.detections import load_split
 from yolo_sizeloss.paths import resolve_data
 
 TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ultralytics colours its messages for terminals
+DOWNLOAD_NOTE = " Note dataset download directory"  # Ultralytics' advice on a missing split: nothing is downloaded here
 
 
 class DataError(Exception):
@@ -153,10 +157,25 @@ def check_data_yaml(data: str) -> str:
 def checked_data(data: str) -> tuple[str, dict]:
     """``check_data_yaml``'s path with the data dict Ultralytics' check returned (class names, ``nc``)."""
     path = resolve_data(data)
+    # its info lines are about downloads (a blank line before a missing split, here before our one error
+    # line), which autodownload=False never makes; its warnings still show
     try:
-        return path, check_det_dataset(path, autodownload=False)
+        with ultralytics_quiet_below(logging.WARNING):
+            return path, check_det_dataset(path, autodownload=False)
     except Exception as e:
-        raise DataError(f"{path}: {one_line(e)}") from e
+        raise DataError(f"{path}: {one_line(e).split(DOWNLOAD_NOTE)[0]}") from e
+
+
+@contextlib.contextmanager
+def ultralytics_quiet_below(level: int) -> Iterator[None]:
+    """Ultralytics' logger drops records below ``level`` inside the block: for a stock call whose lines
+    would come before, or say again, the one error line of ours that follows it."""
+    before = LOGGER.level
+    LOGGER.setLevel(max(before, level))
+    try:
+        yield
+    finally:
+        LOGGER.setLevel(before)
 
 
 def check_training_splits(data_yaml: str) -> dict:

@@ -222,6 +222,7 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
                      "model": str(last), "save_dir": str(run_dir)}
         return YoloRun(overrides, loss_config)
     loss_config = load_loss_config(args.loss or "baseline", args.loss_cfg)
+    model = check_yolo_model(args.model or "yolov8n.yaml")  # before the data scan, which logs as it goes
     data = check_data_yaml(args.data or "bccd.yaml")
     records = check_training_splits(data)
     settings = {**run_defaults("yolo"), **given}
@@ -229,7 +230,7 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
     overrides = {
         **pairs,
         **settings,
-        "model": check_yolo_model(args.model or "yolov8n.yaml"),
+        "model": model,
         "data": data,
         "project": str(Path(args.project or "runs/train").resolve()),
         "name": args.name or args.loss or "baseline",
