@@ -245,6 +245,24 @@ def test_overwriting_one_split_keeps_the_others_in_data_yaml(tmp_path, capsys):
     assert after == before and (after["val"], after["test"]) == ("images/val", "images/test")
 
 
+def test_overwriting_one_split_with_other_classes_is_refused_while_others_are_kept(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_main([BCCD_VOC_FIXTURE, out], capsys)[0] == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # the same names in another order: the kept splits' ids would name other classes
+    code, stdout, stderr = run_main([BCCD_VOC_FIXTURE, out, "--splits", "val", "--overwrite", "--classes",
+                                     "Platelets,RBC,WBC"], capsys)
+    assert code == 2 and stdout == ""
+    assert stderr.splitlines() == [
+        f"python -m yolo_sizeloss.convert: error: {out / 'data.yaml'} names ['RBC', 'WBC', 'Platelets'], --classes "
+        "['Platelets', 'RBC', 'WBC']: the splits kept in place (train, test) were labelled for the first; convert them too "
+        "(--splits) or give the same --classes; nothing was written"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # every split converted again: the new class list applies to all of them
+    assert run_main([BCCD_VOC_FIXTURE, out, "--overwrite", "--classes", "Platelets,RBC,WBC"], capsys)[0] == 0
+    assert yaml.safe_load((out / "data.yaml").read_text())["names"] == {0: "Platelets", 1: "RBC", 2: "WBC"}
+
+
 def test_class_list_with_spaces_is_accepted(tmp_path, capsys):
     code, _, stderr = run_main([BCCD_VOC_FIXTURE, tmp_path / "out", "--classes", "RBC, WBC, Platelets",
                                 "--splits", "test, val"], capsys)

@@ -153,6 +153,21 @@ def _check_paths(src: Path, dst: Path, splits: tuple[str, ...], overwrite: bool)
     return [p for p in found if p in ours], [p for p in found if p not in ours]
 
 
+def _check_kept_classes(dst: Path, kept: list[str], classes: tuple[str, ...]) -> None:
+    """The splits left in place were labelled for the class list of ``dst``'s data.yaml: another
+    ``classes`` would give their class ids other names (or none), so it is refused before writing."""
+    data_yaml = dst / "data.yaml"
+    try:
+        names = yaml.safe_load(data_yaml.read_text())["names"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return  # no readable class list to disagree with: the kept splits are the user's own
+    names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
+    if names != list(classes):
+        raise UsageError(f"{data_yaml} names {names}, --classes {list(classes)}: the splits kept in place "
+                         f"({', '.join(kept)}) were labelled for the first; convert them too (--splits) or give "
+                         "the same --classes; nothing was written")
+
+
 def convert_voc(
     src: str | Path,
     dst: str | Path,
@@ -172,6 +187,11 @@ def convert_voc(
     """
     src, dst = Path(src), Path(dst)
     replaced, kept = _check_paths(src, dst, splits, overwrite)
+    # a split this run does not convert but finds in place (--overwrite of some splits) stays in data.yaml,
+    # so the data set keeps training (its val split, say): its labels must mean the same classes
+    present = [s for s in ("train", "val", "test") if s not in splits and (dst / "images" / s).is_dir()]
+    if present:
+        _check_kept_classes(dst, present, classes)
     summary = ConversionSummary(per_class={c: 0 for c in classes})
     plan: list[tuple[str, Path, list[str]]] = []
     for split in splits:
@@ -209,9 +229,6 @@ def convert_voc(
     for split, image, lines in plan:
         shutil.copy2(image, dst / "images" / split / image.name)
         (dst / "labels" / split / f"{image.stem}.txt").write_text("".join(f"{ln}\n" for ln in lines))
-    # a split this run did not convert but left in place (--overwrite of some splits) stays in data.yaml,
-    # so the data set keeps training: its val split, say, is still there
-    present = [s for s in ("train", "val", "test") if s not in splits and (dst / "images" / s).is_dir()]
     data = {"path": str(dst.resolve()), **{s: f"images/{s}" for s in (*splits, *present)}}
     data["names"] = dict(enumerate(classes))
     (dst / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
