@@ -17,7 +17,8 @@
 #     100 epochs, imgsz 416, batch 16) x seeds 0-2: nine bench/compare.py harnesses at once, one per
 #     (mode, seed), all with --only runs into WORK/yolo;
 #     Faster R-CNN (mobilenet_v3_large_fpn from scratch; baseline, plb, nwd, nwd:safit_sharp_auto) at the
-#     RCNN_* schedule below (the CPU comparison's): twelve harnesses at once, one per (loss, seed), under `nice`;
+#     RCNN_* schedule below (the CPU comparison's): four harnesses at once, one per loss, its seeds in turn
+#     (RCNN_SEEDS: 1, 2, then 0, which the CPU comparison already has), under `nice`;
 #     every 30 s one line of measured throughput (bench/gpu.py progress);
 #  4. at TRAIN_DEADLINE_S (400 s) after the start the harnesses still running are stopped (a stopped run
 #     is left out of the tables with its seed; summary.md says which);
@@ -38,16 +39,17 @@
 # (~0.2 s). Assumed: 2.5 s per epoch per training with nine at once, 1.5-2 CPU-s each, so nine
 # trainings keep 13-14 of the 16 cores busy and the GPU mostly idle: 100 epochs take about 250 s, plus
 # about 30 s to start and to evaluate on the test split. Run in turns of three, the same nine would
-# need 750 s. The Faster R-CNN harnesses, niced, take the cores YOLO leaves: assumed 6 CPU-s per epoch
-# at imgsz 640 (52 batches of 4 decoded and resized on the host, their kernel launches, 87 validation
-# images, a 150 MB checkpoint), so the twelve runs' 30 epochs are about 2,200 CPU-s on the 9 cores YOLO
-# leaves, 250 s, and 52 x ~20 ms of GPU work per epoch, about 380 GPU-s in all, time-sliced with
-# YOLO's ~60: the GPU, not the host, may be what the deadline cuts. All seeds at once, not in turn:
-# in turn, 30 epochs of one seed alone (~10 s each) leave the second and third no time.
+# need 750 s. The Faster R-CNN harnesses, niced, take the 2-3 cores YOLO leaves (and more once its
+# trainings end): assumed 6 CPU-s per epoch at imgsz 640 (52 batches of 4 decoded and resized on the
+# host, their kernel launches, 87 validation images, a 150 MB checkpoint) and 52 x ~20 ms of GPU work,
+# so one seed of the four losses (30 epochs) is about 720 CPU-s and 120 GPU-s: the deadline should let
+# the first seed finish and cut a later one. Seeds in turn, not at once: twelve runs at once would share
+# the GPU and the cores evenly, all be cut near the end, and leave no Faster R-CNN table at all. The first
+# seeds are 1 and 2 because the CPU comparison (docs/results.md section 5) has seed 0.
 # These are estimates, not readings (no GPU has run this yet): the progress lines and summary.md give
 # the measured s/epoch; size RCNN_EPOCHS (and the deadline) from them.
 #
-# Any variable below can be set in the environment: RCNN_EPOCHS=20 TRAIN_DEADLINE_S=450 bash bench/gpu.sh OUT.
+# Any variable below can be set in the environment: RCNN_SEEDS="1" TRAIN_DEADLINE_S=450 bash bench/gpu.sh OUT.
 set -uo pipefail
 
 SMOKE=0
@@ -62,6 +64,7 @@ SEEDS=${SEEDS:-"0 1 2"}
 YOLO_MODES=${YOLO_MODES:-"baseline nwd nwd:safit_sharp_auto_norm"}  # compare.py --preset gpu's
 YOLO_WORKERS=${YOLO_WORKERS:-2}           # dataloader processes per YOLO training (compare.py's default)
 RCNN_MODES=${RCNN_MODES:-"baseline plb nwd nwd:safit_sharp_auto"}
+RCNN_SEEDS=${RCNN_SEEDS:-"1 2 0"}          # in this order, each loss's harness running them in turn
 # Faster R-CNN schedule: the CPU comparison's (docs/results.md section 5). imgsz 640 puts BCCD's
 # platelets (~30 px there) above the mobilenet FPN's smallest anchor, lr 0.01 at batch 4 learns from
 # scratch at once, and the stock loss's 30-epoch val curve rose until the tenfold decay at epoch 20 and
@@ -82,7 +85,7 @@ SPLIT=${SPLIT:-}                          # runs: harnesses as above; family: on
 if (( SMOKE )); then  # every step and mode, tiny: one epoch of a few images at imgsz 32, one seed
     # one harness per family: on 2 cores and little memory, 7 at once (each ~0.7 GB beside its training) thrash
     # and BCCD's first 8 train, 4 val and 8 test images (bench/gpu.py subset), so that validation is cheap
-    SEEDS=0; DEVICE=cpu; SPLIT=${SPLIT:-family}; YOLO_WORKERS=1; RCNN_WORKERS=1; RCNN_NICE=0; BOOTSTRAP=20; PROGRESS_S=10
+    SEEDS=0; RCNN_SEEDS=0; DEVICE=cpu; SPLIT=${SPLIT:-family}; YOLO_WORKERS=1; RCNN_WORKERS=1; RCNN_NICE=0; BOOTSTRAP=20; PROGRESS_S=10
     YOLO_SCHEDULE=(--preset gpu --epochs 1 --imgsz 32 --batch 4)
     RCNN_SCHEDULE=(--epochs 1 --imgsz 32 --batch 2 --lr "$RCNN_LR" --lr-step 1)
     OVERHEAD=(--device cpu --imgsz 32 --batch 2 --repeats 1)
@@ -143,7 +146,7 @@ export YOLO_OFFLINE=1 YOLO_AUTOINSTALL=0 PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 # one intra-op thread per process: more trainings than cores, and OpenMP's spinning threads on oversubscribed
 # cores made a Faster R-CNN epoch 7 times slower on the 2-core CI machine (15 s against 2 s)
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-echo "cores $(getconf _NPROCESSORS_ONLN); seeds $SEEDS; YOLO ${YOLO_SCHEDULE[*]}: $YOLO_MODES; Faster R-CNN ${RCNN_SCHEDULE[*]}: $RCNN_MODES;" \
+echo "cores $(getconf _NPROCESSORS_ONLN); seeds $SEEDS; YOLO ${YOLO_SCHEDULE[*]}: $YOLO_MODES; Faster R-CNN ${RCNN_SCHEDULE[*]}, seeds $RCNN_SEEDS: $RCNN_MODES;" \
      "deadline ${TRAIN_DEADLINE_S} s"
 
 # ---- 2. once, before the trainings start together
@@ -166,7 +169,7 @@ launch() {  # NAME NICENESS COMPARE-ARGS...: one harness in the background, logg
 # shellcheck disable=SC2086  # the modes and seeds are words
 if [[ $SPLIT == family ]]; then
     launch yolo 0 "${YOLO_ARGS[@]}" --losses $YOLO_MODES --seeds $SEEDS
-    launch rcnn "$RCNN_NICE" "${RCNN_ARGS[@]}" --losses $RCNN_MODES --seeds $SEEDS
+    launch rcnn "$RCNN_NICE" "${RCNN_ARGS[@]}" --losses $RCNN_MODES --seeds $RCNN_SEEDS
 else
     for mode in $YOLO_MODES; do
         for seed in $SEEDS; do
@@ -174,9 +177,7 @@ else
         done
     done
     for mode in $RCNN_MODES; do
-        for seed in $SEEDS; do
-            launch "rcnn-${mode//:/-}-s$seed" "$RCNN_NICE" "${RCNN_ARGS[@]}" --losses "$mode" --seeds "$seed"
-        done
+        launch "rcnn-${mode//:/-}" "$RCNN_NICE" "${RCNN_ARGS[@]}" --losses "$mode" --seeds $RCNN_SEEDS
     done
 fi
 say "${#PIDS[@]} harnesses started"
@@ -213,7 +214,7 @@ timeout "$TABLE_TIMEOUT_S" "$PYTHON" bench/compare.py "${YOLO_ARGS[@]}" --losses
     --only table >"$WORK/logs/table-yolo.log" 2>&1 &
 table_yolo=$!
 # shellcheck disable=SC2086
-timeout "$TABLE_TIMEOUT_S" "$PYTHON" bench/compare.py "${RCNN_ARGS[@]}" --losses $RCNN_MODES --seeds $SEEDS \
+timeout "$TABLE_TIMEOUT_S" "$PYTHON" bench/compare.py "${RCNN_ARGS[@]}" --losses $RCNN_MODES --seeds $RCNN_SEEDS \
     --only table >"$WORK/logs/table-rcnn.log" 2>&1 &
 table_rcnn=$!
 timeout "$OVERHEAD_TIMEOUT_S" "$PYTHON" bench/overhead.py "${OVERHEAD[@]}" --sync-count \
