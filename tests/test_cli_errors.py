@@ -322,3 +322,24 @@ def test_a_loss_cfg_alone_on_resume_is_read_for_the_runs_own_methods(tmp_path, c
     assert train_main(["--resume", str(last), "--loss-cfg", str(tmp_path / "plb.yaml")]) == 2
     assert "section 'plb' is not selected by --loss nwd" in one_error_line(capsys)
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["last.pt", "loss.yaml", "weights"]
+
+
+def test_a_run_on_the_shipped_data_resumes_after_the_package_moved(tmp_path):
+    import argparse
+
+    from yolo_sizeloss.cli import build_yolo_parser, check_yolo_request
+    from yolo_sizeloss.paths import CFG_DIR
+    from yolo_sizeloss.rcnn.engine import resumed_args
+
+    moved = str(tmp_path / "old_checkout" / "yolo_sizeloss" / "cfg" / "bccd.yaml")  # gone with its checkout
+    last = interrupted_run(tmp_path / "run", moved)
+    request = check_yolo_request(build_yolo_parser().parse_args(["--resume", str(last)]))
+    assert request.overrides["data"] == str((CFG_DIR / "bccd.yaml").resolve())
+    # the Faster R-CNN path reads the run's data through the same rule
+    checkpoint = {"epoch": 1, "train_args": {"data": moved, "epochs": 5}}
+    run = resumed_args(checkpoint, argparse.Namespace(resume=str(last), epochs=None, device=None, workers=None))
+    assert run.data == str((CFG_DIR / "bccd.yaml").resolve())
+    # a data yaml of the user's that is gone is not replaced by a shipped file of the same name
+    other = str(tmp_path / "mine" / "cfg" / "bccd.yaml")
+    assert resumed_args({**checkpoint, "train_args": {"data": other, "epochs": 5}},
+                        argparse.Namespace(resume=str(last), epochs=None, device=None, workers=None)).data == other

@@ -49,7 +49,7 @@ from yolo_sizeloss.config import (
     run_defaults,
 )
 from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
-from yolo_sizeloss.paths import resolve_shipped_file, shipped_variants
+from yolo_sizeloss.paths import resolve_shipped_file, run_data_path, shipped_variants
 from yolo_sizeloss.rcnn import cli as rcnn_cli
 from yolo_sizeloss.rcnn.data import training_box_sizes
 from yolo_sizeloss.yolo.trainer import SizeAwareTrainer
@@ -212,7 +212,8 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
         # Ultralytics would continue in the folder the checkpoint was first saved to, so a run folder moved
         # or copied elsewhere would write into the original (or make it again)
         run_dir = resumed_run_folder(args.resume)
-        check_resumed_data(args.resume, ckpt["train_args"].get("data") or "")
+        stored = ckpt["train_args"].get("data") or ""
+        data = check_resumed_data(args.resume, run_data_path(stored))
         loss_config = None
         if args.loss is not None or args.loss_cfg is not None:  # it must be the run's own loss; a --loss-cfg
             saved = read_loss_record(run_dir)                     # alone sets the run's methods' settings
@@ -220,6 +221,8 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
             check_resumed_loss(saved, loss_config, f"--resume {args.resume}")
         overrides = {**pairs, **{k: given[k] for k in RESUME_FLAGS if k in given}, "resume": str(last),
                      "model": str(last), "save_dir": str(run_dir)}
+        if data != stored:  # the shipped data of a package since moved (paths.run_data_path); the stock
+            overrides["data"] = data  # resume takes a given data over the checkpoint's
         return YoloRun(overrides, loss_config)
     loss_config = load_loss_config(args.loss or "baseline", args.loss_cfg)
     model = check_yolo_model(args.model or "yolov8n.yaml")  # before the data scan, which logs as it goes

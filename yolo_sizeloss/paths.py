@@ -41,6 +41,18 @@ def resolve_data(data: str | Path) -> str:
     return str(resolve_shipped(data, CFG_DIR, "data yaml"))
 
 
+def run_data_path(stored: str) -> str:
+    """The data yaml a run recorded, for its resume: the path as stored, or, where that file is gone and
+    was a data yaml this package ships (``.../yolo_sizeloss/cfg/bccd.yaml`` of a checkout or install since
+    moved), the one shipped here: a run trained on the shipped data resumes wherever the package is."""
+    path = Path(stored)
+    shipped = CFG_DIR / path.name
+    if (not path.is_file() and path.parent.parts[-2:] == CFG_DIR.parts[-2:] and shipped.is_file()
+            and shipped != RUN_DEFAULTS_FILE):
+        return str(shipped.resolve())
+    return stored
+
+
 def resolve_loss_cfg(settings: str | Path) -> Path:
     """A ``--loss-cfg`` file's absolute path: a path, or a variant shipped in ``cfg/variants``
     (``box_only``, ``gt_areas.yaml``); the FileNotFoundError lists the shipped variants."""

@@ -35,7 +35,7 @@ from yolo_sizeloss.detections import ImageRecord, load_split
 from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics, per_class_ap
 from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.methods.overlaps import IoU
-from yolo_sizeloss.paths import resolve_data
+from yolo_sizeloss.paths import resolve_data, run_data_path
 from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection, training_box_sizes
 from yolo_sizeloss.rcnn.model import (
     assignment_columns,
@@ -239,6 +239,7 @@ def resumed_args(checkpoint: dict, args: argparse.Namespace) -> argparse.Namespa
     a finished run without one a DataError."""
     restored = argparse.Namespace(**checkpoint["train_args"])
     restored.resume = str(args.resume)
+    restored.data = run_data_path(restored.data)
     for key in ("epochs", "device", "workers"):
         if getattr(args, key, None) is not None:
             setattr(restored, key, getattr(args, key))
