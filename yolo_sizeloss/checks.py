@@ -160,22 +160,25 @@ def checked_data(data: str) -> tuple[str, dict]:
     # its info lines are about downloads (a blank line before a missing split, here before our one error
     # line), which autodownload=False never makes; its warnings still show
     try:
-        with ultralytics_quiet_below(logging.WARNING):
+        with ultralytics_dropping(lambda record: record.levelno < logging.WARNING):
             return path, check_det_dataset(path, autodownload=False)
     except Exception as e:
         raise DataError(f"{path}: {one_line(e).split(DOWNLOAD_NOTE)[0]}") from e
 
 
 @contextlib.contextmanager
-def ultralytics_quiet_below(level: int) -> Iterator[None]:
-    """Ultralytics' logger drops records below ``level`` inside the block: for a stock call whose lines
-    would come before, or say again, the one error line of ours that follows it."""
-    before = LOGGER.level
-    LOGGER.setLevel(max(before, level))
+def ultralytics_dropping(drop: Callable[[logging.LogRecord], bool]) -> Iterator[None]:
+    """Ultralytics' logger drops the records ``drop`` picks inside the block: for a stock call whose
+    lines would come before, or say again, the one error line of ours that follows it."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not drop(record)
+
+    LOGGER.addFilter(keep)
     try:
         yield
     finally:
-        LOGGER.setLevel(before)
+        LOGGER.removeFilter(keep)
 
 
 def check_training_splits(data_yaml: str) -> dict:

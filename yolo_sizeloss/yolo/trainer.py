@@ -12,7 +12,6 @@ the live model only, and Ultralytics strips criteria from what it saves, so chec
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from ultralytics.models.yolo.detect import DetectionTrainer
@@ -20,7 +19,7 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from yolo_sizeloss.assignment import AssignmentCounter
-from yolo_sizeloss.checks import SettingsError, ultralytics_quiet_below
+from yolo_sizeloss.checks import SettingsError, ultralytics_dropping
 from yolo_sizeloss.config import (
     check_loss_config,
     check_resumed_loss,
@@ -118,7 +117,8 @@ class SizeAwareTrainer(DetectionTrainer):
         which stock Ultralytics would ignore. Any other setting the stock check did not take (it keeps the
         checkpoint's and only warns) is an error before anything is written: a run the user believes was
         resumed with ``lr0=...`` must not silently train with the old one."""
-        with ultralytics_quiet_below(logging.ERROR):  # its warning names what it ignored: the error below does
+        # its warning names what it ignored, which the error below names too; its other lines still show
+        with ultralytics_dropping(lambda record: record.getMessage().startswith("Resume ignores")):
             super().check_resume({k: v for k, v in overrides.items() if k != "epochs"})
         if not self.resume:
             return
