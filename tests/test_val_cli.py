@@ -92,6 +92,8 @@ def test_bad_input_gives_one_clear_error_line(checkpoint, bccd_subset, tmp_path)
     # a missing file is a usage error, as in train, naming the path once
     one_error_line(val_py("--model", tmp_path / "missing.pt", "--data", bccd_subset),
                    f"error: --model {tmp_path / 'missing.pt'}: no such file", code=2)
+    one_error_line(val_py("--model", tmp_path, "--data", bccd_subset),
+                   f"error: --model {tmp_path}: a folder; give a checkpoint file", code=2)
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     one_error_line(val_py("--model", tmp_path / "junk.pt", "--data", bccd_subset),
                    f"error: --model {tmp_path / 'junk.pt'}: not a readable checkpoint (")

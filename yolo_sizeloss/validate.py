@@ -149,7 +149,8 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
     parse_device(args.device)
     data = check_data_yaml(args.data)
     if not Path(args.model).is_file():  # a usage error, as train's --model
-        raise FileNotFoundError(f"--model {args.model}: no such file")
+        raise FileNotFoundError(f"--model {args.model}: " + ("a folder; give a checkpoint file"
+                                                             if Path(args.model).is_dir() else "no such file"))
     try:
         checkpoint = load_checkpoint(args.model)
         kind = checkpoint_kind(checkpoint, args.model)
