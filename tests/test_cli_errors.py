@@ -343,3 +343,15 @@ def test_a_run_on_the_shipped_data_resumes_after_the_package_moved(tmp_path):
     other = str(tmp_path / "mine" / "cfg" / "bccd.yaml")
     assert resumed_args({**checkpoint, "train_args": {"data": other, "epochs": 5}},
                         argparse.Namespace(resume=str(last), epochs=None, device=None, workers=None)).data == other
+
+
+@pytest.mark.parametrize("arch", [[], ["--arch", "faster_rcnn"]])
+def test_a_project_under_a_file_is_refused_naming_the_flag(bad_yamls, capsys, arch):
+    project = bad_yamls / "notes.txt" / "runs"  # notes.txt is a file
+    assert train_main([*arch, "--project", str(project), "--device", "cpu"]) == 2
+    assert one_error_line(capsys) == (f"yolo-sizeloss train: error: --project {project}: {bad_yamls / 'notes.txt'} "
+                                      "is a file, not a folder")
+    from yolo_sizeloss.validate import main as val_main
+
+    assert val_main(["--model", str(FINISHED), "--data", "bccd.yaml", "--project", str(project)]) == 2
+    assert one_error_line(capsys).endswith(f"error: --project {project}: {bad_yamls / 'notes.txt'} is a file, not a folder")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -138,6 +139,18 @@ def output_file_problem(path: str) -> str | None:
     scripts that write one file at the end of long work, to say so before the work."""
     out = Path(path)
     return "must be a file in an existing folder" if out.is_dir() or not out.parent.is_dir() else None
+
+
+def check_output_folder(folder: str, flag: str) -> None:
+    """A folder a command will make (or write in), such as ``--project``: where the part that exists is
+    a file or cannot be written in, the error names the flag before anything runs (not an OSError
+    after the run has started)."""
+    path = Path(folder).expanduser().resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder}: cannot write in {existing}")
 
 
 def check_resumed_data(resume: str, data: str) -> str:

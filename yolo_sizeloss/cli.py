@@ -29,6 +29,7 @@ from yolo_sizeloss.checks import (
     DataError,
     OneLineParser,
     check_data_yaml,
+    check_output_folder,
     check_resumed_data,
     check_resumed_epochs,
     check_run_flags,
@@ -226,6 +227,8 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
         return YoloRun(overrides, loss_config)
     loss_config = load_loss_config(args.loss or "baseline", args.loss_cfg)
     model = check_yolo_model(args.model or "yolov8n.yaml")  # before the data scan, which logs as it goes
+    project = args.project or "runs/train"
+    check_output_folder(project, "--project")
     data = check_data_yaml(args.data or "bccd.yaml")
     records = check_training_splits(data)
     settings = {**run_defaults("yolo"), **given}
@@ -235,7 +238,7 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
         **settings,
         "model": model,
         "data": data,
-        "project": str(Path(args.project or "runs/train").resolve()),
+        "project": str(Path(project).resolve()),
         "name": args.name or args.loss or "baseline",
         "exist_ok": args.exist_ok,
     }

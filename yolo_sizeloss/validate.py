@@ -32,7 +32,15 @@ from ultralytics.utils.checks import check_imgsz
 from ultralytics.utils.files import increment_path
 
 from yolo_sizeloss.checkpoints import RCNN_ARCH, checkpoint_kind, load_checkpoint
-from yolo_sizeloss.checks import DataError, OneLineParser, check_data_yaml, one_line, parse_device, run_guarded
+from yolo_sizeloss.checks import (
+    DataError,
+    OneLineParser,
+    check_data_yaml,
+    check_output_folder,
+    one_line,
+    parse_device,
+    run_guarded,
+)
 from yolo_sizeloss.detections import ImageRecord, SkippedLabels, check_split, skipped_summary
 from yolo_sizeloss.detections_file import RunDetections, report_file
 from yolo_sizeloss.evaluation import (
@@ -147,6 +155,7 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
         raise ValueError(f"--conf {args.conf} / --iou {args.iou}: must be in [0, 1) / (0, 1]")
     parse_size_buckets(args.size_buckets)
     parse_device(args.device)
+    check_output_folder(args.project, "--project")
     data = check_data_yaml(args.data)
     if not Path(args.model).is_file():  # a usage error, as train's --model
         raise FileNotFoundError(f"--model {args.model}: " + ("a folder; give a checkpoint file"

@@ -22,9 +22,10 @@ from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
 from yolo_sizeloss.checks import (
     DataError,
     OneLineParser,
-    checked_data,
+    check_output_folder,
     check_resumed_data,
     check_run_flags,
+    checked_data,
     one_line,
     parse_device,
     resumed_run_folder,
@@ -161,6 +162,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     ):
         if not ok:  # also for NaN, which fails every comparison
             raise ValueError(f"--{flag} {value}: {rule}")
+    if args.project is not None:
+        check_output_folder(args.project, "--project")
     data, info = checked_data(args.data)
     check_weights(args.weights, args.backbone, info["nc"] + 1)
     return argparse.Namespace(**{**vars(args), "data": data, "loss_config": loss_config(args)})
