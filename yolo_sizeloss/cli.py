@@ -218,7 +218,7 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
         loss_config = None
         if args.loss is not None or args.loss_cfg is not None:  # it must be the run's own loss; a --loss-cfg
             saved = read_loss_record(run_dir)                     # alone sets the run's methods' settings
-            loss_config = load_loss_config(args.loss or loss_name(saved or {}), args.loss_cfg)
+            loss_config = load_loss_config(args.loss or loss_name(saved), args.loss_cfg)
             check_resumed_loss(saved, loss_config, f"--resume {args.resume}")
         overrides = {**pairs, **{k: given[k] for k in RESUME_FLAGS if k in given}, "resume": str(last),
                      "model": str(last), "save_dir": str(run_dir)}

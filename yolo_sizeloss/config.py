@@ -211,9 +211,10 @@ def _apply_settings_file(config: dict[str, dict[str, Any]], path: Path, spec: st
         _merge_section(config[method], method, section, path, lines)
 
 
-def loss_name(config: dict[str, dict[str, Any]]) -> str:
-    """The ``--loss`` specification a resolved config came from (``baseline`` when empty)."""
-    return "+".join(config) or "baseline"
+def loss_name(config: dict[str, dict[str, Any]] | None) -> str:
+    """The ``--loss`` specification a resolved config came from (``baseline`` when empty, or None: a run
+    with no loss record)."""
+    return "+".join(config or {}) or "baseline"
 
 
 def loss_differences(saved: dict[str, dict[str, Any]], requested: dict[str, dict[str, Any]]) -> list[str]:

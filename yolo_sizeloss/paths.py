@@ -46,9 +46,8 @@ def run_data_path(stored: str) -> str:
     was a data yaml this package ships (``.../yolo_sizeloss/cfg/bccd.yaml`` of a checkout or install since
     moved), the one shipped here: a run trained on the shipped data resumes wherever the package is."""
     path = Path(stored)
-    shipped = CFG_DIR / path.name
-    if (not path.is_file() and path.parent.parts[-2:] == CFG_DIR.parts[-2:] and shipped.is_file()
-            and shipped != RUN_DEFAULTS_FILE):
+    shipped = shipped_data().get(path.name)
+    if shipped and not path.is_file() and path.parent.parts[-2:] == CFG_DIR.parts[-2:]:
         return str(shipped.resolve())
     return stored
 
@@ -67,14 +66,20 @@ def shipped_variants() -> list[str]:
     return sorted(p.stem for p in VARIANTS_DIR.glob("*.yaml"))
 
 
+def shipped_data() -> dict[str, Path]:
+    """The data yamls the package ships, by file name (``cfg/*.yaml`` but the run defaults)."""
+    return {p.name: p for p in sorted(CFG_DIR.glob("*.yaml")) if p != RUN_DEFAULTS_FILE}
+
+
 def resolve_shipped_file(name: str) -> Path:
     """The absolute path of a data yaml (``bccd.yaml``) or loss-settings variant the package ships, for
     commands outside this package (stock ``yolo val``) that need a path; a file of that name in the
     working folder does not count."""
     # a bare name only: an absolute or relative path would resolve outside the package (/etc/passwd)
-    for folder in (CFG_DIR, VARIANTS_DIR) if Path(name).name == name not in ("", ".", "..") else ():
-        for candidate in (folder / name, folder / f"{name}.yaml"):
-            if candidate.is_file() and candidate != RUN_DEFAULTS_FILE:
-                return candidate.resolve()
-    data = ", ".join(sorted(p.name for p in CFG_DIR.glob("*.yaml") if p != RUN_DEFAULTS_FILE))
-    raise FileNotFoundError(f"{name!r} is not shipped (data: {data}; loss variants: {', '.join(shipped_variants())})")
+    if Path(name).name == name not in ("", ".", ".."):
+        for shipped in (shipped_data(), {p.name: p for p in VARIANTS_DIR.glob("*.yaml")}):
+            for key in (name, f"{name}.yaml"):
+                if key in shipped:
+                    return shipped[key].resolve()
+    raise FileNotFoundError(f"{name!r} is not shipped (data: {', '.join(shipped_data())}; "
+                            f"loss variants: {', '.join(shipped_variants())})")

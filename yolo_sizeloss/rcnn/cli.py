@@ -211,7 +211,7 @@ def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:
         raise DataError(f"--resume {args.resume}: not a Faster R-CNN training checkpoint (no {one_line(e)})") from e
     check_resumed_data(args.resume, run.data)
     if any(getattr(args, k) is not None for k in LOSS_FLAGS):
-        note = check_resumed_loss(checkpoint["loss"], loss_config(args, loss_name(checkpoint["loss"] or {})),
+        note = check_resumed_loss(checkpoint["loss"], loss_config(args, loss_name(checkpoint["loss"])),
                                   f"--resume {args.resume}")
         if note:
             LOGGER.info(note)
