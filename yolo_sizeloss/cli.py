@@ -49,10 +49,10 @@ from yolo_sizeloss.config import (
     read_loss_record,
     run_defaults,
 )
+from yolo_sizeloss.detections import training_box_sizes
 from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.paths import resolve_shipped_file, run_data_path, shipped_variants
 from yolo_sizeloss.rcnn import cli as rcnn_cli
-from yolo_sizeloss.rcnn.data import training_box_sizes
 from yolo_sizeloss.yolo.trainer import SizeAwareTrainer
 
 RESUME_FLAGS = ("imgsz", "batch", "workers", "device", "epochs")  # what a resumed YOLO run can change

@@ -13,6 +13,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import torch
+from torch import Tensor
 from ultralytics.data.base import BaseDataset
 from ultralytics.data.utils import check_det_dataset, img2label_paths, verify_image_label
 from ultralytics.utils import LOGGER, NUM_THREADS
@@ -41,6 +43,25 @@ class ImageRecord:
     pred_boxes: np.ndarray = field(default_factory=_empty_boxes)
     pred_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     pred_classes: np.ndarray = field(default_factory=_empty_ints)
+
+
+def gt_in_image(record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
+    """An image's ground-truth boxes (xyxy, float32) clipped to the image and their classes, boxes left
+    empty by the clip dropped: what a detector can be trained on."""
+    boxes = record.gt_boxes.reshape(-1, 4).astype(np.float32)
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, record.width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, record.height)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return boxes[keep], record.gt_classes.reshape(-1)[keep]
+
+
+def training_box_sizes(records: list[ImageRecord], imgsz: int) -> tuple[Tensor, Tensor]:
+    """Widths and heights (float64) of every training box as the heads see it at ``imgsz``: both
+    families resize an image by ``imgsz / max(width, height)`` (YOLO's letterbox, and
+    ``GeneralizedRCNNTransform`` with ``min_size = max_size = imgsz``); a flip changes no size."""
+    scaled = [gt_in_image(r)[0].astype(np.float64) * (imgsz / max(r.width, r.height)) for r in records]
+    boxes = torch.from_numpy(np.concatenate([np.zeros((0, 4)), *scaled]))
+    return boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
 
 
 @dataclass(frozen=True)

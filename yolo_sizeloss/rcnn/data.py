@@ -8,7 +8,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from yolo_sizeloss.detections import ImageRecord
+from yolo_sizeloss.detections import ImageRecord, gt_in_image
 
 
 def read_image(file: str) -> Tensor:
@@ -22,26 +22,10 @@ def read_image(file: str) -> Tensor:
 
 
 def training_target(record: ImageRecord) -> dict[str, Tensor]:
-    """torchvision target of one image: boxes xyxy (clipped to the image; empty ones dropped) and
-    labels = YOLO class id + 1 (0 is torchvision's background)."""
-    boxes = torch.as_tensor(record.gt_boxes, dtype=torch.float32).reshape(-1, 4)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, record.width)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, record.height)
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    labels = torch.as_tensor(record.gt_classes, dtype=torch.int64).reshape(-1) + 1
-    return {"boxes": boxes[keep], "labels": labels[keep]}
-
-
-def training_box_sizes(records: list[ImageRecord], imgsz: int) -> tuple[Tensor, Tensor]:
-    """Widths and heights (float64) of every training box as the heads see it: ``training_target``'s
-    boxes scaled by ``imgsz / max(width, height)``, the resize of ``GeneralizedRCNNTransform`` with
-    ``min_size = max_size = imgsz`` (``yolo_sizeloss.rcnn.model``); a flip changes no size."""
-    widths, heights = [torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.float64)]
-    for record in records:
-        boxes = training_target(record)["boxes"].double() * (imgsz / max(record.width, record.height))
-        widths.append(boxes[:, 2] - boxes[:, 0])
-        heights.append(boxes[:, 3] - boxes[:, 1])
-    return torch.cat(widths), torch.cat(heights)
+    """torchvision target of one image: boxes xyxy (``gt_in_image``) and labels = YOLO class id + 1
+    (0 is torchvision's background)."""
+    boxes, classes = gt_in_image(record)
+    return {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(classes.astype(np.int64)) + 1}
 
 
 def hflip(image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -31,12 +31,12 @@ from ultralytics.utils.files import increment_path
 from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
 from yolo_sizeloss.checks import DataError, check_resumed_epochs, parse_device, resumed_run_folder
 from yolo_sizeloss.config import describe_loss, write_loss_record
-from yolo_sizeloss.detections import ImageRecord, load_split
+from yolo_sizeloss.detections import ImageRecord, load_split, training_box_sizes
 from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics, per_class_ap
 from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.methods.overlaps import IoU
 from yolo_sizeloss.paths import resolve_data, run_data_path
-from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection, training_box_sizes
+from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection
 from yolo_sizeloss.rcnn.model import (
     assignment_columns,
     build_model,
