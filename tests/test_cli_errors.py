@@ -355,3 +355,11 @@ def test_a_project_under_a_file_is_refused_naming_the_flag(bad_yamls, capsys, ar
 
     assert val_main(["--model", str(FINISHED), "--data", "bccd.yaml", "--project", str(project)]) == 2
     assert one_error_line(capsys).endswith(f"error: --project {project}: {bad_yamls / 'notes.txt'} is a file, not a folder")
+
+
+@pytest.mark.parametrize("arch", [[], ["--arch", "faster_rcnn"]])
+def test_a_project_where_no_folder_can_be_made_is_refused_before_the_data_scan(capsys, arch):
+    # /proc passes a permission check for root, yet refuses mkdir: the check must try, not read mode bits
+    assert train_main([*arch, "--project", "/proc/sizeloss-runs", "--device", "cpu"]) == 2
+    assert one_error_line(capsys).startswith("yolo-sizeloss train: error: --project /proc/sizeloss-runs: "
+                                             "cannot make a folder in /proc (")

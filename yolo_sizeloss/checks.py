@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -149,8 +150,11 @@ def check_output_folder(folder: str, flag: str) -> None:
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"{flag} {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {folder}: cannot write in {existing}")
+    # permission bits say nothing for root or for /proc and read-only mounts: make a folder and remove it
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+    except OSError as e:
+        raise ValueError(f"{flag} {folder}: cannot make a folder in {existing} ({e.strerror})") from None
 
 
 def check_resumed_data(resume: str, data: str) -> str:
