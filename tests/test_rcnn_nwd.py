@@ -41,9 +41,8 @@ from test_rcnn import (
 from test_rcnn_feedback import ITERATIONS, STATE, TRAIN_FLAGS, results, resumable_copy, train_modes
 from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
 from yolo_sizeloss.config import LossConfigError, load_loss_config
-from yolo_sizeloss.detections import ImageRecord, load_split
+from yolo_sizeloss.detections import ImageRecord, load_split, training_box_sizes
 from yolo_sizeloss.rcnn.cli import main
-from yolo_sizeloss.detections import training_box_sizes
 from yolo_sizeloss.rcnn.engine import stage_rpn_overlap, training_nwd_settings
 from yolo_sizeloss.methods.nwd import nwd, nwd_constant, nwd_matrix
 from yolo_sizeloss.methods.overlaps import IoU, NWDOverlap, ResolvedNWD
