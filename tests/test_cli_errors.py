@@ -109,6 +109,9 @@ def test_console_command_dispatches(capsys):
         assert any(line.split()[:1] == [command] and len(line.split()) > 3 for line in listed.splitlines()), listed
     assert main(["train", "--epochs", "0"]) == 2
     assert one_error_line(capsys).startswith("yolo-sizeloss train: error: --epochs 0")
+    assert main(["trian"]) == 2
+    assert one_error_line(capsys) == ("yolo-sizeloss: error: unknown command 'trian' (commands: train, val, convert, "
+                                      "path; yolo-sizeloss --help)")
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", "--help"])
     assert exit_info.value.code == 0
@@ -167,6 +170,23 @@ def test_a_faster_rcnn_checkpoint_given_to_yolo_names_its_family(tmp_path, capsy
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("kind", ["yaml", "pt"])
+def test_a_model_of_another_task_is_refused_before_any_run_folder(tmp_path, capsys, kind):
+    """A classify network passed the file checks, then Ultralytics made the run folder before the
+    detection loss failed on it."""
+    model = "yolov8n-cls.yaml"
+    if kind == "pt":
+        import torch
+        from ultralytics.nn.tasks import ClassificationModel
+
+        model = str(tmp_path / "cls.pt")
+        torch.save({"model": ClassificationModel("yolov8n-cls.yaml", nc=4, verbose=False)}, model)
+    assert train_main(["--model", model, "--project", str(tmp_path / "runs"), "--device", "cpu"]) == 1
+    assert one_error_line(capsys) == (f"yolo-sizeloss train: error: --model {model} is a 'classify' model; "
+                                      "train trains detection models only")
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("arch", [[], ["--arch", "faster_rcnn"]])
 def test_a_missing_mps_device_is_a_usage_error_in_both_families(tmp_path, capsys, arch):
     import torch
@@ -182,6 +202,8 @@ def test_a_missing_mps_device_is_a_usage_error_in_both_families(tmp_path, capsys
     (["--arch", "faster_rcnn", "--model", "x.pt"], "--model is YOLO's: Faster R-CNN is built from --backbone"),
     (["--arch", "faster_rcnn", "--nonsense"], "unrecognized arguments: --nonsense"),
     (["--nonsense"], "unrecognized arguments: --nonsense"),
+    (["--arch"], "yolo-sizeloss train: error: argument --arch: expected one argument"),
+    (["--resume"], "yolo-sizeloss train: error: argument --resume: expected one argument"),
     (["--loss", ""], "--loss '': empty"),
     (["--loss-cfg", "{dir}"], "is a folder; give a YAML file"),
     (["--loss", "nwd", "--loss-cfg", "{dir}/twice.yaml"], "twice.yaml:3: 'nwd.ratio' is given twice (first on line 2)"),
@@ -189,7 +211,7 @@ def test_a_missing_mps_device_is_a_usage_error_in_both_families(tmp_path, capsys
 def test_usage_mistakes_are_one_line_naming_the_flag(tmp_path, capsys, argv, message):
     (tmp_path / "twice.yaml").write_text("nwd:\n  ratio: 0.5\n  ratio: 1.0\n")
     argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
-    with pytest.raises(SystemExit) if "nonsense" in " ".join(argv) or "x.pt" in argv else contextlib.nullcontext():
+    with pytest.raises(SystemExit) if {"--nonsense", "x.pt", "--arch", "--resume"} & set(argv) else contextlib.nullcontext():
         assert train_main([*argv, "--project", str(tmp_path / "runs")]) == 2
     assert message in one_error_line(capsys)
     assert not (tmp_path / "runs").exists()

@@ -48,3 +48,8 @@ def checkpoint_kind(ckpt: dict, path: str | Path) -> str:
     if isinstance(ckpt.get("ema"), torch.nn.Module) or isinstance(ckpt.get("model"), torch.nn.Module):
         return "yolo"
     raise ValueError(f"{path} is neither an Ultralytics YOLO nor a Faster R-CNN checkpoint")
+
+
+def yolo_module(checkpoint: dict) -> torch.nn.Module:
+    """The network of a YOLO checkpoint, as Ultralytics loads it: its EMA where it kept one."""
+    return checkpoint["ema"] if isinstance(checkpoint.get("ema"), torch.nn.Module) else checkpoint["model"]

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg, parse_key_value_pair
-from ultralytics.nn.tasks import yaml_model_load
+from ultralytics.nn.tasks import guess_model_task, yaml_model_load
 
 from yolo_sizeloss import convert, validate
-from yolo_sizeloss.checkpoints import RCNN_ARCH, checkpoint_kind, load_checkpoint
+from yolo_sizeloss.checkpoints import RCNN_ARCH, checkpoint_kind, load_checkpoint, yolo_module
 from yolo_sizeloss.checks import (
     DataError,
     OneLineParser,
@@ -167,24 +167,30 @@ def check_yolo_model(model: str, flag: str = "--model") -> str:
     anything else names the flag."""
     if Path(model).suffix in (".yaml", ".yml"):
         try:  # Ultralytics' own lookup (yolov8n-p2.yaml is its yolov8-p2.yaml at scale n), here before any folder
-            yaml_model_load(model)
+            network = yaml_model_load(model)
         except FileNotFoundError:
             raise FileNotFoundError(f"{flag} {model}: no such file, nor one of Ultralytics' model yamls "
                                     "(such as yolov8n.yaml)") from None
         except Exception as e:  # a yaml it cannot read
             raise DataError(f"{flag} {model}: {one_line(e)}") from e
-    if not model.endswith(".pt"):
+    elif not model.endswith(".pt"):
         return str(Path(model).resolve()) if Path(model).is_file() else model
-    if not Path(model).is_file():
+    elif not Path(model).is_file():
         raise FileNotFoundError(f"{flag} {model}: no such file (nothing is downloaded; give a local .pt or a yaml)")
-    try:
-        kind = checkpoint_kind(load_checkpoint(model), model)
-    except ValueError as e:
-        raise DataError(f"{flag} {model}: {one_line(e)}") from e
-    if kind == RCNN_ARCH:
-        raise ValueError(f"{flag} {model} is a Faster R-CNN checkpoint: train from it with --arch faster_rcnn "
-                         f"--weights {model}, or continue its run with --resume")
-    return str(Path(model).resolve())
+    else:
+        try:
+            checkpoint = load_checkpoint(model)
+            kind = checkpoint_kind(checkpoint, model)
+        except ValueError as e:
+            raise DataError(f"{flag} {model}: {one_line(e)}") from e
+        if kind == RCNN_ARCH:
+            raise ValueError(f"{flag} {model} is a Faster R-CNN checkpoint: train from it with --arch faster_rcnn "
+                             f"--weights {model}, or continue its run with --resume")
+        network = yolo_module(checkpoint)
+    # a classify, pose or segment network would get its run folder made before the detection loss fails
+    if (task := guess_model_task(network)) != "detect":
+        raise DataError(f"{flag} {model} is a '{task}' model; train trains detection models only")
+    return str(Path(model).resolve()) if Path(model).is_file() else model
 
 
 def check_nwd_needs(loss_config: dict, records: list, imgsz: int) -> None:
@@ -252,10 +258,13 @@ def train_yolo(run: YoloRun) -> None:
 
 def is_faster_rcnn_request(argv: list[str]) -> bool:
     """``--arch faster_rcnn``, or ``--resume`` of a Faster R-CNN checkpoint (which knows its family)."""
-    peek = argparse.ArgumentParser(add_help=False)
+    peek = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     peek.add_argument("--arch")
     peek.add_argument("--resume")
-    known = peek.parse_known_args(argv)[0]
+    try:
+        known = peek.parse_known_args(argv)[0]
+    except argparse.ArgumentError:  # a flag without its value: the YOLO parser says so, in one line
+        return False
     if known.arch is not None:
         return known.arch == RCNN_ARCH
     if known.resume and Path(known.resume).is_file():
@@ -320,9 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(usage())
         return 0
-    print(usage(), file=sys.stderr)
     if argv:
-        print(f"yolo-sizeloss: error: unknown command {argv[0]!r}", file=sys.stderr)
+        print(f"yolo-sizeloss: error: unknown command {argv[0]!r} (commands: {', '.join(COMMANDS)}; "
+              "yolo-sizeloss --help)", file=sys.stderr)
+    else:
+        print(usage(), file=sys.stderr)
     return 2
 
 

@@ -31,7 +31,7 @@ from ultralytics.nn.tasks import guess_model_task
 from ultralytics.utils.checks import check_imgsz
 from ultralytics.utils.files import increment_path
 
-from yolo_sizeloss.checkpoints import RCNN_ARCH, checkpoint_kind, load_checkpoint
+from yolo_sizeloss.checkpoints import RCNN_ARCH, checkpoint_kind, load_checkpoint, yolo_module
 from yolo_sizeloss.checks import (
     DataError,
     OneLineParser,
@@ -184,11 +184,6 @@ def predict_records(args: ValRequest, records: list[ImageRecord], save_dir: Path
     if args.kind == RCNN_ARCH:
         return predict_faster_rcnn(args, records)
     return predict_yolo(args, records, save_dir)
-
-
-def yolo_module(checkpoint: dict) -> torch.nn.Module:
-    """The network of a YOLO checkpoint, as Ultralytics loads it: its EMA where it kept one."""
-    return checkpoint["ema"] if isinstance(checkpoint.get("ema"), torch.nn.Module) else checkpoint["model"]
 
 
 def check_trained_names(args: ValRequest, names: list[str]) -> None:
