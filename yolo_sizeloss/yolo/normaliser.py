@@ -49,9 +49,13 @@ def ciou_target_scores(
     and outputs: ``pd_scores`` (B, A, C) probabilities, ``pd_bboxes`` and ``target_bboxes`` (B, A, 4) xyxy
     in input pixels, ``target_labels``, ``fg_mask`` and ``target_gt_idx`` (B, A), ``num_slots`` the
     ground-truth slots per image. For an
-    assignment by the stock overlap these are the stock ``target_scores.sum(-1)`` (to float rounding).
-    Masks and scatters only: no host synchronisation.
+    assignment by the stock overlap these are the stock ``target_scores.sum(-1)`` (to float rounding,
+    tests/test_normaliser.py). Masks and scatters only: no host synchronisation.
     """
+    # The assigner's own get_box_metrics is not called: it indexes by a boolean mask (a host
+    # synchronisation on a GPU) over (B, ground truths, A) tensors, and the rescaling is inline in its
+    # _forward. The parts the formula takes from the assigner are its class's iou_calculation, alpha,
+    # beta and eps, so a change to those reaches this function.
     if num_slots == 0:  # the assigner's early return: no positive anywhere
         return pd_scores.new_zeros(fg_mask.shape)
     overlaps = type(assigner).iou_calculation(assigner, target_bboxes, pd_bboxes)  # the class's, not the instance's
