@@ -1,7 +1,9 @@
 """Ordinary mistakes on the command line: one error line, the right exit code, no run folder left behind."""
 
 import contextlib
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -385,3 +387,31 @@ def test_a_project_where_no_folder_can_be_made_is_refused_before_the_data_scan(c
     assert train_main([*arch, "--project", "/proc/sizeloss-runs", "--device", "cpu"]) == 2
     assert one_error_line(capsys).startswith("yolo-sizeloss train: error: --project /proc/sizeloss-runs: "
                                              "cannot make a folder in /proc (")
+
+
+def test_faster_rcnn_weights_that_do_not_load_leave_no_run_folder(tmp_path, capsys, monkeypatch):
+    """torchvision's COCO weights, cached but corrupt: the build fails, and it must fail before the run
+    folder is made (an empty runs/rcnn/train was left behind)."""
+    from torchvision.models.detection import FasterRCNN_MobileNet_V3_Large_FPN_Weights
+
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / Path(FasterRCNN_MobileNet_V3_Large_FPN_Weights.DEFAULT.url).name).write_bytes(b"not a checkpoint")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # the cached file is read; nothing is downloaded
+    project = tmp_path / "runs"
+    code = train_main(["--arch", "faster_rcnn", "--backbone", "mobilenet_v3_large_fpn", "--weights", "DEFAULT",
+                       "--epochs", "1", "--device", "cpu", "--project", str(project)])
+    assert code == 1 and "error:" in one_error_line(capsys)
+    assert not project.exists()
+
+
+@pytest.mark.parametrize("arch", ["yolo", "faster_rcnn"])
+def test_train_help_names_the_shipped_run_defaults(capsys, arch):
+    from yolo_sizeloss.config import run_defaults
+
+    with pytest.raises(SystemExit):
+        train_main(["--arch", arch, "--help"])
+    entries = re.split(r"\n(?=  -)", capsys.readouterr().out)  # one per option: its lines of help
+    for key, value in run_defaults(arch).items():
+        entry = next(e for e in entries if re.match(rf"\s*--{key.replace('_', '-')}\b", e))
+        assert re.search(rf"default {value}\b", " ".join(entry.split())), (key, entry)

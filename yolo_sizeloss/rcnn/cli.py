@@ -73,7 +73,9 @@ def parse_plb(text: str) -> list[str]:
 
 
 def build_parser(prog: str = "yolo-sizeloss train") -> argparse.ArgumentParser:
-    """train's Faster R-CNN flags (every default None: see the module docstring)."""
+    """train's Faster R-CNN flags (every default None: see the module docstring; the help names
+    cfg/defaults.yaml's values)."""
+    d = run_defaults(RCNN_ARCH)
     p = RcnnParser(prog=prog, description="Train torchvision Faster R-CNN with size-aware losses "
                                           "(--arch faster_rcnn; YOLO's flags: yolo-sizeloss train --help)")
     p.add_argument("--arch", choices=[RCNN_ARCH], default=RCNN_ARCH, help="detector family")
@@ -85,30 +87,30 @@ def build_parser(prog: str = "yolo-sizeloss train") -> argparse.ArgumentParser:
     p.add_argument("--plb", help=f"shorthand: PLB on the paper's switches, a comma list of {','.join(PLB_SHORTHANDS)}")
     p.add_argument("--plb-source", choices=SIZE_SOURCES, help="shorthand for plb.source")
     p.add_argument("--scb-rpn", action="store_true", default=None, help="shorthand: SCB on the RPN's positive objectness")
-    p.add_argument("--epochs", type=int, help="training epochs (default 15); with --resume, a new total")
-    p.add_argument("--imgsz", type=int, help="long image side in pixels, aspect kept (default 640)")
-    p.add_argument("--batch", type=int, help="total batch over all processes (default 4)")
-    p.add_argument("--workers", type=int, help="dataloader workers per process, capped by CPUs (default 4)")
-    p.add_argument("--fraction", type=float, help="use the first fraction of the train split (default 1.0)")
+    p.add_argument("--epochs", type=int, help=f"training epochs (default {d['epochs']}); with --resume, a new total")
+    p.add_argument("--imgsz", type=int, help=f"long image side in pixels, aspect kept (default {d['imgsz']})")
+    p.add_argument("--batch", type=int, help=f"total batch over all processes (default {d['batch']})")
+    p.add_argument("--workers", type=int, help=f"dataloader workers per process, capped by CPUs (default {d['workers']})")
+    p.add_argument("--fraction", type=float, help=f"use the first fraction of the train split (default {d['fraction']})")
     p.add_argument("--device", help="'' (auto), cpu, 0, or 0,1 under torchrun")
     p.add_argument("--project", help="runs folder (default <cwd>/runs/rcnn)")
     p.add_argument("--name", help="run name, incremented if it exists (default train)")
     p.add_argument("--exist-ok", action="store_true", default=None, help="reuse project/name as is")
     p.add_argument("--resume", help="path to a run's weights/last.pt: continue that run")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, help=f"random seed (default {d['seed']})")
     p.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
     g = p.add_argument_group("Faster R-CNN")
-    g.add_argument("--backbone", choices=list(BACKBONES), help="resnet50_fpn (the paper's, default) or "
-                                                              "mobilenet_v3_large_fpn (for CPUs)")
+    g.add_argument("--backbone", choices=list(BACKBONES), help="resnet50_fpn (the paper's) or mobilenet_v3_large_fpn (for "
+                                                              f"CPUs) (default {d['backbone']})")
     g.add_argument("--weights", help="initial weights: a checkpoint path, DEFAULT (torchvision's COCO download) "
-                                     "or none (default)")
-    g.add_argument("--lr", type=float, help="SGD learning rate (default 0.005)")
-    g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
-    g.add_argument("--weight-decay", type=float, help="SGD weight decay (default 5e-4)")
-    g.add_argument("--lr-step", type=int, help="StepLR step size in epochs (default 3)")
-    g.add_argument("--lr-gamma", type=float, help="StepLR factor (default 0.1)")
+                                     f"or none (default {d['weights']})")
+    g.add_argument("--lr", type=float, help=f"SGD learning rate (default {d['lr']})")
+    g.add_argument("--momentum", type=float, help=f"SGD momentum (default {d['momentum']})")
+    g.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {d['weight_decay']})")
+    g.add_argument("--lr-step", type=int, help=f"StepLR step size in epochs (default {d['lr_step']})")
+    g.add_argument("--lr-gamma", type=float, help=f"StepLR factor (default {d['lr_gamma']})")
     g.add_argument("--warmup-iters", type=int, help="linear warm-up iterations, capped at the first epoch's "
-                                                     "iterations - 1; 0: none (default 1000)")
+                                                     f"iterations - 1; 0: none (default {d['warmup_iters']})")
     return p
 
 

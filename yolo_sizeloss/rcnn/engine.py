@@ -313,12 +313,13 @@ def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) ->
     train_records = train_records[: max(1, round(len(train_records) * args.fraction))]
     switches = LossSwitches.from_config(
         args.loss_config, *training_nwd_settings(args.loss_config, train_records, args.imgsz, checkpoint, ctx.is_main))
+    seed_everything(args.seed)
+    # the model first: a build that fails (weights that do not load) leaves no empty run folder
+    model = checkpoint_or_new_model(checkpoint, args, switches, data["nc"] + 1)
     if checkpoint is not None:
         save_dir = resumed_run_folder(args.resume)
     else:
         save_dir = make_save_dir(args.project, args.name, args.exist_ok, ctx)
-    seed_everything(args.seed)
-    model = checkpoint_or_new_model(checkpoint, args, switches, data["nc"] + 1)
     if checkpoint is not None and feedback_columns(model) and ctx.is_main:
         LOGGER.info(f"Resumed feedback state {feedback_columns(model)}")
     set_inference_limits(model, VAL_CONF, VAL_MAX_DET)
