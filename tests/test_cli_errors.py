@@ -162,6 +162,20 @@ def test_bad_data_is_one_line_before_any_run_folder(tmp_path, capsys, mutate, lo
     assert not project.exists()
 
 
+def test_nwd_auto_is_checked_on_the_fraction_the_run_trains_on(tmp_path, capsys):
+    """--fraction 0.5 trains on the first of the two images, which has no box: the check of the whole
+    split passed, and the trainer stopped after making the run folder."""
+    def empty_first_label(root):
+        sorted((root / "labels" / "train").glob("*.txt"))[0].write_text("")
+
+    data = tiny_bccd(tmp_path / "data", empty_first_label)
+    project = tmp_path / "runs"
+    assert train_main(["--data", str(data), "--loss", "nwd", "--fraction", "0.5", "--project", str(project),
+                       "--device", "cpu"]) == 1
+    assert "nwd: auto settings and max_small_share need boxes" in one_error_line(capsys)
+    assert not project.exists()
+
+
 def test_a_faster_rcnn_checkpoint_given_to_yolo_names_its_family(tmp_path, capsys):
     import torch
 

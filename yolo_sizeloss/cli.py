@@ -49,7 +49,7 @@ from yolo_sizeloss.config import (
     read_loss_record,
     run_defaults,
 )
-from yolo_sizeloss.detections import training_box_sizes
+from yolo_sizeloss.detections import first_fraction, training_box_sizes
 from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.paths import resolve_shipped_file, run_data_path, shipped_variants
 from yolo_sizeloss.rcnn import cli as rcnn_cli
@@ -195,7 +195,9 @@ def check_yolo_model(model: str, flag: str = "--model") -> str:
 
 def check_nwd_needs(loss_config: dict, records: list, imgsz: int) -> None:
     """NWD's ``auto`` settings are computed from the training boxes when training starts; labels
-    without a box would stop it there, after the run folder is made, so refuse them now."""
+    without a box would stop it there, after the run folder is made, so refuse them now. ``records``:
+    the images the run trains on (``first_fraction``); the trainer measures the same boxes from
+    Ultralytics' own labels (``yolo.loss.training_label_sizes``)."""
     nwd = loss_config.get("nwd")
     if nwd and needs_training_boxes(nwd):
         try:
@@ -238,7 +240,7 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
     data = check_data_yaml(args.data or "bccd.yaml")
     records = check_training_splits(data)
     settings = {**run_defaults("yolo"), **given}
-    check_nwd_needs(loss_config, records["train"], settings["imgsz"])
+    check_nwd_needs(loss_config, first_fraction(records["train"], settings["fraction"]), settings["imgsz"])
     overrides = {
         **pairs,
         **settings,

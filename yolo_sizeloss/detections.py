@@ -55,6 +55,12 @@ def gt_in_image(record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
     return boxes[keep], record.gt_classes.reshape(-1)[keep]
 
 
+def first_fraction(records: list[ImageRecord], fraction: float) -> list[ImageRecord]:
+    """The images a run with ``fraction`` trains on: the first ``max(1, round(n * fraction))``, Ultralytics'
+    rule (it counts the image files before dropping unreadable ones, so with those the two may differ)."""
+    return records[: max(1, round(len(records) * fraction))]
+
+
 def training_box_sizes(records: list[ImageRecord], imgsz: int) -> tuple[Tensor, Tensor]:
     """Widths and heights (float64) of every training box as the heads see it at ``imgsz``: both
     families resize an image by ``imgsz / max(width, height)`` (YOLO's letterbox, and

@@ -31,7 +31,7 @@ from ultralytics.utils.files import increment_path
 from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
 from yolo_sizeloss.checks import DataError, check_resumed_epochs, parse_device, resumed_run_folder
 from yolo_sizeloss.config import describe_loss, write_loss_record
-from yolo_sizeloss.detections import ImageRecord, load_split, training_box_sizes
+from yolo_sizeloss.detections import ImageRecord, first_fraction, load_split, training_box_sizes
 from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics, per_class_ap
 from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.methods.overlaps import IoU
@@ -310,7 +310,7 @@ def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) ->
         raise ValueError(f"--batch {args.batch}: must be at least the number of processes ({ctx.world_size})")
     train_records, data = load_split(args.data, "train")
     val_records, _ = load_split(args.data, "val")
-    train_records = train_records[: max(1, round(len(train_records) * args.fraction))]
+    train_records = first_fraction(train_records, args.fraction)
     switches = LossSwitches.from_config(
         args.loss_config, *training_nwd_settings(args.loss_config, train_records, args.imgsz, checkpoint, ctx.is_main))
     seed_everything(args.seed)
