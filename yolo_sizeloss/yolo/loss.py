@@ -30,6 +30,7 @@ from yolo_sizeloss.methods.base import COCO_AREA_LIMITS, box_areas, count_per_gt
 from yolo_sizeloss.methods.feedback import FeedbackBalancer
 from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.methods.overlaps import ResolvedNWD
+from yolo_sizeloss.yolo.assignment import slot_ids
 from yolo_sizeloss.yolo.normaliser import ciou_target_scores
 
 UNRESOLVED_HINT = ("call AnchorWeighting.resolve_from_labels(dataset.labels, imgsz) before training "
@@ -71,9 +72,8 @@ def gathered_foreground(fg_mask: torch.Tensor, target_gt_idx: torch.Tensor, num_
 
 def dense_foreground(fg_mask: torch.Tensor, target_gt_idx: torch.Tensor, num_gt: int) -> ForegroundLayout:
     """Every anchor, the foreground marked: shapes come from the inputs' shapes alone."""
-    images = torch.arange(fg_mask.shape[0], device=fg_mask.device)[:, None].expand(fg_mask.shape)
     # a background anchor's slot is the assigner's 0: in range, and left out of every count by ``valid``
-    return ForegroundLayout(None, (images * num_gt + target_gt_idx).flatten(), fg_mask.flatten())
+    return ForegroundLayout(None, slot_ids(target_gt_idx, num_gt), fg_mask.flatten())
 
 
 def training_label_sizes(labels: list[dict], imgsz: int) -> tuple[torch.Tensor, torch.Tensor]:
