@@ -24,8 +24,10 @@ not trained or evaluated again (a report without a detections file, from before 
 evaluated again, which takes about a minute). A harness holds OUT/runs/<mode>-s<seed>.lock while it trains and evaluates that run: a
 second harness on the same --out stops there with a one-line error, and --status says "training
 now". Writes OUT/results.md, OUT/results.json and OUT/results.png: mean and spread over seeds per
-mode; each mode's difference to the reference per seed, with mean and 95% t-interval over seeds; and
-per seed the paired bootstrap interval over test images (``--bootstrap`` draws).
+mode; each mode's difference to the reference (the first of --losses) per seed, with mean and 95%
+t-interval over seeds; and per seed the paired bootstrap interval over test images (``--bootstrap``
+draws). ``--table NAME`` writes results-NAME.* instead: a table of some of OUT's modes, or against
+another reference, beside OUT's own.
 
 Several harnesses may share one OUT, each on its own (mode, seed) subset, to train at once (one GPU
 fed by many dataloaders: ``bench/gpu.sh``): ``--only runs`` trains and evaluates without writing
@@ -126,6 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--status", action="store_true", help="print where each run stands; train nothing")
     p.add_argument("--only", choices=("runs", "table"), help="runs: train and evaluate, write no table; "
                                                              "table: tabulate what is evaluated, train nothing")
+    p.add_argument("--table", metavar="NAME", help="write the tables as results-NAME.* (a comparison of some of "
+                                                    "OUT's modes, another reference first, beside OUT's own tables)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     if args.arch == "faster_rcnn":
@@ -248,9 +252,10 @@ def run_paths(out: Path, label: str, seed: int, split: str = "test") -> tuple[st
     return name, out / "runs" / name, out / ("val" if split == "test" else f"val-{split}") / name
 
 
-def table_files(out: Path, split: str) -> tuple[Path, Path, Path]:
-    """results.json, results.md and results.png of ``split`` (another split than test: results-<split>.*)."""
-    stem = "results" if split == "test" else f"results-{split}"
+def table_files(out: Path, split: str, name: str | None = None) -> tuple[Path, Path, Path]:
+    """results.json, results.md and results.png of ``split``; another split than test adds ``-<split>``, a
+    ``--table`` name ``-<name>`` before it (results-p2.md, results-p2-val.md)."""
+    stem = "-".join(["results", *([name] if name else []), *([split] if split != "test" else [])])
     return out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"
 
 
@@ -545,7 +550,7 @@ def main(argv=None) -> int:
     differences = seed_differences(per_mode, cols, args.seeds)
     bootstrap = bootstrap_differences(per_mode, args.seeds, args.bootstrap) if args.bootstrap > 0 else {}
     saved_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "modes"}
-    json_file, md_file, png_file = table_files(out, args.split)
+    json_file, md_file, png_file = table_files(out, args.split, args.table)
     json_file.write_text(json.dumps(
         {"args": saved_args, "focus_class": focus, "summary": summary, "differences": differences,
          "bootstrap": bootstrap}, indent=2))

@@ -406,6 +406,11 @@ def test_only_table_tabulates_the_evaluated_seeds_and_trains_nothing(tmp_path, c
     assert "their seeds are left out of every mode: nwd-s1." in text
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["args"]["seeds"] == [0] and saved["args"]["left_out"] == ["nwd-s1"]
+    # another reference, as a table of its own: OUT's results.* stay as they were
+    assert compare.main([*argv[:1], "nwd", "baseline", *argv[3:], "--only", "table", "--table", "nwd_ref"]) == 0
+    assert (tmp_path / "results.md").read_text() == text
+    assert "### Difference to nwd" in (tmp_path / "results-nwd_ref.md").read_text()
+    assert compare.table_files(tmp_path, "val", "nwd_ref")[1] == tmp_path / "results-nwd_ref-val.md"
     (tmp_path / "val" / "baseline-s0" / "metrics.json").unlink()
     (tmp_path / "val" / "baseline-s1" / "metrics.json").unlink()
     with pytest.raises(SystemExit, match="no seed has every mode evaluated"):
