@@ -32,8 +32,8 @@ another reference, beside OUT's own.
 Several harnesses may share one OUT, each on its own (mode, seed) subset, to train at once (one GPU
 fed by many dataloaders: ``bench/gpu.sh``): ``--only runs`` trains and evaluates without writing
 the tables (each harness would overwrite them), and one last ``--only table`` call with every mode
-and seed tabulates what is evaluated, training nothing; a (mode, seed) that is not evaluated then
-leaves its seed out of every mode (the differences are paired by seed), and results.md says so.
+and seed tabulates what is evaluated, training nothing; a (mode, seed) that is not evaluated is left
+out of that mode only (each difference is paired by seed with the reference), and results.md says so.
 """
 
 from __future__ import annotations
@@ -290,24 +290,26 @@ def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path)
         return run_report(val_dir, run_dir)
 
 
-def evaluated_runs(args, out: Path) -> tuple[dict[str, list[dict]], list[int], list[str]]:
-    """``--only table``: the reports of the seeds every mode has evaluated ({mode: [report per seed]}),
-    those seeds, and the (mode, seed) names not evaluated. A seed one mode lacks is left out of every
-    mode, so the differences stay paired; with no seed left it is an error."""
-    runs = runs_of(args)
-    missing = [name for label, _ in runs for seed in args.seeds
-               for name, _, val_dir in [run_paths(out, label, seed, args.split)] if not (val_dir / "metrics.json").is_file()]
-    seeds = [seed for seed in args.seeds if not any(f"{label}-s{seed}" in missing for label, _ in runs)]
-    if not seeds:
-        raise SystemExit(f"{out}: no seed has every mode evaluated (missing: {', '.join(missing)}); nothing to tabulate")
-    per_mode = {}
-    for label, flags in runs:
-        per_mode[label] = []
-        for seed in seeds:
-            _, run_dir, val_dir = run_paths(out, label, seed, args.split)
+def evaluated_runs(args, out: Path) -> tuple[dict[str, dict[int, dict]], list[str]]:
+    """``--only table``: the evaluated reports of every mode ({mode: {seed: report}}) and the (mode, seed)
+    names not evaluated. A mode's figures are over its own evaluated seeds and its differences over the
+    seeds it shares with the reference (the first mode): a seed one mode lacks stays in the others'. A mode
+    with none is left out; the reference with none is an error."""
+    per_mode, missing = {}, []
+    for label, flags in runs_of(args):
+        per_mode[label] = {}
+        for seed in args.seeds:
+            name, run_dir, val_dir = run_paths(out, label, seed, args.split)
+            if not (val_dir / "metrics.json").is_file():
+                missing.append(name)
+                continue
             check_same_schedule(run_dir, args, seed, flags)
-            per_mode[label].append(run_report(val_dir, run_dir))
-    return per_mode, seeds, missing
+            per_mode[label][seed] = run_report(val_dir, run_dir)
+    reference = next(iter(per_mode))
+    if not per_mode[reference]:
+        raise SystemExit(f"{out}: the reference {reference} has no seed evaluated (missing: {', '.join(missing)}); "
+                         "nothing to tabulate")
+    return {label: reports for label, reports in per_mode.items() if reports}, missing
 
 
 def training_finished(run_dir: Path, epochs: int) -> bool:
@@ -410,13 +412,13 @@ def best_epoch_note(run_dir: Path, focus: str) -> str:
     return note + (f", {focus} AP {100 * float(focus_ap):.1f}" if focus_ap else "")
 
 
-def summarise(per_mode: dict[str, list[dict]], cols: list[tuple[str, str]]) -> dict:
-    """mean, spread (sample std, 0 for one seed) and values of every column, per mode."""
+def summarise(per_mode: dict[str, dict[int, dict]], cols: list[tuple[str, str]]) -> dict:
+    """mean, spread (sample std, 0 for one seed) and values of every column, per mode, over its seeds."""
     summary = {}
     for label, reports in per_mode.items():
         row = {}
         for column, key in [*cols, ("s/epoch", None)]:
-            values = [r["train"]["seconds_per_epoch"] if key is None else r["metrics"].get(key) for r in reports]
+            values = [r["train"]["seconds_per_epoch"] if key is None else r["metrics"].get(key) for r in reports.values()]
             values = [v for v in values if v is not None]
             row[column] = {
                 "mean": statistics.mean(values) if values else None,
@@ -427,16 +429,17 @@ def summarise(per_mode: dict[str, list[dict]], cols: list[tuple[str, str]]) -> d
     return summary
 
 
-def seed_differences(per_mode: dict[str, list[dict]], cols: list[tuple[str, str]], seeds: list[int]) -> dict:
+def seed_differences(per_mode: dict[str, dict[int, dict]], cols: list[tuple[str, str]]) -> dict:
     """Per mode after the reference (the first), per column: the difference to the reference of the
-    same seed, and over seeds their mean with a 95% t-interval (``low``/``high`` None for one seed)."""
+    same seed, over the seeds both have, and their mean with a 95% t-interval (``low``/``high`` None
+    for one seed)."""
     reference, *others = per_mode
     result = {}
     for label in others:
         row = {}
         for column, key in cols:
-            pairs = [(seed, r["metrics"].get(key), b["metrics"].get(key))
-                     for seed, r, b in zip(seeds, per_mode[label], per_mode[reference])]
+            pairs = [(seed, r["metrics"].get(key), per_mode[reference][seed]["metrics"].get(key))
+                     for seed, r in per_mode[label].items() if seed in per_mode[reference]]
             per_seed = {seed: v - b for seed, v, b in pairs if v is not None and b is not None}
             interval = t_interval(list(per_seed.values()))
             mean, low, high = interval or (next(iter(per_seed.values()), None), None, None)
@@ -446,14 +449,15 @@ def seed_differences(per_mode: dict[str, list[dict]], cols: list[tuple[str, str]
     return result
 
 
-def bootstrap_differences(per_mode: dict[str, list[dict]], seeds: list[int], resamples: int) -> dict:
-    """Per seed, the paired bootstrap of every mode against the reference on the test images
-    (``paired.paired_bootstrap``), for the modes whose report has a detections file: {mode: {seed: ...}}."""
+def bootstrap_differences(per_mode: dict[str, dict[int, dict]], resamples: int) -> dict:
+    """Per seed of the reference, the paired bootstrap of every mode evaluated on that seed against it on
+    the test images (``paired.paired_bootstrap``), for the modes whose report has a detections file:
+    {mode: {seed: ...}}."""
     reference, *others = per_mode
     result: dict[str, dict[int, dict]] = {label: {} for label in others}
-    for i, seed in enumerate(seeds):
-        folders = {label: Path(per_mode[label][i]["val_dir"]) for label in per_mode}
-        with_files = [label for label in others if find_detections(folders[label])]
+    for seed in per_mode[reference]:
+        folders = {label: Path(reports[seed]["val_dir"]) for label, reports in per_mode.items() if seed in reports}
+        with_files = [label for label in others if label in folders and find_detections(folders[label])]
         if not with_files or not find_detections(folders[reference]):
             continue
         runs = [load_detections(folders[label]) for label in [reference, *with_files]]
@@ -474,7 +478,8 @@ def markdown(summary: dict, differences: dict, bootstrap: dict, cols: list[tuple
                  "s/epoch is each training's wall time as it ran, with whatever else shared the machine: "
                  "bench/overhead.py measures what a loss costs.")
     if getattr(args, "left_out", None):
-        lines.append(f"\nNot evaluated when tabulated, so their seeds are left out of every mode: {', '.join(args.left_out)}.")
+        lines.append(f"\nNot evaluated when tabulated: {', '.join(args.left_out)}; each mode's figures are over its "
+                     "evaluated seeds, its differences over the seeds it shares with the reference.")
     reference = next(iter(summary))
     if differences:
         lines += [f"\n### Difference to {reference}, paired by seed (percentage points)\n"]
@@ -535,10 +540,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     args.left_out = []
     if args.only == "table":
-        per_mode, args.seeds, args.left_out = evaluated_runs(args, out)
+        per_mode, args.left_out = evaluated_runs(args, out)
     else:
         try:
-            per_mode = {label: [train_and_validate(args, label, flags, seed, out) for seed in args.seeds]
+            per_mode = {label: {seed: train_and_validate(args, label, flags, seed, out) for seed in args.seeds}
                         for label, flags in runs_of(args)}
         except subprocess.CalledProcessError as e:  # the command printed its own one-line error above
             raise SystemExit(f"compare.py: stopped: `{' '.join(map(str, e.cmd))}` failed (exit {e.returncode})") from None
@@ -547,8 +552,8 @@ def main(argv=None) -> int:
     focus = args.focus_class or rarest_class(args.data)
     cols = columns(focus)
     summary = summarise(per_mode, cols)
-    differences = seed_differences(per_mode, cols, args.seeds)
-    bootstrap = bootstrap_differences(per_mode, args.seeds, args.bootstrap) if args.bootstrap > 0 else {}
+    differences = seed_differences(per_mode, cols)
+    bootstrap = bootstrap_differences(per_mode, args.bootstrap) if args.bootstrap > 0 else {}
     saved_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "modes"}
     json_file, md_file, png_file = table_files(out, args.split, args.table)
     json_file.write_text(json.dumps(

@@ -87,7 +87,7 @@ def report(**metrics) -> dict:
 def test_table_gives_mean_and_sample_spread_over_seeds():
     reports = [report(**{"ultralytics.mAP50-95": 0.30, "s": 50.0}), report(**{"ultralytics.mAP50-95": 0.34, "s": 54.0})]
     cols = compare.columns("Platelets")
-    summary = compare.summarise({"feedback": reports}, cols)
+    summary = compare.summarise({"feedback": dict(enumerate(reports))}, cols)
     assert summary["feedback"]["mAP50-95"]["mean"] == pytest.approx(0.32)
     assert summary["feedback"]["mAP50-95"]["std"] == pytest.approx(0.02 * 2 ** 0.5)  # sample std of 0.30, 0.34
     args = compare.parse_args(["--seeds", "0", "1"])
@@ -99,7 +99,8 @@ def test_differences_to_the_reference_are_paired_by_seed_with_a_t_interval_over_
     baseline = [report(**{"ultralytics.mAP50-95": v, "per_class.WBC.ap": w}) for v, w in ((0.30, 0.5), (0.32, 0.5), (0.34, 0.6))]
     mode = [report(**{"ultralytics.mAP50-95": v, "per_class.WBC.ap": w}) for v, w in ((0.32, 0.55), (0.35, 0.56), (0.35, 0.67))]
     cols = compare.columns("WBC")
-    differences = compare.seed_differences({"baseline": baseline, "feedback": mode}, cols, [0, 1, 2])
+    per_mode = {"baseline": dict(enumerate(baseline)), "feedback": dict(enumerate(mode))}
+    differences = compare.seed_differences(per_mode, cols)
     overall, focus = differences["feedback"]["mAP50-95"], differences["feedback"]["WBC AP"]
     assert overall["per_seed"] == pytest.approx({0: 0.02, 1: 0.03, 2: 0.01})
     half = 4.303 * 0.01 / 3 ** 0.5  # t(2) s / sqrt(n) with s = 0.01
@@ -107,7 +108,7 @@ def test_differences_to_the_reference_are_paired_by_seed_with_a_t_interval_over_
     assert not overall["excludes_zero"]
     assert focus["diff"] == pytest.approx(0.06) and focus["low"] == pytest.approx(0.06 - half) and focus["excludes_zero"]
     assert differences["feedback"]["AP"]["diff"] is None  # no value in either report
-    text = compare.markdown(compare.summarise({"baseline": baseline, "feedback": mode}, cols), differences, {}, cols,
+    text = compare.markdown(compare.summarise(per_mode, cols), differences, {}, cols,
                             compare.parse_args(["--seeds", "0", "1", "2", "--bootstrap", "0"]))
     assert "| mode | mAP50-95 | AP | APs orig |" in text and "| WBC AP |" in text and "Platelets" not in text
     row = next(line for line in text.split("Difference to baseline")[1].splitlines() if line.startswith("| feedback"))
@@ -317,13 +318,13 @@ def test_per_seed_paired_bootstrap_from_the_reports_detection_files(tmp_path):
         run = RunDetections(detected, letterbox_scales(detected, 416), [data["names"][k] for k in range(3)])
         metrics = evaluate_records(run.records, run.names, run.input_scales)
         write_report(metrics, tmp_path / label, run)
-        per_mode[label] = [{**compare.run_report(tmp_path / label, tmp_path / "none"), "val_dir": str(tmp_path / label)}]
-    bootstrap = compare.bootstrap_differences(per_mode, [0], resamples=30)
+        per_mode[label] = {0: {**compare.run_report(tmp_path / label, tmp_path / "none"), "val_dir": str(tmp_path / label)}}
+    bootstrap = compare.bootstrap_differences(per_mode, resamples=30)
     platelets = bootstrap["feedback"][0]["per_class.Platelets.ap"]
     assert platelets["b"] == 0.0 and platelets["high"] < 0 and platelets["excludes_zero"]
     cols = compare.columns("Platelets")
     args = compare.parse_args(["--seeds", "0", "--bootstrap", "30"])
-    text = compare.markdown(compare.summarise(per_mode, cols), compare.seed_differences(per_mode, cols, [0]),
+    text = compare.markdown(compare.summarise(per_mode, cols), compare.seed_differences(per_mode, cols),
                             bootstrap, cols, args)
     row = next(line for line in text.split("paired bootstrap")[1].splitlines() if line.startswith("| feedback s0"))
     assert row.split(" | ")[1] == "n/a" and "] * |" in row  # Ultralytics' mAP50-95 is not recomputed
@@ -394,28 +395,33 @@ def test_the_gpu_preset_and_the_schedule_flags_reach_train_and_the_schedule_chec
 
 
 def test_only_table_tabulates_the_evaluated_seeds_and_trains_nothing(tmp_path, capsys):
-    metrics = {"recall_by_size": {}, "per_class": {}, "meta": {"bucket_names": ["small"]},
-               "ultralytics": {"mAP50-95": 0.3}}
-    for name in ("baseline-s0", "baseline-s1", "nwd-s0"):  # nwd-s1 not evaluated (stopped, or still training)
+    for name, value in (("baseline-s0", 0.30), ("baseline-s1", 0.32), ("nwd-s0", 0.33), ("feedback-s1", 0.35)):
+        # nwd-s1 and feedback-s0 not evaluated (stopped, or still training)
+        metrics = {"recall_by_size": {}, "per_class": {}, "meta": {"bucket_names": ["small"]},
+                   "ultralytics": {"mAP50-95": value}}
         (tmp_path / "val" / name).mkdir(parents=True)
         (tmp_path / "val" / name / "metrics.json").write_text(json.dumps(metrics))
-    argv = ["--losses", "baseline", "nwd", "--seeds", "0", "1", "--epochs", "3", "--bootstrap", "0",
+    argv = ["--losses", "baseline", "nwd", "feedback", "--seeds", "0", "1", "--epochs", "3", "--bootstrap", "0",
             "--focus-class", "Platelets", "--data", unusable_data(tmp_path), "--out", str(tmp_path)]
     assert compare.main([*argv, "--only", "table"]) == 0
     assert not (tmp_path / "runs").exists()  # nothing trained
     text = (tmp_path / "results.md").read_text()
-    assert "mean ± sample std over seeds 0;" in text
-    assert "their seeds are left out of every mode: nwd-s1." in text
+    assert "Not evaluated when tabulated: nwd-s1, feedback-s0;" in text
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["args"]["seeds"] == [0] and saved["args"]["left_out"] == ["nwd-s1"]
+    assert saved["args"]["seeds"] == [0, 1] and saved["args"]["left_out"] == ["nwd-s1", "feedback-s0"]
+    # a seed one mode lacks stays in the others': the reference's mean is over both of its seeds, and each
+    # mode is paired with it on the seed it has
+    assert saved["summary"]["baseline"]["mAP50-95"]["values"] == [0.30, 0.32]
+    assert saved["differences"]["nwd"]["mAP50-95"]["per_seed"] == {"0": pytest.approx(0.03)}
+    assert saved["differences"]["feedback"]["mAP50-95"]["per_seed"] == {"1": pytest.approx(0.03)}
     # another reference, as a table of its own: OUT's results.* stay as they were
-    assert compare.main([*argv[:1], "nwd", "baseline", *argv[3:], "--only", "table", "--table", "nwd_ref"]) == 0
+    assert compare.main([*argv[:1], "nwd", "baseline", *argv[4:], "--only", "table", "--table", "nwd_ref"]) == 0
     assert (tmp_path / "results.md").read_text() == text
     assert "### Difference to nwd" in (tmp_path / "results-nwd_ref.md").read_text()
     assert compare.table_files(tmp_path, "val", "nwd_ref")[1] == tmp_path / "results-nwd_ref-val.md"
     (tmp_path / "val" / "baseline-s0" / "metrics.json").unlink()
     (tmp_path / "val" / "baseline-s1" / "metrics.json").unlink()
-    with pytest.raises(SystemExit, match="no seed has every mode evaluated"):
+    with pytest.raises(SystemExit, match="the reference baseline has no seed evaluated"):
         compare.main([*argv, "--only", "table"])
 
 
