@@ -201,6 +201,12 @@ def test_a_model_of_another_task_is_refused_before_any_run_folder(tmp_path, caps
     assert one_error_line(capsys) == (f"yolo-sizeloss train: error: --model {model} is a 'classify' model; "
                                       "train trains detection models only")
     assert not (tmp_path / "runs").exists()
+    if kind == "pt":  # val reads the same network from the checkpoint
+        from yolo_sizeloss.cli import val_main
+
+        assert val_main(["--model", model, "--data", "bccd.yaml", "--project", str(tmp_path / "runs")]) == 1
+        assert one_error_line(capsys).endswith(f"{model} is a 'classify' model; val evaluates detection models only")
+        assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("arch", [[], ["--arch", "faster_rcnn"]])

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from ultralytics.data.utils import check_det_dataset
+from ultralytics.nn.tasks import guess_model_task
 from ultralytics.utils import LOGGER
 
 from yolo_sizeloss.detections import load_split
@@ -32,6 +33,13 @@ DOWNLOAD_NOTE = " Note dataset download directory"  # Ultralytics' advice on a m
 
 class DataError(Exception):
     """The data (a data yaml, its images or labels, a checkpoint) cannot be used; exit 1."""
+
+
+def check_detection_network(network: torch.nn.Module | str | dict, name: str, command: str) -> None:
+    """Refuse a classify, pose or segment network (a module, a model yaml's name or its dict) before
+    anything is written: Ultralytics would make the run folder before the detection code fails on it."""
+    if (task := guess_model_task(network)) != "detect":
+        raise DataError(f"{name} is a '{task}' model; {command} detection models only")
 
 
 class SettingsError(ValueError):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg, parse_key_value_pair
-from ultralytics.nn.tasks import guess_model_task, yaml_model_load
+from ultralytics.nn.tasks import yaml_model_load
 
 from yolo_sizeloss import convert, validate
 from yolo_sizeloss.checkpoints import RCNN_ARCH, checkpoint_kind, load_checkpoint, yolo_module
@@ -29,6 +29,7 @@ from yolo_sizeloss.checks import (
     DataError,
     OneLineParser,
     check_data_yaml,
+    check_detection_network,
     check_output_folder,
     check_resumed_data,
     check_resumed_epochs,
@@ -187,9 +188,7 @@ def check_yolo_model(model: str, flag: str = "--model") -> str:
             raise ValueError(f"{flag} {model} is a Faster R-CNN checkpoint: train from it with --arch faster_rcnn "
                              f"--weights {model}, or continue its run with --resume")
         network = yolo_module(checkpoint)
-    # a classify, pose or segment network would get its run folder made before the detection loss fails
-    if (task := guess_model_task(network)) != "detect":
-        raise DataError(f"{flag} {model} is a '{task}' model; train trains detection models only")
+    check_detection_network(network, f"{flag} {model}", "train trains")
     return str(Path(model).resolve()) if Path(model).is_file() else model
 
 

@@ -61,9 +61,14 @@ def resolve_loss_cfg(settings: str | Path) -> Path:
         raise FileNotFoundError(f"{e}; shipped variants: {', '.join(shipped_variants())}") from None
 
 
+def shipped_variant_files() -> dict[str, Path]:
+    """The loss-settings variants shipped in ``cfg/variants``, by file name."""
+    return {p.name: p for p in sorted(VARIANTS_DIR.glob("*.yaml"))}
+
+
 def shipped_variants() -> list[str]:
     """The names of the loss-settings variants shipped in ``cfg/variants``."""
-    return sorted(p.stem for p in VARIANTS_DIR.glob("*.yaml"))
+    return [Path(name).stem for name in shipped_variant_files()]
 
 
 def shipped_data() -> dict[str, Path]:
@@ -77,7 +82,7 @@ def resolve_shipped_file(name: str) -> Path:
     working folder does not count."""
     # a bare name only: an absolute or relative path would resolve outside the package (/etc/passwd)
     if Path(name).name == name not in ("", ".", ".."):
-        for shipped in (shipped_data(), {p.name: p for p in VARIANTS_DIR.glob("*.yaml")}):
+        for shipped in (shipped_data(), shipped_variant_files()):
             for key in (name, f"{name}.yaml"):
                 if key in shipped:
                     return shipped[key].resolve()

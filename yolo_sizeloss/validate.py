@@ -27,7 +27,6 @@ import torch
 import ultralytics
 from ultralytics import YOLO
 from ultralytics.models.yolo.detect import DetectionValidator
-from ultralytics.nn.tasks import guess_model_task
 from ultralytics.utils.checks import check_imgsz
 from ultralytics.utils.files import increment_path
 
@@ -36,6 +35,7 @@ from yolo_sizeloss.checks import (
     DataError,
     OneLineParser,
     check_data_yaml,
+    check_detection_network,
     check_output_folder,
     one_line,
     parse_device,
@@ -165,8 +165,8 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
         kind = checkpoint_kind(checkpoint, args.model)
     except ValueError as e:
         raise DataError(f"--model {args.model}: {one_line(e).removeprefix(f'{Path(args.model)}: ')}") from e
-    if kind != RCNN_ARCH and (task := guess_model_task(yolo_module(checkpoint))) != "detect":
-        raise DataError(f"{args.model} is a '{task}' model; val evaluates detection models only")
+    if kind != RCNN_ARCH:
+        check_detection_network(yolo_module(checkpoint), args.model, "val evaluates")
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(ValRequest) if hasattr(args, f.name)}
     return ValRequest(**{**flags, "data": data, "checkpoint": checkpoint, "kind": kind})
 
