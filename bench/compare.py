@@ -54,10 +54,10 @@ import yaml
 
 from yolo_sizeloss.checkpoints import load_checkpoint
 from yolo_sizeloss.cli import parse_pairs
-from yolo_sizeloss.config import LossConfigError, load_loss_config
+from yolo_sizeloss.config import LossConfigError, load_loss_config, run_defaults
 from yolo_sizeloss.detections import load_split
 from yolo_sizeloss.detections_file import find_detections, load_detections
-from yolo_sizeloss.paired import key_metrics, paired_bootstrap, t_interval
+from yolo_sizeloss.paired import check_resamples, key_metrics, paired_bootstrap, t_interval
 from yolo_sizeloss.paired_report import difference_cell
 from yolo_sizeloss.paths import resolve_data, resolve_loss_cfg
 from yolo_sizeloss.report import markdown_table
@@ -80,7 +80,7 @@ PRESETS = {
     # 100 epochs (past the CPU's converged 60, where the last epochs still added 1-2 points)
     "gpu": dict(losses=["baseline", "nwd", "nwd:safit_sharp_auto_norm"], seeds=[0, 1, 2], epochs=100, imgsz=416, batch=16),
 }
-RCNN_SCHEDULE = ("lr", "lr_step")  # Faster R-CNN's flags that compare.py passes on when given
+RCNN_SCHEDULE = ("lr", "lr_step")  # Faster R-CNN's flags that compare.py passes on (train's defaults when not given)
 
 
 def columns(focus: str) -> list[tuple[str, str]]:
@@ -135,6 +135,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.arch == "faster_rcnn":
         args.batch = args.batch or 4  # the paper's batch
         args.losses = args.losses or ["baseline", "plb"]
+        # train's default, not None: a run folder trained at another --lr is then refused as it is when
+        # --lr is given, instead of reused beside new modes trained at the default into one table
+        defaults = run_defaults("faster_rcnn")
+        for key in RCNN_SCHEDULE:
+            if getattr(args, key) is None:
+                setattr(args, key, defaults[key])
     elif any(getattr(args, key) is not None for key in RCNN_SCHEDULE):
         p.error("--lr and --lr-step are Faster R-CNN's (--arch faster_rcnn)")
     for key, value in PRESETS[args.preset].items():
@@ -144,11 +150,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     # to them as an absolute path; a name (bccd.yaml, yolov8n.yaml) stays a name for them to look up
     args.data, args.model = (str(Path(v).resolve()) if Path(v).is_file() else v for v in (args.data, args.model))
     try:  # a typo in a name or a settings file fails now, not after hours of earlier runs
-        resolve_data(args.data)
+        problem = data_choice_error(resolve_data(args.data), args.focus_class, args.split)
+        check_resamples(args.bootstrap)
         args.modes = [loss_mode(spec, args.loss_cfg, args.arch) for spec in args.losses]
     except (LossConfigError, ValueError, FileNotFoundError) as e:
         p.error(str(e))
+    if problem:
+        p.error(problem)
     return args
+
+
+def data_choice_error(data: str, focus: str | None, split: str) -> str | None:
+    """One line on a --focus-class that is not among the data yaml's names or a --split it does not
+    define, else None. Otherwise a wrong split failed only at val, after the first mode trained, and a
+    wrong focus class trained every mode and then tabulated n/a."""
+    try:
+        spec = yaml.safe_load(Path(data).read_text())
+    except (OSError, yaml.YAMLError):
+        return None  # train and val refuse an unreadable yaml in one line of their own
+    if not isinstance(spec, dict):
+        return None
+    names = spec.get("names") or {}
+    names = [str(name) for name in (names.values() if isinstance(names, dict) else names)]
+    splits = [key for key in ("train", "val", "test", "minival") if spec.get(key)]  # what Ultralytics resolves
+    if focus is not None and names and focus not in names:  # no names: train refuses the yaml itself
+        return f"--focus-class {focus}: not a class of {data} (choose from {', '.join(names)})"
+    if split not in splits:
+        return f"--split {split}: {data} does not define it (choose from {', '.join(splits)})"
+    return None
 
 
 def loss_mode(spec: str, default_cfg: str | None, arch: str = "yolo") -> tuple[str, str, Path | None, dict]:
@@ -159,6 +188,11 @@ def loss_mode(spec: str, default_cfg: str | None, arch: str = "yolo") -> tuple[s
     model) and Ultralytics training arguments (``cls_pw=1.0``), checked as ``train`` checks them; each
     extends the label (``baseline@cls_pw=1.0`` -> ``baseline-cls_pw1.0``)."""
     spec, _, extra_text = spec.partition("@")
+    if extra_text and arch == "faster_rcnn":
+        # none would be honoured: Faster R-CNN's train takes no key=value pairs (it failed when the mode was
+        # reached, hours in) and is built from --backbone (a model= was dropped without a word)
+        raise ValueError(f"{spec}@{extra_text}: @key=value extras are YOLO's (a model, Ultralytics arguments); "
+                         "Faster R-CNN modes take none")
     loss, _, cfg = spec.partition(":")
     cfg = cfg or default_cfg
     path = resolve_loss_cfg(cfg) if cfg else None
@@ -273,7 +307,8 @@ def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path)
             if last.is_file() and not finished:
                 # the run's own loss.yaml and args rule a resume: a loss flag without its settings file would differ
                 arch = ["--arch", "faster_rcnn"] if args.arch == "faster_rcnn" else []
-                run([*COMMAND, "train", *arch, "--resume", str(last)])
+                # both families' resume takes these: where this harness runs, not how the run trains
+                run([*COMMAND, "train", *arch, "--resume", str(last), "--workers", str(args.workers), *device])
             elif recorded := _results(run_dir):
                 # a record whose checkpoint is gone (the repository keeps records, not checkpoints): training
                 # into the folder again would overwrite it
@@ -515,6 +550,8 @@ def plot(summary: dict, focus: str, path: Path, split: str = "test") -> None:
     import matplotlib.pyplot as plt
 
     titles = ["mAP50-95", "APs input", "APm input", "APl input", f"{focus} AP", "R small@0.3"]
+    # a column no mode has (Faster R-CNN's mAP50-95: no Ultralytics validator) would read as bars at 0
+    titles = [c for c in titles if any(row[c]["mean"] is not None for row in summary.values())]
     fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.8 / max(len(summary), 1)
     for i, (label, row) in enumerate(summary.items()):

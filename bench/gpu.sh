@@ -85,7 +85,7 @@ SPLIT=${SPLIT:-}                          # runs: harnesses as above; family: on
 if (( SMOKE )); then  # every step and mode, tiny: one epoch of a few images at imgsz 32, one seed
     # one harness per family: on 2 cores and little memory, 7 at once (each ~0.7 GB beside its training) thrash
     # and BCCD's first 8 train, 4 val and 8 test images (bench/gpu.py subset), so that validation is cheap
-    SEEDS=0; RCNN_SEEDS=0; DEVICE=cpu; SPLIT=${SPLIT:-family}; YOLO_WORKERS=1; RCNN_WORKERS=1; RCNN_NICE=0; BOOTSTRAP=20; PROGRESS_S=10
+    SEEDS=0; RCNN_SEEDS=0; DEVICE=cpu; SPLIT=${SPLIT:-family}; YOLO_WORKERS=1; RCNN_WORKERS=1; RCNN_NICE=0; BOOTSTRAP=100; PROGRESS_S=10
     YOLO_SCHEDULE=(--preset gpu --epochs 1 --imgsz 32 --batch 4)
     RCNN_SCHEDULE=(--epochs 1 --imgsz 32 --batch 2 --lr "$RCNN_LR" --lr-step 1)
     OVERHEAD=(--device cpu --imgsz 32 --batch 2 --repeats 1)

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from yolo_sizeloss.checks import DataError, output_file_problem
+from yolo_sizeloss.detections import read_upright
 from yolo_sizeloss.detections_file import load_detections
 from yolo_sizeloss.evaluation import unmatched_detections
 
@@ -31,7 +32,7 @@ def crops(report: str, conf: float) -> list[Image.Image]:
         unmatched = unmatched_detections(record, conf)
         if len(unmatched) == 0:
             continue
-        image = Image.open(record.file).convert("RGB")
+        image = read_upright(record.file)
         draw = ImageDraw.Draw(image)
         for box in record.gt_boxes:
             draw.rectangle(box.tolist(), outline=(0, 200, 0), width=2)

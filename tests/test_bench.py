@@ -22,7 +22,7 @@ import torch
 import yaml
 from PIL import Image
 
-from yolo_sizeloss.detections import load_split
+from yolo_sizeloss.detections import ImageRecord, load_split
 from yolo_sizeloss.detections_file import RunDetections
 from yolo_sizeloss.evaluation import evaluate_records, letterbox_scales
 from yolo_sizeloss.report import write_report
@@ -138,7 +138,7 @@ def test_one_invocation_mixes_modes_with_and_without_a_settings_file():
 
 def test_files_named_from_another_folder_reach_train_py_in_the_repository_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "cells.yaml").write_text("path: .\n")
+    (tmp_path / "cells.yaml").write_text("path: .\ntrain: images\nval: images\ntest: images\n")  # the splits the harness checks
     (tmp_path / "my.pt").write_bytes(b"")
     args = compare.parse_args(["--data", "cells.yaml", "--model", "my.pt"])
     assert (args.data, args.model) == (str(tmp_path / "cells.yaml"), str(tmp_path / "my.pt"))
@@ -215,9 +215,11 @@ def test_status_gives_the_val_splits_best_epoch(tmp_path):
 
 
 def unusable_data(folder: Path) -> str:
-    """A data yaml that exists (the harness checks that before anything) but that train and val refuse
-    at their own checks: how these tests make a child command fail."""
-    (folder / "none.yaml").write_text("names: {0: a}\n")
+    """A data yaml that exists and names its class and splits (the harness checks those before anything)
+    but whose images do not exist, which train and val refuse at their own checks: how these tests make
+    a child command fail."""
+    (folder / "none.yaml").write_text(f"path: {folder / 'none'}\ntrain: train\nval: val\ntest: test\n"
+                                      "names: {0: Platelets}\n")
     return str(folder / "none.yaml")
 
 def test_a_second_harness_does_not_train_a_run_another_one_is_training(tmp_path):
@@ -228,7 +230,7 @@ def test_a_second_harness_does_not_train_a_run_another_one_is_training(tmp_path)
     try:
         with pytest.raises(SystemExit, match=r"baseline-s0 is being trained by another process"):
             compare.main(["--losses", "baseline", "--seeds", "0", "--epochs", "1", "--data", unusable_data(tmp_path),
-                          "--focus-class", "x", "--out", str(tmp_path)])
+                          "--focus-class", "Platelets", "--out", str(tmp_path)])
     finally:
         holder.kill()
     assert not (tmp_path / "runs" / "baseline-s0").exists()
@@ -286,6 +288,23 @@ def test_a_recorded_run_without_its_checkpoints_is_an_error_not_a_new_training(t
     assert (run_dir / "results.csv").read_text() == record[:-len("2,20\n")] and not (run_dir / "weights").exists()
 
 
+def test_a_resumed_run_keeps_the_harness_device_and_workers(tmp_path, capfd):
+    """A resume was started with neither: on the GPU machine it fell back to train's device and workers."""
+    args = compare.parse_args(["--losses", "baseline", "--seeds", "0", "--epochs", "3", "--bootstrap", "0",
+                               "--device", "cpu", "--workers", "1", "--out", str(tmp_path)])
+    _, run_dir, _ = compare.run_paths(tmp_path, "baseline", 0)
+    (run_dir / "weights").mkdir(parents=True)
+    (run_dir / "results.csv").write_text("epoch,time\n1,10\n")  # stopped after its first epoch: it resumes
+    last = run_dir / "weights" / "last.pt"
+    # a stock run's finished checkpoint: train takes the flags, then refuses to continue a finished run
+    last.write_bytes((ROOT / "tests" / "assets" / "yolov8n_bccd_baseline.pt").read_bytes())
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        compare.train_and_validate(args, "baseline", [], 0, tmp_path)
+    command = failed.value.cmd
+    assert command[3:6] == ["train", "--resume", str(last)] and command[6:] == ["--workers", "1", "--device", "cpu"]
+    assert "this run finished its" in capfd.readouterr().err  # past train's check of what a resume may change
+
+
 def test_a_choice_on_the_val_split_leaves_the_test_reports_alone(tmp_path, capfd):
     args = compare.parse_args(["--losses", "baseline", "--seeds", "0", "--epochs", "2", "--bootstrap", "0",
                                "--split", "val", "--data", unusable_data(tmp_path), "--out", str(tmp_path)])
@@ -319,16 +338,24 @@ def test_per_seed_paired_bootstrap_from_the_reports_detection_files(tmp_path):
         metrics = evaluate_records(run.records, run.names, run.input_scales)
         write_report(metrics, tmp_path / label, run)
         per_mode[label] = {0: {**compare.run_report(tmp_path / label, tmp_path / "none"), "val_dir": str(tmp_path / label)}}
-    bootstrap = compare.bootstrap_differences(per_mode, resamples=30)
+    bootstrap = compare.bootstrap_differences(per_mode, resamples=100)
     platelets = bootstrap["feedback"][0]["per_class.Platelets.ap"]
     assert platelets["b"] == 0.0 and platelets["high"] < 0 and platelets["excludes_zero"]
     cols = compare.columns("Platelets")
-    args = compare.parse_args(["--seeds", "0", "--bootstrap", "30"])
+    args = compare.parse_args(["--seeds", "0", "--bootstrap", "100"])
     text = compare.markdown(compare.summarise(per_mode, cols), compare.seed_differences(per_mode, cols),
                             bootstrap, cols, args)
     row = next(line for line in text.split("paired bootstrap")[1].splitlines() if line.startswith("| feedback s0"))
     assert row.split(" | ")[1] == "n/a" and "] * |" in row  # Ultralytics' mAP50-95 is not recomputed
     assert json.loads(json.dumps(bootstrap))["feedback"]["0"]["coco.ap"]["diff"] < 0
+
+
+@pytest.mark.parametrize("draws", ["1", "99", "-5"])
+def test_too_few_bootstrap_draws_are_refused_before_any_run(capsys, draws):
+    """One draw starred every row of the per-seed table, with intervals not holding their own estimate."""
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--seeds", "0", "--bootstrap", draws])
+    assert f"--bootstrap {draws}: 0 (no intervals) or at least 100" in capsys.readouterr().err
 
 
 def test_a_run_trained_with_another_schedule_is_not_reused(tmp_path):
@@ -354,7 +381,7 @@ def test_a_run_trained_on_other_data_or_another_model_is_not_reused(tmp_path):
                                     ["--model", "yolo11n.yaml"])
     platelets = tmp_path / "bccd_platelets" / "data.yaml"
     platelets.parent.mkdir()
-    platelets.write_text("path: .\n")
+    platelets.write_text("path: .\ntrain: images\nval: images\ntest: images\n")  # the splits the harness checks
     with pytest.raises(SystemExit, match=r"data /old/checkout/cfg/bccd.yaml \(asked .*bccd_platelets/data.yaml\)"):
         compare.check_same_schedule(run_dir, compare.parse_args(["--epochs", "20", "--data", str(platelets)]), 0, flags)
     # a resumed run records its own last.pt as its model: no reading of the model it started from
@@ -392,6 +419,41 @@ def test_the_gpu_preset_and_the_schedule_flags_reach_train_and_the_schedule_chec
     compare.check_same_schedule(tmp_path, compare.parse_args(["--epochs", "20"]), seed=0)
     with pytest.raises(SystemExit, match=r"fraction 1.0 \(asked 0.1\)"):
         compare.check_same_schedule(tmp_path, compare.parse_args(["--epochs", "20", "--fraction", "0.1"]), seed=0)
+
+
+def test_a_faster_rcnn_run_at_another_lr_is_not_reused_by_a_harness_without_lr(tmp_path):
+    """Without --lr the schedule left lr out: a folder trained at --lr 0.01 was reused, and the new modes
+    were trained at train's default into the same table."""
+    from yolo_sizeloss.config import run_defaults
+
+    default = run_defaults("faster_rcnn")
+    # as bench/results/rcnn_converged's runs record it
+    (tmp_path / "args.yaml").write_text("epochs: 30\nimgsz: 640\nbatch: 4\nseed: 0\nfraction: 1.0\nlr: 0.01\nlr_step: 20\n")
+    args = compare.parse_args(["--arch", "faster_rcnn", "--epochs", "30", "--imgsz", "640"])
+    with pytest.raises(SystemExit, match=rf"lr 0.01 \(asked {default['lr']}\), lr_step 20 \(asked {default['lr_step']}\)"):
+        compare.check_same_schedule(tmp_path, args, seed=0)
+    assert compare.schedule_flags(args, 0)[-4:] == ["--lr", str(default["lr"]), "--lr-step", str(default["lr_step"])]
+    compare.check_same_schedule(tmp_path, compare.parse_args(
+        ["--arch", "faster_rcnn", "--epochs", "30", "--imgsz", "640", "--lr", "0.01", "--lr-step", "20"]), seed=0)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--focus-class", "platelets"], "--focus-class platelets: not a class of BCCD (choose from RBC, WBC, Platelets)"),
+    (["--split", "tset"], "--split tset: BCCD does not define it (choose from train, val, test)"),
+    (["--data", "NOTEST"], "--split test: NOTEST does not define it (choose from train, val)"),
+])
+def test_a_focus_class_or_split_the_data_yaml_lacks_stops_the_harness_before_any_run(tmp_path, capsys, flags, message):
+    """A split the yaml lacks failed at val, after the first mode trained; a focus class not among its names
+    trained every mode, then tabulated n/a."""
+    no_test = tmp_path / "no_test.yaml"  # as many exported data sets are: no test split
+    no_test.write_text("train: images/train\nval: images/val\nnames: {0: car}\n")
+    names = {"BCCD": compare.resolve_data("bccd.yaml"), "NOTEST": str(no_test)}
+    with pytest.raises(SystemExit) as stop:  # parse_args, not main: without the check main would train
+        compare.parse_args(["--losses", "baseline", "--seeds", "0", *(names.get(f, f) for f in flags)])
+    err = capsys.readouterr().err
+    for name, path in names.items():
+        message = message.replace(name, path)
+    assert stop.value.code == 2 and err.splitlines()[-1].endswith(f": error: {message}")
 
 
 def test_only_table_tabulates_the_evaluated_seeds_and_trains_nothing(tmp_path, capsys):
@@ -559,9 +621,9 @@ def test_the_gpu_script_smoke_mode_runs_every_step_and_packs_its_tables(tmp_path
     # the records are enough to tabulate again, with another number of bootstrap draws
     (unpacked / "yolo" / "results.md").unlink()
     assert compare.main(["--preset", "gpu", "--epochs", "1", "--imgsz", "32", "--batch", "4", "--seeds", "0",
-                         "--bootstrap", "5", "--focus-class", "Platelets", "--only", "table", "--data", str(data),
+                         "--bootstrap", "150", "--focus-class", "Platelets", "--only", "table", "--data", str(data),
                          "--out", str(unpacked / "yolo")]) == 0
-    assert "5 draws of the test images" in (unpacked / "yolo" / "results.md").read_text()
+    assert "150 draws of the test images" in (unpacked / "yolo" / "results.md").read_text()
 
 
 def test_one_class_data_set_keeps_only_that_class(tmp_path):
@@ -634,6 +696,30 @@ def test_unmatched_crops_one_tile_per_confident_detection_without_a_ground_truth
     assert unmatched.main([str(tmp_path), "--out", str(out)]) == 1  # a folder without a detections file
 
 
+def test_unmatched_crops_the_image_upright_as_yolo_read_it(tmp_path):
+    """A photo with an EXIF orientation was cropped as stored, while its boxes are in the upright frame
+    YOLO (cv2) read it in: a crop below the stored height came out black."""
+    import cv2
+
+    stored = np.zeros((60, 100, 3), np.uint8)  # 100 wide, 60 tall as stored; 60 x 100 upright
+    stored[:, :50] = (200, 40, 40)
+    stored[:, 50:] = (40, 40, 200)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to show
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    upright = cv2.cvtColor(cv2.imread(str(tmp_path / "photo.jpg")), cv2.COLOR_BGR2RGB)
+    assert upright.shape[:2] == (100, 60)
+    box = np.array([[20, 60, 40, 80]], np.float32)  # below row 60: outside the stored image
+    record = ImageRecord(str(tmp_path / "photo.jpg"), 60, 100, gt_boxes=np.array([[0, 0, 10, 10]], np.float32),
+                         gt_classes=np.array([0]), pred_boxes=box, pred_scores=np.array([0.9], np.float32),
+                         pred_classes=np.array([0]))
+    run = RunDetections([record], letterbox_scales([record], 416), ["thing"])
+    write_report(evaluate_records(run.records, run.names, run.input_scales), tmp_path / "run", run)
+    [tile] = unmatched.crops(str(tmp_path / "run"), conf=0.5)
+    centre = np.asarray(tile)[unmatched.TILE // 2, unmatched.TILE // 2].astype(int)
+    assert np.abs(centre - upright[70, 30]).max() <= 8 and centre.max() > 100
+
+
 @pytest.mark.parametrize("argv, message", [
     (["REPORT", "--conf", "5", "--out", "OUT/crops.png"], "--conf 5.0: must be in [0, 1)"),
     (["REPORT", "--out", "OUT/nodir/crops.png"], "--out OUT/nodir/crops.png: must be a file in an existing folder"),
@@ -673,6 +759,29 @@ def test_peer_modes_carry_their_model_and_ultralytics_arguments(capsys):
     with pytest.raises(SystemExit):  # checked as train checks key=value pairs, before any run
         compare.parse_args(["--losses", "baseline", "baseline@cls_pww=1.0"])
     assert "did you mean 'cls_pw'" in capsys.readouterr().err
+
+
+def test_faster_rcnn_modes_refuse_the_yolo_extras_before_any_run(capsys):
+    """Faster R-CNN's train takes no key=value pairs (baseline@cls_pw=1.0 failed when its mode was reached,
+    hours in) and builds its model from --backbone (plb@model=... was trained as plain plb)."""
+    for mode in ("baseline@cls_pw=1.0", "plb@model=yolov8s.yaml"):
+        with pytest.raises(SystemExit) as stop:
+            compare.parse_args(["--arch", "faster_rcnn", "--losses", "baseline", mode])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f": error: {mode}: @key=value extras are YOLO's" in err.splitlines()[-1]
+
+
+def test_the_plot_leaves_out_a_column_no_mode_has(tmp_path):
+    """Faster R-CNN has no mAP50-95 (no Ultralytics validator): results.png drew it as bars at 0. The
+    plot is written as SVG here, where each tick label is a comment."""
+    cols = compare.columns("Platelets")
+    rcnn = {label: {0: report(**{"coco.input.ap_small": v})} for label, v in (("rcnn-baseline", 0.2), ("rcnn-plb", 0.25))}
+    compare.plot(compare.summarise(rcnn, cols), "Platelets", tmp_path / "rcnn.svg")
+    text = (tmp_path / "rcnn.svg").read_text()
+    assert "<!-- APs input -->" in text and "<!-- mAP50-95 -->" not in text
+    mixed = {**rcnn, "baseline": {0: report(**{"ultralytics.mAP50-95": 0.3})}}  # one mode has it: drawn
+    compare.plot(compare.summarise(mixed, cols), "Platelets", tmp_path / "mixed.svg")
+    assert "<!-- mAP50-95 -->" in (tmp_path / "mixed.svg").read_text()
 
 
 def test_assignment_counts_every_mode_on_the_same_batches(bccd_subset, tmp_path, capsys):

@@ -156,6 +156,22 @@ def test_compare_report_adds_paired_intervals_when_reports_have_detections(bccd_
     assert f"no detections.json.gz in {folders[1]}" in " ".join(compare_report(folders).split())
 
 
+def test_runs_that_cannot_be_paired_keep_their_tables_and_are_named(bccd_test, tmp_path):
+    """A run on other images stopped the whole comparison with an error naming no run; the side-by-side
+    tables stand without pairing."""
+    fewer = RunDetections(bccd_test.records[1:], bccd_test.input_scales[1:], bccd_test.names)
+    folders = []
+    for name, run in (("stock", bccd_test), ("same", without_small_predictions(bccd_test)), ("fewer", fewer)):
+        metrics = evaluate_records(run.records, run.names, run.input_scales)
+        metrics["meta"].update(model=name, data="bccd", split="test", imgsz=IMGSZ)
+        write_report(metrics, tmp_path / name, run)
+        folders.append(tmp_path / name)
+    text = compare_report(folders, bootstrap=40)
+    assert "| coco.ap |" in text and "Box fit and confidence" in text and "Paired difference" not in text
+    assert text.rstrip().endswith("No paired bootstrap against stock: fewer: runs were evaluated on different images; "
+                                  "a paired comparison needs the same ones.")
+
+
 def test_the_statistics_import_no_formatting():
     imported = subprocess.run(
         [sys.executable, "-c", "import sys, yolo_sizeloss.paired\n"

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from PIL import ExifTags, Image
 from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -370,6 +371,7 @@ def test_plb2b_weights_roi_box_only(source):
     (["--loss", "focal"], "unknown loss 'focal'"),
     (["--epochs", "0"], "--epochs 0"), (["--imgsz", "0"], "--imgsz 0"), (["--fraction", "2"], "--fraction 2"),
     (["--plb-source", "gt"], "--plb-source needs PLB"),
+    (["--seed", "-1"], "--seed -1: must not be negative"), (["--workers", "-1"], "--workers -1: must not be negative"),
 ])
 def test_bad_flags_are_usage_errors_naming_the_flag(tmp_path, capsys, flags, message):
     project = tmp_path / "runs"
@@ -377,6 +379,52 @@ def test_bad_flags_are_usage_errors_naming_the_flag(tmp_path, capsys, flags, mes
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1  # one line, no traceback
     assert not project.exists()  # nothing was written
+
+
+@pytest.mark.parametrize("labels, loss, message", [
+    ("0 nan 0.5 0.1 0.1\n", "baseline", "split 'train' has no valid images"),
+    ("", "nwd", "nwd: auto settings and max_small_share need boxes"),
+])
+def test_bad_labels_are_the_same_one_line_in_both_families_before_any_run_folder(tmp_path, capsys, labels, loss,
+                                                                                   message):
+    """YOLO's label checks before anything is written; Faster R-CNN's engine stopped on the same data with a
+    plain error and a pointer to the traceback."""
+    from test_cli_errors import one_error_line, rewrite_train_labels, tiny_bccd
+
+    data = tiny_bccd(tmp_path / "data", rewrite_train_labels(labels))  # every train label file
+    project, errors = tmp_path / "runs", []
+    for family in ([], ["--arch", "faster_rcnn"]):
+        assert train_main([*family, "--data", str(data), "--loss", loss, "--project", str(project),
+                           "--device", "cpu"]) == 1
+        errors.append(one_error_line(capsys))
+        assert not project.exists()
+    assert errors[0] == errors[1] and message in errors[0]
+
+
+@pytest.mark.parametrize("width, height", [(100, 60), (64, 64)])
+def test_images_are_read_upright_by_their_exif_orientation_as_cv2_reads_them(tmp_path, width, height):
+    """A JPEG stored sideways with EXIF orientation 6 (turn 90 degrees clockwise), as cameras save photos.
+    Ultralytics' label check measures it upright and YOLO reads it with cv2, which turns it; read as
+    stored, a non-square one stopped training at its first batch and a square one lay turned under its
+    labels."""
+    import cv2
+
+    for sub in ("images", "labels"):
+        (tmp_path / sub).mkdir()
+    rows, columns = np.mgrid[0:height, 0:width]
+    stored = np.stack([columns * 255 // width, rows * 255 // height, np.full_like(rows, 128)], -1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    photo = tmp_path / "images" / "photo.jpg"
+    Image.fromarray(stored).save(photo, exif=exif, quality=100, subsampling=0)
+    (tmp_path / "labels" / "photo.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"path": str(tmp_path), "train": "images", "val": "images", "names": {0: "RBC"}}))
+    records, _ = load_split(data, "train")
+    assert (records[0].width, records[0].height) == (height, width)  # Ultralytics' size: upright
+    image, _, _ = DetectionDataset(records, flip_p=0.0)[0]
+    upright = cv2.imread(str(photo))[..., ::-1]  # BGR to RGB
+    assert np.array_equal((image.permute(1, 2, 0) * 255).round().byte().numpy(), upright)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -542,6 +590,35 @@ def test_a_resume_whose_data_yaml_is_gone_is_one_line_naming_it_and_writes_nothi
     assert err.startswith(f"yolo-sizeloss train: error: --resume {last}: the run's data: data yaml '{gone}' not found")
     assert len(err.splitlines()) == 1 and "--verbose" not in err
     assert folder_state(run) == before
+
+
+@pytest.mark.slow
+def test_resume_with_negative_workers_is_one_line_naming_the_flag_and_writes_nothing(trained_run, tmp_path, capsys):
+    """torch refused it only when the resumed run built its data loader, with its own words."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    last = run / "weights" / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["train_args"]["epochs"] = 2  # stopped after 1 of 2 epochs: a resume would train
+    torch.save(checkpoint, last)
+    before = folder_state(run)
+    assert train_main(["--resume", str(last), "--workers", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "yolo-sizeloss train: error: --workers -1: must not be negative"
+    assert folder_state(run) == before
+
+
+@pytest.mark.slow
+def test_a_new_run_in_a_reused_folder_writes_only_its_own_results(tiny_data, tmp_path):
+    """--exist-ok reuses the folder of an earlier run: its results.csv goes, as Ultralytics' trainer deletes
+    it on a new run, instead of the new rows following the old ones."""
+    run = tmp_path / "train"
+    run.mkdir()
+    (run / "results.csv").write_text("epoch,time,metrics/mAP50-95(B)\n1,60.0,0.1\n2,120.0,0.2\n")  # an earlier run's
+    assert main(["--data", str(tiny_data), "--project", str(tmp_path), "--name", "train", "--exist-ok",
+                 "--backbone", "mobilenet_v3_large_fpn", "--imgsz", "64", "--epochs", "1", "--batch", "1",
+                 "--fraction", "0.25", "--workers", "0", "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(open(run / "results.csv")))
+    assert [r["epoch"] for r in rows] == ["1"] and "train/loss_objectness" in rows[0]  # this run's one epoch
 
 
 @pytest.mark.slow

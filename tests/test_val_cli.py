@@ -153,7 +153,24 @@ def test_compare_names_the_file_that_is_not_a_report(tmp_path, capsys, case, cod
     (bad / "metrics.json").write_text(metrics)
     (bad / "detections.json.gz").write_bytes(b"garbage")
     other = tmp_path / "nothere" if case == "missing folder" else bad
-    assert main(["--compare", str(REPORT), str(other), "--bootstrap", "10"]) == code
+    assert main(["--compare", str(REPORT), str(other), "--bootstrap", "100"]) == code
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("yolo-sizeloss val: error: "), err
     assert fragment.format(dir=tmp_path) in err and "--verbose" not in err, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--size-buckets", "0,16,inf"], "--compare takes --bootstrap and --seed only (each run's report sets the rest), "
+                                     "not --size-buckets"),
+    (["--max-det", "300"], "not --max-det"),
+    (["--bootstrap", "10"], "--bootstrap 10: 0 (no intervals) or at least 100, fewer draws cannot place a 95% interval"),
+    (["--seed", "-1"], "--seed -1: must not be negative"),
+])
+def test_compare_refuses_a_flag_it_would_not_honour(capsys, flags, message):
+    """--compare read its buckets from the reports and silently dropped --size-buckets; a handful of draws
+    starred every row."""
+    from yolo_sizeloss.validate import main
+
+    assert main(["--compare", str(REPORT), str(REPORT), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"yolo-sizeloss val: error: {message}" or (len(err.splitlines()) == 1 and err.endswith(message)), err

@@ -1,9 +1,9 @@
 """What every command checks before it writes anything, and how a mistake is reported.
 
-A leaf of the package (it imports only the data readers), so that the commands of both detector
-families share it without importing each other. A mistake is one ``error:`` line: exit 2 for a
-flag no run can use, 1 for data that cannot be used or a failure while working; the traceback only
-with ``--verbose``.
+A leaf of the package (it imports only the data readers and NWD's auto settings), so that the
+commands of both detector families share it without importing each other. A mistake is one
+``error:`` line: exit 2 for a flag no run can use, 1 for data that cannot be used or a failure while
+working; the traceback only with ``--verbose``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from ultralytics.data.utils import check_det_dataset
 from ultralytics.nn.tasks import guess_model_task
 from ultralytics.utils import LOGGER
 
-from yolo_sizeloss.detections import load_split
+from yolo_sizeloss.detections import load_split, training_box_sizes
+from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.paths import resolve_data
 
 TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ultralytics colours its messages for terminals
@@ -220,13 +221,29 @@ def check_training_splits(data_yaml: str) -> dict:
     return records
 
 
+def check_nwd_needs(loss_config: dict, records: list, imgsz: int) -> None:
+    """NWD's ``auto`` settings are computed from the training boxes when training starts; labels
+    without a box would stop it there, after the run folder is made, so refuse them now. ``records``:
+    the images the run trains on (``first_fraction``); YOLO's trainer measures the same boxes from
+    Ultralytics' own labels (``yolo.loss.training_label_sizes``), Faster R-CNN's engine from the same
+    records (``rcnn.engine.training_nwd_settings``)."""
+    nwd = loss_config.get("nwd")
+    if nwd and needs_training_boxes(nwd):
+        try:
+            resolve_nwd_auto(nwd, *training_box_sizes(records, imgsz), imgsz)
+        except ValueError as e:
+            raise DataError(one_line(e)) from e
+
+
 def check_run_flags(epochs: int | None = None, imgsz: int | None = None, batch: int | None = None,
-                    workers: int | None = None, fraction: float | None = None) -> None:
-    """Values no run could use, naming the flag (None: not given)."""
+                    workers: int | None = None, fraction: float | None = None, seed: int | None = None) -> None:
+    """Values no run could use, naming the flag (None: not given). ``seed``: a family that seeds NumPy
+    with it as given (Faster R-CNN), where a negative one fails only once the run has started."""
     for flag, value in (("epochs", epochs), ("imgsz", imgsz), ("batch", batch)):
         if value is not None and value < 1 and not (flag == "batch" and value == -1):
             raise ValueError(f"--{flag} {value}: must be at least 1" + (" (or -1: auto)" if flag == "batch" else ""))
-    if workers is not None and workers < 0:
-        raise ValueError(f"--workers {workers}: must not be negative")
+    for flag, value in (("workers", workers), ("seed", seed)):
+        if value is not None and value < 0:
+            raise ValueError(f"--{flag} {value}: must not be negative")
     if fraction is not None and not 0 < fraction <= 1:
         raise ValueError(f"--fraction {fraction}: must be in (0, 1]")

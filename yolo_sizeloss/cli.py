@@ -30,6 +30,7 @@ from yolo_sizeloss.checks import (
     OneLineParser,
     check_data_yaml,
     check_detection_network,
+    check_nwd_needs,
     check_output_folder,
     check_resumed_data,
     check_resumed_epochs,
@@ -50,8 +51,7 @@ from yolo_sizeloss.config import (
     read_loss_record,
     run_defaults,
 )
-from yolo_sizeloss.detections import first_fraction, training_box_sizes
-from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
+from yolo_sizeloss.detections import first_fraction
 from yolo_sizeloss.paths import resolve_shipped_file, run_data_path, shipped_variants
 from yolo_sizeloss.rcnn import cli as rcnn_cli
 from yolo_sizeloss.yolo.trainer import SizeAwareTrainer
@@ -190,19 +190,6 @@ def check_yolo_model(model: str, flag: str = "--model") -> str:
         network = yolo_module(checkpoint)
     check_detection_network(network, f"{flag} {model}", "train trains")
     return str(Path(model).resolve()) if Path(model).is_file() else model
-
-
-def check_nwd_needs(loss_config: dict, records: list, imgsz: int) -> None:
-    """NWD's ``auto`` settings are computed from the training boxes when training starts; labels
-    without a box would stop it there, after the run folder is made, so refuse them now. ``records``:
-    the images the run trains on (``first_fraction``); the trainer measures the same boxes from
-    Ultralytics' own labels (``yolo.loss.training_label_sizes``)."""
-    nwd = loss_config.get("nwd")
-    if nwd and needs_training_boxes(nwd):
-        try:
-            resolve_nwd_auto(nwd, *training_box_sizes(records, imgsz), imgsz)
-        except ValueError as e:
-            raise DataError(one_line(e)) from e
 
 
 def check_yolo_request(args: argparse.Namespace) -> YoloRun:

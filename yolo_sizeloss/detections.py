@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 from torch import Tensor
 from ultralytics.data.base import BaseDataset
 from ultralytics.data.utils import check_det_dataset, img2label_paths, verify_image_label
@@ -53,6 +54,13 @@ def gt_in_image(record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, record.height)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     return boxes[keep], record.gt_classes.reshape(-1)[keep]
+
+
+def read_upright(file: str | Path) -> Image.Image:
+    """An image as RGB, turned upright by its EXIF orientation: as cv2.imread (YOLO's reader) reads it,
+    and as Ultralytics measured the size its labels belong to."""
+    with Image.open(file) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def first_fraction(records: list[ImageRecord], fraction: float) -> list[ImageRecord]:

@@ -192,28 +192,42 @@ def mean_precision(precision: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------- bootstrap
+class UnpairedRuns(ValueError):
+    """Runs that do not hold the same images, classes and ground truth: no paired comparison."""
+
+
 def align_runs(runs: list[RunDetections]) -> list[RunDetections]:
-    """The runs with their images in the first run's order, matched by file name. ValueError when
-    the runs do not hold the same images, classes and ground truth (no paired comparison then)."""
+    """The runs with their images in the first run's order, matched by file name. UnpairedRuns when
+    the runs do not hold the same images, classes and ground truth."""
     first = runs[0]
     order = [Path(r.file).name for r in first.records]
     if len(set(order)) != len(order):
-        raise ValueError("two images share a file name; runs cannot be paired by image")
+        raise UnpairedRuns("two images share a file name; runs cannot be paired by image")
     aligned = [first]
     for run in runs[1:]:
         if list(run.names) != list(first.names):
-            raise ValueError(f"runs have different classes: {first.names} and {run.names}")
+            raise UnpairedRuns(f"runs have different classes: {first.names} and {run.names}")
         index = {Path(r.file).name: i for i, r in enumerate(run.records)}
         if set(index) != set(order) or len(index) != len(run.records):
-            raise ValueError("runs were evaluated on different images; a paired comparison needs the same ones")
+            raise UnpairedRuns("runs were evaluated on different images; a paired comparison needs the same ones")
         picked = [index[name] for name in order]
         records = [run.records[i] for i in picked]
         for a, b in zip(first.records, records):
             same = np.array_equal(a.gt_classes, b.gt_classes) and np.allclose(a.gt_boxes, b.gt_boxes, atol=0.011)
             if not same:
-                raise ValueError(f"runs have different ground truth for {Path(a.file).name}")
+                raise UnpairedRuns(f"runs have different ground truth for {Path(a.file).name}")
         aligned.append(RunDetections(records, np.asarray(run.input_scales)[picked], run.names))
     return aligned
+
+
+MIN_RESAMPLES = 100  # below this the 2.5% tails hold under 3 draws each
+
+
+def check_resamples(resamples: int, flag: str = "--bootstrap") -> None:
+    """0 (no intervals) or enough draws to place a 95% interval; ValueError naming the flag otherwise."""
+    if resamples != 0 and not resamples >= MIN_RESAMPLES:
+        raise ValueError(f"{flag} {resamples}: 0 (no intervals) or at least {MIN_RESAMPLES}, "
+                         "fewer draws cannot place a 95% interval")
 
 
 def paired_bootstrap(

@@ -13,7 +13,7 @@ from pathlib import Path
 from yolo_sizeloss.checks import DataError, one_line
 from yolo_sizeloss.detections_file import DETECTIONS_FILE, RunDetections, find_detections, load_detections, report_file
 from yolo_sizeloss.evaluation import COCO_MAX_DET, fit_by_size, frame_scales
-from yolo_sizeloss.paired import key_metrics, paired_bootstrap
+from yolo_sizeloss.paired import UnpairedRuns, align_runs, key_metrics, paired_bootstrap
 from yolo_sizeloss.report import FIT_COLUMNS, FIT_PROTOCOL, bucket_labels, fit_rows, format_value, markdown_table
 
 
@@ -70,6 +70,15 @@ def compare_report(paths: list[str | Path], bootstrap: int = 1000, seed: int = 0
     text += "\n" + format_fit(runs_detections, labels, meta)
     if len(paths) < 2 or bootstrap <= 0:
         return text
+    # the side-by-side tables above stand without pairing; say which run cannot be paired, and why
+    unpaired = []
+    for run, label in zip(runs_detections[1:], labels[1:]):
+        try:
+            align_runs([runs_detections[0], run])
+        except UnpairedRuns as e:
+            unpaired.append(f"{label}: {e}")
+    if unpaired:
+        return text + f"\nNo paired bootstrap against {labels[0]}: {'; '.join(unpaired)}.\n"
     thresholds = tuple(float(t) for t in reports[0]["recall_by_size"])
     differences = paired_bootstrap(  # reports written before val took --max-det were evaluated at COCO's 100
         runs_detections, edges, bootstrap, seed, meta["recall_frame"], thresholds, meta.get("max_det", COCO_MAX_DET),

@@ -53,6 +53,7 @@ from yolo_sizeloss.evaluation import (
     letterbox_scales,
     parse_size_buckets,
 )
+from yolo_sizeloss.paired import check_resamples
 from yolo_sizeloss.paired_report import compare_report
 from yolo_sizeloss.rcnn.engine import predict_checkpoint
 from yolo_sizeloss.report import format_report, write_report
@@ -133,12 +134,22 @@ class ValRequest:
     kind: str  # the detector family the checkpoint belongs to
 
 
+COMPARE_FLAGS = ("compare", "bootstrap", "seed", "verbose")
+
+
 def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
     """Usage errors (ValueError/FileNotFoundError) and data errors (DataError) before anything is
     written; the checked request (``--compare``: the flags as given)."""
     if args.compare:
-        if args.bootstrap < 0:
-            raise ValueError(f"--bootstrap {args.bootstrap}: must not be negative")
+        # the runs' own reports fix their buckets, frame and max-det: a flag that would change them is not honoured
+        defaults = vars(build_parser().parse_args([]))
+        ignored = [k for k, v in defaults.items() if k not in COMPARE_FLAGS and getattr(args, k) != v]
+        if ignored:
+            raise ValueError(f"--compare takes --bootstrap and --seed only (each run's report sets the rest), "
+                             f"not --{ignored[0].replace('_', '-')}")
+        check_resamples(args.bootstrap)
+        if args.seed < 0:
+            raise ValueError(f"--seed {args.seed}: must not be negative")
         for path in args.compare:
             if not report_file(path, "metrics.json").is_file():
                 raise FileNotFoundError(f"--compare {path}: no metrics.json (give a folder val wrote, or its metrics.json)")

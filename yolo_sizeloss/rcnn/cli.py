@@ -22,9 +22,11 @@ from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
 from yolo_sizeloss.checks import (
     DataError,
     OneLineParser,
+    check_nwd_needs,
     check_output_folder,
     check_resumed_data,
     check_run_flags,
+    check_training_splits,
     checked_data,
     one_line,
     parse_device,
@@ -40,6 +42,7 @@ from yolo_sizeloss.config import (
     parse_loss_names,
     run_defaults,
 )
+from yolo_sizeloss.detections import first_fraction
 from yolo_sizeloss.paths import shipped_variants
 from yolo_sizeloss.rcnn.engine import fit, resumed_args
 from yolo_sizeloss.rcnn.model import BACKBONES, check_weights_match
@@ -144,8 +147,8 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
     """A new run's settings (after ``fill_defaults``) with the data yaml's absolute path and the
     resolved loss; a value no run could use is a ValueError naming the flag, a data yaml Ultralytics'
-    own check refuses a DataError."""
-    check_run_flags(args.epochs, args.imgsz, args.batch, args.workers, args.fraction)
+    own check refuses (or whose labels YOLO's ``train`` refuses) a DataError."""
+    check_run_flags(args.epochs, args.imgsz, args.batch, args.workers, args.fraction, args.seed)
     parse_device(args.device, allow_mps=False)
     for flag, value in {"batch": args.batch, "lr-step": args.lr_step}.items():
         if value < 1:  # no automatic batch on this path
@@ -168,7 +171,12 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         check_output_folder(args.project, "--project")
     data, info = checked_data(args.data)
     check_weights(args.weights, args.backbone, info["nc"] + 1)
-    return argparse.Namespace(**{**vars(args), "data": data, "loss_config": loss_config(args)})
+    config = loss_config(args)
+    # YOLO's checks of the labels (last: the scan logs as it goes), so that data the engine would stop
+    # on is the same one line in both families
+    records = check_training_splits(data)
+    check_nwd_needs(config, first_fraction(records["train"], args.fraction), args.imgsz)
+    return argparse.Namespace(**{**vars(args), "data": data, "loss_config": config})
 
 
 def check_weights(weights: str, backbone: str, num_classes: int) -> None:
@@ -193,6 +201,7 @@ def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:
     """A resumed run continues with its own settings: a flag other than RESUMABLE is an error naming
     it, it must have epochs left to train (``engine.resumed_args``, as ``fit`` reads it) and data
     Ultralytics' check accepts, and a loss given must be the run's own (in any order of methods)."""
+    check_run_flags(workers=args.workers)  # torch refuses a negative one only when the resumed run starts
     parse_device(args.device, allow_mps=False)
     if not Path(args.resume).is_file():
         raise ValueError(f"--resume {args.resume}: no such checkpoint")

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from yolo_sizeloss.detections import ImageRecord, gt_in_image
+from yolo_sizeloss.detections import ImageRecord, gt_in_image, read_upright
 
 
 def read_image(file: str) -> Tensor:
-    """An RGB image as a float tensor (3, H, W) in [0, 1]."""
+    """An RGB image as a float tensor (3, H, W) in [0, 1], turned upright by its EXIF orientation."""
     try:
-        with Image.open(file) as image:
-            pixels = np.array(image.convert("RGB"))
+        pixels = np.array(read_upright(file))
     except (OSError, UnidentifiedImageError) as e:
         raise ValueError(f"{file}: cannot read image ({e})") from None
     return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)

@@ -346,6 +346,8 @@ def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) ->
         write_loss_record(save_dir, args.loss_config)
         if checkpoint is not None:
             resumed_seconds = continue_results(save_dir / "results.csv", start_epoch)
+        else:  # a new run in a reused folder (--exist-ok) has its own rows only, as Ultralytics' trainer deletes it
+            (save_dir / "results.csv").unlink(missing_ok=True)
         LOGGER.info(f"size-aware loss: {describe_loss(args.loss_config, 'faster_rcnn')}")
         LOGGER.info(f"Faster R-CNN {args.backbone}, {len(train_records)} train / "
                     f"{len(val_records)} val images, {ctx.world_size} process(es) on {ctx.device}; saving to {save_dir}")
