@@ -57,8 +57,8 @@ from yolo_sizeloss.cli import parse_pairs
 from yolo_sizeloss.config import LossConfigError, load_loss_config, run_defaults
 from yolo_sizeloss.detections import load_split
 from yolo_sizeloss.detections_file import find_detections, load_detections
-from yolo_sizeloss.paired import check_resamples, key_metrics, paired_bootstrap, t_interval
-from yolo_sizeloss.paired_report import difference_cell
+from yolo_sizeloss.paired import check_resamples, key_metrics, t_interval
+from yolo_sizeloss.paired_report import bootstrap_as_reported, difference_cell, load_metrics
 from yolo_sizeloss.paths import resolve_data, resolve_loss_cfg
 from yolo_sizeloss.report import markdown_table
 
@@ -496,7 +496,8 @@ def bootstrap_differences(per_mode: dict[str, dict[int, dict]], resamples: int) 
         if not with_files or not find_detections(folders[reference]):
             continue
         runs = [load_detections(folders[label]) for label in [reference, *with_files]]
-        for label, differences in zip(with_files, paired_bootstrap(runs, resamples=resamples, seed=0)):
+        differences_by_mode = bootstrap_as_reported(load_metrics(folders[reference]), runs, resamples, seed=0)
+        for label, differences in zip(with_files, differences_by_mode):
             result[label][seed] = differences
     return result
 

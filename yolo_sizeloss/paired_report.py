@@ -65,7 +65,6 @@ def compare_report(paths: list[str | Path], bootstrap: int = 1000, seed: int = 0
         return text + (f"\nNo box fit table and no paired bootstrap: no {DETECTIONS_FILE} in {', '.join(missing)}; "
                        f"evaluate those runs again with val to write it.\n")
     meta = reports[0]["meta"]
-    edges = tuple(float(e) for e in meta["size_buckets"])
     runs_detections = [load_detections(report_folder(p)) for p in paths]
     text += "\n" + format_fit(runs_detections, labels, meta)
     if len(paths) < 2 or bootstrap <= 0:
@@ -79,11 +78,18 @@ def compare_report(paths: list[str | Path], bootstrap: int = 1000, seed: int = 0
             unpaired.append(f"{label}: {e}")
     if unpaired:
         return text + f"\nNo paired bootstrap against {labels[0]}: {'; '.join(unpaired)}.\n"
-    thresholds = tuple(float(t) for t in reports[0]["recall_by_size"])
-    differences = paired_bootstrap(  # reports written before val took --max-det were evaluated at COCO's 100
-        runs_detections, edges, bootstrap, seed, meta["recall_frame"], thresholds, meta.get("max_det", COCO_MAX_DET),
-    )
+    differences = bootstrap_as_reported(reports[0], runs_detections, bootstrap, seed)
     return text + "\n" + format_differences(differences, labels[1:], labels[0], bootstrap, seed)
+
+
+def bootstrap_as_reported(report: dict, runs: list[RunDetections], resamples: int, seed: int) -> list[dict[str, dict]]:
+    """``paired_bootstrap`` of ``runs`` in the size buckets, frame, recall thresholds and max-det of
+    ``report`` (the first run's metrics.json), so that its full-set values are the report's own."""
+    meta = report["meta"]
+    return paired_bootstrap(  # reports written before val took --max-det were evaluated at COCO's 100
+        runs, tuple(float(e) for e in meta["size_buckets"]), resamples, seed, meta["recall_frame"],
+        tuple(float(t) for t in report["recall_by_size"]), meta.get("max_det", COCO_MAX_DET),
+    )
 
 
 COMPARED_SETTINGS = ("split", "imgsz", "size_buckets", "recall_frame", "max_det")
