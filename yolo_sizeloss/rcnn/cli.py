@@ -45,7 +45,7 @@ from yolo_sizeloss.config import (
 from yolo_sizeloss.detections import first_fraction
 from yolo_sizeloss.paths import shipped_variants
 from yolo_sizeloss.rcnn.engine import fit, resumed_args
-from yolo_sizeloss.rcnn.model import BACKBONES, check_weights_match
+from yolo_sizeloss.rcnn.model import BACKBONES, check_architecture, check_weights_match
 
 PLB_SHORTHANDS = {"1C": "rpn_cls", "1B": "rpn_box", "2C": "roi_cls", "2B": "roi_box"}  # the paper's names
 SIZE_SOURCES = ("predicted", "gt")
@@ -153,8 +153,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     for flag, value in {"batch": args.batch, "lr-step": args.lr_step}.items():
         if value < 1:  # no automatic batch on this path
             raise ValueError(f"--{flag} {value}: must be at least 1")
-    if args.imgsz < 32:
-        raise ValueError(f"--imgsz {args.imgsz}: must be at least 32")
+    check_architecture(args.backbone, args.imgsz)
     if args.warmup_iters < 0:
         raise ValueError(f"--warmup-iters {args.warmup_iters}: must not be negative")
     # torch refuses some of these only when the optimizer is built, after the run folder exists, and

@@ -40,6 +40,14 @@ BACKBONES = {
 }
 
 
+def check_architecture(backbone: str, imgsz: int) -> None:
+    """A backbone and image size ``build_model`` can make; ValueError naming the flag."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"--backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
+    if imgsz < 32:
+        raise ValueError(f"--imgsz {imgsz}: must be at least 32")
+
+
 def build_model(
     backbone: str, num_classes: int, imgsz: int, switches: LossSwitches, weights: str = "none"
 ) -> FasterRCNN:
@@ -51,10 +59,7 @@ def build_model(
     holding a state dict or one of this project's checkpoints (tensors whose name and shape match are
     loaded into the ``none`` architecture; the rest are listed in the log).
     """
-    if backbone not in BACKBONES:
-        raise ValueError(f"--backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
-    if imgsz < 32:
-        raise ValueError(f"--imgsz {imgsz}: must be at least 32")
+    check_architecture(backbone, imgsz)
     builder, weights_enum = BACKBONES[backbone]
     size = {"min_size": imgsz, "max_size": imgsz}
     if weights.upper() == "DEFAULT":
