@@ -58,6 +58,7 @@ def bad_yamls(tmp_path):
     (["--fraction", "2"], 2, "--fraction 2.0: must be in (0, 1]"),
     (["--imgsz", "0"], 2, "--imgsz 0: must be at least 1"),
     (["--batch", "0"], 2, "--batch 0"),
+    (["--seed", "-2"], 2, "--seed -2: must not be negative"),
     (["--device", "5"], 2, "--device 5:"),
     (["foo=1"], 2, "'foo' is not an Ultralytics argument"),
     (["mosiac=0"], 2, "did you mean 'mosaic'"),

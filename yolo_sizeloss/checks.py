@@ -237,8 +237,8 @@ def check_nwd_needs(loss_config: dict, records: list, imgsz: int) -> None:
 
 def check_run_flags(epochs: int | None = None, imgsz: int | None = None, batch: int | None = None,
                     workers: int | None = None, fraction: float | None = None, seed: int | None = None) -> None:
-    """Values no run could use, naming the flag (None: not given). ``seed``: a family that seeds NumPy
-    with it as given (Faster R-CNN), where a negative one fails only once the run has started."""
+    """Values no run could use, naming the flag (None: not given). A negative ``seed`` fails only once the
+    run has started: Faster R-CNN seeds NumPy with it, Ultralytics with seed + 1."""
     for flag, value in (("epochs", epochs), ("imgsz", imgsz), ("batch", batch)):
         if value is not None and value < 1 and not (flag == "batch" and value == -1):
             raise ValueError(f"--{flag} {value}: must be at least 1" + (" (or -1: auto)" if flag == "batch" else ""))

@@ -196,7 +196,7 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
     """Every check of a YOLO ``train`` request, in the order a user fixes them; nothing is written."""
     if args.loss is not None:
         parse_loss_names(args.loss)
-    check_run_flags(args.epochs, args.imgsz, args.batch, args.workers, args.fraction)
+    check_run_flags(args.epochs, args.imgsz, args.batch, args.workers, args.fraction, args.seed)
     parse_device(args.device)
     pairs = parse_pairs(args.overrides)
     given = {k: getattr(args, k) for k in (*RUN_FLAGS, *RESUME_FLAGS) if getattr(args, k) is not None}
