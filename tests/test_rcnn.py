@@ -496,6 +496,35 @@ def test_predict_records_in_original_pixels(trained_run, tiny_data):
 
 
 @pytest.mark.slow
+def test_val_applies_its_nms_iou_to_faster_rcnn_and_records_it(trained_run, tiny_data, tmp_path):
+    """val --iou was Ultralytics' NMS setting only: a Faster R-CNN checkpoint kept torchvision's 0.5
+    whatever was asked, and the report did not say which."""
+    from torchvision.ops import box_iou
+
+    from yolo_sizeloss.detections_file import load_detections
+    from yolo_sizeloss.validate import main as val_main
+
+    def max_same_class_overlap(report: Path) -> float:
+        worst = 0.0
+        for r in load_detections(report).records:
+            for k in set(r.pred_classes.tolist()):
+                boxes = torch.as_tensor(r.pred_boxes[r.pred_classes == k])
+                iou = box_iou(boxes, boxes).fill_diagonal_(0)
+                worst = max(worst, float(iou.max()) if len(boxes) > 1 else 0.0)
+        return worst
+
+    best = str(trained_run / "weights" / "best.pt")
+    for name, flags in (("default", []), ("strict", ["--iou", "0.2"])):
+        assert val_main(["--model", best, "--data", str(tiny_data), "--split", "val", "--device", "cpu",
+                         "--project", str(tmp_path), "--name", name, *flags]) == 0
+    meta = {name: json.loads((tmp_path / name / "metrics.json").read_text())["meta"] for name in ("default", "strict")}
+    assert (meta["default"]["iou"], meta["strict"]["iou"]) == (0.5, 0.2)
+    # boxes are scaled back to the original image after NMS, which keeps their IoU up to rounding
+    assert 0.2 + 1e-4 < max_same_class_overlap(tmp_path / "default") <= 0.5 + 1e-4
+    assert max_same_class_overlap(tmp_path / "strict") <= 0.2 + 1e-4
+
+
+@pytest.mark.slow
 def test_resume_continues_the_run(trained_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import faster_coco_eval
@@ -27,6 +27,7 @@ import torch
 import ultralytics
 from ultralytics import YOLO
 from ultralytics.models.yolo.detect import DetectionValidator
+from ultralytics.utils import DEFAULT_CFG
 from ultralytics.utils.checks import check_imgsz
 from ultralytics.utils.files import increment_path
 
@@ -56,9 +57,11 @@ from yolo_sizeloss.evaluation import (
 from yolo_sizeloss.paired import check_resamples
 from yolo_sizeloss.paired_report import compare_report
 from yolo_sizeloss.rcnn.engine import predict_checkpoint
+from yolo_sizeloss.rcnn.model import RCNN_NMS_IOU
 from yolo_sizeloss.report import format_report, write_report
 
 KEPT_DETECTIONS = 300  # detections kept per image, as Ultralytics' validator (raised by a larger --max-det)
+YOLO_NMS_IOU = DEFAULT_CFG.iou  # Ultralytics' validator's default
 ULTRALYTICS_KEYS = {  # stock validator stats key -> name in metrics.json "ultralytics"
     "metrics/precision(B)": "precision",
     "metrics/recall(B)": "recall",
@@ -90,7 +93,8 @@ def build_parser(prog: str = "yolo-sizeloss val") -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=16, help="validation batch (rect batches: affects padding)")
     parser.add_argument("--device", default=None, help="cpu, 0, ... (default: Ultralytics' choice)")
     parser.add_argument("--conf", type=float, default=0.001, help="validator confidence threshold (default 0.001)")
-    parser.add_argument("--iou", type=float, default=0.7, help="validator NMS IoU (default 0.7)")
+    parser.add_argument("--iou", type=float, help=f"NMS IoU (default {YOLO_NMS_IOU}, Ultralytics' validator's; "
+                        f"Faster R-CNN: torchvision's {RCNN_NMS_IOU})")
     parser.add_argument("--max-det", type=int, default=COCO_MAX_DET,
                         help=f"COCO maxDets for AP/AR, above 10 (default {COCO_MAX_DET}); detections kept per image: "
                              f"the larger of this and {KEPT_DETECTIONS}. Raise it for images with over 100 objects")
@@ -123,7 +127,7 @@ class ValRequest:
     batch: int
     device: str | None
     conf: float
-    iou: float
+    iou: float | None  # None: the family's own NMS IoU
     max_det: int
     size_buckets: str
     recall_frame: str
@@ -162,7 +166,7 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
             raise ValueError(f"--{flag} {value}: must be at least 1")
     if args.max_det <= 10:  # COCO's maxDets are 1, 10 and this
         raise ValueError(f"--max-det {args.max_det}: must be above 10")
-    if not 0 <= args.conf < 1 or not 0 < args.iou <= 1:
+    if not 0 <= args.conf < 1 or (args.iou is not None and not 0 < args.iou <= 1):
         raise ValueError(f"--conf {args.conf} / --iou {args.iou}: must be in [0, 1) / (0, 1]")
     parse_size_buckets(args.size_buckets)
     parse_device(args.device)
@@ -211,9 +215,10 @@ def predict_faster_rcnn(args: ValRequest, records: list[ImageRecord]) -> tuple[l
     """Detections of this project's Faster R-CNN checkpoint (long image side resized to the input size)."""
     ckpt = args.checkpoint
     imgsz = args.imgsz or ckpt["imgsz"]
-    predicted = predict_checkpoint(ckpt, records, imgsz, args.device, batch=args.batch, conf=args.conf,
+    iou = RCNN_NMS_IOU if args.iou is None else args.iou
+    predicted = predict_checkpoint(ckpt, records, imgsz, args.device, batch=args.batch, conf=args.conf, iou=iou,
                                    max_det=max(args.max_det, KEPT_DETECTIONS))
-    meta = {"detector": RCNN_ARCH, "backbone": ckpt["backbone"], "imgsz": imgsz, "conf": args.conf}
+    meta = {"detector": RCNN_ARCH, "backbone": ckpt["backbone"], "imgsz": imgsz, "conf": args.conf, "iou": iou}
     return predicted, meta
 
 
@@ -232,7 +237,7 @@ def predict_yolo(args: ValRequest, records: list[ImageRecord], save_dir: Path) -
         imgsz=imgsz,
         batch=args.batch,
         conf=args.conf,
-        iou=args.iou,
+        iou=YOLO_NMS_IOU if args.iou is None else args.iou,
         max_det=max(args.max_det, KEPT_DETECTIONS),
         device=args.device,
         save_json=True,
@@ -251,7 +256,7 @@ def predict_yolo(args: ValRequest, records: list[ImageRecord], save_dir: Path) -
         "imgsz": input_size,
         "batch": args.batch,
         "conf": args.conf,
-        "iou": args.iou,
+        "iou": YOLO_NMS_IOU if args.iou is None else args.iou,
         "ultralytics_dir": str(metrics.save_dir),
         "ultralytics": {name: float(stats[key]) for key, name in ULTRALYTICS_KEYS.items() if key in stats},
     }

@@ -38,6 +38,7 @@ from yolo_sizeloss.methods.overlaps import IoU
 from yolo_sizeloss.paths import resolve_data, run_data_path
 from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection
 from yolo_sizeloss.rcnn.model import (
+    RCNN_NMS_IOU,
     assignment_columns,
     build_model,
     end_assignment_step,
@@ -481,9 +482,10 @@ def predict_checkpoint(
     workers: int = 0,
     conf: float = VAL_CONF,
     max_det: int = VAL_MAX_DET,
+    iou: float = RCNN_NMS_IOU,
 ) -> list[ImageRecord]:
     """Copies of ``records`` with the detections of a loaded Faster R-CNN checkpoint (see ``predict_records``)."""
     torch_device = select_device(device or "", 0, 1)
     model = model_from_checkpoint(checkpoint, imgsz).to(torch_device)
-    set_inference_limits(model, conf, max_det)
+    set_inference_limits(model, conf, max_det, iou)
     return predict(model, records, torch_device, batch, workers)

@@ -15,6 +15,7 @@ Checkpoints: ``model`` holds the detector's state dict with torchvision's keys o
 
 from __future__ import annotations
 
+import inspect
 import pickle
 from pathlib import Path
 
@@ -38,6 +39,9 @@ BACKBONES = {
     "resnet50_fpn": (fasterrcnn_resnet50_fpn, FasterRCNN_ResNet50_FPN_Weights),
     "mobilenet_v3_large_fpn": (fasterrcnn_mobilenet_v3_large_fpn, FasterRCNN_MobileNet_V3_Large_FPN_Weights),
 }
+
+
+RCNN_NMS_IOU = inspect.signature(FasterRCNN).parameters["box_nms_thresh"].default  # torchvision's
 
 
 def check_architecture(backbone: str, imgsz: int) -> None:
@@ -121,10 +125,12 @@ def split_feedback_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     return {k: v for k, v in state.items() if k not in feedback}, feedback
 
 
-def set_inference_limits(model: FasterRCNN, conf: float, max_det: int) -> None:
-    """Keep detections with class score above ``conf``, at most ``max_det`` per image."""
+def set_inference_limits(model: FasterRCNN, conf: float, max_det: int, iou: float = RCNN_NMS_IOU) -> None:
+    """Keep detections with class score above ``conf``, at most ``max_det`` per image, after a per-class
+    NMS at ``iou``."""
     model.roi_heads.score_thresh = conf
     model.roi_heads.detections_per_img = max_det
+    model.roi_heads.nms_thresh = iou
 
 
 def unwrap(model: torch.nn.Module) -> FasterRCNN:
