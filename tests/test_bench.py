@@ -74,9 +74,11 @@ def test_faster_rcnn_modes_are_the_same_loss_settings():
     assert compare.parse_args([]).batch == 16
 
 
-def test_unknown_loss_is_refused_before_any_run():
-    with pytest.raises(SystemExit):
+def test_unknown_loss_is_refused_before_any_run(capsys):
+    with pytest.raises(SystemExit) as refused:
         compare.parse_args(["--losses", "baseline", "focal"])
+    assert refused.value.code == 2  # argparse's usage error
+    assert "error: unknown loss 'focal' in 'focal': valid names are baseline, " in capsys.readouterr().err
 
 
 def report(**metrics) -> dict:
@@ -128,12 +130,19 @@ def test_the_converged_preset_reuses_the_runs_started_by_name():
     assert runs[2][1] == ["--loss", "nwd", "--model", "yolov8n.yaml"]
 
 
-def test_one_invocation_mixes_modes_with_and_without_a_settings_file():
+def test_one_invocation_mixes_modes_with_and_without_a_settings_file(capsys):
     args = compare.parse_args(["--losses", "baseline", "feedback", "plb:gt_areas", "scb", "nwd:box_only"])
     assert [label for label, _ in compare.runs_of(args)] == ["baseline", "feedback", "plb-gt_areas", "scb", "nwd-box_only"]
-    for bad in ("feedback:gt_areas", "plb:bench/missing.yaml"):  # a plb section for feedback; no file
-        with pytest.raises(SystemExit):
+    gt_areas = ROOT / "yolo_sizeloss" / "cfg" / "variants" / "gt_areas.yaml"
+    for bad, message in (  # a plb section for feedback; no file
+        ("feedback:gt_areas", f"error: {gt_areas}:7: section 'plb' is not selected by --loss feedback "
+                              "(selected: feedback; select it with --loss feedback+plb)"),
+        ("plb:bench/missing.yaml", "error: loss settings 'bench/missing.yaml' not found (tried bench/missing.yaml)"),
+    ):
+        with pytest.raises(SystemExit) as refused:
             compare.parse_args(["--losses", "baseline", bad])
+        assert refused.value.code == 2
+        assert message in capsys.readouterr().err, bad
 
 
 def test_files_named_from_another_folder_reach_train_py_in_the_repository_root(tmp_path, monkeypatch):
@@ -315,11 +324,22 @@ def test_a_choice_on_the_val_split_leaves_the_test_reports_alone(tmp_path, capfd
     (run_dir / "weights").mkdir(parents=True)
     (run_dir / "results.csv").write_text("epoch,time\n1,10\n2,20\n")
     (run_dir / "weights" / "best.pt").write_bytes((ROOT / "tests" / "assets" / "yolov8n_bccd_baseline.pt").read_bytes())
+    # the run's test-split report, already current (bootstrap 0: its metrics.json), and the test table: were
+    # the split ignored, this report would be returned as it is and no val would run
+    test_dir = compare.run_paths(tmp_path, "baseline", 0)[2]
+    test_dir.mkdir(parents=True)
+    test_files = {test_dir / "metrics.json": b'{"metrics/mAP50-95(B)": 0.123}\n',
+                  compare.table_files(tmp_path, "test")[1]: b"| mode | mAP50-95 |\n| baseline | 12.3 |\n"}
+    for path, content in test_files.items():
+        path.write_bytes(content)
+    assert compare.report_is_current(test_dir, args.bootstrap)
     with pytest.raises(subprocess.CalledProcessError) as failed:  # the missing data yaml stops val at its checks
         compare.train_and_validate(args, "baseline", [], 0, tmp_path)
     command = failed.value.cmd
     assert command[command.index("--split") + 1] == "val" and command[command.index("--project") + 1] == str(
         tmp_path / "val-val")
+    assert {path: path.read_bytes() for path in test_files} == test_files
+    assert sorted(p.name for p in test_dir.iterdir()) == ["metrics.json"]
     capfd.readouterr()
 
 
@@ -399,7 +419,7 @@ def test_a_missing_data_yaml_stops_the_harness_before_anything(tmp_path, capsys)
     assert "nosuch.yaml' not found" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
-def test_the_gpu_preset_and_the_schedule_flags_reach_train_and_the_schedule_check(tmp_path):
+def test_the_gpu_preset_and_the_schedule_flags_reach_train_and_the_schedule_check(tmp_path, capsys):
     args = compare.parse_args(["--preset", "gpu"])
     assert [label for label, _ in compare.runs_of(args)] == ["baseline", "nwd", "nwd-safit_sharp_auto_norm"]
     assert (args.epochs, args.imgsz, args.batch, args.seeds) == (100, 416, 16, [0, 1, 2])
@@ -408,8 +428,11 @@ def test_the_gpu_preset_and_the_schedule_flags_reach_train_and_the_schedule_chec
                                "--lr", "0.02", "--lr-step", "8"])
     assert compare.schedule_flags(rcnn, 0) == ["--epochs", "12", "--imgsz", "416", "--batch", "4", "--seed", "0",
                                                "--fraction", "0.5", "--lr", "0.02", "--lr-step", "8"]
-    with pytest.raises(SystemExit):  # YOLO's learning rate is not compare.py's to set
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # YOLO's learning rate is not compare.py's to set
         compare.parse_args(["--lr", "0.01"])
+    assert refused.value.code == 2
+    assert "error: --lr and --lr-step are Faster R-CNN's (--arch faster_rcnn)" in capsys.readouterr().err
     (tmp_path / "args.yaml").write_text("epochs: 12\nimgsz: 416\nbatch: 4\nseed: 0\nfraction: 0.5\nlr: 0.02\nlr_step: 8\n")
     compare.check_same_schedule(tmp_path, rcnn, seed=0)
     with pytest.raises(SystemExit, match=r"lr 0.02 \(asked 0.01\)"):

@@ -422,7 +422,11 @@ def test_faster_rcnn_weights_that_do_not_load_leave_no_run_folder(tmp_path, caps
     project = tmp_path / "runs"
     code = train_main(["--arch", "faster_rcnn", "--backbone", "mobilenet_v3_large_fpn", "--weights", "DEFAULT",
                        "--epochs", "1", "--device", "cpu", "--project", str(project)])
-    assert code == 1 and "error:" in one_error_line(capsys)
+    cached = cache / Path(FasterRCNN_MobileNet_V3_Large_FPN_Weights.DEFAULT.url).name
+    assert code == 1
+    assert one_error_line(capsys) == (f"yolo-sizeloss train: error: --weights DEFAULT: torchvision's COCO weights at "
+                                      f"{cached} do not load (invalid load key, 'n'.); delete the file to download it "
+                                      "again")
     assert not project.exists()
 
 

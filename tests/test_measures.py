@@ -23,7 +23,7 @@ def test_safit_by_hand_on_a_tiny_and_a_large_pair():
     w = sigmoid((4 - 32) / 32)
     expected = w * 0.6 + (1 - w) * math.exp(-1 / C)
     assert safit(TINY[1], TINY[0], C).item() == pytest.approx(expected, rel=1e-5)
-    assert safit_blend_weight(TINY[0]).item() == pytest.approx(0.29421, abs=1e-5)
+    assert safit_blend_weight(TINY[0]).item() == pytest.approx(sigmoid(-28 / 32), rel=1e-6)
     # large: IoU 9900/10100; w = sigmoid((100 - 32)/32)
     w = sigmoid((100 - 32) / 32)
     expected = w * 9900 / 10100 + (1 - w) * math.exp(-1 / C)

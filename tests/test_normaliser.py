@@ -64,6 +64,22 @@ def test_ciou_target_scores_are_the_stock_assigners_scores():
     torch.testing.assert_close(ours, stock_scores.sum(-1), rtol=1e-5, atol=1e-7)
 
 
+def independent_scale(criterion, preds, batch) -> float:
+    """The normaliser's factor worked out apart from the loss: the target-score sum the (NWD) assigner gave,
+    clamped at 1, over the sum of the stock CIoU targets of the same positives (``ciou_target_scores``, which
+    the test above holds equal to Ultralytics' own), clamped at 1 as the stock loss clamps its normaliser.
+    Runs ``criterion`` once on a copy, so the caller's weighting statistics are untouched."""
+    criterion = copy.deepcopy(criterion)
+    seen = {}
+    stock_assigner = criterion.assigner.assigner
+    stock_assigner.register_forward_hook(lambda module, args, out: seen.update(assigner=(args, out)))
+    criterion(preds, batch)
+    (pd_scores, pd_bboxes, _, _, gt_bboxes, _), (labels, boxes, scores, fg, idx) = seen["assigner"]
+    assert fg.sum() > 10
+    ciou = ciou_target_scores(stock_assigner, pd_scores, pd_bboxes, labels, boxes, fg, idx, gt_bboxes.shape[1])
+    return (scores.sum().clamp(min=1) / ciou.sum().clamp(min=1)).item()
+
+
 def test_held_normaliser_scales_every_term_by_the_ratio_of_the_sums():
     """With the NWD assigner, the class and box terms divided by the CIoU sum are the terms divided by the
     assigned sum times their ratio (nwd/normaliser_scale, above 1: NWD raised the scores); the DFL too."""
@@ -75,9 +91,10 @@ def test_held_normaliser_scales_every_term_by_the_ratio_of_the_sums():
     weighting = AnchorWeighting({"nwd": {**settings, "normaliser": "ciou"}})
     held = build_size_aware_loss(model, weighting)
     _, expected = assigned(preds, batch)
+    scale = independent_scale(held, preds, batch)
     _, items = held(preds, batch)
-    scale = weighting.epoch_stats()["nwd/normaliser_scale"]
     assert scale > 1.05
+    assert weighting.epoch_stats()["nwd/normaliser_scale"] == pytest.approx(scale, rel=1e-6)
     for key in expected:
         assert items[key].item() == pytest.approx(expected[key].item() * scale, rel=1e-5), key
     assert "nwd/normaliser_scale" not in AnchorWeighting({"nwd": settings}).epoch_stats()  # a column only when set
@@ -137,8 +154,10 @@ def test_nwd_targets_divides_the_stock_box_weights_by_their_own_sum():
     _, expected = build_size_aware_loss(model, AnchorWeighting({"nwd": {**settings, "normaliser": "assigned"}}))(
         preds, batch)
     weighting = AnchorWeighting({"nwd": settings})
-    _, items = build_size_aware_loss(model, weighting)(preds, batch)
-    scale = weighting.epoch_stats()["nwd/normaliser_scale"]
+    criterion = build_size_aware_loss(model, weighting)
+    scale = independent_scale(criterion, preds, batch)
+    _, items = criterion(preds, batch)
     assert scale > 1.05
+    assert weighting.epoch_stats()["nwd/normaliser_scale"] == pytest.approx(scale, rel=1e-6)
     for key in expected:
         assert items[key].item() == pytest.approx(expected[key].item() * scale, rel=1e-5), key

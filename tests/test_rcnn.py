@@ -196,8 +196,17 @@ def rpn_forward(rpn: SizeBalancedRPN) -> tuple[dict[str, torch.Tensor], torch.Te
 
 def test_rpn_hand_built_batch_matches_the_setup():
     losses, labels, anchors = run_tiny_rpn(LossSwitches())
+    assert anchors.shape == (72, 4)  # 6 x 6 grid points, two anchors each
     assert torch.where(labels == 1)[0].tolist() == RPN_POSITIVES
-    assert (labels >= 0).sum() <= 256  # the sampler takes every positive and negative: no randomness
+    # ignored (IoU in [0.3, 0.7), not a best match): four side-16 anchors next to g1 [8, 8, 24, 25] (area 272),
+    # each overlapping it in 16 x 8 (IoU 128 / 400 = 0.32) or, the one at (16, 24), 16 x 9 (144 / 384 = 0.375):
+    # at (16, 8), (8, 16), (24, 16), (16, 24). Every other anchor stays below 0.3 with every box (the best:
+    # the side-16 one at (8, 8) on g0, 72 / 256 = 0.28; side-16 ones beside g2, 96 / 416 = 0.23): negative.
+    assert torch.where(labels == -1)[0].tolist() == [17, 27, 31, 41]
+    assert int((labels == 0).sum()) == 72 - 4 - 4
+    # the sampler (256 per image, half positive at most) takes all 4 positives and all 64 negatives: no randomness
+    pos, neg = tiny_rpn(LossSwitches()).fg_bg_sampler([labels])
+    assert torch.where(pos[0])[0].tolist() == RPN_POSITIVES and torch.equal(neg[0], labels == 0)
     areas = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
     assert areas[RPN_POSITIVES].tolist() == [64.0, 256, 256, 256]
     assert losses["loss_objectness"].item() == pytest.approx(LN2, rel=1e-6)
@@ -250,7 +259,7 @@ def test_scb_rpn_weights_positive_objectness_only():
     stock, labels, _ = run_tiny_rpn(LossSwitches())
     losses, _, _ = run_tiny_rpn(size_switches(scb=("rpn_cls",)))
     scb = [scb_by_hand(m) for m in RPN_POS_M]
-    assert scb[:2] == [3.0, 3.0] and scb[2] == pytest.approx(2.5397, abs=1e-4)
+    assert scb[:2] == [3.0, 3.0] and scb[2] == pytest.approx(3 * (math.log(2) + 1) / 2, rel=1e-12)  # M = 2
     expected = rpn_expected_objectness(labels, "predicted", scb, plb=False)
     assert losses["loss_objectness"].item() == pytest.approx(expected, rel=1e-6)
     assert torch.equal(losses["loss_rpn_box_reg"], stock["loss_rpn_box_reg"])
@@ -291,7 +300,7 @@ def test_anchor_scb_weights_count_matches_per_ground_truth():
     weights = scb.weights(samples, load_loss_config("scb")["scb"], ("cls",)).cls
     expected = [scb_by_hand(3), 1, scb_by_hand(3), 3.0, 1, scb_by_hand(3)] + [scb_by_hand(5)] * 5
     assert weights.tolist() == pytest.approx(expected, rel=1e-6)
-    assert scb_by_hand(5) == pytest.approx(1.5657, abs=1e-4)
+    assert scb_by_hand(5) == pytest.approx(3 * (math.log(5) + 1) / 5, rel=1e-12)  # beta (ln M + alpha) / M
 
 
 # RoI heads: one 1-channel 8x8 feature map for a 64x64 image, a predictor with zero weights and
@@ -366,7 +375,7 @@ def test_plb2b_weights_roi_box_only(source):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--plb", "1C,3X"], "--plb"), (["--weights", "missing.pt"], "--weights missing.pt: no such file"),
+    (["--plb", "1C,3X"], "error: --plb 1C,3X: expected distinct switches from 1C, 1B, 2C, 2B"), (["--weights", "missing.pt"], "--weights missing.pt: no such file"),
     (["--data", "nope.yaml"], "data yaml 'nope.yaml' not found"), (["--resume", "gone.pt"], "--resume gone.pt"),
     (["--loss", "focal"], "unknown loss 'focal'"),
     (["--epochs", "0"], "--epochs 0"), (["--imgsz", "0"], "--imgsz 0"), (["--fraction", "2"], "--fraction 2"),
@@ -469,6 +478,9 @@ def test_one_epoch_writes_results_weights_and_settings(trained_run):
     row = dict(zip(header, rows[1].split(",")))
     assert len(rows) == 2 and all(math.isfinite(float(v)) for k, v in row.items() if not k.startswith("val/AP50-95"))
     assert 0 <= float(row["assign/small_no_pos_share"]) <= 1 and 0 <= float(row["assign/no_pos_share"]) <= 1
+    # a mean per training step (4 images in batches of 2: 2 steps) of whole counts
+    small_no_pos = float(row["assign/small_no_pos"]) * (4 // 2)
+    assert small_no_pos >= 0 and small_no_pos == round(small_no_pos)
     # each class's val AP50-95 of the epoch (NaN: none in val); COCO's AP is their mean over the classes val holds
     class_ap = [float(row[f"val/AP50-95 {name}"]) for name in ("RBC", "WBC", "Platelets")]
     assert np.nanmean(class_ap) == pytest.approx(float(row["metrics/mAP50-95(B)"]), abs=2e-6)

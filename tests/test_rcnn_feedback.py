@@ -29,7 +29,7 @@ from test_rcnn import (
 )
 from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
 from yolo_sizeloss.config import METHODS, LossConfigError, load_loss_config
-from yolo_sizeloss.rcnn.cli import main
+from yolo_sizeloss.rcnn.cli import build_parser, fill_defaults, loss_config, main
 from yolo_sizeloss.methods.gradlibra import gradlibra_softmax_weights, gradlibra_weights
 from yolo_sizeloss.rcnn.model import (
     build_model,
@@ -86,8 +86,14 @@ def test_rcnn_terms_errors_name_file_line_and_range(tmp_path):
 
 
 def test_every_method_together_is_accepted_by_the_command_line(capsys):
-    assert main(["--loss", "+".join(METHODS), "--data", "nope.yaml"]) == 2
-    assert "data yaml 'nope.yaml' not found" in capsys.readouterr().err  # past the loss: the data is wrong
+    # the loss as check_args resolves it from the parsed flags: every method, in the order given
+    spec = "+".join(reversed(METHODS))
+    config = loss_config(fill_defaults(build_parser().parse_args(["--loss", spec])))
+    assert list(config) == list(reversed(METHODS))
+    assert config == load_loss_config(spec)  # each with its default settings
+    # a bogus method in the same place is refused with its own message (the data is valid: the default one)
+    assert main(["--loss", spec + "+bogus"]) == 2
+    assert f"error: unknown loss 'bogus' in '{spec}+bogus'" in capsys.readouterr().err
 
 
 def test_softmax_grad_libra_by_hand():

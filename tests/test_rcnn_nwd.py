@@ -42,7 +42,7 @@ from test_rcnn_feedback import ITERATIONS, STATE, TRAIN_FLAGS, results, resumabl
 from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
 from yolo_sizeloss.config import LossConfigError, load_loss_config
 from yolo_sizeloss.detections import ImageRecord, load_split, training_box_sizes
-from yolo_sizeloss.rcnn.cli import main
+from yolo_sizeloss.rcnn.cli import build_parser, fill_defaults, loss_config, main
 from yolo_sizeloss.rcnn.engine import stage_rpn_overlap, training_nwd_settings
 from yolo_sizeloss.methods.nwd import nwd, nwd_constant, nwd_matrix
 from yolo_sizeloss.methods.overlaps import IoU, NWDOverlap, ResolvedNWD
@@ -105,9 +105,15 @@ def test_rcnn_terms_errors_name_file_line_and_range(tmp_path):
 
 
 def test_combinations_are_accepted_by_the_command_line(capsys):
-    for loss in ("nwd", "nwd+plb", "nwd+feedback", "nwd+scb+gradlibra"):
-        assert main(["--loss", loss, "--data", "nope.yaml"]) == 2
-        assert "data yaml 'nope.yaml' not found" in capsys.readouterr().err  # past the loss: the data is wrong
+    # the loss as check_args resolves it from the parsed flags: the methods in the order given
+    for loss, methods in (("nwd", ["nwd"]), ("nwd+plb", ["nwd", "plb"]), ("nwd+feedback", ["nwd", "feedback"]),
+                          ("nwd+scb+gradlibra", ["nwd", "scb", "gradlibra"])):
+        config = loss_config(fill_defaults(build_parser().parse_args(["--loss", loss])))
+        assert list(config) == methods
+        assert config == load_loss_config(loss)
+    # a bogus method is refused with its own message (the data is valid: the default one)
+    assert main(["--loss", "nwd+bogus"]) == 2
+    assert "error: unknown loss 'bogus' in 'nwd+bogus'" in capsys.readouterr().err
 
 
 def test_unresolved_auto_constant_is_an_error_when_needed():

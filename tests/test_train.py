@@ -1,6 +1,7 @@
 """Real training on BCCD images: every mode trains, checkpoints stay stock, resume and DDP carry the loss."""
 
 import csv
+import re
 import shutil
 import subprocess
 import sys
@@ -64,10 +65,16 @@ def test_every_mode_trains_and_records_its_loss(trained_runs, loss, model):
     assert saved == {"loss": loss, "settings": load_loss_config(loss)}
     args = yaml.safe_load((run_dir / "args.yaml").read_text())
     assert (args["epochs"], args["imgsz"], args["plots"]) == (1, IMGSZ, False)  # flags and key=value pairs arrive
-    row = results_rows(run_dir)[0]
+    rows = results_rows(run_dir)
+    assert [r["epoch"] for r in rows] == ["1"]  # --epochs 1: one row
+    row = rows[0]
     assert float(row["train/box_loss"]) > 0
-    # every mode, the stock loss too, counts the small objects its assigner left without a positive anchor
-    assert float(row["assign/small_no_pos"]) >= 0 and 0 <= float(row["assign/small_no_pos_share"]) <= 1
+    steps = 16 // 8  # bccd_subset's 16 training images in batches of 8
+    # every mode, the stock loss too, counts the small objects its assigner left without a positive anchor: a
+    # mean per training step of whole counts, so a whole number once multiplied by the steps
+    small_no_pos = float(row["assign/small_no_pos"]) * steps
+    assert small_no_pos >= 0 and small_no_pos == round(small_no_pos)
+    assert 0 <= float(row["assign/small_no_pos_share"]) <= 1
     assert 0 <= float(row["assign/no_pos_share"]) <= 1
     # each class's val AP50-95 of the epoch; Ultralytics' mAP50-95 is their mean over the classes val holds
     class_ap = [float(row[f"val/AP50-95 {name}"]) for name in ("RBC", "WBC", "Platelets")]
@@ -78,7 +85,8 @@ def test_every_mode_trains_and_records_its_loss(trained_runs, loss, model):
         for key in ("sizeloss/box_w_small", "sizeloss/box_w_other", "sizeloss/cls_w_small", "sizeloss/cls_w_other"):
             assert np.isfinite(float(row[key])), key
     if loss == "feedback":
-        assert float(row["feedback/steps"]) >= 1 and 1.0 <= float(row["feedback/gain"]) <= 4.0
+        # every step holds small objects (at imgsz 160 nearly every BCCD cell is under 32 x 32): each one counts
+        assert float(row["feedback/steps"]) == steps and 1.0 <= float(row["feedback/gain"]) <= 4.0
         assert 0 < float(row["feedback/q"]) <= 1
     if loss == "gradlibra":
         assert float(row["sizeloss/cls_w_other"]) < 0.34  # G <= 1 - 0.8 sin(1)
@@ -138,14 +146,16 @@ def test_unknown_loss_fails_at_once_with_the_valid_names():
     assert "unknown loss 'focal'" in result.stderr and "baseline, feedback, scb, plb, gradlibra" in result.stderr
 
 
-def test_key_value_pairs_reach_ultralytics_and_may_not_shadow_a_flag(bccd_subset):
+def test_key_value_pairs_reach_ultralytics_and_may_not_shadow_a_flag(bccd_subset, capsys):
     from yolo_sizeloss.cli import build_yolo_parser, check_yolo_request, train_main
 
     parse = build_yolo_parser().parse_args
     new_run = check_yolo_request(parse(["--data", str(bccd_subset), "--epochs", "3", "cls=2.5", "mosaic=0"]))
     overrides = new_run.overrides
     assert (overrides["epochs"], overrides["batch"], overrides["cls"], overrides["mosaic"]) == (3, 16, 2.5, 0)
+    capsys.readouterr()
     assert train_main(["--loss", "feedback", "epochs=5"]) == 2
+    assert capsys.readouterr().err.strip() == "yolo-sizeloss train: error: 'epochs=5': use the --epochs flag instead"
 
 
 @pytest.mark.slow
@@ -181,7 +191,7 @@ def test_resume_restores_the_feedback_state_and_continues_results_csv(bccd_subse
         writer.writerows(before)
     last = tmp_path / "fb" / "weights" / "last.pt"
     saved = torch_load(last, map_location="cpu", weights_only=False)["train_metrics"]
-    assert saved["feedback/steps"] >= 1
+    assert saved["feedback/steps"] == 16 // 8  # epoch 1's steps (16 images, batch 8), each with small objects
 
     # resume: what a resumed run can change is passed (a new --epochs too); new-run defaults are not
     resumed = check_yolo_request(build_yolo_parser().parse_args(
@@ -227,6 +237,7 @@ def test_resume_restores_the_feedback_state_and_continues_results_csv(bccd_subse
     assert rows[0] == {**before[0], "assign/small_no_pos": "", "assign/small_no_pos_share": "",
                        "assign/no_pos_share": ""}  # the earlier row kept, blank in the new columns
     assert all(float(r["assign/no_pos_share"]) <= 1 and float(r["feedback/gain"]) >= 1 for r in rows[1:])
+    assert [float(r["feedback/steps"]) for r in rows] == [2, 4, 6]  # the restored count goes on, 2 steps an epoch
     times = [float(r["time"]) for r in rows]
     assert times[0] < times[1] < times[2]  # the time column continues across the resume
 
@@ -314,7 +325,13 @@ def test_the_stock_commands_work_from_any_folder(trained_runs, tmp_path):
     best = trained_runs["baseline-yolov8n"] / "weights" / "best.pt"
     out = run(["yolo", "val", f"model={best}", f"data={data}", "split=test", f"imgsz={IMGSZ}", "device=cpu",
                "plots=False", "batch=8"], cwd=tmp_path).stdout
-    assert "all" in out and "72" in out  # the 72 test images of the shipped BCCD
+    # the validator's summary row: "all", the images, the instances, then the metrics; the shipped BCCD's test
+    # split has 72 images (the yaml's official split), and its instances are the rows of their label files
+    labels = Path(data).parent.parent / "datasets" / "bccd" / "labels" / "test"
+    instances = sum(1 for f in labels.glob("*.txt") for line in f.read_text().splitlines() if line.strip())
+    assert instances == 945
+    # (not anchored at a line start: the progress bar shares stdout and may end on the same line)
+    assert re.search(rf"\sall\s+72\s+{instances}\s+\d", out), out[-3000:]
 
 
 def test_ddp_worker_trainer_runs_each_weighting_callback_once(bccd_subset, tmp_path):

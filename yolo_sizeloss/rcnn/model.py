@@ -30,6 +30,7 @@ from torchvision.models.detection import (
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from ultralytics.utils import LOGGER
 
+from yolo_sizeloss.checks import DataError
 from yolo_sizeloss.methods.feedback import FeedbackBalancer
 from yolo_sizeloss.rcnn.heads import SizeBalancedRoIHeads, SizeBalancedRPN
 from yolo_sizeloss.rcnn.switches import LossSwitches
@@ -67,7 +68,12 @@ def build_model(
     builder, weights_enum = BACKBONES[backbone]
     size = {"min_size": imgsz, "max_size": imgsz}
     if weights.upper() == "DEFAULT":
-        model = builder(weights=weights_enum.DEFAULT, **size)
+        try:
+            model = builder(weights=weights_enum.DEFAULT, **size)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # a cached download that does not load
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights_enum.DEFAULT.url).name
+            raise DataError(f"--weights DEFAULT: torchvision's COCO weights at {cached} do not load ({e}); "
+                             "delete the file to download it again") from e
         in_features = model.roi_heads.box_predictor.cls_score.in_features
         model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
     else:
