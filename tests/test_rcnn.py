@@ -536,14 +536,21 @@ def test_val_applies_its_nms_iou_to_faster_rcnn_and_records_it(trained_run, tiny
     assert max_same_class_overlap(tmp_path / "strict") <= 0.2 + 1e-4
 
 
-@pytest.mark.slow
-def test_resume_continues_the_run(trained_run, tmp_path, capsys):
-    run = tmp_path / "run"
+def stopped_copy(trained_run: Path, run: Path, **train_args) -> Path:
+    """A copy of the 1-epoch run at ``run`` whose last.pt says it was started for 2 epochs (and with
+    ``train_args``) and stopped after 1, so that a resume would train; its last.pt."""
     shutil.copytree(trained_run, run)
     last = run / "weights" / "last.pt"
     checkpoint = torch.load(last, weights_only=True)
-    checkpoint["train_args"]["epochs"] = 2  # as if the run had been started for 2 epochs and stopped after 1
+    checkpoint["train_args"].update(epochs=2, **train_args)
     torch.save(checkpoint, last)
+    return last
+
+
+@pytest.mark.slow
+def test_resume_continues_the_run(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    last = stopped_copy(trained_run, run)
     # as a run started before the assignment columns existed, killed after epoch 2's row, before its checkpoint
     old = [row for row in csv.DictReader(open(run / "results.csv"))]
     old = [{k: v for k, v in row.items() if not k.startswith("assign/")} for row in old]
@@ -620,11 +627,7 @@ def test_resuming_a_finished_run_is_one_line_and_writes_nothing(trained_run, tmp
 @pytest.mark.slow
 def test_a_resume_whose_data_yaml_is_gone_is_one_line_naming_it_and_writes_nothing(trained_run, tmp_path, capsys):
     run, gone = tmp_path / "run", tmp_path / "gone" / "data.yaml"
-    shutil.copytree(trained_run, run)
-    last = run / "weights" / "last.pt"
-    checkpoint = torch.load(last, weights_only=True)
-    checkpoint["train_args"].update(epochs=2, data=str(gone))  # stopped after 1 of 2 epochs; its data moved since
-    torch.save(checkpoint, last)
+    last = stopped_copy(trained_run, run, data=str(gone))  # its data moved since
     before = folder_state(run)
     assert train_main(["--resume", str(last)]) == 1
     err = capsys.readouterr().err.strip()
@@ -637,11 +640,7 @@ def test_a_resume_whose_data_yaml_is_gone_is_one_line_naming_it_and_writes_nothi
 def test_resume_with_negative_workers_is_one_line_naming_the_flag_and_writes_nothing(trained_run, tmp_path, capsys):
     """torch refused it only when the resumed run built its data loader, with its own words."""
     run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    last = run / "weights" / "last.pt"
-    checkpoint = torch.load(last, weights_only=True)
-    checkpoint["train_args"]["epochs"] = 2  # stopped after 1 of 2 epochs: a resume would train
-    torch.save(checkpoint, last)
+    last = stopped_copy(trained_run, run)
     before = folder_state(run)
     assert train_main(["--resume", str(last), "--workers", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "yolo-sizeloss train: error: --workers -1: must not be negative"

@@ -225,7 +225,7 @@ MIN_RESAMPLES = 100  # below this the 2.5% tails hold under 3 draws each
 
 def check_resamples(resamples: int, flag: str = "--bootstrap") -> None:
     """0 (no intervals) or enough draws to place a 95% interval; ValueError naming the flag otherwise."""
-    if resamples != 0 and not resamples >= MIN_RESAMPLES:
+    if resamples != 0 and resamples < MIN_RESAMPLES:
         raise ValueError(f"{flag} {resamples}: 0 (no intervals) or at least {MIN_RESAMPLES}, "
                          "fewer draws cannot place a 95% interval")
 

@@ -38,6 +38,7 @@ from yolo_sizeloss.checks import (
     check_data_yaml,
     check_detection_network,
     check_output_folder,
+    check_run_flags,
     one_line,
     parse_device,
     run_guarded,
@@ -152,8 +153,7 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
             raise ValueError(f"--compare takes --bootstrap and --seed only (each run's report sets the rest), "
                              f"not --{ignored[0].replace('_', '-')}")
         check_resamples(args.bootstrap)
-        if args.seed < 0:
-            raise ValueError(f"--seed {args.seed}: must not be negative")
+        check_run_flags(seed=args.seed)
         for path in args.compare:
             if not report_file(path, "metrics.json").is_file():
                 raise FileNotFoundError(f"--compare {path}: no metrics.json (give a folder val wrote, or its metrics.json)")
@@ -229,6 +229,7 @@ def predict_yolo(args: ValRequest, records: list[ImageRecord], save_dir: Path) -
     stride = max(int(module.stride.max()), 32)  # as Ultralytics' AutoBackend
     input_size = check_imgsz(imgsz, stride=stride)
 
+    iou = YOLO_NMS_IOU if args.iou is None else args.iou
     sink: dict = {}
     metrics = YOLO(str(args.model)).val(
         validator=stats_keeping_validator(sink),
@@ -237,7 +238,7 @@ def predict_yolo(args: ValRequest, records: list[ImageRecord], save_dir: Path) -
         imgsz=imgsz,
         batch=args.batch,
         conf=args.conf,
-        iou=YOLO_NMS_IOU if args.iou is None else args.iou,
+        iou=iou,
         max_det=max(args.max_det, KEPT_DETECTIONS),
         device=args.device,
         save_json=True,
@@ -256,7 +257,7 @@ def predict_yolo(args: ValRequest, records: list[ImageRecord], save_dir: Path) -
         "imgsz": input_size,
         "batch": args.batch,
         "conf": args.conf,
-        "iou": YOLO_NMS_IOU if args.iou is None else args.iou,
+        "iou": iou,
         "ultralytics_dir": str(metrics.save_dir),
         "ultralytics": {name: float(stats[key]) for key, name in ULTRALYTICS_KEYS.items() if key in stats},
     }
