@@ -68,6 +68,12 @@ def bad_yamls(tmp_path):
     (["--model", "nothere.pt"], 2, "--model nothere.pt: no such file"),
     (["--model", "yolov8q-nothere.yaml"], 2, "--model yolov8q-nothere.yaml: no such file, nor one of Ultralytics'"),
     (["--model", "{dir}/broken.yaml"], 1, "broken.yaml: "),
+    (["--model", "{dir}/notes.txt"], 2, "notes.txt: give a model yaml (such as yolov8n.yaml) or a local .pt checkpoint"),
+    (["--model", "{dir}"], 2, ": give a model yaml (such as yolov8n.yaml) or a local .pt checkpoint"),
+    (["task=segment"], 2, "'task=segment': yolo-sizeloss trains detection models only"),
+    (["mode=val"], 2, "'mode=val': this command trains"),
+    (["cfg={dir}/notes.txt"], 2, "notes.txt': a settings file is not read by this command"),
+    (["optimizer=Foo"], 2, "'optimizer=Foo': Optimizer 'Foo' not found in list of available optimizers"),
     (["cls=abc"], 2, "'cls=abc' is of invalid type str"),
     (["mosaic=2"], 2, "'mosaic=2' is an invalid value"),
     (["--data", "{dir}/missing_split.yaml"], 1, "images not found, missing path"),
@@ -99,9 +105,20 @@ def test_train_mistakes_are_one_line_and_leave_nothing(bad_yamls, tmp_path, caps
     assert not project.exists()
 
 
-def test_verbose_shows_the_traceback(capsys):
-    with pytest.raises(ValueError, match="--epochs 0"):
-        train_main(["--epochs", "0", "--verbose"])
+def test_a_known_optimizer_passes_the_early_check_silently(logged):
+    from yolo_sizeloss.cli import parse_pairs
+
+    assert parse_pairs(["optimizer=SGD", "task=detect", "mode=train"]) == {"optimizer": "SGD", "task": "detect",
+                                                                           "mode": "train"}
+    assert parse_pairs(["optimizer=auto"]) == {"optimizer": "auto"}
+    assert logged == []
+
+
+def test_verbose_shows_the_traceback_and_keeps_the_exit_code(capsys):
+    assert train_main(["--epochs", "0", "--verbose"]) == 2  # a usage mistake, with or without the traceback
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and err[-2] == "ValueError: --epochs 0: must be at least 1"
+    assert err[-1] == "yolo-sizeloss train: error: --epochs 0: must be at least 1"
 
 
 def test_console_command_dispatches(capsys):

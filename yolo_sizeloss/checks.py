@@ -3,7 +3,7 @@
 A leaf of the package (it imports only the data readers and NWD's auto settings), so that the
 commands of both detector families share it without importing each other. A mistake is one
 ``error:`` line: exit 2 for a flag no run can use, 1 for data that cannot be used or a failure while
-working; the traceback only with ``--verbose``.
+working; the traceback before it only with ``--verbose``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -64,11 +65,12 @@ def run_guarded(prog: str, check: Callable[[], Any], work: Callable[[Any], Any],
     """Run ``work(check())`` and return the exit code: a ValueError or FileNotFoundError from ``check``
     (or a SettingsError from ``work``) is a usage error (exit 2, prefixed with ``prog``), a DataError
     exit 1, any other failure of ``work`` exit 1 with a pointer to ``--verbose``; each one ``error:``
-    line, the traceback only when ``verbose``."""
+    line, after the traceback when ``verbose``."""
 
     def report(error: Exception, code: int, hint: str = "") -> int:
-        if verbose:
-            raise error
+        if verbose:  # the traceback, then the same line and exit code as without it
+            traceback.print_exception(error)
+            hint = ""
         print(f"{prog}: error: {one_line(error)}{hint}", file=sys.stderr)
         return code
 

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg, parse_key_value_pair
+from ultralytics.engine.trainer import BaseTrainer
 from ultralytics.nn.tasks import yaml_model_load
 
 from yolo_sizeloss import convert, validate
@@ -40,6 +42,7 @@ from yolo_sizeloss.checks import (
     parse_device,
     resumed_run_folder,
     run_guarded,
+    ultralytics_dropping,
 )
 from yolo_sizeloss.config import (
     ARCHS,
@@ -59,6 +62,12 @@ from yolo_sizeloss.yolo.trainer import SizeAwareTrainer
 RESUME_FLAGS = ("imgsz", "batch", "workers", "device", "epochs")  # what a resumed YOLO run can change
 RUN_FLAGS = ("epochs", "imgsz", "batch", "workers", "seed", "fraction")  # defaults in cfg/defaults.yaml
 FLAG_KEYS = {"model", "data", "project", "name", "exist_ok", "resume", *RUN_FLAGS, *RESUME_FLAGS}
+FIXED_PAIRS = {  # Ultralytics arguments with the one value this command honours, and why
+    "cfg": (None, "a settings file is not read by this command (stock Ultralytics reads it in its own `yolo "
+                  "train`); give its settings as flags and key=value pairs"),
+    "mode": ("train", "this command trains; yolo-sizeloss val validates"),
+    "task": ("detect", "yolo-sizeloss trains detection models only"),
+}
 TRAIN_DESCRIPTION = """\
 Train a detector with a size-aware loss: Ultralytics YOLO (default) or, with --arch faster_rcnn,
 torchvision Faster R-CNN (its own flags: yolo-sizeloss train --arch faster_rcnn --help).
@@ -91,12 +100,28 @@ def parse_pairs(pairs: list[str]) -> dict[str, Any]:
                              + (f" (did you mean '{close[0]}'?)" if close else ""))
         if key in FLAG_KEYS:
             raise ValueError(f"'{pair}': use the --{key.replace('_', '-')} flag instead")
+        if key in FIXED_PAIRS and value != FIXED_PAIRS[key][0]:
+            raise ValueError(f"'{pair}': {FIXED_PAIRS[key][1]}")
         parsed[key] = value
     try:  # Ultralytics' own type and range check, which it would otherwise run after the run folder exists
         check_cfg(parsed)
     except (TypeError, ValueError) as e:
         raise ValueError(one_line(e)) from e
+    if "optimizer" in parsed:
+        check_optimizer(parsed["optimizer"])
     return parsed
+
+
+def check_optimizer(name: Any) -> None:
+    """Ultralytics' own optimizer lookup (``BaseTrainer.build_optimizer``, on a one-weight module), which
+    the trainer runs only after the run folder exists. ``auto`` needs the trainer's data and is always valid."""
+    if str(name).lower() == "auto":
+        return
+    try:
+        with ultralytics_dropping(lambda record: True):  # its line naming the optimizer it built
+            BaseTrainer.build_optimizer(None, torch.nn.Linear(1, 1), name=name)
+    except NotImplementedError as e:
+        raise ValueError(f"'optimizer={name}': {one_line(e).split(' Request support')[0]}") from None
 
 
 def build_yolo_parser(prog: str = "yolo-sizeloss train") -> argparse.ArgumentParser:
@@ -174,8 +199,8 @@ def check_yolo_model(model: str, flag: str = "--model") -> str:
                                     "(such as yolov8n.yaml)") from None
         except Exception as e:  # a yaml it cannot read
             raise DataError(f"{flag} {model}: {one_line(e)}") from e
-    elif not model.endswith(".pt"):
-        return str(Path(model).resolve()) if Path(model).is_file() else model
+    elif Path(model).suffix != ".pt":
+        raise ValueError(f"{flag} {model}: give a model yaml (such as yolov8n.yaml) or a local .pt checkpoint")
     elif not Path(model).is_file():
         raise FileNotFoundError(f"{flag} {model}: no such file (nothing is downloaded; give a local .pt or a yaml)")
     else:
