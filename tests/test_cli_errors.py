@@ -180,6 +180,19 @@ def test_bad_data_is_one_line_before_any_run_folder(tmp_path, capsys, mutate, lo
     assert not project.exists()
 
 
+@pytest.mark.parametrize("arch", [[], ["--arch", "faster_rcnn"]])
+def test_a_training_split_without_any_label_file_is_refused_before_any_run_folder(tmp_path, capsys, arch):
+    """YOLO made the run folder and then failed in Ultralytics' trainer; Faster R-CNN trained on background."""
+    data = tiny_bccd(tmp_path / "data", lambda root: shutil.rmtree(root / "labels"))
+    project = tmp_path / "runs"
+    assert train_main([*arch, "--data", str(data), "--project", str(project), "--device", "cpu"]) == 1
+    first = sorted((tmp_path / "data" / "images" / "train").glob("*.jpg"))[0]
+    assert one_error_line(capsys).endswith(
+        f"error: {data} split 'train': none of its 2 images has a label file "
+        f"(for {first} Ultralytics reads {tmp_path / 'data' / 'labels' / 'train' / first.with_suffix('.txt').name})")
+    assert not project.exists()
+
+
 def test_nwd_auto_is_checked_on_the_fraction_the_run_trains_on(tmp_path, capsys):
     """--fraction 0.5 trains on the first of the two images, which has no box: the check of the whole
     split passed, and the trainer stopped after making the run folder."""
@@ -301,6 +314,16 @@ def test_a_resume_whose_data_yaml_is_gone_is_one_line_naming_it_and_writes_nothi
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["last.pt", "weights"]
 
 
+def test_a_resume_whose_training_images_moved_is_one_line_and_writes_nothing(tmp_path, capsys):
+    data = tiny_bccd(tmp_path / "data")
+    last = interrupted_run(tmp_path / "run", str(data))
+    (tmp_path / "data" / "images" / "train").rename(tmp_path / "data" / "images" / "moved")
+    assert train_main(["--resume", str(last)]) == 1
+    assert one_error_line(capsys).startswith(f"yolo-sizeloss train: error: --resume {last}: the run's data: data yaml "
+                                             f"{data}: split 'train': ")
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["last.pt", "weights"]
+
+
 def test_a_resume_continues_in_the_folder_holding_the_checkpoint(tmp_path, capsys):
     from yolo_sizeloss.cli import build_yolo_parser, check_yolo_request
 
@@ -356,10 +379,11 @@ def test_a_resume_refuses_a_setting_ultralytics_would_ignore_and_writes_nothing(
     ("loss: nwd\n", "{file}: not a loss record (no 'settings': damaged?)"),
     ("loss: nwd\nsettings:\n  nwd: {ratio: 3}\n", "{file}: nwd.ratio = 3 is out of range"),
 ])
-def test_a_resume_with_a_damaged_loss_record_is_one_line_naming_it(tmp_path, capsys, record, message):
+@pytest.mark.parametrize("loss", [[], ["--loss", "nwd"]])  # without --loss the trainer found it, after args.yaml
+def test_a_resume_with_a_damaged_loss_record_is_one_line_naming_it(tmp_path, capsys, record, message, loss):
     last = interrupted_run(tmp_path / "run", "bccd.yaml")
     (tmp_path / "run" / "loss.yaml").write_text(record)
-    assert train_main(["--resume", str(last), "--loss", "nwd"]) == 2
+    assert train_main(["--resume", str(last), *loss]) == 2
     assert one_error_line(capsys).startswith(
         "yolo-sizeloss train: error: " + message.format(file=tmp_path / "run" / "loss.yaml"))
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["last.pt", "loss.yaml", "weights"]

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from ultralytics.data.utils import check_det_dataset
+from ultralytics.data.utils import check_det_dataset, img2label_paths
 from ultralytics.nn.tasks import guess_model_task
 from ultralytics.utils import LOGGER
 
-from yolo_sizeloss.detections import load_split, training_box_sizes
+from yolo_sizeloss.detections import load_split, split_image_files, training_box_sizes
 from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.paths import resolve_data
 
@@ -169,10 +169,13 @@ def check_output_folder(folder: str, flag: str) -> None:
 
 
 def check_resumed_data(resume: str, data: str) -> str:
-    """The data yaml a resumed run trained on (``check_data_yaml``); a DataError says it is the run's data,
-    not the command line, that is at fault. For both families' ``--resume``."""
+    """The data yaml a resumed run trained on (``check_data_yaml``), its splits checked again (images may
+    have moved since); a DataError says it is the run's data, not the command line, that is at fault. For
+    both families' ``--resume``."""
     try:
-        return check_data_yaml(data)
+        checked = check_data_yaml(data)
+        check_training_splits(checked)
+        return checked
     except (DataError, FileNotFoundError) as e:
         raise DataError(f"--resume {resume}: the run's data: {one_line(e)}") from e
 
@@ -217,9 +220,16 @@ def check_training_splits(data_yaml: str) -> dict:
     records = {}
     for split in ("train", "val"):
         try:
-            records[split], _ = load_split(data_yaml, split)
+            records[split], data = load_split(data_yaml, split)
         except ValueError as e:
             raise DataError(one_line(e)) from e
+    # an image without a label file is background, but a training split without any is a misplaced labels
+    # folder: Ultralytics' trainer refuses it only after the run folder exists
+    images = split_image_files(data, "train")
+    labels = img2label_paths(images)
+    if not any(Path(label).is_file() for label in labels):
+        raise DataError(f"{data.get('yaml_file', data_yaml)} split 'train': none of its {len(images)} images has a "
+                        f"label file (for {images[0]} Ultralytics reads {labels[0]})")
     return records
 
 

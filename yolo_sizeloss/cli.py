@@ -234,10 +234,10 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
         run_dir = resumed_run_folder(args.resume)
         stored = ckpt["train_args"].get("data") or ""
         data = check_resumed_data(args.resume, run_data_path(stored))
+        saved = read_loss_record(run_dir)  # read again by the trainer, after it rewrote args.yaml
         loss_config = None
         if args.loss is not None or args.loss_cfg is not None:  # it must be the run's own loss; a --loss-cfg
-            saved = read_loss_record(run_dir)                     # alone sets the run's methods' settings
-            loss_config = load_loss_config(args.loss or loss_name(saved), args.loss_cfg)
+            loss_config = load_loss_config(args.loss or loss_name(saved), args.loss_cfg)  # alone sets its settings
             check_resumed_loss(saved, loss_config, f"--resume {args.resume}")
         overrides = {**pairs, **{k: given[k] for k in RESUME_FLAGS if k in given}, "resume": str(last),
                      "model": str(last), "save_dir": str(run_dir)}
