@@ -174,3 +174,17 @@ def test_compare_refuses_a_flag_it_would_not_honour(capsys, flags, message):
     assert main(["--compare", str(REPORT), str(REPORT), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"yolo-sizeloss val: error: {message}" or (len(err.splitlines()) == 1 and err.endswith(message)), err
+
+
+@pytest.mark.slow
+def test_a_reused_report_folder_does_not_read_the_earlier_reports_detections(checkpoint, bccd_subset, tmp_path):
+    """At a confidence nothing reaches, the validator writes no predictions.json; the one the first report
+    left in the folder was read as this one's and failed on the class map it had not filled."""
+    common = ["--model", checkpoint, "--data", bccd_subset, "--imgsz", IMGSZ, "--device", "cpu",
+              "--project", tmp_path, "--name", "report"]
+    assert val_py(*common).returncode == 0
+    run = val_py(*common, "--exist-ok", "--conf", "0.999")
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["meta"]["conf"] == 0.999 and metrics["recall_by_size"]["0.01"]["all"]["recall"] == 0
+    assert not (tmp_path / "report" / "ultralytics" / "predictions.json").exists()

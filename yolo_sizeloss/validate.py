@@ -222,6 +222,9 @@ def predict_faster_rcnn(args: ValRequest, records: list[ImageRecord]) -> tuple[l
     return predicted, meta
 
 
+ULTRALYTICS_DIR = "ultralytics"  # the stock validator's own output, inside the report folder
+
+
 def predict_yolo(args: ValRequest, records: list[ImageRecord], save_dir: Path) -> tuple[list[ImageRecord], dict]:
     """Run Ultralytics' stock DetectionValidator (save_json=True) and read its predictions.json back."""
     module = yolo_module(args.checkpoint)
@@ -230,6 +233,9 @@ def predict_yolo(args: ValRequest, records: list[ImageRecord], save_dir: Path) -
     input_size = check_imgsz(imgsz, stride=stride)
 
     iou = YOLO_NMS_IOU if args.iou is None else args.iou
+    # the validator writes no predictions.json when it detects nothing: one left in a folder reused with
+    # --exist-ok is an earlier report's
+    (Path(save_dir) / ULTRALYTICS_DIR / "predictions.json").unlink(missing_ok=True)
     sink: dict = {}
     metrics = YOLO(str(args.model)).val(
         validator=stats_keeping_validator(sink),
@@ -244,7 +250,7 @@ def predict_yolo(args: ValRequest, records: list[ImageRecord], save_dir: Path) -
         save_json=True,
         plots=False,
         project=str(Path(save_dir).resolve()),
-        name="ultralytics",
+        name=ULTRALYTICS_DIR,
         exist_ok=True,
     )
     predictions_file = Path(metrics.save_dir) / "predictions.json"
