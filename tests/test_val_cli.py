@@ -100,6 +100,8 @@ def test_bad_input_gives_one_clear_error_line(checkpoint, bccd_subset, tmp_path)
     one_error_line(val_py("--model", checkpoint, "--data", bccd_subset, "--max-det", "10"), "--max-det 10: must be above 10", code=2)
     one_error_line(val_py("--model", checkpoint, "--data", bccd_subset, "--imgsz", "0"), "--imgsz 0", code=2)
     one_error_line(val_py("--model", checkpoint), "--model and --data are required", code=2)
+    one_error_line(val_py("--model", checkpoint, "--data", bccd_subset, "--project", tmp_path / "reports", "--name", ""),
+                   "--name '': must name a folder inside --project", code=2)  # it wrote to reports-2 beside it
 
     no_test = tmp_path / "no_test.yaml"
     data = yaml.safe_load(Path(bccd_subset).read_text())

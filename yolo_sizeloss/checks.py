@@ -168,6 +168,13 @@ def check_output_folder(folder: str, flag: str) -> None:
         raise ValueError(f"{flag} {folder}: cannot make a folder in {existing} ({e.strerror})") from None
 
 
+def check_run_name(name: str | None) -> None:
+    """``--name`` (None: not given) is one folder inside ``--project``: an empty name or '.' would be the project
+    folder itself, which Ultralytics' incrementing turns into a PROJECT-2 beside it."""
+    if name is not None and (not name.strip() or Path(name).name in ("", ".", "..") or Path(name).is_absolute()):
+        raise ValueError(f"--name {name!r}: must name a folder inside --project")
+
+
 def check_resumed_data(resume: str, data: str) -> str:
     """The data yaml a resumed run trained on (``check_data_yaml``), its splits checked again (images may
     have moved since); a DataError says it is the run's data, not the command line, that is at fault. For

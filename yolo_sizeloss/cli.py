@@ -37,6 +37,7 @@ from yolo_sizeloss.checks import (
     check_resumed_data,
     check_resumed_epochs,
     check_run_flags,
+    check_run_name,
     check_training_splits,
     one_line,
     parse_device,
@@ -248,6 +249,7 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
     model = check_yolo_model(args.model or "yolov8n.yaml")  # before the data scan, which logs as it goes
     project = args.project or "runs/train"
     check_output_folder(project, "--project")
+    check_run_name(args.name)
     data = check_data_yaml(args.data or "bccd.yaml")
     records = check_training_splits(data)
     settings = {**run_defaults("yolo"), **given}

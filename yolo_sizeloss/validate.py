@@ -39,6 +39,7 @@ from yolo_sizeloss.checks import (
     check_detection_network,
     check_output_folder,
     check_run_flags,
+    check_run_name,
     one_line,
     parse_device,
     run_guarded,
@@ -171,6 +172,7 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
     parse_size_buckets(args.size_buckets)
     parse_device(args.device)
     check_output_folder(args.project, "--project")
+    check_run_name(args.name)
     data = check_data_yaml(args.data)
     if not Path(args.model).is_file():  # a usage error, as train's --model
         raise FileNotFoundError(f"--model {args.model}: " + ("a folder; give a checkpoint file"

@@ -26,6 +26,7 @@ from yolo_sizeloss.checks import (
     check_output_folder,
     check_resumed_data,
     check_run_flags,
+    check_run_name,
     check_training_splits,
     checked_data,
     one_line,
@@ -168,6 +169,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--{flag} {value}: {rule}")
     if args.project is not None:
         check_output_folder(args.project, "--project")
+    check_run_name(args.name)
     data, info = checked_data(args.data)
     check_weights(args.weights, args.backbone, info["nc"] + 1)
     config = loss_config(args)
