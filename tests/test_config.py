@@ -82,7 +82,9 @@ def test_data_names_resolve_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_data("bccd.yaml") == resolve_data("bccd") == str(CFG_DIR / "bccd.yaml")
     (tmp_path / "mine.yaml").write_text("names: {0: a}\n")
-    assert resolve_data("mine.yaml") == str(tmp_path / "mine.yaml")  # a file here wins
+    assert resolve_data("mine.yaml") == resolve_data("mine") == str(tmp_path / "mine.yaml")  # a file here wins
+    (tmp_path / "bccd").mkdir()  # a data set's folder is not its yaml: the shipped one is still found
+    assert resolve_data("bccd") == str(CFG_DIR / "bccd.yaml")
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         resolve_data("nope.yaml")
     # a path with a folder is only that path: a yaml gone from old/ must not train on the shipped one
@@ -99,6 +101,8 @@ def test_loss_cfg_names_a_shipped_variant_unless_a_file_of_that_name_is_here(tmp
     assert load_loss_config("nwd")["nwd"]["assigner"] is True  # the paper's default stays the default
     (tmp_path / "box_only").write_text("nwd:\n  ratio: 0.25\n")
     assert load_loss_config("nwd", "box_only")["nwd"] == {**load_loss_config("nwd")["nwd"], "ratio": 0.25}
+    (tmp_path / "safit.yaml").write_text("nwd:\n  ratio: 0.3\n")  # the name as typed, found as the shipped are
+    assert load_loss_config("nwd", "safit")["nwd"] == {**load_loss_config("nwd")["nwd"], "ratio": 0.3}
     with pytest.raises(LossConfigError, match=r"loss settings 'boxonly' not found .*; shipped variants: assigner_auto, assigner_only, box_only, gt_areas, nwd_targets, safit, safit_assigner, safit_sharp, safit_sharp_auto, safit_sharp_auto_norm, safit_sharp_auto_warmup, simd_assigner$"):
         load_loss_config("nwd", "boxonly")
 
@@ -204,3 +208,10 @@ def test_a_loss_configuration_given_in_python_is_checked_and_completed():
     ]:
         with pytest.raises(LossConfigError, match=message):
             SizeAwareTrainer.with_loss(bad)
+
+
+def test_a_loss_cfg_that_is_not_text_is_named(tmp_path):
+    path = tmp_path / "o.yaml"
+    path.write_bytes(b"nwd:\n  ratio: 0.5\n\xff\xfe")
+    with pytest.raises(LossConfigError, match=rf"^{path}: not a text file \(byte 19 is not UTF-8\)$"):
+        load_loss_config("nwd", path)

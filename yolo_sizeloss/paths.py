@@ -19,19 +19,22 @@ RUN_DEFAULTS_FILE = CFG_DIR / "defaults.yaml"
 def resolve_shipped(name: str | Path, folder: Path, what: str) -> Path:
     """Return the absolute path of a file a user names.
 
-    An existing path (relative to the working directory) wins; otherwise a bare name such as
-    ``bccd.yaml`` or ``bccd`` is looked up in the package's ``folder``. A name with a folder in it is
-    a path only: a missing ``old/bccd.yaml`` must not become the shipped one. Raises FileNotFoundError
-    naming every place that was tried.
+    A file in the working directory wins (a bare name without a suffix also as ``NAME.yaml``, as the
+    shipped ones are looked up); otherwise a bare name such as ``bccd.yaml`` or ``bccd`` is looked up in
+    the package's ``folder``. A name with a folder in it is a path only: a missing ``old/bccd.yaml`` must
+    not become the shipped one. Raises FileNotFoundError naming every place that was tried.
     """
     path = Path(name).expanduser()
-    if path.is_dir():
-        raise FileNotFoundError(f"{what} {str(name)!r} is a folder; give a YAML file")
     bare = str(name) == path.name
-    candidates = [path, *((folder / path.name, folder / f"{path.name}.yaml") if bare else ())]
+    candidates = [path]
+    if bare:
+        candidates += [*(() if path.suffix else (Path(f"{path.name}.yaml"),)), folder / path.name,
+                       folder / f"{path.name}.yaml"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
+    if path.is_dir():
+        raise FileNotFoundError(f"{what} {str(name)!r} is a folder; give a YAML file")
     tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
     raise FileNotFoundError(f"{what} {str(name)!r} not found (tried {tried})")
 
