@@ -58,7 +58,7 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple[str, ...], int]]:
     except OSError as e:
         raise LossConfigError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
-        raise LossConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8)") from None
+        raise LossConfigError(f"{path}: not a text file (byte {e.start + 1} is not UTF-8)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
