@@ -323,3 +323,17 @@ def test_an_unknown_flag_is_one_line(tmp_path, capsys):
     assert stop.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
         "python -m yolo_sizeloss.convert: error: unrecognized arguments: --clases a (see --help)"]
+
+
+def test_overwrite_replaces_a_linked_split_folder_and_leaves_its_target(tmp_path, capsys):
+    """rmtree refused the link half-way, after images/test/ was already gone."""
+    out = tmp_path / "out"
+    assert run_main([BCCD_VOC_FIXTURE, out], capsys)[0] == 0
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(out / "images" / "train", elsewhere)
+    (out / "images" / "train").symlink_to(elsewhere, target_is_directory=True)
+    kept = sorted(p.name for p in elsewhere.iterdir())
+    code, _, stderr = run_main([BCCD_VOC_FIXTURE, out, "--overwrite"], capsys)
+    assert code == 0 and stderr == ""
+    assert not (out / "images" / "train").is_symlink() and sorted(p.name for p in (out / "images" / "train").iterdir()) == kept
+    assert sorted(p.name for p in elsewhere.iterdir()) == kept  # the linked folder is untouched

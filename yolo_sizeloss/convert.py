@@ -221,8 +221,8 @@ def convert_voc(
         log(f"replacing {', '.join(_describe(p, dst) for p in replaced)} in {dst}")
     if kept:
         log(f"keeping {', '.join(_describe(p, dst) for p in kept)} in {dst} (not part of this conversion)")
-    for path in replaced:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in replaced:  # a linked split folder loses its link, not what it links to
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     for split in splits:
         for sub in ("images", "labels"):
             (dst / sub / split).mkdir(parents=True)
