@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from yolo_sizeloss.convert import ConversionError, convert_voc, main
 
@@ -85,7 +86,8 @@ def write_voc(root: Path, objects: list[tuple[str, int, int, int, int]], stem="i
     )
     text = xml or f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height></size>{body}</annotation>"
     (root / "Annotations" / f"{stem}.xml").write_text(text)
-    shutil.copy(next((SHIPPED / "images" / "test").glob("*.jpg")), root / "JPEGImages" / f"{stem}.jpg")
+    pixels = size if all(isinstance(v, int) for v in size) else (100, 80)  # the size the XML says, where it is one
+    Image.new("RGB", pixels, (200, 120, 140)).save(root / "JPEGImages" / f"{stem}.jpg")
     (root / "ImageSets" / "Main" / "train.txt").write_text(f"{stem}\n")
     return root
 
@@ -337,3 +339,13 @@ def test_overwrite_replaces_a_linked_split_folder_and_leaves_its_target(tmp_path
     assert code == 0 and stderr == ""
     assert not (out / "images" / "train").is_symlink() and sorted(p.name for p in (out / "images" / "train").iterdir()) == kept
     assert sorted(p.name for p in elsewhere.iterdir()) == kept  # the linked folder is untouched
+
+
+def test_an_xml_size_other_than_the_images_warns_naming_both(tmp_path):
+    """A box is normalised by the frame the XML says it was drawn in; a wrong <size> was silent."""
+    root = write_voc(tmp_path / "voc", [("RBC", 10, 10, 50, 40)], size=(100, 80))
+    Image.new("RGB", (200, 160)).save(root / "JPEGImages" / "img.jpg")
+    summary, _, lines = convert(root, tmp_path)
+    assert summary.warnings == [f"{root / 'Annotations' / 'img.xml'}: <size> 100x80, but img.jpg is 200x160; "
+                                "boxes normalised by the XML's size"]
+    assert lines == ["0 0.300000 0.312500 0.400000 0.375000"]

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from ultralytics.data.utils import IMG_FORMATS
+from PIL import Image
+from ultralytics.data.utils import IMG_FORMATS, exif_size
 
 from yolo_sizeloss.checks import OneLineParser
 
@@ -72,9 +73,11 @@ def _read_number(obj: ET.Element, tag: str, xml_path: Path, index: int) -> float
 
 
 def voc_to_yolo_lines(
-    xml_path: Path, classes: tuple[str, ...], summary: ConversionSummary
+    xml_path: Path, image: Path, classes: tuple[str, ...], summary: ConversionSummary
 ) -> list[str]:
-    """Return the YOLO label lines of one VOC file, updating ``summary`` and warning on bad boxes."""
+    """Return the YOLO label lines of one VOC file, updating ``summary`` and warning on bad boxes. The
+    boxes are normalised by the XML's ``<size>`` (the frame they were drawn in, as Ultralytics' own VOC
+    script does); where ``image`` is another size (upright, as Ultralytics reads it), a warning says so."""
     try:
         root = ET.parse(xml_path).getroot()
         width = float(root.find("size/width").text)  # type: ignore[union-attr]
@@ -85,6 +88,11 @@ def voc_to_yolo_lines(
         raise ConversionError(f"{xml_path}: missing or non-numeric <size><width>/<height>") from None
     if not (0 < width < math.inf and 0 < height < math.inf):  # also false for NaN
         raise ConversionError(f"{xml_path}: image size {width}x{height} is not positive and finite")
+    with Image.open(image) as opened:
+        actual = exif_size(opened)  # (width, height), from the header
+    if actual != (width, height):
+        summary.warnings.append(f"{xml_path}: <size> {width:g}x{height:g}, but {image.name} is {actual[0]}x{actual[1]}; "
+                                "boxes normalised by the XML's size")
 
     lines = []
     for index, obj in enumerate(root.findall("object")):
@@ -212,8 +220,8 @@ def convert_voc(
             xml_path = src / "Annotations" / f"{stem}.xml"
             if not xml_path.is_file():
                 raise ConversionError(f"{list_file}: {stem}: annotation {xml_path} not found")
-            lines = voc_to_yolo_lines(xml_path, classes, summary)
-            plan.append((split, _find_image(src / "JPEGImages", stem, xml_path), lines))
+            image = _find_image(src / "JPEGImages", stem, xml_path)
+            plan.append((split, image, voc_to_yolo_lines(xml_path, image, classes, summary)))
         summary.images[split] = len(stems)
 
     # logged only now: an error in the input above leaves everything in place
