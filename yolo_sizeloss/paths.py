@@ -28,8 +28,9 @@ def resolve_shipped(name: str | Path, folder: Path, what: str) -> Path:
     bare = str(name) == path.name
     candidates = [path]
     if bare:
-        candidates += [*(() if path.suffix else (Path(f"{path.name}.yaml"),)), folder / path.name,
-                       folder / f"{path.name}.yaml"]
+        if not path.suffix:
+            candidates.append(path.with_suffix(".yaml"))
+        candidates += [folder / path.name, folder / f"{path.name}.yaml"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
