@@ -83,6 +83,8 @@ def bad_yamls(tmp_path):
     (["--resume", str(FINISHED), "--data", "bccd.yaml"], 2, "--data cannot change on resume"),
     (["--name", ""], 2, "--name '': must name a folder inside --project"),
     (["--name", "."], 2, "--name '.': must name a folder inside --project"),
+    (["--name", "../beside"], 2, "--name '../beside': must name a folder inside --project"),
+    (["--arch", "faster_rcnn", "--name", "a/../../beside"], 2, "--name 'a/../../beside': must name a folder inside"),
     (["--arch", "faster_rcnn", "--name", ""], 2, "--name '': must name a folder inside --project"),
     (["--arch", "faster_rcnn", "--loss", "focal"], 2, "unknown loss 'focal'"),
     (["--arch", "faster_rcnn", "--epochs", "0"], 2, "--epochs 0: must be at least 1"),

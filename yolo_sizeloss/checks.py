@@ -170,8 +170,10 @@ def check_output_folder(folder: str, flag: str) -> None:
 
 def check_run_name(name: str | None) -> None:
     """``--name`` (None: not given) is one folder inside ``--project``: an empty name or '.' would be the project
-    folder itself, which Ultralytics' incrementing turns into a PROJECT-2 beside it."""
-    if name is not None and (not name.strip() or Path(name).name in ("", ".", "..") or Path(name).is_absolute()):
+    folder itself, which Ultralytics' incrementing turns into a PROJECT-2 beside it; a '..' anywhere can climb
+    out of it."""
+    if name is not None and (not name.strip() or Path(name).name in ("", ".") or ".." in Path(name).parts
+                             or Path(name).is_absolute()):
         raise ValueError(f"--name {name!r}: must name a folder inside --project")
 
 

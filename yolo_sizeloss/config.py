@@ -141,7 +141,8 @@ def _methods_and_modes(spec: str) -> tuple[list[str], list[str]]:
 
 def load_loss_config(spec: str, override: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """Resolve ``spec`` into ``{method: settings}``: defaults from ``cfg/losses``, then each shipped mode's
-    settings (``--loss safit`` is ``--loss nwd --loss-cfg safit``), then ``override``.
+    settings, read from ``cfg/variants`` whatever the working directory holds (``--loss safit`` is
+    ``--loss nwd --loss-cfg`` the shipped ``safit``), then ``override``.
 
     ``override`` is a YAML file, or the name of one shipped in ``cfg/variants``, with sections for
     (some of) the selected methods; a section for a method that ``spec`` does not select, an unknown
