@@ -256,6 +256,47 @@ def test_a_missing_mps_device_is_a_usage_error_in_both_families(tmp_path, capsys
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_device_list_is_one_cuda_device_per_faster_rcnn_process(monkeypatch):
+    import torch
+
+    from yolo_sizeloss.checks import Device, parse_process_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # two GPUs, which this machine lacks
+    assert parse_process_device("0,1", world_size=2) == Device("cuda", (0, 1))
+    assert parse_process_device("1", world_size=1) == Device("cuda", (1,))
+    assert parse_process_device("", world_size=2) == Device("auto")  # each process takes its local rank's
+    for device, world_size in (("0,1", 1), ("0", 2)):
+        with pytest.raises(ValueError, match=rf"^--device {device}: {len(device.split(','))} device\(s\) for "
+                                             rf"{world_size} process\(es\) \(one CUDA device per torchrun process"):
+            parse_process_device(device, world_size)
+
+
+def test_two_devices_without_torchrun_are_refused_before_the_data_scan(tmp_path, capsys, logged, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert train_main(["--arch", "faster_rcnn", "--device", "0,1", "--project", str(tmp_path / "runs")]) == 2
+    assert "--device 0,1: 2 device(s) for 1 process(es)" in one_error_line(capsys)
+    assert logged == [] and not (tmp_path / "runs").exists()
+    from yolo_sizeloss.validate import main as val_main
+
+    checkpoint = tmp_path / "rcnn.pt"  # val evaluates a Faster R-CNN checkpoint in one process
+    torch.save({"arch": "faster_rcnn"}, checkpoint)
+    assert val_main(["--model", str(checkpoint), "--data", "bccd.yaml", "--device", "0,1",
+                     "--project", str(tmp_path / "runs")]) == 2
+    assert "--device 0,1: 2 device(s) for 1 process(es)" in one_error_line(capsys)
+    assert logged == [] and not (tmp_path / "runs").exists()
+
+
+def test_faster_rcnn_checks_its_default_runs_folder_before_the_data_scan(tmp_path, capsys, logged, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("a file where the runs folder would be\n")
+    assert train_main(["--arch", "faster_rcnn", "--device", "cpu", "--epochs", "1"]) == 2
+    assert one_error_line(capsys).endswith(f"--project runs/rcnn: {tmp_path / 'runs'} is a file, not a folder")
+    assert logged == []
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--arch", "faster_rcnn", "--model", "x.pt"], "--model is YOLO's: Faster R-CNN is built from --backbone"),
     (["--arch", "faster_rcnn", "--nonsense"], "unrecognized arguments: --nonsense"),

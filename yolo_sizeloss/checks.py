@@ -129,6 +129,22 @@ def parse_device(device: str | None, allow_mps: bool = True) -> Device:
     return Device("cuda", tuple(int(s) for s in ids))
 
 
+def torchrun_world_size() -> int:
+    """How many processes torchrun started for this run (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def parse_process_device(device: str | None, world_size: int) -> Device:
+    """``--device`` for the Faster R-CNN path (``parse_device`` without MPS): a CUDA list names one device
+    per torchrun process, so its length must be ``world_size``; checked with the flags, since the engine
+    would meet it only after the data scan and the model build."""
+    parsed = parse_device(device, allow_mps=False)
+    if parsed.indices and len(parsed.indices) != world_size:
+        raise ValueError(f"--device {device}: {len(parsed.indices)} device(s) for {world_size} process(es) "
+                         f"(one CUDA device per torchrun process: torchrun --nproc_per_node {len(parsed.indices)})")
+    return parsed
+
+
 def resumed_run_folder(resume: str) -> Path:
     """The run folder a ``--resume`` continues in, either family: the one holding ``weights/last.pt``,
     where the user left it; a checkpoint outside a run folder is a ValueError naming the flag."""

@@ -42,6 +42,7 @@ from yolo_sizeloss.checks import (
     check_run_name,
     one_line,
     parse_device,
+    parse_process_device,
     run_guarded,
 )
 from yolo_sizeloss.detections import ImageRecord, SkippedLabels, check_split, skipped_summary
@@ -170,7 +171,7 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
     if not 0 <= args.conf < 1 or (args.iou is not None and not 0 < args.iou <= 1):
         raise ValueError(f"--conf {args.conf} / --iou {args.iou}: must be in [0, 1) / (0, 1]")
     parse_size_buckets(args.size_buckets)
-    parse_device(args.device)
+    parse_device(args.device)  # again below for a Faster R-CNN checkpoint, before the run folder
     check_output_folder(args.project, "--project")
     check_run_name(args.name)
     data = check_data_yaml(args.data)
@@ -182,7 +183,9 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
         kind = checkpoint_kind(checkpoint, args.model)
     except ValueError as e:
         raise DataError(f"--model {args.model}: {one_line(e).removeprefix(f'{Path(args.model)}: ')}") from e
-    if kind != RCNN_ARCH:
+    if kind == RCNN_ARCH:
+        parse_process_device(args.device, world_size=1)  # a checkpoint is evaluated by one process
+    else:
         check_detection_network(yolo_module(checkpoint), args.model, "val evaluates")
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(ValRequest) if hasattr(args, f.name)}
     return ValRequest(**{**flags, "data": data, "checkpoint": checkpoint, "kind": kind})

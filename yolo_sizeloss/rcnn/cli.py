@@ -30,9 +30,10 @@ from yolo_sizeloss.checks import (
     check_training_splits,
     checked_data,
     one_line,
-    parse_device,
+    parse_process_device,
     resumed_run_folder,
     run_guarded,
+    torchrun_world_size,
 )
 from yolo_sizeloss.config import (
     METHODS,
@@ -45,7 +46,7 @@ from yolo_sizeloss.config import (
 )
 from yolo_sizeloss.detections import first_fraction
 from yolo_sizeloss.paths import shipped_variants
-from yolo_sizeloss.rcnn.engine import fit, resumed_args
+from yolo_sizeloss.rcnn.engine import DEFAULT_PROJECT, fit, resumed_args
 from yolo_sizeloss.rcnn.model import BACKBONES, check_architecture, check_weights_match
 
 PLB_SHORTHANDS = {"1C": "rpn_cls", "1B": "rpn_box", "2C": "roi_cls", "2B": "roi_box"}  # the paper's names
@@ -150,7 +151,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     resolved loss; a value no run could use is a ValueError naming the flag, a data yaml Ultralytics'
     own check refuses (or whose labels YOLO's ``train`` refuses) a DataError."""
     check_run_flags(args.epochs, args.imgsz, args.batch, args.workers, args.fraction, args.seed)
-    parse_device(args.device, allow_mps=False)
+    parse_process_device(args.device, torchrun_world_size())
     for flag, value in {"batch": args.batch, "lr-step": args.lr_step}.items():
         if value < 1:  # no automatic batch on this path
             raise ValueError(f"--{flag} {value}: must be at least 1")
@@ -167,8 +168,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     ):
         if not ok:  # also for NaN, which fails every comparison
             raise ValueError(f"--{flag} {value}: {rule}")
-    if args.project is not None:
-        check_output_folder(args.project, "--project")
+    check_output_folder(args.project or DEFAULT_PROJECT, "--project")
     check_run_name(args.name)
     data, info = checked_data(args.data)
     check_weights(args.weights, args.backbone, info["nc"] + 1)
@@ -203,7 +203,7 @@ def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:
     it, it must have epochs left to train (``engine.resumed_args``, as ``fit`` reads it) and data
     Ultralytics' check accepts, and a loss given must be the run's own (in any order of methods)."""
     check_run_flags(workers=args.workers)  # torch refuses a negative one only when the resumed run starts
-    parse_device(args.device, allow_mps=False)
+    parse_process_device(args.device, torchrun_world_size())
     if not Path(args.resume).is_file():
         raise ValueError(f"--resume {args.resume}: no such checkpoint")
     resumed_run_folder(args.resume)  # the folder fit() continues in

@@ -29,7 +29,13 @@ from ultralytics.utils import LOGGER, TQDM
 from ultralytics.utils.files import increment_path
 
 from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
-from yolo_sizeloss.checks import DataError, check_resumed_epochs, parse_device, resumed_run_folder
+from yolo_sizeloss.checks import (
+    DataError,
+    check_resumed_epochs,
+    parse_process_device,
+    resumed_run_folder,
+    torchrun_world_size,
+)
 from yolo_sizeloss.config import describe_loss, write_loss_record
 from yolo_sizeloss.detections import ImageRecord, first_fraction, load_split, training_box_sizes
 from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics, per_class_ap
@@ -74,25 +80,17 @@ class DistContext:
 
 
 def select_device(device: str, local_rank: int, world_size: int) -> torch.device:
-    """This process's device from ``--device`` (``checks.parse_device``): auto (CUDA if available, else
-    the CPU), cpu, a CUDA index, or a list whose ``local_rank``-th entry this torchrun process takes."""
-    parsed = parse_device(device, allow_mps=False)
+    """This process's device from ``--device`` (``checks.parse_process_device``): auto (CUDA if available,
+    else the CPU), cpu, a CUDA index, or a list whose ``local_rank``-th entry this torchrun process takes."""
+    parsed = parse_process_device(device, world_size)
     if parsed.kind == "cpu" or (parsed.kind == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    ids = parsed.indices
-    if not ids:
-        return torch.device(f"cuda:{local_rank}")
-    if len(ids) == 1 and world_size == 1:
-        return torch.device(f"cuda:{ids[0]}")
-    if len(ids) == world_size:
-        return torch.device(f"cuda:{ids[local_rank]}")
-    raise ValueError(f"--device {device}: {len(ids)} device(s) for {world_size} process(es); several devices "
-                     f"train under torchrun --nproc_per_node {len(ids)}")
+    return torch.device(f"cuda:{parsed.indices[local_rank] if parsed.indices else local_rank}")
 
 
 def setup_distributed(device: str) -> DistContext:
     """Join the torchrun process group (nccl on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = torchrun_world_size()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     torch_device = select_device(device, local_rank, world_size)
     if torch_device.type == "cuda":
@@ -110,12 +108,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+DEFAULT_PROJECT = "runs/rcnn"  # under the working directory, as YOLO's runs/train
+
+
 def make_save_dir(project: str | None, name: str, exist_ok: bool, ctx: DistContext) -> Path:
-    """``project/name`` (default project ``<cwd>/runs/rcnn``), incremented by Ultralytics' rule unless
-    ``exist_ok``; rank 0 decides and every rank gets the same path."""
+    """``project/name`` (None: ``DEFAULT_PROJECT``), incremented by Ultralytics' rule unless ``exist_ok``;
+    rank 0 decides and every rank gets the same path."""
     chosen = [None]
     if ctx.is_main:
-        base = Path(project).expanduser() if project else Path.cwd() / "runs" / "rcnn"
+        base = Path(project or DEFAULT_PROJECT).expanduser()
         chosen[0] = str(increment_path(base.resolve() / name, exist_ok=exist_ok, mkdir=True))
     if ctx.world_size > 1:
         dist.broadcast_object_list(chosen, src=0, device=ctx.device)
