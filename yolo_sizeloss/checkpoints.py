@@ -40,12 +40,17 @@ def load_checkpoint(path: str | Path, arch: str | None = None) -> dict:
     return ckpt
 
 
+def is_yolo_checkpoint(ckpt: dict) -> bool:
+    """Whether ``ckpt`` holds an Ultralytics network (an ``ema`` or ``model`` module)."""
+    return isinstance(ckpt.get("ema"), torch.nn.Module) or isinstance(ckpt.get("model"), torch.nn.Module)
+
+
 def checkpoint_kind(ckpt: dict, path: str | Path) -> str:
     """``"faster_rcnn"`` for this project's Faster R-CNN checkpoints, ``"yolo"`` for Ultralytics ones
     (an ``ema`` or ``model`` module); ValueError otherwise."""
     if ckpt.get("arch") == RCNN_ARCH:
         return RCNN_ARCH
-    if isinstance(ckpt.get("ema"), torch.nn.Module) or isinstance(ckpt.get("model"), torch.nn.Module):
+    if is_yolo_checkpoint(ckpt):
         return "yolo"
     raise ValueError(f"{path} is neither an Ultralytics YOLO nor a Faster R-CNN checkpoint")
 

@@ -15,10 +15,9 @@ import math
 import sys
 from pathlib import Path
 
-import torch
 from ultralytics.utils import LOGGER
 
-from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
+from yolo_sizeloss.checkpoints import RCNN_ARCH, is_yolo_checkpoint, load_checkpoint
 from yolo_sizeloss.checks import (
     DataError,
     OneLineParser,
@@ -192,7 +191,7 @@ def check_weights(weights: str, backbone: str, num_classes: int) -> None:
         ckpt = load_checkpoint(weights)
     except ValueError as e:
         raise DataError(f"--weights {weights}: {one_line(e)}") from e
-    if isinstance(ckpt.get("ema"), torch.nn.Module) or isinstance(ckpt.get("model"), torch.nn.Module):
+    if is_yolo_checkpoint(ckpt):
         raise ValueError(f"--weights {weights} is a YOLO checkpoint: give it to YOLO as --model {weights} "
                          "(Faster R-CNN --weights takes a Faster R-CNN checkpoint or state dict)")
     check_weights_match(Path(weights), backbone, num_classes)

@@ -262,11 +262,10 @@ class SizeBalancedRoIHeads(RoIHeads):
         class_logits, box_regression = self.box_predictor(box_features)
         gt_boxes = [t["boxes"].to(proposals[0].dtype) for t in targets]
         all_labels, all_targets = torch.cat(labels, dim=0), torch.cat(regression_targets, dim=0)
-        pos_inds, predicted = self.positive_boxes(proposals, labels, box_regression.detach())
+        pos_inds, deltas, predicted = self.positive_boxes(proposals, labels, box_regression.detach())
         # each sampled RoI's matched ground truth if positive, else the RoI itself
         sized = torch.cat([matched_or_own(*image) for image in zip(proposals, matched_idxs, labels, gt_boxes)])
         gt_ids = batch_gt_ids(matched_idxs, gt_boxes)[pos_inds]
-        deltas = box_regression.detach().reshape(all_labels.shape[0], -1, 4)[pos_inds, all_labels[pos_inds]]
         samples = MatchedSamples(
             gt_boxes=sized[pos_inds],
             pred_boxes=predicted,
@@ -285,7 +284,7 @@ class SizeBalancedRoIHeads(RoIHeads):
         class_weights, box_weights = stage_weights(self.switches, "roi", samples, self.states)
         box_similarity = None
         if self.switches.nwd_mixes("roi_box"):  # differentiable predicted boxes against their ground truth
-            _, predicted = self.positive_boxes(proposals, labels, box_regression)
+            *_, predicted = self.positive_boxes(proposals, labels, box_regression)
             box_similarity = self.switches.nwd.box_similarity(predicted, sized[pos_inds])
         loss_classifier, loss_box_reg = weighted_fastrcnn_loss(
             class_logits,
@@ -299,14 +298,15 @@ class SizeBalancedRoIHeads(RoIHeads):
         )
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
 
-    def positive_boxes(self, proposals: list[Tensor], labels: list[Tensor], box_regression: Tensor) -> tuple[Tensor, Tensor]:
-        """The batch indices of the positive RoIs (``labels > 0``) and their predicted boxes: the deltas for
-        the ground-truth class decoded on the RoI (differentiable when ``box_regression`` is)."""
+    def positive_boxes(self, proposals: list[Tensor], labels: list[Tensor],
+                       box_regression: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The batch indices of the positive RoIs (``labels > 0``), their deltas for the ground-truth class
+        and those deltas decoded on the RoI: their predicted boxes (differentiable when ``box_regression`` is)."""
         rois = torch.cat(proposals, dim=0)
         all_labels = torch.cat(labels, dim=0)
         pos_inds = torch.where(all_labels > 0)[0]
         deltas = box_regression.reshape(rois.shape[0], -1, 4)[pos_inds, all_labels[pos_inds]]
-        return pos_inds, self.box_coder.decode_single(deltas, rois[pos_inds])
+        return pos_inds, deltas, self.box_coder.decode_single(deltas, rois[pos_inds])
 
 
 def positives_per_gt(matches: Tensor, num_gt: int) -> Tensor:
