@@ -1,8 +1,8 @@
 """A val report's per-image detections file: what a report was computed from, written next to it so
 that runs can later be compared image by image (``yolo_sizeloss.paired``) without running the models again.
 
-The file is gzip-compressed JSON (``detections.json.gz``); reports written before val compressed it
-hold ``detections.json``, which is read as well. Entry points: ``write_detections``,
+The file is gzip-compressed JSON (``detections.json.gz``); a report folder holding it uncompressed
+(``detections.json``) is read as well. Entry points: ``write_detections``,
 ``load_detections`` (the file back as ``RunDetections``), ``find_detections`` (a report folder's
 file, either name) and ``report_file`` (a file of a report given as the file or its folder).
 """
@@ -20,7 +20,7 @@ from yolo_sizeloss.checks import DataError, one_line
 from yolo_sizeloss.detections import ImageRecord
 
 DETECTIONS_FILE = "detections.json.gz"
-UNCOMPRESSED_DETECTIONS_FILE = "detections.json"  # what val wrote before; still read
+UNCOMPRESSED_DETECTIONS_FILE = "detections.json"  # read, never written
 
 
 @dataclass
@@ -55,7 +55,7 @@ def write_detections(path: Path, run: RunDetections) -> Path:
 
 
 def load_detections(path: str | Path) -> RunDetections:
-    """Read a detections file written by ``write_detections`` (or an uncompressed one from before);
+    """Read a detections file written by ``write_detections`` (or an uncompressed one);
     ``path`` is the file or the report folder holding it. FileNotFoundError when there is none."""
     file = find_detections(path) if Path(path).is_dir() else Path(path)
     if file is None or not file.is_file():
@@ -86,8 +86,8 @@ def _read_run(data: dict) -> RunDetections:
 
 
 def find_detections(folder: str | Path) -> Path | None:
-    """The detections file in the report folder ``folder``: ``DETECTIONS_FILE``, else one written
-    uncompressed before val compressed it; None when there is neither."""
+    """The detections file in the report folder ``folder``: ``DETECTIONS_FILE``, else
+    ``UNCOMPRESSED_DETECTIONS_FILE``; None when there is neither."""
     for name in (DETECTIONS_FILE, UNCOMPRESSED_DETECTIONS_FILE):
         if (Path(folder) / name).is_file():
             return Path(folder) / name

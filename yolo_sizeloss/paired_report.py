@@ -86,7 +86,7 @@ def bootstrap_as_reported(report: dict, runs: list[RunDetections], resamples: in
     """``paired_bootstrap`` of ``runs`` in the size buckets, frame, recall thresholds and max-det of
     ``report`` (the first run's metrics.json), so that its full-set values are the report's own."""
     meta = report["meta"]
-    return paired_bootstrap(  # reports written before val took --max-det were evaluated at COCO's 100
+    return paired_bootstrap(  # a report without max_det was evaluated at COCO's 100
         runs, tuple(float(e) for e in meta["size_buckets"]), resamples, seed, meta["recall_frame"],
         tuple(float(t) for t in report["recall_by_size"]), meta.get("max_det", COCO_MAX_DET),
     )

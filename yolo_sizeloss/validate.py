@@ -9,7 +9,7 @@ metrics.md, size_metrics.png and detections.json.gz (for paired comparisons) to 
 (default runs/val/exp, then exp-2, ... as Ultralytics names runs).
 
 The images and boxes evaluated are those Ultralytics' validator evaluates (``check_split``); the
-report says which were skipped and why. Detector dispatch lives in ``predict_records``: it fills a
+report says which were skipped and why. Detector dispatch lives in ``detections_for``: it fills a
 split's ``ImageRecord`` list with a checkpoint's detections (original pixels), and everything after
 it is detector-agnostic.
 """
@@ -191,7 +191,7 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
     return ValRequest(**{**flags, "data": data, "checkpoint": checkpoint, "kind": kind})
 
 
-def predict_records(args: ValRequest, records: list[ImageRecord], save_dir: Path) -> tuple[list[ImageRecord], dict]:
+def detections_for(args: ValRequest, records: list[ImageRecord], save_dir: Path) -> tuple[list[ImageRecord], dict]:
     """Detections of the checked ``args.checkpoint`` on ``records`` (the split ``check_split`` gave),
     in original image pixels: the dispatch point for detector families.
 
@@ -313,7 +313,7 @@ def run_report(args: ValRequest) -> Path:
     names = [data["names"][k] for k in range(len(data["names"]))]
     check_trained_names(args, names)
     save_dir = increment_path(Path(args.project) / args.name, exist_ok=args.exist_ok)
-    records, meta = predict_records(args, records, save_dir)
+    records, meta = detections_for(args, records, save_dir)
     scales = letterbox_scales(records, meta["imgsz"])
     metrics = evaluate_records(records, names, scales, edges, args.recall_frame, args.max_det)
     summary = skipped_summary(skipped, len(records) + sum(s.whole_image for s in skipped)) if skipped else ""

@@ -149,7 +149,7 @@ def model_from_checkpoint(
 ) -> FasterRCNN:
     """Rebuild the checkpoint's model (at its own ``imgsz`` unless one is given) with its weights,
     feedback state and resolved NWD settings (``nwd.constant``/``nwd.assigner: auto`` and whether
-    ``nwd.max_small_share`` left NWD on; a checkpoint older than that record had it on) loaded, or
+    ``nwd.max_small_share`` left NWD on; a checkpoint without that record had it on) loaded, or
     with ``switches``: a resumed run's, resolved by the engine."""
     switches = switches or LossSwitches.from_config(
         checkpoint["loss"], checkpoint.get("nwd_constant"), checkpoint.get("nwd_assigner"),

@@ -287,7 +287,7 @@ class AnchorWeighting(nn.Module):
 
     def load_feedback_state(self, values: dict[str, float]) -> bool:
         """Restore the feedback buffers from ``feedback_state`` floats; False if the state proper (r, q,
-        gain, steps) is absent. A counter a run saved before it existed (``nonfinite_steps``) restarts at 0."""
+        gain, steps) is absent. A saved state without ``nonfinite_steps`` restarts that counter at 0."""
         if self.feedback is None or not all(f"feedback/{k}" in values for k in FEEDBACK_STATE):
             return False
         for k, buffer in self.feedback.state_dict().items():

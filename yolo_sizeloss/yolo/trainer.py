@@ -198,7 +198,7 @@ class SizeAwareTrainer(DetectionTrainer):
         stats = {**(self.weighting.epoch_stats() if self.weighting is not None else {}), **self.assignments.epoch_stats()}
         self.metrics.update(stats)  # saved as the checkpoint's train_metrics: resume reads them back
         metrics = {**{k: v for k, v in metrics.items() if k not in stats}, **stats}  # fixed column order
-        widen_header(self.csv, ["epoch", "time", *metrics])  # a run resumed from before a column existed
+        widen_header(self.csv, ["epoch", "time", *metrics])  # a resumed run's file may lack some columns
         # the stock clock restarts at a resume; results.csv's time counts from the run's first start
         self.train_time_start -= self.resumed_seconds
         try:
