@@ -355,3 +355,39 @@ def test_the_dense_weighting_has_no_data_dependent_shape():
             loss_iou, _ = box_loss(torch.rand(b, a, 64), pred, torch.rand(a, 2) * 12, target / 8,
                                    torch.rand(b, a, c), torch.tensor(5.0), inputs[0], torch.tensor([96.0, 96.0]), stride)
             loss_iou.backward()
+
+
+def test_where_the_device_holds_no_float64_the_running_sums_are_float32_and_no_step_makes_one():
+    """Apple's MPS holds no float64 (moving a float64 buffer there raises): there the weighting's and the
+    assignment counter's sums are float32, and a training step of every method makes no float64 tensor."""
+    from torch.overrides import TorchFunctionMode
+
+    from yolo_sizeloss.assignment import AssignmentCounter
+    from yolo_sizeloss.yolo.assignment import attach_counter
+    from yolo_sizeloss.yolo.loss import stock_assigners
+    from yolo_sizeloss.yolo.trainer import running_sums_dtype
+
+    class NoFloat64(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                assert not (isinstance(t, torch.Tensor) and t.dtype == torch.float64), func
+            return out
+
+    assert running_sums_dtype(torch.device("cpu")) is None  # their own float64 where the device has it
+    dtype = running_sums_dtype(torch.device("mps"))
+    model = build_model("yolov8n.yaml")
+    batch = bccd_batch()
+    preds = model(batch["img"])
+    config = load_loss_config("plb+scb+feedback+gradlibra+nwd")
+    config["nwd"].update(constant=12.8, assigner=True)  # 'auto' needs training labels
+    weighting, counter = AnchorWeighting(config).to("cpu", dtype), AssignmentCounter().to("cpu", dtype)
+    criterion = build_size_aware_loss(model, weighting)
+    attach_counter(counter, stock_assigners(criterion))
+    assert {b.dtype for m in (weighting, counter) for b in m.buffers() if b.is_floating_point()} == {torch.float32}
+    with NoFloat64():
+        for _ in range(2):
+            loss, _ = criterion(preds, batch)
+            weighting.end_step(), counter.end_step()
+        weighting.epoch_stats(), counter.epoch_stats()
+    assert int(weighting.feedback.steps) == 2 and torch.isfinite(loss).all()

@@ -65,7 +65,8 @@ class FeedbackBalancer(nn.Module):
     def observe(self, samples: MatchedSamples) -> Tensor:
         """Add a loss call's sums to the step's; return which positives belong to small objects.
 
-        The box-loss sums are taken in ``samples.box_loss()``'s dtype, then kept in float64.
+        The box-loss sums are taken in ``samples.box_loss()``'s dtype, then kept in the state's (float64, float32
+        where the device holds no float64: ``yolo.trainer.running_sums_dtype``).
         """
         gt_small = samples.gt_areas < self.small_area
         small = gt_small[samples.gt_ids]
@@ -85,7 +86,7 @@ class FeedbackBalancer(nn.Module):
 
         Branch-free on the tensors, so a GPU step does not wait for the host.
         """
-        sums = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.r.device) for v in
+        sums = torch.stack([torch.as_tensor(v, dtype=self.r.dtype, device=self.r.device) for v in
                             (small_loss, total_loss, small_count, total_count)])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
@@ -40,6 +41,13 @@ def end_weighting_step(trainer: "SizeAwareTrainer") -> None:
     trainer.weighting.end_step()
 
 
+def running_sums_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype the weighting's and the counter's running sums take on ``device`` (None: their own float64).
+    Apple's MPS holds no float64, and moving a float64 buffer there raises, so there they are float32: exact
+    for counts up to 2^24, and a per-epoch mean to about seven digits."""
+    return torch.float32 if device.type == "mps" else None
+
+
 def install_weighting(trainer: "SizeAwareTrainer") -> None:
     """``on_pretrain_routine_end`` callback: the size-aware weights in the live model's criterion.
 
@@ -49,7 +57,7 @@ def install_weighting(trainer: "SizeAwareTrainer") -> None:
     before this, keeps a stock criterion, so validation losses compare between modes.
     """
     model = unwrap_model(trainer.model)
-    trainer.weighting.to(trainer.device)
+    trainer.weighting.to(trainer.device, running_sums_dtype(trainer.device))
     trainer.weighting.resolve_from_labels(trainer.train_loader.dataset.labels, trainer.args.imgsz)
     stock = getattr(model, "criterion", None) or model.init_criterion()
     model.criterion = install_size_aware_loss(stock, trainer.weighting)
@@ -74,7 +82,7 @@ def install_assignment_counter(trainer: "SizeAwareTrainer") -> None:
     model = unwrap_model(trainer.model)
     if getattr(model, "criterion", None) is None:
         model.criterion = model.init_criterion()  # what the model's first loss call would build
-    trainer.assignments.to(trainer.device)
+    trainer.assignments.to(trainer.device, running_sums_dtype(trainer.device))
     attach_counter(trainer.assignments, stock_assigners(model.criterion))
 
 
