@@ -245,6 +245,15 @@ def test_a_second_harness_does_not_train_a_run_another_one_is_training(tmp_path)
     assert not (tmp_path / "runs" / "baseline-s0").exists()
 
 
+def started_python(process: psutil.Process, parent_command: list[str]) -> bool:
+    """Whether a child process runs the harness's Python on a command of its own."""
+    try:
+        command = process.cmdline()
+    except psutil.NoSuchProcess:  # a short helper that has already ended
+        return False
+    return command[:1] == [sys.executable] and command != parent_command
+
+
 def test_stopping_the_harness_stops_the_training_it_started(tmp_path):
     env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0"}
     harness = subprocess.Popen(
@@ -253,11 +262,13 @@ def test_stopping_the_harness_stops_the_training_it_started(tmp_path):
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     # the harness imports Ultralytics before it starts the training: on a loaded machine that took over a
-    # minute; the loop ends as soon as the child exists
+    # minute. Importing it also runs short helpers (platform's `uname -p`), and a child caught between fork
+    # and exec still shows the harness's own command line: the loop waits for a Python child past both.
     deadline = time.monotonic() + 300
-    while not psutil.Process(harness.pid).children() and time.monotonic() < deadline:
+    training = []
+    while not training and time.monotonic() < deadline:
+        training = [p for p in psutil.Process(harness.pid).children() if started_python(p, harness.args)]
         time.sleep(0.1)
-    training = psutil.Process(harness.pid).children()
     commands = [p.cmdline()[1:4] for p in training]
     harness.terminate()  # what `kill PID` of a harness left in the background sends
     harness.wait(timeout=60)
