@@ -116,7 +116,21 @@ def test_a_known_optimizer_passes_the_early_check_silently(logged):
     assert parse_pairs(["optimizer=SGD", "task=detect", "mode=train"]) == {"optimizer": "SGD", "task": "detect",
                                                                            "mode": "train"}
     assert parse_pairs(["optimizer=auto"]) == {"optimizer": "auto"}
+    assert parse_pairs(["optimizer=MuSGD"]) == {"optimizer": "MuSGD"}  # the one that reads the model's last layer
     assert logged == []
+
+
+def test_a_check_failing_inside_a_library_is_one_line_and_does_no_work(capsys):
+    from yolo_sizeloss.checks import run_guarded
+
+    def check():
+        raise AttributeError("'Linear' object has no attribute 'model'")
+
+    worked = []
+    assert run_guarded("yolo-sizeloss train", check, worked.append, verbose=False) == 1
+    assert one_error_line(capsys) == ("yolo-sizeloss train: error: 'Linear' object has no attribute 'model' "
+                                      "(--verbose shows the traceback)")
+    assert worked == []
 
 
 def test_verbose_shows_the_traceback_and_keeps_the_exit_code(capsys):

@@ -64,8 +64,8 @@ def one_line(error: BaseException | str) -> str:
 def run_guarded(prog: str, check: Callable[[], Any], work: Callable[[Any], Any], verbose: bool) -> int:
     """Run ``work(check())`` and return the exit code: a ValueError or FileNotFoundError from ``check``
     (or a SettingsError from ``work``) is a usage error (exit 2, prefixed with ``prog``), a DataError
-    exit 1, any other failure of ``work`` exit 1 with a pointer to ``--verbose``; each one ``error:``
-    line, after the traceback when ``verbose``."""
+    exit 1, any other failure exit 1 with a pointer to ``--verbose``; each one ``error:`` line, after
+    the traceback when ``verbose``."""
 
     def report(error: Exception, code: int, hint: str = "") -> int:
         if verbose:  # the traceback, then the same line and exit code as without it
@@ -80,6 +80,8 @@ def run_guarded(prog: str, check: Callable[[], Any], work: Callable[[Any], Any],
         return report(e, 1)
     except (ValueError, FileNotFoundError) as e:  # LossConfigError is a ValueError
         return report(e, 2)
+    except Exception as e:  # a check that failed in a library it calls: still one line
+        return report(e, 1, " (--verbose shows the traceback)")
     try:
         work(checked)
     except SettingsError as e:

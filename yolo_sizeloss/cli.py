@@ -113,14 +113,23 @@ def parse_pairs(pairs: list[str]) -> dict[str, Any]:
     return parsed
 
 
+class OneLayerModel(torch.nn.Module):
+    """The smallest module shaped like an Ultralytics model (its layers in ``.model``): MuSGD's branch of
+    ``build_optimizer`` reads the last layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.ModuleList([torch.nn.Linear(1, 1)])
+
+
 def check_optimizer(name: Any) -> None:
-    """Ultralytics' own optimizer lookup (``BaseTrainer.build_optimizer``, on a one-weight module), which
+    """Ultralytics' own optimizer lookup (``BaseTrainer.build_optimizer``, on a one-layer model), which
     the trainer runs only after the run folder exists. ``auto`` needs the trainer's data and is always valid."""
     if str(name).lower() == "auto":
         return
     try:
         with ultralytics_dropping(lambda record: True):  # its line naming the optimizer it built
-            BaseTrainer.build_optimizer(None, torch.nn.Linear(1, 1), name=name)
+            BaseTrainer.build_optimizer(None, OneLayerModel(), name=name)
     except NotImplementedError as e:
         raise ValueError(f"'optimizer={name}': {one_line(e).split(' Request support')[0]}") from None
 
