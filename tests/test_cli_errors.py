@@ -384,6 +384,30 @@ def test_a_resume_whose_training_images_moved_is_one_line_and_writes_nothing(tmp
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["last.pt", "weights"]
 
 
+def test_resuming_a_checkpoint_older_than_the_runs_last_pt_is_refused(tmp_path, capsys):
+    # best.pt of an unfinished run keeps its optimizer: resumed, it cut results.csv back to its epoch and
+    # saved over the later last.pt
+    import torch
+
+    last = interrupted_run(tmp_path / "run", "bccd.yaml")  # epoch 1 (0-based): 2 epochs trained
+    best = last.parent / "best.pt"
+    ckpt = torch.load(last, weights_only=False)
+    ckpt["epoch"] = 0
+    torch.save(ckpt, best)
+    (tmp_path / "run" / "results.csv").write_text("epoch,time\n1,10\n2,20\n")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert train_main(["--resume", str(best)]) == 2
+    assert one_error_line(capsys) == (f"yolo-sizeloss train: error: --resume {best}: holds 1 trained epochs and the "
+                                      f"run's last.pt 2; resuming it would drop the later epochs: resume {last}, "
+                                      "or resume a copy of the run folder")
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    ckpt["epoch"] = 1  # best.pt of the latest epoch: the same point as last.pt
+    torch.save(ckpt, best)
+    from yolo_sizeloss.cli import build_yolo_parser, check_yolo_request
+
+    assert check_yolo_request(build_yolo_parser().parse_args(["--resume", str(best)])).overrides["resume"] == str(best)
+
+
 def test_a_resume_continues_in_the_folder_holding_the_checkpoint(tmp_path, capsys):
     from yolo_sizeloss.cli import build_yolo_parser, check_yolo_request
 

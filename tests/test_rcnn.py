@@ -625,6 +625,25 @@ def test_resuming_a_finished_run_is_one_line_and_writes_nothing(trained_run, tmp
 
 
 @pytest.mark.slow
+def test_resuming_a_checkpoint_older_than_the_runs_last_pt_is_refused(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    last = stopped_copy(trained_run, run)
+    best = run / "weights" / "best.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["train_args"]["epochs"] = 3
+    checkpoint["epoch"] = 1  # last.pt two epochs in, best.pt (with its optimizer) one
+    torch.save(checkpoint, last)
+    checkpoint["epoch"] = 0
+    torch.save(checkpoint, best)
+    before = folder_state(run)
+    assert train_main(["--resume", str(best)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"yolo-sizeloss train: error: --resume {best}: holds 1 trained epochs and the run's last.pt 2; resuming it "
+        f"would drop the later epochs: resume {last}, or resume a copy of the run folder")
+    assert folder_state(run) == before
+
+
+@pytest.mark.slow
 def test_a_resume_whose_data_yaml_is_gone_is_one_line_naming_it_and_writes_nothing(trained_run, tmp_path, capsys):
     run, gone = tmp_path / "run", tmp_path / "gone" / "data.yaml"
     last = stopped_copy(trained_run, run, data=str(gone))  # its data moved since

@@ -25,6 +25,7 @@ from ultralytics.data.utils import check_det_dataset, img2label_paths
 from ultralytics.nn.tasks import guess_model_task
 from ultralytics.utils import LOGGER
 
+from yolo_sizeloss.checkpoints import load_checkpoint
 from yolo_sizeloss.detections import load_split, split_image_files, training_box_sizes
 from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.paths import resolve_data
@@ -155,6 +156,25 @@ def resumed_run_folder(resume: str) -> Path:
         raise ValueError(f"--resume {resume}: a resumed run continues in its run folder, and this checkpoint "
                          "is not in one (RUN/weights/last.pt)")
     return last.parent.parent
+
+
+def check_resume_is_latest(resume: str, epoch: int) -> None:
+    """A checkpoint ``--resume`` names other than its run's ``weights/last.pt`` (``best.pt`` and saved
+    epochs keep their optimizer while the run trains) must not be older than last.pt: resuming it would
+    cut results.csv back to its epoch and save over the later last.pt. Either family (``epoch``: the
+    0-based epoch a checkpoint finished); an unreadable last.pt is no objection, as it may be the reason
+    for resuming another checkpoint."""
+    given = Path(resume).resolve()
+    last = given.parent / "last.pt"
+    if given == last or not last.is_file():
+        return
+    try:
+        latest = load_checkpoint(last)["epoch"]
+    except (ValueError, KeyError):
+        return
+    if isinstance(latest, int) and latest > epoch:
+        raise ValueError(f"--resume {resume}: holds {epoch + 1} trained epochs and the run's last.pt {latest + 1}; "
+                         f"resuming it would drop the later epochs: resume {last}, or resume a copy of the run folder")
 
 
 def check_resumed_epochs(epochs: int | None, trained: int) -> None:

@@ -34,6 +34,7 @@ from yolo_sizeloss.checks import (
     check_detection_network,
     check_nwd_needs,
     check_output_folder,
+    check_resume_is_latest,
     check_resumed_data,
     check_resumed_epochs,
     check_run_flags,
@@ -239,6 +240,7 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
         last = Path(args.resume).resolve()
         ckpt = read_resume_checkpoint(args.resume)
         check_yolo_resume(args, ckpt)
+        check_resume_is_latest(args.resume, ckpt["epoch"])
         # Ultralytics would continue in the folder the checkpoint was first saved to, so a run folder moved
         # or copied elsewhere would write into the original (or make it again)
         run_dir = resumed_run_folder(args.resume)

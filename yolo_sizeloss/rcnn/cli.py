@@ -23,6 +23,7 @@ from yolo_sizeloss.checks import (
     OneLineParser,
     check_nwd_needs,
     check_output_folder,
+    check_resume_is_latest,
     check_resumed_data,
     check_run_flags,
     check_run_name,
@@ -220,6 +221,7 @@ def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:
         run = resumed_args(checkpoint, args)
     except (KeyError, TypeError) as e:
         raise DataError(f"--resume {args.resume}: not a Faster R-CNN training checkpoint (no {one_line(e)})") from e
+    check_resume_is_latest(args.resume, checkpoint["epoch"])
     check_resumed_data(args.resume, run.data)
     if any(getattr(args, k) is not None for k in LOSS_FLAGS):
         note = check_resumed_loss(checkpoint["loss"], loss_config(args, loss_name(checkpoint["loss"])),
