@@ -565,3 +565,19 @@ def test_train_help_names_the_shipped_run_defaults(capsys, arch):
     for key, value in run_defaults(arch).items():
         entry = next(e for e in entries if re.match(rf"\s*--{key.replace('_', '-')}\b", e))
         assert re.search(rf"default {value}\b", " ".join(entry.split())), (key, entry)
+
+
+def test_a_project_given_with_a_tilde_is_the_home_folder_for_train_and_val(tmp_path, monkeypatch):
+    # `--project=~/runs` reaches the command unexpanded; the check looked in the home folder while the run
+    # was written to a folder named '~' in the working directory
+    from yolo_sizeloss import validate
+    from yolo_sizeloss.cli import build_yolo_parser, check_yolo_request
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    request = check_yolo_request(build_yolo_parser().parse_args(["--project=~/runs"]))
+    assert request.overrides["project"] == str(tmp_path / "home" / "runs")
+    val_args = validate.build_parser().parse_args(["--model", str(FINISHED), "--data", "bccd.yaml", "--project=~/val"])
+    assert validate.check_args(val_args).project == str(tmp_path / "home" / "val")
+    assert not (tmp_path / "~").exists()

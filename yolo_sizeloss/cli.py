@@ -270,7 +270,7 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
         **settings,
         "model": model,
         "data": data,
-        "project": str(Path(project).resolve()),
+        "project": str(Path(project).expanduser().resolve()),  # `--project=~/x` is not expanded by the shell
         "name": args.name or args.loss or "baseline",
         "exist_ok": args.exist_ok,
     }

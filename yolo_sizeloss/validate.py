@@ -188,7 +188,10 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
     else:
         check_detection_network(yolo_module(checkpoint), args.model, "val evaluates")
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(ValRequest) if hasattr(args, f.name)}
-    return ValRequest(**{**flags, "data": data, "checkpoint": checkpoint, "kind": kind})
+    # `--project=~/x` reaches here unexpanded (the shell expands a ~ only at a word's start), and Ultralytics
+    # would make a folder named '~' where check_output_folder checked the home folder
+    project = str(Path(args.project).expanduser())
+    return ValRequest(**{**flags, "project": project, "data": data, "checkpoint": checkpoint, "kind": kind})
 
 
 def detections_for(args: ValRequest, records: list[ImageRecord], save_dir: Path) -> tuple[list[ImageRecord], dict]:
