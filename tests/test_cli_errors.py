@@ -581,3 +581,26 @@ def test_a_project_given_with_a_tilde_is_the_home_folder_for_train_and_val(tmp_p
     val_args = validate.build_parser().parse_args(["--model", str(FINISHED), "--data", "bccd.yaml", "--project=~/val"])
     assert validate.check_args(val_args).project == str(tmp_path / "home" / "val")
     assert not (tmp_path / "~").exists()
+
+
+def test_a_val_split_with_two_images_of_one_stem_is_refused_before_the_stock_validator_writes(tmp_path, capsys):
+    # Ultralytics names predictions by file stem: the clash was found only after the whole validation
+    from yolo_sizeloss.validate import main as val_main
+
+    def second_folder(root):
+        (root / "images" / "val2").mkdir()
+        (root / "labels" / "val2").mkdir()
+        image = sorted((root / "images" / "val").glob("*.jpg"))[0]
+        shutil.copy(image, root / "images" / "val2")
+        shutil.copy(root / "labels" / "val" / f"{image.stem}.txt", root / "labels" / "val2")
+        text = (root / "data.yaml").read_text().replace("val: images/val", "val: [images/val, images/val2]")
+        (root / "data.yaml").write_text(text)
+
+    data = tiny_bccd(tmp_path / "data", second_folder)
+    stem = sorted((tmp_path / "data" / "images" / "val").glob("*.jpg"))[0].stem
+    project = tmp_path / "runs"
+    assert val_main(["--model", str(FINISHED), "--data", str(data), "--split", "val", "--project", str(project)]) == 1
+    error = one_error_line(capsys)
+    assert error.startswith(f"yolo-sizeloss val: error: --data {data}: split 'val': images ")
+    assert error.endswith(f"share the id '{stem}' (Ultralytics names predictions by file stem): rename one")
+    assert not project.exists()

@@ -97,6 +97,19 @@ def coco_image_id(file: str) -> int | str:
     return int(stem) if stem.isnumeric() else stem
 
 
+def coco_image_index(records: list[ImageRecord]) -> dict[int | str, int]:
+    """Each record's position by ``coco_image_id`` of its file; two files with the same id (the same stem
+    in two folders of a split) are a ValueError naming both, as their predictions could not be told apart."""
+    index: dict[int | str, int] = {}
+    for i, record in enumerate(records):
+        key = coco_image_id(record.file)
+        if key in index:
+            raise ValueError(f"images {records[index[key]].file} and {record.file} share the id {key!r} (Ultralytics "
+                             "names predictions by file stem): rename one")
+        index[key] = i
+    return index
+
+
 def attach_coco_predictions(
     records: list[ImageRecord], predictions: list[dict], category_to_class: dict[int, int]
 ) -> list[ImageRecord]:
@@ -105,12 +118,7 @@ def attach_coco_predictions(
     Images are matched by ``coco_image_id`` of their file; a prediction for an unknown image or
     category raises ValueError, as do two records with the same id.
     """
-    index = {}
-    for i, record in enumerate(records):
-        key = coco_image_id(record.file)
-        if key in index:
-            raise ValueError(f"two images share the id {key!r}; predictions cannot be assigned unambiguously")
-        index[key] = i
+    index = coco_image_index(records)
     per_image: list[list[dict]] = [[] for _ in records]
     for p in predictions:
         if p["image_id"] not in index:

@@ -52,6 +52,7 @@ from yolo_sizeloss.evaluation import (
     COCO_MAX_DET,
     FRAMES,
     attach_coco_predictions,
+    coco_image_index,
     evaluate_records,
     format_edge,
     letterbox_scales,
@@ -315,6 +316,11 @@ def run_report(args: ValRequest) -> Path:
         raise DataError(one_line(e)) from e
     names = [data["names"][k] for k in range(len(data["names"]))]
     check_trained_names(args, names)
+    if args.kind != RCNN_ARCH:  # checked before the stock validator writes its output
+        try:
+            coco_image_index(records)
+        except ValueError as e:
+            raise DataError(f"--data {args.data}: split '{args.split}': {one_line(e)}") from e
     save_dir = increment_path(Path(args.project) / args.name, exist_ok=args.exist_ok)
     records, meta = detections_for(args, records, save_dir)
     scales = letterbox_scales(records, meta["imgsz"])
