@@ -16,13 +16,14 @@ VARIANTS_DIR = CFG_DIR / "variants"
 RUN_DEFAULTS_FILE = CFG_DIR / "defaults.yaml"
 
 
-def resolve_shipped(name: str | Path, folder: Path, what: str) -> Path:
+def resolve_shipped(name: str | Path, shipped: dict[str, Path], what: str) -> Path:
     """Return the absolute path of a file a user names.
 
     A file in the working directory wins (a bare name without a suffix also as ``NAME.yaml``, as the
-    shipped ones are looked up); otherwise a bare name such as ``bccd.yaml`` or ``bccd`` is looked up in
-    the package's ``folder``. A name with a folder in it is a path only: a missing ``old/bccd.yaml`` must
-    not become the shipped one. Raises FileNotFoundError naming every place that was tried.
+    shipped ones are looked up); otherwise a bare name such as ``bccd.yaml`` or ``bccd`` is looked up
+    among the package's ``shipped`` files (by file name). A name with a folder in it is a path only: a
+    missing ``old/bccd.yaml`` must not become the shipped one. Raises FileNotFoundError naming every
+    place that was tried.
     """
     path = Path(name).expanduser()
     bare = str(name) == path.name
@@ -30,7 +31,7 @@ def resolve_shipped(name: str | Path, folder: Path, what: str) -> Path:
     if bare:
         if not path.suffix:
             candidates.append(path.with_suffix(".yaml"))
-        candidates += [folder / path.name, folder / f"{path.name}.yaml"]
+        candidates += [shipped[n] for n in (path.name, f"{path.name}.yaml") if n in shipped]
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
@@ -42,7 +43,7 @@ def resolve_shipped(name: str | Path, folder: Path, what: str) -> Path:
 
 def resolve_data(data: str | Path) -> str:
     """A data yaml's absolute path: a path, or a name shipped in ``cfg/`` (``bccd.yaml``, ``bccd``)."""
-    return str(resolve_shipped(data, CFG_DIR, "data yaml"))
+    return str(resolve_shipped(data, shipped_data(), "data yaml"))  # not the run defaults beside them
 
 
 def run_data_path(stored: str) -> str:
@@ -60,7 +61,7 @@ def resolve_loss_cfg(settings: str | Path) -> Path:
     """A ``--loss-cfg`` file's absolute path: a path, or a variant shipped in ``cfg/variants``
     (``box_only``, ``gt_areas.yaml``); the FileNotFoundError lists the shipped variants."""
     try:
-        return resolve_shipped(settings, VARIANTS_DIR, "loss settings")
+        return resolve_shipped(settings, shipped_variant_files(), "loss settings")
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}; shipped variants: {', '.join(shipped_variants())}") from None
 
