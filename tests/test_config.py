@@ -62,6 +62,12 @@ def test_override_file_changes_only_what_it_names(tmp_path):
                                               r"baseline; select it with --loss nwd\)"),
         ("plb", "plb:\n  source: gt\nfocal:\n  gamma: 2\n", r"o\.yaml:3: unknown method 'focal' \(valid: feedback, scb"),
         ("plb", "plb: [1, 2\n", r"o\.yaml:\d+: not valid YAML"),
+        # PyYAML reads an exponent without a dot and a sign as text; the error said "out of range"
+        ("nwd", "nwd:\n  ratio: 0.5\n  constant: 1e1\n", r"o\.yaml:3: nwd\.constant = '1e1' is text to YAML, which "
+                                                      r"reads an exponent as a number only with a dot and a sign: "
+                                                      r"write 10\.0$"),
+        # an int too large for a float raised OverflowError, a traceback past the one-line error
+        ("feedback", "feedback:\n  g_max: 1" + "0" * 400 + "\n", r"o\.yaml:2: feedback\.g_max = 10+ is out of range"),
     ],
 )
 def test_override_errors_name_file_line_and_range(tmp_path, spec, text, message):

@@ -9,6 +9,7 @@ Every error names the file, the line and the allowed range, and is raised before
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,10 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple[str, ...], int]]:
     return data, lines
 
 
+# 1e3 and 2E-4: numbers to Python and YAML 1.2, text to PyYAML (YAML 1.1 wants 1.0e+3)
+YAML_TEXT_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _merge_section(
     target: dict, method: str, section: Any, path: Path | str, lines: dict[tuple[str, ...], int]
 ) -> None:
@@ -88,6 +93,9 @@ def _merge_section(
         if key not in schema:
             raise LossConfigError(f"{where(str(key))}: unknown key '{method}.{key}' (known: {', '.join(schema)})")
         ok, allowed = schema[key](value)
+        if not ok and isinstance(value, str) and YAML_TEXT_EXPONENT.fullmatch(value):
+            raise LossConfigError(f"{where(str(key))}: {method}.{key} = {value!r} is text to YAML, which reads an "
+                                  f"exponent as a number only with a dot and a sign: write {float(value)!r}")
         if not ok:
             raise LossConfigError(f"{where(str(key))}: {method}.{key} = {value!r} is out of range: must be {allowed}")
         target[key] = value

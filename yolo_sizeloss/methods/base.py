@@ -43,8 +43,13 @@ def number(check: Callable[[float], bool], allowed: str) -> Validator:
     """A finite int or float (not a bool) for which ``check`` holds."""
 
     def validate(value: Any) -> tuple[bool, str]:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return ok and check(value), allowed
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False, allowed
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int too large for a float
+            return False, allowed
+        return finite and check(value), allowed
 
     return validate
 
