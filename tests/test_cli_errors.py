@@ -494,6 +494,27 @@ def test_a_loss_cfg_alone_on_resume_is_read_for_the_runs_own_methods(tmp_path, c
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["last.pt", "loss.yaml", "weights"]
 
 
+def test_a_new_imgsz_on_resume_is_refused_where_nwd_was_resolved_from_the_boxes(tmp_path, capsys):
+    # resolved again at another size, the assigner decision and NWD's constant could change mid-run
+    import torch
+
+    from yolo_sizeloss.cli import build_yolo_parser, check_yolo_request
+    from yolo_sizeloss.config import load_loss_config, write_loss_record
+
+    last = interrupted_run(tmp_path / "run", "bccd.yaml")
+    trained = torch.load(last, weights_only=False)["train_args"]["imgsz"]
+    write_loss_record(tmp_path / "run", load_loss_config("assigner_auto"))
+    assert train_main(["--resume", str(last), "--imgsz", str(trained + 32)]) == 2
+    assert one_error_line(capsys) == (f"yolo-sizeloss train: error: --imgsz {trained + 32}: the run's nwd settings were "
+                                      f"resolved from its boxes at imgsz {trained} and a resume keeps them; start a "
+                                      "new run to train at another size")
+    same = check_yolo_request(build_yolo_parser().parse_args(["--resume", str(last), "--imgsz", str(trained)]))
+    assert same.overrides["imgsz"] == trained
+    write_loss_record(tmp_path / "run", {})  # the stock loss: Ultralytics' own resume at a new size
+    larger = check_yolo_request(build_yolo_parser().parse_args(["--resume", str(last), "--imgsz", str(trained + 32)]))
+    assert larger.overrides["imgsz"] == trained + 32
+
+
 def test_a_run_on_the_shipped_data_resumes_after_the_package_moved(tmp_path):
     import argparse
 

@@ -57,6 +57,7 @@ from yolo_sizeloss.config import (
     run_defaults,
 )
 from yolo_sizeloss.detections import first_fraction
+from yolo_sizeloss.methods.nwd import needs_training_boxes
 from yolo_sizeloss.paths import resolve_shipped_file, run_data_path, shipped_variants
 from yolo_sizeloss.rcnn import cli as rcnn_cli
 from yolo_sizeloss.yolo.trainer import SizeAwareTrainer
@@ -228,6 +229,16 @@ def check_yolo_model(model: str, flag: str = "--model") -> str:
     return str(Path(model).resolve()) if Path(model).is_file() else model
 
 
+def check_resumed_imgsz(imgsz: int | None, trained: int | None, saved: dict | None) -> None:
+    """A new ``--imgsz`` on resume (Ultralytics allows one) is refused where the run's ``nwd`` settings were
+    resolved from its training boxes at the old size: resolved again, NWD's constant, its assigner or NWD
+    itself could change mid-run, while the loss record says the loss is the same."""
+    nwd = (saved or {}).get("nwd")
+    if imgsz is not None and imgsz != trained and nwd is not None and needs_training_boxes(nwd):
+        raise ValueError(f"--imgsz {imgsz}: the run's nwd settings were resolved from its boxes at imgsz {trained} "
+                         "and a resume keeps them; start a new run to train at another size")
+
+
 def check_yolo_request(args: argparse.Namespace) -> YoloRun:
     """Every check of a YOLO ``train`` request, in the order a user fixes them; nothing is written."""
     if args.loss is not None:
@@ -251,6 +262,7 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
         if args.loss is not None or args.loss_cfg is not None:  # it must be the run's own loss; a --loss-cfg
             loss_config = load_loss_config(args.loss or loss_name(saved), args.loss_cfg)  # alone sets its settings
             check_resumed_loss(saved, loss_config, f"--resume {args.resume}")
+        check_resumed_imgsz(args.imgsz, ckpt["train_args"].get("imgsz"), saved)
         overrides = {**pairs, **{k: given[k] for k in RESUME_FLAGS if k in given}, "resume": str(last),
                      "model": str(last), "save_dir": str(run_dir)}
         if data != stored:  # the shipped data of a package since moved (paths.run_data_path); the stock
