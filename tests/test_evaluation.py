@@ -269,18 +269,30 @@ def test_detections_file_keeps_what_a_paired_comparison_needs(tmp_path):
     path = write_detections(tmp_path / "detections.json.gz", RunDetections([a, b], np.array([0.65, 1.0]), NAMES))
     packed = path.read_bytes()
     assert packed[:2] == b"\x1f\x8b" and packed[4:8] == bytes(4)  # gzip, mtime 0: the same run gives the same bytes
-    assert len(gzip.decompress(packed)) < 400  # compact: one line, rounded numbers
+    text = gzip.decompress(packed).decode()
+    assert len(text) < 400 and "10.123,20.456,30.789,40.001,2" in text  # compact: shortest decimals
     run = load_detections(tmp_path)
     assert run.names == NAMES and run.input_scales.tolist() == [0.65, 1.0]
     first, second = run.records
     assert (first.file, first.width, first.height) == ("img.jpg", W, H)
-    np.testing.assert_allclose(first.gt_boxes, [[10.12, 20.46, 30.79, 40.0]])
-    np.testing.assert_allclose(first.pred_boxes, [[10.13, 20.4, 30.7, 40.0]])
-    assert first.pred_scores.tolist() == [pytest.approx(0.1235)] and first.pred_classes.tolist() == [2]
+    # exactly the float32 values the report was computed from
+    assert np.array_equal(first.gt_boxes, a.gt_boxes) and np.array_equal(first.pred_boxes, a.pred_boxes)
+    assert np.array_equal(first.pred_scores, a.pred_scores) and first.pred_classes.tolist() == [2]
     assert first.gt_classes.dtype == np.int64 and first.pred_boxes.dtype == np.float32
     assert second.gt_boxes.shape == (0, 4) and second.pred_boxes.shape == (0, 4) and second.pred_scores.shape == (0,)
     with pytest.raises(FileNotFoundError, match="no detections.json.gz"):
         load_detections(tmp_path / "elsewhere")
+
+
+def test_recall_from_a_detections_file_is_the_reports(tmp_path):
+    # a score just under the 0.3 threshold, rounded to 1e-4, crossed it: the file's recall counted a hit
+    # the report had not (aerial cars: 198 small hits against the report's 197)
+    scene = record([[10, 10, 30, 30]], [0], [[10, 10, 30, 30]], [0], [0.29996])
+    run = RunDetections([scene], np.array([1.0]), NAMES)
+    write_detections(tmp_path / "detections.json.gz", run)
+    [loaded] = load_detections(tmp_path).records
+    assert recall_by_size([loaded], np.ones(1), COCO_EDGES) == recall_by_size([scene], np.ones(1), COCO_EDGES)
+    assert recall_by_size([loaded], np.ones(1), COCO_EDGES)["0.3"]["all"]["hits"] == 0
 
 
 def test_a_detections_file_written_before_compression_still_loads(tmp_path):

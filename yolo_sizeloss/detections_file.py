@@ -33,15 +33,24 @@ class RunDetections:
     names: list[str]
 
 
+def exact_float32(values) -> np.ndarray:
+    """float64 copies of ``values`` as float32, each the shortest decimal that reads back as the same
+    float32. Rounding to fixed decimals moved a score of 0.29996 to 0.3 and a box across IoU 0.5, so
+    that a paired comparison recomputed from the file counted other hits than the report it came from."""
+    single = np.asarray(values, dtype=np.float32)
+    shortest = [float(np.format_float_positional(v, unique=True)) for v in single.ravel()]
+    return np.array(shortest, dtype=np.float64).reshape(single.shape)
+
+
 def write_detections(path: Path, run: RunDetections) -> Path:
     """Write ``run`` as gzip-compressed compact JSON: per image its file, size, input scale, ``gt``
-    rows ``[x1, y1, x2, y2, class]`` and ``pred`` rows ``[x1, y1, x2, y2, score, class]``; boxes
-    rounded to 0.01 px and scores to 1e-4."""
+    rows ``[x1, y1, x2, y2, class]`` and ``pred`` rows ``[x1, y1, x2, y2, score, class]``; boxes and
+    scores as the float32 values ``load_detections`` reads back, each in its shortest decimal form."""
     images = []
     for record, scale in zip(run.records, run.input_scales, strict=True):
-        gt = np.round(np.asarray(record.gt_boxes, dtype=np.float64).reshape(-1, 4), 2).tolist()
-        boxes = np.round(np.asarray(record.pred_boxes, dtype=np.float64).reshape(-1, 4), 2).tolist()
-        scores = np.round(np.asarray(record.pred_scores, dtype=np.float64), 4).tolist()
+        gt = exact_float32(record.gt_boxes).reshape(-1, 4).tolist()
+        boxes = exact_float32(record.pred_boxes).reshape(-1, 4).tolist()
+        scores = exact_float32(record.pred_scores).tolist()
         images.append({
             "file": record.file, "width": record.width, "height": record.height, "scale": float(scale),
             "gt": [[*box, int(c)] for box, c in zip(gt, record.gt_classes)],
