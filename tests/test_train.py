@@ -77,7 +77,7 @@ def test_every_mode_trains_and_records_its_loss(trained_runs, loss, model):
     assert 0 <= float(row["assign/small_no_pos_share"]) <= 1
     assert 0 <= float(row["assign/no_pos_share"]) <= 1
     # each class's val AP50-95 of the epoch; Ultralytics' mAP50-95 is their mean over the classes val holds, up to
-    # its validator's rounding to 5 decimals (4.2446e-05 was written 4e-05) and ours of each class to 6
+    # its validator's rounding to 5 decimals (4.2446e-05 was written 4e-05) and results.csv's 6 significant digits
     class_ap = [float(row[f"val/AP50-95 {name}"]) for name in ("RBC", "WBC", "Platelets")]
     assert np.nanmean(class_ap) == pytest.approx(float(row["metrics/mAP50-95(B)"]), abs=5e-6 + 5e-7)
     if loss == "baseline":
