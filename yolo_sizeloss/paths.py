@@ -16,6 +16,11 @@ VARIANTS_DIR = CFG_DIR / "variants"
 RUN_DEFAULTS_FILE = CFG_DIR / "defaults.yaml"
 
 
+def shipped_named(name: str, shipped: dict[str, Path]) -> list[Path]:
+    """The ``shipped`` files (by file name) a bare ``name`` names: itself, then ``NAME.yaml``."""
+    return [shipped[key] for key in (name, f"{name}.yaml") if key in shipped]
+
+
 def resolve_shipped(name: str | Path, shipped: dict[str, Path], what: str) -> Path:
     """Return the absolute path of a file a user names.
 
@@ -31,7 +36,7 @@ def resolve_shipped(name: str | Path, shipped: dict[str, Path], what: str) -> Pa
     if bare:
         if not path.suffix:
             candidates.append(path.with_suffix(".yaml"))
-        candidates += [shipped[n] for n in (path.name, f"{path.name}.yaml") if n in shipped]
+        candidates += shipped_named(path.name, shipped)
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
@@ -88,8 +93,7 @@ def resolve_shipped_file(name: str) -> Path:
     # a bare name only: an absolute or relative path would resolve outside the package (/etc/passwd)
     if Path(name).name == name not in ("", ".", ".."):
         for shipped in (shipped_data(), shipped_variant_files()):
-            for key in (name, f"{name}.yaml"):
-                if key in shipped:
-                    return shipped[key].resolve()
+            for found in shipped_named(name, shipped):
+                return found.resolve()
     raise FileNotFoundError(f"{name!r} is not shipped (data: {', '.join(shipped_data())}; "
                             f"loss variants: {', '.join(shipped_variants())})")
