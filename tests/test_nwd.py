@@ -13,7 +13,7 @@ from ultralytics.utils.loss import BboxLoss, E2ELoss, v8DetectionLoss
 from ultralytics.utils.tal import TaskAlignedAssigner, make_anchors
 
 from yolo_sizeloss.config import LossConfigError, load_loss_config
-from yolo_sizeloss.methods.nwd import assigner_epochs
+from yolo_sizeloss.methods.nwd import assigner_window
 from yolo_sizeloss.yolo.loss import (
     AnchorWeighting,
     MeasureBboxLoss,
@@ -21,8 +21,8 @@ from yolo_sizeloss.yolo.loss import (
     WeightedBboxLoss,
     build_size_aware_loss,
     install_size_aware_loss,
+    stage_overlap,
     training_label_sizes,
-    use_stock_overlap,
 )
 
 from test_loss import bccd_batch, build_model, same_items
@@ -38,7 +38,7 @@ def nwd_config(spec="nwd", **settings) -> dict:
 # --- settings -----------------------------------------------------------------------------------
 
 def test_defaults_and_combination_with_a_weighting():
-    assert load_loss_config("nwd") == {"nwd": {"ratio": 0.5, "constant": "auto", "assigner": True, "assigner_until": 1.0,
+    assert load_loss_config("nwd") == {"nwd": {"ratio": 0.5, "constant": "auto", "assigner": True, "assigner_from": 0.0, "assigner_until": 1.0,
                                                "box_measure": "nwd", "safit_spread": 32, "small_area": 1024, "max_small_share": 1.0,
                                                "normaliser": "assigned", "box_weights": "assigned",
                                                "rcnn_terms": ["rpn_box"]}}  # rcnn_terms: Faster R-CNN's
@@ -50,7 +50,7 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
     path = tmp_path / "o.yaml"
     path.write_text("nwd:\n  constant: 12.8\n  ratio: 1\n  assigner: false\n")
     assert load_loss_config("nwd", path)["nwd"] == {"ratio": 1, "constant": 12.8, "assigner": False,
-                                                    "assigner_until": 1.0, "box_measure": "nwd", "safit_spread": 32, "small_area": 1024,
+                                                    "assigner_from": 0.0, "assigner_until": 1.0, "box_measure": "nwd", "safit_spread": 32, "small_area": 1024,
                                                     "max_small_share": 1.0, "normaliser": "assigned",
                                                     "box_weights": "assigned", "rcnn_terms": ["rpn_box"]}
 
@@ -67,8 +67,12 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
         ("nwd:\n  assigner: 1\n", r"o\.yaml:2: nwd\.assigner = 1 .*true, false, auto or a measure: safit, simd"),
         ("nwd:\n  small_area: 0\n", r"o\.yaml:2: nwd\.small_area = 0 .*a number > 0"),
         ("nwd:\n  assigner_until: 0\n", r"o\.yaml:2: nwd\.assigner_until = 0 .*a number in \(0, 1\]"),
+        ("nwd:\n  assigner_from: 1\n", r"o\.yaml:2: nwd\.assigner_from = 1 .*a number in \[0, 1\)"),
+        # each allowed alone, not together: the line of the setting the file gives
+        ("nwd:\n  ratio: 1\n  assigner_from: 0.5\n  assigner_until: 0.5\n",
+         r"o\.yaml:3: nwd\.assigner_from \(0\.5\) must be below nwd\.assigner_until \(0\.5\)"),
         ("nwd:\n  terms: [box]\n",
-         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, assigner_until, box_measure, safit_spread, small_area, max_small_share, normaliser, box_weights, rcnn_terms\)"),
+         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, assigner_from, assigner_until, box_measure, safit_spread, small_area, max_small_share, normaliser, box_weights, rcnn_terms\)"),
         ("nwd:\n  box_measure: giou\n", r"o\.yaml:2: nwd\.box_measure = 'giou' .*one of nwd, safit, simd"),
     ],
 )
@@ -77,6 +81,17 @@ def test_bad_settings_name_file_line_and_range(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(LossConfigError, match=message):
         load_loss_config("nwd", path)
+
+
+def test_an_empty_assigner_window_is_refused_after_every_file_is_merged(tmp_path):
+    """The shipped late mode starts SAFit at a third of the epochs; a settings file that ends it before that
+    is refused on its own line, though either value is allowed alone."""
+    path = tmp_path / "o.yaml"
+    path.write_text("nwd:\n  ratio: 1\n  assigner_until: 0.3\n")
+    with pytest.raises(LossConfigError, match=r"o\.yaml:3: nwd\.assigner_from \(0\.33\) must be below "
+                                              r"nwd\.assigner_until \(0\.3\)"):
+        load_loss_config("safit_sharp_auto_late", path)
+    assert load_loss_config("safit_sharp_auto_late")["nwd"]["assigner_from"] == 0.33
 
 
 def test_auto_constant_is_the_mean_absolute_size_in_input_pixels():
@@ -288,34 +303,41 @@ def test_nwd_overlap_raises_the_poorly_fitted_small_objects_target_scores():
 
 # --- real training ------------------------------------------------------------------------------
 
-def test_assigner_epochs_are_the_first_share_of_the_schedule():
+def test_assigner_window_is_a_share_of_the_schedule():
     settings = load_loss_config("nwd")["nwd"]
-    assert assigner_epochs(settings, 60) == 60  # 1, the paper's: the whole training
-    assert assigner_epochs({**settings, "assigner_until": 1 / 3}, 60) == 20
-    assert assigner_epochs({**settings, "assigner_until": 0.33}, 100) == 33
-    assert assigner_epochs({**settings, "assigner_until": 0.01}, 10) == 1  # at least the first epoch
-    assert [assigner_epochs({**settings, "assigner_until": 0.5}, n) for n in (5, 7)] == [3, 4]  # halves round up
+    assert assigner_window(settings, 60) == (0, 60)  # the paper's: the whole training
+    assert assigner_window({**settings, "assigner_until": 1 / 3}, 60) == (0, 20)
+    assert assigner_window({**settings, "assigner_until": 0.33}, 100) == (0, 33)
+    assert assigner_window({**settings, "assigner_until": 0.01}, 10) == (0, 1)  # at least the first epoch
+    assert [assigner_window({**settings, "assigner_until": 0.5}, n) for n in (5, 7)] == [(0, 3), (0, 4)]  # halves up
+    late = {**settings, "assigner_from": 0.33}
+    assert assigner_window(late, 60) == (20, 60) and assigner_window(late, 2) == (1, 2)  # 19.8, 0.66 round up
+    assert assigner_window({**late, "assigner_until": 0.34}, 10) == (3, 4)  # 3.3 and 3.4 both round to 3: one epoch
+    assert assigner_window({**settings, "assigner_from": 0.9}, 1) == (0, 1)  # a one-epoch run has only epoch 0
 
 
-def test_after_assigner_until_the_assigner_measures_by_the_stock_ciou():
-    """``use_stock_overlap`` on a criterion whose assigner measures by SAFit (normaliser held): from then on its loss
-    is, bit for bit, that of the same settings with ``assigner: false`` (the stock CIoU ranks, and the two sums
-    are one), and the weighting knows."""
+def test_staging_the_assigner_switches_between_its_measure_and_the_stock_ciou():
+    """``stage_overlap`` off on a criterion whose assigner measures by SAFit (normaliser held): from then on its
+    loss is, bit for bit, that of the same settings with ``assigner: false`` (the stock CIoU ranks, and the two
+    sums are one), and the weighting knows; on again (``nwd.assigner_from``), the SAFit loss is back bit for bit."""
     model = build_model("yolov8n.yaml")
     batch = bccd_batch()
     preds = model(batch["img"])
     settings = {**load_loss_config("safit_sharp_auto_norm")["nwd"], "constant": 40.0, "max_small_share": 1.0}
     staged = AnchorWeighting({"nwd": settings})
     criterion = build_size_aware_loss(model, staged)
-    assert staged.holds_normaliser and staged.nwd.overlap() is not None
-    before, _ = criterion(preds, batch)
-    use_stock_overlap(criterion, staged)
+    assert staged.holds_normaliser and staged.assigner_measures
+    before, before_items = criterion(preds, batch)
+    stage_overlap(criterion, staged, False)
     after, after_items = criterion(preds, batch)
     expected, expected_items = build_size_aware_loss(model, AnchorWeighting({"nwd": {**settings, "assigner": False}}))(
         preds, batch)
-    assert not staged.holds_normaliser and staged.nwd.overlap() is None
+    assert not staged.holds_normaliser and not staged.assigner_measures
     assert torch.equal(after, expected) and same_items(after_items, expected_items)
     assert not torch.equal(before, after)  # SAFit had ranked otherwise
+    stage_overlap(criterion, staged, True)
+    again, again_items = criterion(preds, batch)
+    assert staged.holds_normaliser and torch.equal(again, before) and same_items(again_items, before_items)
 
 
 @pytest.mark.slow
@@ -338,11 +360,15 @@ def test_nwd_modes_train_and_leave_stock_checkpoints(bccd_subset, tmp_path):
     # (nwd.box_weights), and NWD ranking anchors in the first of two epochs only (nwd.assigner_until)
     held = tmp_path / "held.yaml"
     held.write_text("nwd:\n  normaliser: ciou\n  box_weights: ciou\n  assigner_until: 0.5\n")
+    # and the reverse, the stock CIoU in the first of two epochs (nwd.assigner_from), SAFit in the second
+    late = tmp_path / "late.yaml"
+    late.write_text("nwd:\n  normaliser: ciou\n  assigner_from: 0.5\n")
     bests = []
     for name, loss, variant in (("nwd", "nwd", None), ("nwd+feedback", "nwd+feedback", "assigner_auto"),
-                                ("held", "nwd", held)):
+                                ("held", "nwd", held), ("late", "nwd", late)):
         code = train_main(["--data", str(bccd_subset), "--loss", loss, "--model", "yolov8n.yaml", "--project",
-                           str(tmp_path), "--name", name, "--epochs", "2" if name == "held" else "1", "--imgsz", str(TRAIN_IMGSZ), "--batch", "8",
+                           str(tmp_path), "--name", name, "--epochs", "2" if name in ("held", "late") else "1",
+                           "--imgsz", str(TRAIN_IMGSZ), "--batch", "8",
                            "--workers", "0", "--device", "cpu", "plots=False",
                            *(["--loss-cfg", str(variant)] if variant else [])])
         assert code == 0, name
@@ -353,10 +379,13 @@ def test_nwd_modes_train_and_leave_stock_checkpoints(bccd_subset, tmp_path):
         assert columns["train/box_loss"][0] > 0
         assert columns["nwd/constant"][0] == pytest.approx(expected_constant, rel=1e-3)
         # the NWD assigner raised the target scores, so the assigned sum exceeded the CIoU one
-        assert ("nwd/normaliser_scale" in columns) == (name == "held")
-        assert name != "held" or 1 < columns["nwd/normaliser_scale"][0] < 10
+        assert ("nwd/normaliser_scale" in columns) == (name in ("held", "late"))
         if name == "held":  # the second epoch's assigner measures by the stock CIoU: the two sums are one
             assert columns["nwd/assigner"] == [1.0, 0.0] and columns["nwd/normaliser_scale"][1] == 1.0
+            assert 1 < columns["nwd/normaliser_scale"][0] < 10
+        elif name == "late":  # the first epoch's by the stock CIoU, the second's by NWD
+            assert columns["nwd/assigner"] == [0.0, 1.0] and columns["nwd/normaliser_scale"][0] == 1.0
+            assert 1 < columns["nwd/normaliser_scale"][1] < 10
         elif variant == "assigner_auto":
             assert saved["settings"]["nwd"]["assigner"] == "auto"
             assert columns["nwd/assigner"][0] == float(small_share < 0.5)
@@ -366,4 +395,4 @@ def test_nwd_modes_train_and_leave_stock_checkpoints(bccd_subset, tmp_path):
         bests.append(str(run_dir / "weights" / "best.pt"))
     done = subprocess.run([sys.executable, "-c", STOCK_ONLY, str(bccd_subset), *bests], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("VALIDATED") == 3
+    assert done.stdout.count("VALIDATED") == 4

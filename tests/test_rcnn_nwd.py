@@ -321,6 +321,13 @@ def test_after_assigner_until_the_rpn_matcher_measures_by_iou():
     assert isinstance(model.rpn.overlap, NWDOverlap)
     stage_rpn_overlap(model, switches, 2, 4, log=False)
     assert model.rpn.box_similarity is box_iou
+    # nwd.assigner_from: IoU first, NWD from a quarter of the epochs (a resumed run is staged at its epoch)
+    late = nwd_switches(assigner_from=0.25)
+    assert [late.nwd.assigner_acts(epoch, 4) for epoch in range(4)] == [False, True, True, True]
+    stage_rpn_overlap(model, late, 0, 4, log=False)
+    assert isinstance(model.rpn.overlap, IoU) and model.rpn.box_similarity is box_iou
+    stage_rpn_overlap(model, late, 3, 4, log=False)
+    assert isinstance(model.rpn.overlap, NWDOverlap) and model.rpn.box_similarity == model.rpn.overlap.pairwise
 
     images = ImageList(torch.zeros(1, 1, 256, 256), [(256, 256)])
     anchors = DIRECTION_ANCHORS(images, [torch.zeros(1, 1, 16, 16)])[0]
@@ -329,7 +336,7 @@ def test_after_assigner_until_the_rpn_matcher_measures_by_iou():
     for staged in (False, True):
         rpn = direction_rpn(LossSwitches(nwd=ResolvedNWD(constant=65.0, assigner=True)))
         if staged:
-            rpn.use_stock_overlap()
+            rpn.use_overlap(IoU())
         rpn.assign_targets_to_anchors([anchors], [gt])
         (matches,) = rpn.proposal_matcher.recorded
         positives.append(set(torch.where(matches == 0)[0].tolist()))
@@ -425,15 +432,17 @@ def test_auto_assigner_is_decided_from_the_training_boxes_logged_and_kept_in_the
 
 
 @pytest.mark.slow
-def test_shipped_warmup_mode_hands_the_matcher_back_to_iou_in_training(tiny_data, tmp_path):
-    """``--loss safit_sharp_auto_warmup`` (assigner_until 0.33) over two epochs: SAFit matches in the first
-    (round(0.66) = 1 epoch), IoU in the second, as results.csv records. (At the tests' image size nearly
-    every box is small, where the mode would train the stock loss: max_small_share 1 keeps it acting.)"""
+@pytest.mark.parametrize("mode, acting", [("safit_sharp_auto_warmup", [1.0, 0.0]), ("safit_sharp_auto_late", [0.0, 1.0])])
+def test_shipped_staged_modes_switch_the_matcher_in_training(tiny_data, tmp_path, mode, acting):
+    """Over two epochs, ``--loss safit_sharp_auto_warmup`` (assigner_until 0.33) matches by SAFit in the first
+    (round(0.66) = 1 epoch) and by IoU in the second; ``safit_sharp_auto_late`` (assigner_from 0.33) the
+    reverse, as results.csv records. (At the tests' image size nearly every box is small, where the modes would
+    train the stock loss: max_small_share 1 keeps them acting.)"""
     flags = [*TRAIN_FLAGS[:TRAIN_FLAGS.index("--epochs")], "--epochs", "2", *TRAIN_FLAGS[TRAIN_FLAGS.index("--epochs") + 2:]]
     (tmp_path / "acting.yaml").write_text("nwd:\n  max_small_share: 1.0\n")
-    assert main(["--data", str(tiny_data), "--project", str(tmp_path), "--name", "warm", "--loss",
-                 "safit_sharp_auto_warmup", "--loss-cfg", str(tmp_path / "acting.yaml"), *flags]) == 0
-    assert [float(row["nwd/assigner"]) for row in results(tmp_path / "warm")] == [1.0, 0.0]
+    assert main(["--data", str(tiny_data), "--project", str(tmp_path), "--name", "staged", "--loss",
+                 mode, "--loss-cfg", str(tmp_path / "acting.yaml"), *flags]) == 0
+    assert [float(row["nwd/assigner"]) for row in results(tmp_path / "staged")] == acting
 
 
 @pytest.mark.slow

@@ -99,6 +99,11 @@ def _merge_section(
         if not ok:
             raise LossConfigError(f"{where(str(key))}: {method}.{key} = {value!r} is out of range: must be {allowed}")
         target[key] = value
+    check = REGISTRY[method].check
+    problem = check(target) if check is not None and set(REGISTRY[method].schema) <= set(target) else None
+    if problem is not None:  # the line of a setting this section gives that takes part, else the section's
+        keys, sentence = problem
+        raise LossConfigError(f"{where(*[k for k in keys if k in section][:1])}: {sentence}")
 
 
 def _loss_parts(spec: str) -> list[str]:

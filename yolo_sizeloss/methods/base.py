@@ -139,6 +139,8 @@ class Method:
     on all of them. ``weights(samples, settings, kinds, state)`` returns the ``TermWeights`` of one stage,
     ``kinds`` the kinds of term (``box``, ``cls``) configured there; None: the method is not a weight (NWD).
     ``new_state(settings)`` builds the running state each stage it weighs keeps (None: stateless).
+    ``check(settings)`` says what its settings, each allowed alone, may not hold together: the settings to
+    blame and a sentence, or None (no check: any combination).
     """
 
     name: str
@@ -147,6 +149,7 @@ class Method:
     fixed_terms: frozenset[str] = frozenset()
     weights: Optional[Callable[..., TermWeights]] = None
     new_state: Optional[Callable[[dict], Any]] = None
+    check: Optional[Callable[[dict], Optional[tuple[tuple[str, ...], str]]]] = None
 
     @property
     def schema(self) -> dict[str, Validator]:

@@ -141,26 +141,42 @@ def finite_box_areas(widths: torch.Tensor, heights: torch.Tensor, caller: str) -
     return areas
 
 
-def assigner_epochs(settings: dict[str, Any], epochs: int) -> int:
-    """How many of a run's first ``epochs`` the assigner measures by ``nwd.assigner``'s overlap:
-    ``nwd.assigner_until`` of them, rounded half up (not Python's half to even), at least one; the
-    detector's stock overlap ranks anchors after.
+def assigner_window(settings: dict[str, Any], epochs: int) -> tuple[int, int]:
+    """The epochs of a run of ``epochs`` in which the assigner measures by ``nwd.assigner``'s overlap, as
+    ``range(first, end)`` (epochs from 0): from ``nwd.assigner_from`` of them to ``nwd.assigner_until`` of them,
+    each share of ``epochs`` rounded half up (not Python's half to even), at least one epoch; the detector's
+    stock overlap ranks anchors before and after.
 
     A lenient overlap matters most while predictions are poor: an untrained model's CIoU with a small
     object is near 0, and so are the object's target scores (on BCCD 0.07 per object under the stock
     assigner, 2.3-2.8 under NWD-family ones), while a trained model's stock targets reach a third to half
     of the lenient ones (docs/results.md section 10). Handing assignment back to the stock measure after
-    a warm-up follows PP-YOLOE, which ranks by a static assigner (ATSS) for the first third of its epochs
-    and by the task-aligned one after (``static_assigner_epoch``: 100 of 300, 133 of 400).
+    a warm-up (``assigner_until``) follows PP-YOLOE, which ranks by a static assigner (ATSS) for the first
+    third of its epochs and by the task-aligned one after (``static_assigner_epoch``: 100 of 300). The
+    reverse (``assigner_from``) keeps the stock assignment while the model learns the larger objects: where
+    small objects are many, lenient targets from the first step hand them a large share of the loss before
+    they can be localised (docs/results.md section 10, aerial cars).
     """
-    return max(1, math.floor(settings["assigner_until"] * epochs + 0.5))
+    first = min(epochs - 1, math.floor(settings["assigner_from"] * epochs + 0.5))
+    return first, max(first + 1, math.floor(settings["assigner_until"] * epochs + 0.5))
 
 
 def assigner_decided_in_training(settings: dict[str, Any]) -> bool:
     """Whether a run's assigner measure is decided while it trains (``assigner: auto`` from the labels,
-    ``assigner_until`` below 1 by the epoch), so that results.csv records it as ``nwd/assigner``; runs without
-    either keep the columns they had, and older runs resume into them."""
-    return settings.get("assigner") == "auto" or settings.get("assigner_until", 1) < 1
+    ``assigner_from`` above 0 or ``assigner_until`` below 1 by the epoch), so that results.csv records it as
+    ``nwd/assigner``; runs without any keep the columns they had, and older runs resume into them."""
+    return (settings.get("assigner") == "auto" or settings.get("assigner_from", 0) > 0
+            or settings.get("assigner_until", 1) < 1)
+
+
+def check_settings(settings: dict[str, Any]) -> tuple[tuple[str, ...], str] | None:
+    """What ``nwd``'s settings may not hold together (``Method.check``): an empty assigner window."""
+    start, until = settings["assigner_from"], settings["assigner_until"]
+    if start >= until:
+        return ("assigner_from", "assigner_until"), (
+            f"nwd.assigner_from ({start:g}) must be below nwd.assigner_until ({until:g}): the assigner measures by "
+            "nwd.assigner's overlap between them")
+    return None
 
 
 ASSIGNER_MEASURES = ("safit", "simd")  # nwd.assigner may name another measure (methods.measures) instead of NWD
@@ -193,6 +209,7 @@ METHOD = Method(
         "ratio": number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         "constant": _positive_or_auto,
         "assigner": _flag_auto_or_measure,
+        "assigner_from": number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
         "assigner_until": number(lambda v: 0 < v <= 1, "a number in (0, 1]"),
         "box_measure": choice(*BOX_MEASURES),
         "safit_spread": number(lambda v: v > 0, "a number > 0 (network-input pixels)"),
@@ -204,4 +221,5 @@ METHOD = Method(
     # YOLO: always its box loss; Faster R-CNN: NWD replaces part of a box term, of the two listed
     family_terms={"yolo": ("box",), "faster_rcnn": ("rpn_box", "roi_box")},
     fixed_terms=frozenset({"yolo"}),
+    check=check_settings,
 )

@@ -18,7 +18,7 @@ from torchvision.ops import box_iou
 
 from yolo_sizeloss.methods.measures import (
     SAFIT_SIZE, SIMD_RELEASED_NORMALISERS, box_similarity, elementwise_iou, safit, safit_matrix, simd, simd_matrix)
-from yolo_sizeloss.methods.nwd import assigner_decided_in_training, assigner_epochs, nwd, nwd_matrix
+from yolo_sizeloss.methods.nwd import assigner_decided_in_training, assigner_window, nwd, nwd_matrix
 
 
 class Overlap(Protocol):
@@ -135,8 +135,12 @@ class ResolvedNWD:
 
     def assigner_acts(self, epoch: int, epochs: int) -> bool:
         """Whether the assigner or matcher measures by ``nwd.assigner``'s overlap in ``epoch`` (from 0) of
-        ``epochs``: where it does at all, for the first ``nwd.assigner_until`` of them (``assigner_epochs``)."""
-        return bool(self.assigner) and epoch < assigner_epochs(self.settings, epochs)
+        ``epochs``: where it does at all, from ``nwd.assigner_from`` to ``nwd.assigner_until`` of them
+        (``assigner_window``)."""
+        if not self.assigner:
+            return False
+        first, end = assigner_window(self.settings, epochs)
+        return first <= epoch < end
 
     def overlap(self) -> Optional[Overlap]:
         """The overlap the assigner or matcher measures for ``nwd.assigner``: NWD (true), SAFit (over

@@ -374,13 +374,17 @@ def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) ->
 
 
 def stage_rpn_overlap(model: torch.nn.Module, switches: LossSwitches, epoch: int, epochs: int, log: bool) -> None:
-    """Past ``nwd.assigner_until`` of the epochs the RPN's matcher measures by IoU; called every epoch, so
-    that a run resumed past that point does too."""
+    """Outside ``nwd.assigner_from`` .. ``assigner_until`` of the epochs the RPN's matcher measures by IoU, inside
+    by ``nwd.assigner``'s overlap; called every epoch, so that a run resumed anywhere does too."""
     nwd = switches.nwd
-    if nwd.assigner and not nwd.assigner_acts(epoch, epochs) and not isinstance(model.rpn.overlap, IoU):
-        model.rpn.use_stock_overlap()
+    if not nwd.assigner:
+        return
+    acts = nwd.assigner_acts(epoch, epochs)
+    if acts == isinstance(model.rpn.overlap, IoU):
+        model.rpn.use_overlap(switches.rpn_overlap() if acts else IoU())
         if log:
-            LOGGER.info(f"nwd.assigner_until: the RPN's matcher measures by IoU from epoch {epoch + 1}")
+            measure = f"nwd.assigner's overlap ({nwd.assigner})" if acts else "IoU"
+            LOGGER.info(f"the RPN's matcher measures by {measure} from epoch {epoch + 1}")
 
 
 def checkpoint_or_new_model(

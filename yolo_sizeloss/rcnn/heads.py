@@ -60,7 +60,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from yolo_sizeloss.assignment import AssignmentCounter
 from yolo_sizeloss.methods import MatchedSamples
 from yolo_sizeloss.methods.base import box_areas, count_per_gt
-from yolo_sizeloss.methods.overlaps import IoU
+from yolo_sizeloss.methods.overlaps import Overlap
 from yolo_sizeloss.rcnn.losses import SMOOTH_L1_BETA, stage_weights, weighted_fastrcnn_loss, weighted_rpn_loss
 from yolo_sizeloss.rcnn.switches import LossSwitches
 
@@ -119,13 +119,12 @@ class SizeBalancedRPN(RegionProposalNetwork):
                                                  stock.allow_low_quality_matches)
         # the one piece of the stock matching that measures overlap (box_iou, set in the stock __init__):
         # the matcher and its thresholds stay, and the methods see the matches the RPN trains on
-        self.overlap = switches.rpn_overlap()
-        self.box_similarity = self.overlap.pairwise
+        self.use_overlap(switches.rpn_overlap())
 
-    def use_stock_overlap(self) -> None:
-        """From now on the matcher measures by torchvision's IoU (``nwd.assigner_until``)."""
-        self.overlap = IoU()
-        self.box_similarity = self.overlap.pairwise
+    def use_overlap(self, overlap: Overlap) -> None:
+        """From now on the matcher measures by ``overlap`` (``nwd.assigner_from`` .. ``assigner_until``)."""
+        self.overlap = overlap
+        self.box_similarity = overlap.pairwise
 
     @classmethod
     def from_stock(cls, rpn: RegionProposalNetwork, switches: LossSwitches) -> "SizeBalancedRPN":

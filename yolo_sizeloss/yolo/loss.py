@@ -16,7 +16,7 @@ when configured.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -104,7 +104,8 @@ class AnchorWeighting(nn.Module):
     branch's assignment into ``MatchedSamples`` and multiplies the terms by what the methods return
     (``yolo_sizeloss.methods``). Buffers: the methods' states (``states.feedback.*``) and the epoch's
     weight sums. ``nwd`` is NWD's state (``methods.overlaps.ResolvedNWD``): its ``auto`` settings wait for
-    ``resolve_from_labels``.
+    ``resolve_from_labels``; ``overlap_acts`` whether ``nwd.assigner``'s overlap ranks anchors now (False outside
+    ``nwd.assigner_from`` .. ``assigner_until`` of the epochs: ``stage_overlap``).
     """
 
     def __init__(self, config: dict[str, dict[str, Any]]):
@@ -114,6 +115,7 @@ class AnchorWeighting(nn.Module):
         self.states = nn.ModuleDict({name: REGISTRY[name].new_state(settings) for name, settings in config.items()
                                      if REGISTRY[name].new_state is not None})
         self.nwd = ResolvedNWD.from_settings(config.get("nwd"), UNRESOLVED_HINT)
+        self.overlap_acts = True
         self.register_buffer("epoch_sums", torch.zeros(6, dtype=torch.float64))  # box, cls, n: small/other
         # nwd.normaliser: ciou: the sum of each call's scale (assigned / CIoU target-score sum) and the calls;
         # a diagnostic, kept out of checkpoints
@@ -185,16 +187,21 @@ class AnchorWeighting(nn.Module):
         return w_box, w_cls
 
     @property
+    def assigner_measures(self) -> bool:
+        """Whether the assigner ranks anchors by ``nwd.assigner``'s overlap now, not its stock CIoU."""
+        return bool(self.nwd.assigner) and self.overlap_acts
+
+    @property
     def holds_normaliser(self) -> bool:
         """Whether the losses are divided by the CIoU targets' sum (``nwd.normaliser: ciou``): only while the
         assigner measures by another overlap; with the stock one the two sums are the same."""
-        return bool(self.nwd.assigner) and self.nwd.settings["normaliser"] == "ciou"
+        return self.assigner_measures and self.nwd.settings["normaliser"] == "ciou"
 
     @property
     def holds_box_weights(self) -> bool:
         """Whether the box terms are weighed by the CIoU targets (``nwd.box_weights: ciou``): only while the
         assigner measures by another overlap; with the stock one they are the assigned targets."""
-        return bool(self.nwd.assigner) and self.nwd.settings["box_weights"] == "ciou"
+        return self.assigner_measures and self.nwd.settings["box_weights"] == "ciou"
 
     def stock_overlap_factors(self, assigner: nn.Module, pd_scores, pd_bboxes, target_labels, target_bboxes,
                               target_scores, fg_mask, target_gt_idx, num_slots: int
@@ -271,8 +278,7 @@ class AnchorWeighting(nn.Module):
             "sizeloss/cls_w_other": s[4] / s[5] if s[5] else 1.0,
         }
         self.epoch_sums.zero_()
-        # past nwd.assigner_until use_stock_overlap has set the assigner False: it acts while it is set
-        stats.update(self.nwd.epoch_columns(bool(self.nwd.assigner)))
+        stats.update(self.nwd.epoch_columns(self.assigner_measures))  # as stage_overlap set it for the epoch
         if self.config.get("nwd", {}).get("normaliser") == "ciou":
             scale_sum, calls = self.normaliser_sums.tolist()
             stats["nwd/normaliser_scale"] = scale_sum / calls if calls else 1.0  # mean assigned / CIoU sum
@@ -431,13 +437,9 @@ def install_size_aware_loss(criterion: v8DetectionLoss | E2ELoss, weighting: Anc
         if isinstance(branch.assigner, ObservedAssigner):
             raise ValueError("this criterion already carries the size-aware loss")
         pending = PendingWeights()
-        overlap = weighting.nwd.overlap()
-        if overlap is not None:
-            if not hasattr(branch.assigner, "iou_calculation"):
-                raise TypeError(f"nwd.assigner: {type(branch.assigner).__name__} has no iou_calculation to replace")
-            # the piece of the stock assigner that measures the candidate pairs' overlap; this instance only,
-            # the class stays stock
-            branch.assigner.iou_calculation = overlap.elementwise
+        if weighting.nwd.overlap() is not None and not hasattr(branch.assigner, "iou_calculation"):
+            raise TypeError(f"nwd.assigner: {type(branch.assigner).__name__} has no iou_calculation to replace")
+        _set_overlap(branch.assigner, weighting)
         branch.assigner = ObservedAssigner(branch.assigner, weighting, pending)
         branch.bce = WeightedBCE(branch.bce, pending)
         bbox_loss = MeasureBboxLoss(branch.bbox_loss, weighting) if nwd_cfg else branch.bbox_loss
@@ -445,18 +447,30 @@ def install_size_aware_loss(criterion: v8DetectionLoss | E2ELoss, weighting: Anc
     return criterion
 
 
+def _set_overlap(assigner: nn.Module, weighting: AnchorWeighting) -> None:
+    """The stock ``assigner`` measures its candidate pairs by ``nwd.assigner``'s overlap while
+    ``weighting.assigner_measures``, else by its class's CIoU."""
+    if weighting.assigner_measures:
+        # the piece of the stock assigner that measures the candidate pairs' overlap; this instance only, the
+        # class stays stock
+        assigner.iou_calculation = weighting.nwd.overlap().elementwise
+    else:
+        _restore_stock_overlap(assigner)
+
+
 def _restore_stock_overlap(assigner: nn.Module) -> None:
-    if "iou_calculation" in vars(assigner):  # only install sets it on the instance
+    if "iou_calculation" in vars(assigner):  # only _set_overlap sets it on the instance
         del assigner.iou_calculation  # the class's CIoU is back
 
 
-def use_stock_overlap(criterion: v8DetectionLoss | E2ELoss, weighting: AnchorWeighting) -> None:
-    """From now on every branch's assigner of a criterion carrying the size-aware loss ranks anchors by its
-    stock CIoU (``nwd.assigner_until``); the weights, box loss and normaliser follow ``weighting``, which is
+def stage_overlap(criterion: v8DetectionLoss | E2ELoss, weighting: AnchorWeighting, acts: bool) -> None:
+    """From now on every branch's assigner of a criterion carrying the size-aware loss ranks anchors by
+    ``nwd.assigner``'s overlap (``acts``) or by its stock CIoU (outside ``nwd.assigner_from`` ..
+    ``assigner_until`` of the epochs); the weights, box loss and normaliser follow ``weighting``, which is
     told the same."""
-    weighting.nwd = replace(weighting.nwd, assigner=False)
+    weighting.overlap_acts = acts
     for assigner in stock_assigners(criterion):
-        _restore_stock_overlap(assigner)
+        _set_overlap(assigner, weighting)
 
 
 def remove_size_aware_loss(criterion: v8DetectionLoss | E2ELoss) -> v8DetectionLoss | E2ELoss:

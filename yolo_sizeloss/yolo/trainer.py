@@ -32,8 +32,8 @@ from yolo_sizeloss.config import (
 from yolo_sizeloss.results_csv import class_ap_columns, continue_results, widen_header
 from yolo_sizeloss.weighting_plot import plot_weighting
 from yolo_sizeloss.yolo.assignment import attach_counter, detach_counters
-from yolo_sizeloss.yolo.loss import (AnchorWeighting, install_size_aware_loss, remove_size_aware_loss, stock_assigners,
-                                     use_stock_overlap)
+from yolo_sizeloss.yolo.loss import (AnchorWeighting, install_size_aware_loss, remove_size_aware_loss, stage_overlap,
+                                     stock_assigners)
 
 
 def end_weighting_step(trainer: "SizeAwareTrainer") -> None:
@@ -64,12 +64,15 @@ def install_weighting(trainer: "SizeAwareTrainer") -> None:
 
 
 def stage_assigner(trainer: "SizeAwareTrainer") -> None:
-    """``on_train_epoch_start`` callback: past ``nwd.assigner_until`` of the epochs (``ResolvedNWD.assigner_acts``),
-    the assigner ranks anchors by its stock CIoU. Every epoch, so that a run resumed past that point does too."""
+    """``on_train_epoch_start`` callback: outside ``nwd.assigner_from`` .. ``assigner_until`` of the epochs
+    (``ResolvedNWD.assigner_acts``) the assigner ranks anchors by its stock CIoU, inside by ``nwd.assigner``'s
+    overlap. Every epoch, so that a run resumed anywhere does too."""
     weighting = trainer.weighting
-    if weighting.nwd.assigner and not weighting.nwd.assigner_acts(trainer.epoch, trainer.epochs):
-        use_stock_overlap(unwrap_model(trainer.model).criterion, weighting)
-        LOGGER.info(f"nwd.assigner_until: the stock CIoU ranks anchors from epoch {trainer.epoch + 1}")
+    acts = weighting.nwd.assigner_acts(trainer.epoch, trainer.epochs)
+    if weighting.nwd.assigner and acts != weighting.overlap_acts:
+        stage_overlap(unwrap_model(trainer.model).criterion, weighting, acts)
+        measure = f"nwd.assigner's overlap ({weighting.nwd.assigner})" if acts else "the stock CIoU"
+        LOGGER.info(f"{measure} ranks anchors from epoch {trainer.epoch + 1}")
 
 
 WEIGHTING_CALLBACKS = {"on_pretrain_routine_end": install_weighting, "on_train_batch_end": end_weighting_step,
