@@ -311,9 +311,10 @@ def test_nwd_matcher_gives_the_small_object_more_positive_anchors(offset):
         assert positives["nwd"][1] == positives["iou"][1]
 
 
-def test_after_assigner_until_the_rpn_matcher_measures_by_iou():
+def test_the_rpn_matcher_follows_the_assigner_window():
     """``nwd.assigner_until: 0.5`` of four epochs: NWD matches in epochs 0 and 1; from epoch 2 the RPN's matcher is
-    torchvision's IoU again and gives the small object of the direction check only IoU's positives."""
+    torchvision's IoU again and gives the small object of the direction check only IoU's positives.
+    ``nwd.assigner_from``: IoU first, NWD after."""
     switches = nwd_switches(assigner_until=0.5)
     assert [switches.nwd.assigner_acts(epoch, 4) for epoch in range(4)] == [True, True, False, False]
     model = build_model("mobilenet_v3_large_fpn", 4, IMGSZ, switches)
