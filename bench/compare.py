@@ -85,7 +85,9 @@ RCNN_SCHEDULE = ("lr", "lr_step")  # Faster R-CNN's flags that compare.py passes
 
 def columns(focus: str) -> list[tuple[str, str]]:
     """(column title, metric key of ``paired.key_metrics``) of the tables, ``focus`` the class of
-    interest; recall is of val's default first bucket, COCO small in the input frame."""
+    interest (its AP, and its own APs: COCO's APs averages the classes, and a rare class's handful of
+    small boxes weighs as much there as every small box of the focus class); recall is of val's
+    default first bucket, COCO small in the input frame."""
     return [
         ("mAP50-95", "ultralytics.mAP50-95"),
         ("AP", "coco.ap"),
@@ -96,6 +98,7 @@ def columns(focus: str) -> list[tuple[str, str]]:
         ("APm input", "coco.input.ap_medium"),
         ("APl input", "coco.input.ap_large"),
         (f"{focus} AP", f"per_class.{focus}.ap"),
+        (f"{focus} APs input", f"per_class.{focus}.input.ap_small"),
         ("R small@0.1", "recall.small@0.1"),
         ("R small@0.3", "recall.small@0.3"),
     ]

@@ -914,11 +914,14 @@ def test_suite_reads_each_sets_tables_and_checks_the_goal_lines(tmp_path, monkey
     per_seed = lambda *v: {str(i): x for i, x in enumerate(v)}  # noqa: E731
     mixed = {"focus_class": "Platelets", "bootstrap": {}, "differences": {
         # focus +4, +5, +6 points: mean 5, t-interval 5 -+ 4.303 * 1 / sqrt(3) = [2.52, 7.48]
-        "nwd-safit_sharp": {"Platelets AP": _difference(per_seed(0.04, 0.05, 0.06)), "APs input": _difference(per_seed(0.04, 0.05, 0.06)),
+        # the line is on the focus class's own APs (+5), not on COCO's APs of all classes (+2)
+        "nwd-safit_sharp": {"Platelets AP": _difference(per_seed(0.04, 0.05, 0.06)),
+                 "Platelets APs input": _difference(per_seed(0.04, 0.05, 0.06)), "APs input": _difference(per_seed(0.01, 0.02, 0.03)),
                  "APl orig": _difference(per_seed(-0.004, -0.005, -0.006)), "mAP50-95": _difference(per_seed(0.0, 0.01, -0.01)),
                  "AP": _difference(per_seed(0.0, 0.0, 0.0)), "R small@0.3": _difference(per_seed(0.1, 0.2, 0.3))},
         # the same, but APl -1 and the focus class's interval reaching below 0 (+0, +3, +6: [-4.45, +10.45])
-        "nwd": {"Platelets AP": _difference(per_seed(0.0, 0.03, 0.06)), "APs input": _difference(per_seed(0.04, 0.05, 0.06)),
+        "nwd": {"Platelets AP": _difference(per_seed(0.0, 0.03, 0.06)),
+                "Platelets APs input": _difference(per_seed(0.04, 0.05, 0.06)), "APs input": _difference(per_seed(0.04, 0.05, 0.06)),
                    "APl orig": _difference(per_seed(-0.01, -0.01, -0.01)), "mAP50-95": _difference(per_seed(0.0, 0.01, -0.01)),
                    "AP": _difference(per_seed(0.0, 0.0, 0.0)), "R small@0.3": _difference(per_seed(0.1, 0.2, 0.3))},
     }}
@@ -937,11 +940,12 @@ def test_suite_reads_each_sets_tables_and_checks_the_goal_lines(tmp_path, monkey
     ]}))
     assert suite.main(["--modes", "nwd:safit_sharp", "nwd:assigner_auto", "--suite", str(tmp_path / "suite.yaml")]) == 0
     table = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:6]]
-    assert table[0][1:5] == ["nwd-safit_sharp", "3", "+5.0 [+2.5, +7.5]", "+5.0 [+2.5, +7.5]"] and table[0][-1] == "all |"
+    assert table[0][1:6] == ["nwd-safit_sharp", "3", "+5.0 [+2.5, +7.5]", "+5.0 [+2.5, +7.5]", "+2.0 [-0.5, +4.5]"]
+    assert table[0][-1] == "all |"
     assert table[1][1] == "nwd-assigner_auto (trains as nwd here)"
     assert table[1][-1] == "misses: focus AP interval not above 0; APl orig -1.0 < -0.5 |"
     # one seed: the bootstrap's interval; +0.6 is above the control's ceiling of +0.5
-    assert table[2][1:3] == ["nwd-safit_sharp (trains as nwd here)", "1"] and table[2][7] == "+0.6 [-1.0, +2.0]"
+    assert table[2][1:3] == ["nwd-safit_sharp (trains as nwd here)", "1"] and table[2][8] == "+0.6 [-1.0, +2.0]"
     assert table[2][-1] == "misses: AP +0.6 > +0.5 |"
     assert table[3][1:4] == ["nwd-assigner_auto", "0", "not run"]
 

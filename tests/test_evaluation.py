@@ -94,7 +94,10 @@ def test_perfect_predictions_give_ap_one_and_full_recall_everywhere():
         coco = metrics["coco"][frame]
         for key in ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar100", "ar_small", "ar_medium"):
             assert coco[key] == pytest.approx(1.0), (frame, key)
-    assert all(v == {"ap": pytest.approx(1.0), "ap50": pytest.approx(1.0)} for v in metrics["per_class"].values())
+    one = pytest.approx(1.0)
+    assert all(v["ap"] == one and v["ap50"] == one for v in metrics["per_class"].values())
+    assert metrics["per_class"]["Platelets"]["input"] == {"ap_small": one, "ap_medium": None, "ap_large": None}
+    assert metrics["per_class"]["RBC"]["input"] == {"ap_small": None, "ap_medium": one, "ap_large": one}
     assert set(metrics["recall_by_size"]) == {"0.01", "0.1", "0.3"}
     for row in metrics["recall_by_size"].values():
         assert row["small"] == {"recall": 1.0, "hits": 3, "total": 3}
@@ -348,3 +351,23 @@ def test_the_report_plot_leaves_the_callers_matplotlib_backend_alone(tmp_path):
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(before)
+
+
+def test_class_ap_by_size_is_each_classs_own_where_coco_averages_the_classes():
+    """COCO's APs is the mean over the classes with small ground truth: one missed small platelet beside a
+    found small red cell gives APs 0.5, while each class's own small AP is 0 and 1. In the input frame at
+    scale 0.5 the 50 px white cell is small too."""
+    gt = [square(10, 10, 20), square(200, 10, 20), square(100, 100, 50)]
+    found = [square(10, 10, 20), square(100, 100, 50)]
+    records = [record(gt, [0, 2, 1], found, [0, 1], [0.9, 0.9])]
+    metrics = evaluate_records(records, NAMES, np.ones(1))
+    assert metrics["coco"]["input"]["ap_small"] == pytest.approx(0.5)
+    by_size = {name: v["input"] for name, v in metrics["per_class"].items()}
+    assert by_size["RBC"] == {"ap_small": pytest.approx(1.0), "ap_medium": None, "ap_large": None}
+    assert by_size["WBC"] == {"ap_small": None, "ap_medium": pytest.approx(1.0), "ap_large": None}
+    assert by_size["Platelets"] == {"ap_small": 0.0, "ap_medium": None, "ap_large": None}
+    halved = evaluate_records(records, NAMES, np.full(1, 0.5))
+    assert halved["coco"]["input"]["ap_small"] == pytest.approx(2 / 3)
+    assert halved["per_class"]["WBC"]["input"] == {"ap_small": pytest.approx(1.0), "ap_medium": None, "ap_large": None}
+    assert halved["per_class"]["WBC"]["ap"] == metrics["per_class"]["WBC"]["ap"]  # AP over all sizes: frame-free
+    assert "| Platelets | 0.000 | 0.000 | 0.000 | n/a | n/a |" in format_report(metrics)

@@ -190,3 +190,68 @@ def test_a_reused_report_folder_does_not_read_the_earlier_reports_detections(che
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["meta"]["conf"] == 0.999 and metrics["recall_by_size"]["0.01"]["all"]["recall"] == 0
     assert not (tmp_path / "report" / "ultralytics" / "predictions.json").exists()
+
+
+def strip_class_sizes(folder: Path) -> dict:
+    """Make the report in ``folder`` one of a version before the box fit table and per-class AP by size;
+    return its metrics then."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics.pop("fit_by_size", None)
+    for entry in metrics["per_class"].values():
+        entry.pop("input", None)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return metrics
+
+
+def test_update_adds_the_metrics_of_this_version_and_keeps_the_rest(tmp_path, capsys):
+    """A report of an older version lacks the box fit table and per-class AP by size; --update computes them
+    from the report's detections file and keeps every figure the report held (computed from the model's own
+    detections, which this report's file holds rounded to 1e-4, so that recomputing them would move them)."""
+    from yolo_sizeloss.detections_file import load_detections
+    from yolo_sizeloss.evaluation import evaluate_records
+    from yolo_sizeloss.validate import main
+
+    folder = tmp_path / "baseline-s0"
+    folder.mkdir()
+    for name in ("metrics.json", "detections.json.gz"):
+        (folder / name).write_bytes((REPORT / name).read_bytes())
+    before = strip_class_sizes(folder)
+    assert main(["--update", str(folder)]) == 0
+    assert capsys.readouterr().out.strip() == f"Updated {folder}"
+    after = json.loads((folder / "metrics.json").read_text())
+    run = load_detections(folder)
+    expected = evaluate_records(run.records, run.names, run.input_scales)
+    assert after.pop("fit_by_size") == expected["fit_by_size"]
+    for name, entry in after["per_class"].items():
+        assert entry.pop("input") == expected["per_class"][name]["input"], name
+    platelets, wbc = (expected["per_class"][name]["input"]["ap_small"] for name in ("Platelets", "WBC"))
+    assert 0 < platelets < 1 and wbc is None
+    assert after == before
+    assert after["coco"]["input"]["ap"] != expected["coco"]["input"]["ap"]  # held, not recomputed
+    assert "| Platelets |" in (folder / "metrics.md").read_text()
+
+
+@pytest.mark.parametrize("case, code, message", [
+    ("no detections", 2, "--update {bad}: not a val report folder with its detections.json.gz"),
+    ("not a report", 1, "{bad}/metrics.json: not a val report (no coco, per_class, recall_by_size, meta)"),
+    ("a flag", 2, "--update takes report folders only (each run's report sets the rest), not --max-det"),
+])
+def test_update_refuses_bad_input_before_it_rewrites_any_report(tmp_path, capsys, case, code, message):
+    from yolo_sizeloss.validate import main
+
+    good = tmp_path / "good"
+    good.mkdir()
+    for name in ("metrics.json", "detections.json.gz"):
+        (good / name).write_bytes((REPORT / name).read_bytes())
+    strip_class_sizes(good)
+    written = (good / "metrics.json").read_bytes()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.json").write_text("{}" if case == "not a report" else (REPORT / "metrics.json").read_text())
+    if case != "no detections":
+        (bad / "detections.json.gz").write_bytes((REPORT / "detections.json.gz").read_bytes())
+    flags = ["--max-det", "300"] if case == "a flag" else []
+    assert main(["--update", str(good), str(bad), *flags]) == code
+    err = capsys.readouterr().err.strip()
+    assert err == "yolo-sizeloss val: error: " + message.format(bad=bad), err
+    assert (good / "metrics.json").read_bytes() == written

@@ -249,6 +249,22 @@ def per_class_ap(records: list[ImageRecord], names: list[str], max_det: int = CO
     return result
 
 
+def per_class_size_ap(records: list[ImageRecord], names: list[str], scales: np.ndarray,
+                      max_det: int = COCO_MAX_DET) -> dict:
+    """AP50-95 of each class in each COCO size bucket of the frame given by ``scales``: ``{name:
+    {"ap_small", "ap_medium", "ap_large"}}``, None where the class has no ground truth of that size.
+
+    COCO's APs averages over the classes that have small ground truth, so on a set where a rare class
+    has a handful of small boxes that handful weighs as much as every small box of the common class;
+    a focus class's own APs is the small-object figure of that class alone."""
+    coco_gt, coco_dt = load_coco(records, len(names), scales)
+    result = {}
+    for k, name in enumerate(names):
+        stats = run_cocoeval(coco_gt, coco_dt, COCO_EDGES, cat_ids=[k + 1], max_det=max_det)
+        result[name] = {f"ap_{size}": _value(stats[f"AP_{size}"]) for size in COCO_NAMES}
+    return result
+
+
 # ----------------------------------------------------------------------------------------- recall
 def nms_top_k(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, max_det: int) -> np.ndarray:
     """Indices kept by per-class NMS at ``iou``, by descending score, at most ``max_det``."""
@@ -414,9 +430,9 @@ def evaluate_records(
     recall_frame: str = "input",
     max_det: int = COCO_MAX_DET,
 ) -> dict:
-    """The whole report for detections in original pixels: ``coco`` (per frame), ``per_class``,
-    ``recall_by_size`` and ``fit_by_size`` (buckets in ``recall_frame``) and ``meta`` describing buckets
-    and protocol.
+    """The whole report for detections in original pixels: ``coco`` (per frame), ``per_class`` (AP,
+    AP50 and, under ``input``, AP per COCO size in the input frame), ``recall_by_size`` and
+    ``fit_by_size`` (buckets in ``recall_frame``) and ``meta`` describing buckets and protocol.
 
     ``input_scales[i]`` maps image i from original to network-input pixels (``letterbox_scales``);
     ``max_det`` is COCO's maxDets for AP and AR.
@@ -424,9 +440,12 @@ def evaluate_records(
     if recall_frame not in FRAMES:
         raise ValueError(f"recall_frame must be one of {FRAMES}, got {recall_frame!r}")
     scales = frame_scales(input_scales)
+    by_size = per_class_size_ap(records, names, scales["input"], max_det)
     return {
         "coco": {frame: coco_metrics(records, len(names), scales[frame], edges, max_det) for frame in FRAMES},
-        "per_class": per_class_ap(records, names, max_det),
+        "per_class": {
+            name: {**ap, "input": by_size[name]} for name, ap in per_class_ap(records, names, max_det).items()
+        },
         "recall_by_size": recall_by_size(records, scales[recall_frame], edges),
         "fit_by_size": fit_by_size(records, scales[recall_frame], edges),
         "meta": {

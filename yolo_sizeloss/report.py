@@ -2,8 +2,9 @@
 
 ``format_report`` turns ``evaluation.evaluate_records``' metrics into the tables val prints and
 writes as metrics.md; ``write_report`` writes metrics.json, metrics.md, size_metrics.png and the
-detections file into a report folder. The tables' helpers (``markdown_table``, ``format_value``,
-``bucket_labels``, ``fit_rows``) serve the comparison of runs too (``yolo_sizeloss.paired_report``).
+detections file into a report folder, ``write_metrics`` all but the detections file. The tables'
+helpers (``markdown_table``, ``format_value``, ``bucket_labels``, ``fit_rows``) serve the comparison
+of runs too (``yolo_sizeloss.paired_report``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from yolo_sizeloss.detections_file import DETECTIONS_FILE, RunDetections, write_detections
-from yolo_sizeloss.evaluation import COCO_MAX_DET, FIT_FOUND_IOU, FIT_TIGHT_IOU, FRAMES, RECALL_MATCH_IOU
+from yolo_sizeloss.evaluation import COCO_MAX_DET, COCO_NAMES, FIT_FOUND_IOU, FIT_TIGHT_IOU, FRAMES, RECALL_MATCH_IOU
 
 
 def format_value(x: float | None, digits: int = 3) -> str:
@@ -59,10 +60,15 @@ def format_report(metrics: dict) -> str:
                 for name, label in zip(meta["bucket_names"], bucket_labels(meta))
             ],
         ),
-        "## Per class (original frame)",
+        f"## Per class (AP50-95 and AP50: original frame; by size: the {frame_label['input']} frame)",
         markdown_table(
-            ["class", "AP50-95", "AP50"],
-            [[name, format_value(v["ap"]), format_value(v["ap50"])] for name, v in metrics["per_class"].items()],
+            ["class", "AP50-95", "AP50", "APs", "APm", "APl"],
+            [
+                [name, format_value(v["ap"]), format_value(v["ap50"])]
+                # a report written before per-size class AP has none: n/a (val --update adds it)
+                + [format_value(v.get("input", {}).get(f"ap_{size}")) for size in COCO_NAMES]
+                for name, v in metrics["per_class"].items()
+            ],
         ),
         f"## Recall % (hits/GT) by size, buckets in the {frame_label[meta['recall_frame']]} frame",
         meta["recall_protocol"],
@@ -163,12 +169,16 @@ def _tick(label: str) -> str:
 
 
 def write_report(metrics: dict, save_dir: Path, run: RunDetections) -> list[Path]:
-    """Write ``metrics.json``, ``metrics.md``, ``size_metrics.png`` and the per-image detections file
-    ``DETECTIONS_FILE`` (which a later paired comparison of runs needs) into ``save_dir``; return their paths."""
+    """Write ``write_metrics``' files and the per-image detections file ``DETECTIONS_FILE`` (which a
+    later paired comparison of runs needs) into ``save_dir``; return their paths."""
+    return [*write_metrics(metrics, save_dir), write_detections(Path(save_dir) / DETECTIONS_FILE, run)]
+
+
+def write_metrics(metrics: dict, save_dir: Path) -> list[Path]:
+    """Write ``metrics.json``, ``metrics.md`` and ``size_metrics.png`` into ``save_dir``; return their paths."""
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = save_dir / "metrics.json", save_dir / "metrics.md"
     json_path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     md_path.write_text(format_report(metrics))
-    plot = plot_size_metrics(metrics, save_dir / "size_metrics.png")
-    return [json_path, md_path, plot, write_detections(save_dir / DETECTIONS_FILE, run)]
+    return [json_path, md_path, plot_size_metrics(metrics, save_dir / "size_metrics.png")]

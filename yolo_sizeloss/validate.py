@@ -2,6 +2,7 @@
 
     yolo-sizeloss val --model runs/train/exp/weights/best.pt --data bccd.yaml [--split test] [--imgsz 416]
     yolo-sizeloss val --compare runs/val/exp runs/val/exp-2/metrics.json
+    yolo-sizeloss val --update runs/val/exp runs/val/exp-2
 
 Reports COCO AP/AR in the original and the network-input frame, AP per class, recall by size bucket
 at confidence 0.01/0.1/0.3, and the stock Ultralytics validator's metrics; writes metrics.json,
@@ -46,7 +47,7 @@ from yolo_sizeloss.checks import (
     run_guarded,
 )
 from yolo_sizeloss.detections import ImageRecord, SkippedLabels, check_split, skipped_summary
-from yolo_sizeloss.detections_file import RunDetections, report_file
+from yolo_sizeloss.detections_file import DETECTIONS_FILE, RunDetections, find_detections, load_detections, report_file
 from yolo_sizeloss.evaluation import (
     COCO_EDGES,
     COCO_MAX_DET,
@@ -59,10 +60,10 @@ from yolo_sizeloss.evaluation import (
     parse_size_buckets,
 )
 from yolo_sizeloss.paired import check_resamples
-from yolo_sizeloss.paired_report import compare_report
+from yolo_sizeloss.paired_report import compare_report, load_metrics
 from yolo_sizeloss.rcnn.engine import predict_checkpoint
 from yolo_sizeloss.rcnn.model import RCNN_NMS_IOU
-from yolo_sizeloss.report import format_report, write_report
+from yolo_sizeloss.report import format_report, write_metrics, write_report
 
 KEPT_DETECTIONS = 300  # detections kept per image, as Ultralytics' validator (raised by a larger --max-det)
 YOLO_NMS_IOU = DEFAULT_CFG.iou  # Ultralytics' validator's default
@@ -116,6 +117,9 @@ def build_parser(prog: str = "yolo-sizeloss val") -> argparse.ArgumentParser:
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of the test images for --compare "
                         "(default 1000; 0: no intervals)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    parser.add_argument("--update", nargs="+", metavar="RUN", help="add to val runs (folders) written by an older "
+                        "version the metrics added since, computed from their detections files; the figures they hold "
+                        "are kept")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
     return parser
 
@@ -143,18 +147,31 @@ class ValRequest:
 
 
 COMPARE_FLAGS = ("compare", "bootstrap", "seed", "verbose")
+UPDATE_FLAGS = ("update", "verbose")
+
+
+def flags_besides(args: argparse.Namespace, allowed: tuple[str, ...]) -> list[str]:
+    """The flags of ``args`` given other than their defaults, outside ``allowed``, as typed (``--max-det``)."""
+    defaults = vars(build_parser().parse_args([]))
+    return [f"--{k.replace('_', '-')}" for k, v in defaults.items() if k not in allowed and getattr(args, k) != v]
 
 
 def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
     """Usage errors (ValueError/FileNotFoundError) and data errors (DataError) before anything is
-    written; the checked request (``--compare``: the flags as given)."""
+    written; the checked request (``--compare``, ``--update``: the flags as given)."""
+    # the runs' own reports fix their buckets, frame and max-det: a flag that would change them is not honoured
+    if args.update:
+        if ignored := flags_besides(args, UPDATE_FLAGS):
+            raise ValueError(f"--update takes report folders only (each run's report sets the rest), not {ignored[0]}")
+        for path in args.update:
+            load_metrics(path)
+            if not Path(path).is_dir() or find_detections(path) is None:
+                raise FileNotFoundError(f"--update {path}: not a val report folder with its {DETECTIONS_FILE}")
+        return args
     if args.compare:
-        # the runs' own reports fix their buckets, frame and max-det: a flag that would change them is not honoured
-        defaults = vars(build_parser().parse_args([]))
-        ignored = [k for k, v in defaults.items() if k not in COMPARE_FLAGS and getattr(args, k) != v]
-        if ignored:
+        if ignored := flags_besides(args, COMPARE_FLAGS):
             raise ValueError(f"--compare takes --bootstrap and --seed only (each run's report sets the rest), "
-                             f"not --{ignored[0].replace('_', '-')}")
+                             f"not {ignored[0]}")
         check_resamples(args.bootstrap)
         check_run_flags(seed=args.seed)
         for path in args.compare:
@@ -346,6 +363,32 @@ def run_report(args: ValRequest) -> Path:
     return save_dir
 
 
+def update_report(folder: str | Path) -> dict:
+    """Add to the report in ``folder`` what ``evaluate_records`` computes and the report lacks (a
+    report of an older version), from its detections file and with its own buckets, recall frame and
+    max-det; rewrite its metrics.json, metrics.md and plot; return the metrics. Every figure the report
+    holds is kept: it was computed from the model's own detections, which a detections file of an
+    older version holds rounded."""
+    metrics = load_metrics(folder)
+    run = load_detections(folder)
+    meta = metrics["meta"]
+    edges = parse_size_buckets(",".join(meta["size_buckets"]))
+    fresh = evaluate_records(run.records, run.names, run.input_scales, edges, meta["recall_frame"],
+                             meta.get("max_det", COCO_MAX_DET))
+    fill_missing(metrics, fresh)
+    write_metrics(metrics, folder)
+    return metrics
+
+
+def fill_missing(into: dict, source: dict) -> None:
+    """Copy into ``into`` every key of ``source`` it lacks, at any depth of nested dicts."""
+    for key, value in source.items():
+        if key not in into:
+            into[key] = value
+        elif isinstance(into[key], dict) and isinstance(value, dict):
+            fill_missing(into[key], value)
+
+
 def main(argv: list[str] | None = None, prog: str = "yolo-sizeloss val") -> int:
     """``yolo-sizeloss val``: 0 on success; one error line and exit 2 (usage) or 1 (data, failure), the
     traceback only with --verbose."""
@@ -354,6 +397,10 @@ def main(argv: list[str] | None = None, prog: str = "yolo-sizeloss val") -> int:
     def work(checked: ValRequest | argparse.Namespace) -> None:
         if isinstance(checked, ValRequest):
             run_report(checked)
+        elif checked.update:
+            for folder in checked.update:
+                update_report(folder)
+                print(f"Updated {folder}")
         else:
             print(compare_report(checked.compare, bootstrap=checked.bootstrap, seed=checked.seed), end="")
 
