@@ -76,7 +76,8 @@ PRESETS = {
                       imgsz=416, batch=16),
     "full": dict(losses=["baseline", "feedback", "scb", "plb", "gradlibra", "plb+scb"], seeds=[0, 1, 2], epochs=100,
                  imgsz=416, batch=16),
-    # one GPU (bench/gpu.sh): the stock loss, the recommended mode and the paper's NWD, three seeds,
+    # one GPU (bench/gpu.sh): the stock loss, the paper's NWD (what the recommended assigner_auto trains on
+    # BCCD) and the 'Beyond NWD' candidate safit_sharp_auto_norm, three seeds,
     # 100 epochs (past the CPU's converged 60, where the last epochs still added 1-2 points)
     "gpu": dict(losses=["baseline", "nwd", "nwd:safit_sharp_auto_norm"], seeds=[0, 1, 2], epochs=100, imgsz=416, batch=16),
 }

@@ -17,7 +17,7 @@ quiet one):
   network's work is the same in every mode, so this is the step ratio without the step's own noise
   (a few percent on a busy CPU, more than the 1% it is meant to resolve).
 The batch is real: the first ``--batch`` BCCD training images, letterboxed, with their labels. A
-mode is a ``--loss`` value, or ``LOSS:SETTINGS`` as in bench/compare.py (``nwd:assigner_auto``).
+mode is a ``--loss`` value, or ``LOSS:SETTINGS`` with a shipped settings name or a yaml (``nwd:assigner_auto``).
 
 ``--sync-count`` (CUDA only) also counts the host synchronisations of one loss call and of one
 training step per mode, as ``torch.cuda.set_sync_debug_mode("warn")`` reports them (one warning per

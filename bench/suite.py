@@ -63,12 +63,12 @@ def cell(results: dict, label: str, column: str) -> dict | None:
 
 def failed_lines(kind: str, cells: dict[str, dict | None]) -> list[str]:
     """The lines of ``kind`` that ``cells`` (column -> cell) miss, each as '<column> <what it missed>';
-    a column without a value misses its line."""
+    a column without a value (tables older than the column) misses its line."""
     failed = []
     for column, least, above_zero in LINES[kind]:
         c = cells.get(column)
         if c is None:
-            failed.append(f"{column} not measured")
+            failed.append(f"{column} not tabulated")
         elif c["diff"] < least:
             failed.append(f"{column} {c['diff']:+.1f} < {least:+.1f}")
         elif above_zero and (c["low"] is None or c["low"] <= 0):
@@ -79,9 +79,10 @@ def failed_lines(kind: str, cells: dict[str, dict | None]) -> list[str]:
 
 
 def cell_text(c: dict | None) -> str:
-    """``+5.0 [+2.5, +7.5]`` (no interval where there is none), ``not run`` for no cell."""
+    """``+5.0 [+2.5, +7.5]`` (no interval where there is none); for no cell of a mode that was run,
+    ``not tabulated`` (its set's tables predate the column: compare.py --only table makes them anew)."""
     if c is None:
-        return "not run"
+        return "not tabulated"
     interval = "" if c["low"] is None else f" [{c['low']:+.1f}, {c['high']:+.1f}]"
     return f"{c['diff']:+.1f}{interval}"
 

@@ -235,6 +235,8 @@ def test_update_adds_the_metrics_of_this_version_and_keeps_the_rest(tmp_path, ca
     ("no detections", 2, "--update {bad}: not a val report folder with its detections.json.gz"),
     ("not a report", 1, "{bad}/metrics.json: not a val report (no coco, per_class, recall_by_size, meta)"),
     ("a flag", 2, "--update takes report folders only (each run's report sets the rest), not --max-det"),
+    # found only on reading it, after the first folder was computed: that one is not written either
+    ("corrupt detections", 1, "{bad}/detections.json.gz: not a detections file written by val (Not a gzipped file"),
 ])
 def test_update_refuses_bad_input_before_it_rewrites_any_report(tmp_path, capsys, case, code, message):
     from yolo_sizeloss.validate import main
@@ -248,10 +250,13 @@ def test_update_refuses_bad_input_before_it_rewrites_any_report(tmp_path, capsys
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "metrics.json").write_text("{}" if case == "not a report" else (REPORT / "metrics.json").read_text())
-    if case != "no detections":
+    if case == "corrupt detections":
+        (bad / "detections.json.gz").write_bytes(b"garbage")
+    elif case != "no detections":
         (bad / "detections.json.gz").write_bytes((REPORT / "detections.json.gz").read_bytes())
     flags = ["--max-det", "300"] if case == "a flag" else []
     assert main(["--update", str(good), str(bad), *flags]) == code
     err = capsys.readouterr().err.strip()
-    assert err == "yolo-sizeloss val: error: " + message.format(bad=bad), err
+    # one error line, last (the progress bar over the folders may stand before it on stderr)
+    assert err.count("error:") == 1 and err.splitlines()[-1].startswith("yolo-sizeloss val: error: " + message.format(bad=bad)), err
     assert (good / "metrics.json").read_bytes() == written

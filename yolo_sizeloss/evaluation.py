@@ -239,20 +239,12 @@ def coco_metrics(records: list[ImageRecord], num_classes: int, scales: np.ndarra
     return result
 
 
-def per_class_ap(records: list[ImageRecord], names: list[str], max_det: int = COCO_MAX_DET) -> dict:
-    """AP50-95 and AP50 of each class (original frame; size plays no part), None for a class without GT."""
-    coco_gt, coco_dt = load_coco(records, len(names), np.ones(len(records)))
-    result = {}
-    for k, name in enumerate(names):
-        stats = run_cocoeval(coco_gt, coco_dt, COCO_EDGES, cat_ids=[k + 1], max_det=max_det)
-        result[name] = {"ap": _value(stats["AP_all"]), "ap50": _value(stats["AP_50"])}
-    return result
-
-
-def per_class_size_ap(records: list[ImageRecord], names: list[str], scales: np.ndarray,
-                      max_det: int = COCO_MAX_DET) -> dict:
-    """AP50-95 of each class in each COCO size bucket of the frame given by ``scales``: ``{name:
-    {"ap_small", "ap_medium", "ap_large"}}``, None where the class has no ground truth of that size.
+def per_class_ap(records: list[ImageRecord], names: list[str], scales: np.ndarray,
+                 max_det: int = COCO_MAX_DET) -> dict:
+    """Each class's AP50-95 and AP50 over all sizes (the same in any frame: a frame scales an image's
+    boxes alike, which keeps every IoU) and its AP50-95 per COCO size in the frame of ``scales``:
+    ``{name: {"ap", "ap50", "ap_small", "ap_medium", "ap_large"}}``, None where the class has no
+    ground truth (of that size).
 
     COCO's APs averages over the classes that have small ground truth, so on a set where a rare class
     has a handful of small boxes that handful weighs as much as every small box of the common class;
@@ -261,7 +253,8 @@ def per_class_size_ap(records: list[ImageRecord], names: list[str], scales: np.n
     result = {}
     for k, name in enumerate(names):
         stats = run_cocoeval(coco_gt, coco_dt, COCO_EDGES, cat_ids=[k + 1], max_det=max_det)
-        result[name] = {f"ap_{size}": _value(stats[f"AP_{size}"]) for size in COCO_NAMES}
+        keys = {"ap": "AP_all", "ap50": "AP_50", **{f"ap_{size}": f"AP_{size}" for size in COCO_NAMES}}
+        result[name] = {key: _value(stats[stat]) for key, stat in keys.items()}
     return result
 
 
@@ -440,11 +433,12 @@ def evaluate_records(
     if recall_frame not in FRAMES:
         raise ValueError(f"recall_frame must be one of {FRAMES}, got {recall_frame!r}")
     scales = frame_scales(input_scales)
-    by_size = per_class_size_ap(records, names, scales["input"], max_det)
+    by_class = per_class_ap(records, names, scales["input"], max_det)
     return {
         "coco": {frame: coco_metrics(records, len(names), scales[frame], edges, max_det) for frame in FRAMES},
         "per_class": {
-            name: {**ap, "input": by_size[name]} for name, ap in per_class_ap(records, names, max_det).items()
+            name: {"ap": ap["ap"], "ap50": ap["ap50"], "input": {f"ap_{size}": ap[f"ap_{size}"] for size in COCO_NAMES}}
+            for name, ap in by_class.items()
         },
         "recall_by_size": recall_by_size(records, scales[recall_frame], edges),
         "fit_by_size": fit_by_size(records, scales[recall_frame], edges),

@@ -4,10 +4,11 @@
     yolo-sizeloss val --compare runs/val/exp runs/val/exp-2/metrics.json
     yolo-sizeloss val --update runs/val/exp runs/val/exp-2
 
-Reports COCO AP/AR in the original and the network-input frame, AP per class, recall by size bucket
-at confidence 0.01/0.1/0.3, and the stock Ultralytics validator's metrics; writes metrics.json,
-metrics.md, size_metrics.png and detections.json.gz (for paired comparisons) to ``--project/--name``
-(default runs/val/exp, then exp-2, ... as Ultralytics names runs).
+Reports COCO AP/AR in the original and the network-input frame, AP per class and per class and size,
+recall by size bucket at confidence 0.01/0.1/0.3, box fit and confidence by size, and (YOLO) the stock
+Ultralytics validator's metrics; writes metrics.json, metrics.md, size_metrics.png and
+detections.json.gz (for paired comparisons) to ``--project/--name`` (default runs/val/exp, then exp-2,
+... as Ultralytics names runs).
 
 The images and boxes evaluated are those Ultralytics' validator evaluates (``check_split``); the
 report says which were skipped and why. Detector dispatch lives in ``detections_for``: it fills a
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import torch
 import ultralytics
 from ultralytics import YOLO
 from ultralytics.models.yolo.detect import DetectionValidator
-from ultralytics.utils import DEFAULT_CFG
+from ultralytics.utils import DEFAULT_CFG, TQDM
 from ultralytics.utils.checks import check_imgsz
 from ultralytics.utils.files import increment_path
 
@@ -363,12 +365,11 @@ def run_report(args: ValRequest) -> Path:
     return save_dir
 
 
-def update_report(folder: str | Path) -> dict:
-    """Add to the report in ``folder`` what ``evaluate_records`` computes and the report lacks (a
-    report of an older version), from its detections file and with its own buckets, recall frame and
-    max-det; rewrite its metrics.json, metrics.md and plot; return the metrics. Every figure the report
-    holds is kept: it was computed from the model's own detections, which a detections file of an
-    older version holds rounded."""
+def updated_metrics(folder: str | Path) -> dict:
+    """The report in ``folder`` with what ``evaluate_records`` computes and the report lacks (a report
+    of an older version) added, from its detections file and with its own buckets, recall frame and
+    max-det. Every figure the report holds is kept: it was computed from the model's own detections,
+    which a detections file of an older version holds rounded."""
     metrics = load_metrics(folder)
     run = load_detections(folder)
     meta = metrics["meta"]
@@ -376,7 +377,6 @@ def update_report(folder: str | Path) -> dict:
     fresh = evaluate_records(run.records, run.names, run.input_scales, edges, meta["recall_frame"],
                              meta.get("max_det", COCO_MAX_DET))
     fill_missing(metrics, fresh)
-    write_metrics(metrics, folder)
     return metrics
 
 
@@ -398,8 +398,13 @@ def main(argv: list[str] | None = None, prog: str = "yolo-sizeloss val") -> int:
         if isinstance(checked, ValRequest):
             run_report(checked)
         elif checked.update:
-            for folder in checked.update:
-                update_report(folder)
+            # every report is read and computed before any is rewritten: a bad detections file in the
+            # last folder leaves the first ones as they were
+            updated = []
+            for folder in TQDM(checked.update, desc="val --update", disable=len(checked.update) < 2, file=sys.stderr):
+                updated.append(updated_metrics(folder))
+            for folder, metrics in zip(checked.update, updated):
+                write_metrics(metrics, folder)
                 print(f"Updated {folder}")
         else:
             print(compare_report(checked.compare, bootstrap=checked.bootstrap, seed=checked.seed), end="")

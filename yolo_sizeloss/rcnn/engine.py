@@ -205,7 +205,7 @@ def coco_map(records: list[ImageRecord], names: list[str]) -> dict:
     (``yolo_sizeloss.evaluation``, faster-coco-eval), 0 when there is nothing to evaluate; and
     ``class_ap``, each class's AP50-95 by class index (a class without ground truth left out)."""
     metrics = coco_metrics(records, len(names), np.ones(len(records)), COCO_EDGES)
-    by_class = per_class_ap(records, names)
+    by_class = per_class_ap(records, names, np.ones(len(records)))
     return {"mAP50": metrics["ap50"] or 0.0, "mAP50-95": metrics["ap"] or 0.0,
             "class_ap": {k: by_class[name]["ap"] for k, name in enumerate(names) if by_class[name]["ap"] is not None}}
 
