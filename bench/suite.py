@@ -43,13 +43,17 @@ STOCK = "baseline"  # the reference of every set's tables, and the trains_as val
 
 
 def cell(results: dict, label: str, column: str) -> dict | None:
-    """{diff, low, high} in points of ``label`` against the reference in one set's results.json: the
-    t-interval over seeds, or with one seed the paired bootstrap; None where the mode was not run."""
+    """{diff, low, high, seeds} in points of ``label`` against the reference in one set's results.json:
+    the t-interval over seeds, or with one seed the paired bootstrap; diff None where the metric is
+    undefined on the set (a focus class without small objects); None where the table has no such column
+    or mode."""
     if column in (FOCUS, FOCUS_SMALL):
         column = column.replace("focus", results["focus_class"])
     entry = results["differences"].get(label, {}).get(column)
-    if entry is None or entry["diff"] is None:
+    if entry is None:
         return None
+    if entry["diff"] is None:
+        return {"diff": None, "low": None, "high": None, "seeds": len(entry["per_seed"])}
     low, high = entry["low"], entry["high"]
     if low is None and len(entry["per_seed"]) == 1:
         (seed,) = entry["per_seed"]
@@ -69,20 +73,26 @@ def failed_lines(kind: str, cells: dict[str, dict | None]) -> list[str]:
         c = cells.get(column)
         if c is None:
             failed.append(f"{column} not tabulated")
+        elif c["diff"] is None:
+            failed.append(f"{column} undefined here")
         elif c["diff"] < least:
             failed.append(f"{column} {c['diff']:+.1f} < {least:+.1f}")
         elif above_zero and (c["low"] is None or c["low"] <= 0):
             failed.append(f"{column} interval not above 0")
-    if kind == "control" and cells.get("AP") is not None and cells["AP"]["diff"] > CONTROL_CEILING:
-        failed.append(f"AP {cells['AP']['diff']:+.1f} > +{CONTROL_CEILING:.1f}")
+    ap = (cells.get("AP") or {}).get("diff")
+    if kind == "control" and ap is not None and ap > CONTROL_CEILING:
+        failed.append(f"AP {ap:+.1f} > +{CONTROL_CEILING:.1f}")
     return failed
 
 
 def cell_text(c: dict | None) -> str:
-    """``+5.0 [+2.5, +7.5]`` (no interval where there is none); for no cell of a mode that was run,
-    ``not tabulated`` (its set's tables predate the column: compare.py --only table makes them anew)."""
+    """``+5.0 [+2.5, +7.5]`` (no interval where there is none), ``n/a`` for a metric undefined on the
+    set; for no cell of a mode that was run, ``not tabulated`` (its set's tables predate the column:
+    compare.py --only table makes them anew)."""
     if c is None:
         return "not tabulated"
+    if c["diff"] is None:
+        return "n/a"
     interval = "" if c["low"] is None else f" [{c['low']:+.1f}, {c['high']:+.1f}]"
     return f"{c['diff']:+.1f}{interval}"
 

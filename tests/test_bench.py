@@ -926,7 +926,9 @@ def test_suite_reads_each_sets_tables_and_checks_the_goal_lines(tmp_path, monkey
                    "AP": _difference(per_seed(0.0, 0.0, 0.0))},  # no recall column: tables older than it
     }}
     boot = lambda d, lo, hi: {"diff": d, "low": lo, "high": hi}  # noqa: E731
-    control = {"focus_class": "wbc", "differences": {"nwd-safit_sharp": {"AP": _difference(per_seed(0.006))}},
+    undefined = {"per_seed": {}, "diff": None, "low": None, "high": None, "excludes_zero": False}  # no small wbc
+    control = {"focus_class": "wbc", "differences": {"nwd-safit_sharp": {"AP": _difference(per_seed(0.006)),
+                                                                         "wbc APs input": undefined}},
                "bootstrap": {"nwd-safit_sharp": {"0": {"coco.ap": boot(0.006, -0.01, 0.02)}}}}
     for name, results in (("mixed", mixed), ("control", control)):
         (tmp_path / name).mkdir()
@@ -947,6 +949,7 @@ def test_suite_reads_each_sets_tables_and_checks_the_goal_lines(tmp_path, monkey
     assert table[1][-2] == "not tabulated"  # run over 3 seeds, tabulated without that column: not "not run"
     # one seed: the bootstrap's interval; +0.6 is above the control's ceiling of +0.5
     assert table[2][1:3] == ["nwd-safit_sharp (trains as nwd here)", "1"] and table[2][8] == "+0.6 [-1.0, +2.0]"
+    assert table[2][4:6] == ["n/a", "not tabulated"]  # undefined on the set; a column the table lacks
     assert table[2][-1] == "misses: AP +0.6 > +0.5 |"
     assert table[3][1:4] == ["nwd-assigner_auto", "0", "not run"]
 
