@@ -1012,3 +1012,25 @@ def test_a_failing_command_stops_the_harness_with_one_line(tmp_path, capfd):
                       "--device", "cpu", "--out", str(tmp_path / "out")])
     assert re.fullmatch(r"compare\.py: stopped: `.* -m yolo_sizeloss\.cli train .*` failed \(exit 1\)", str(stop.value))
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_by_group_splits_a_class_ap_by_the_group_each_file_name_names(tmp_path, capsys):
+    """Two frames of scene 'kit' whose 20 px car is found exactly and two of scene 'dji' whose car is missed:
+    car AP 1 and 0 by scene (0.5 over all four images, the mean the paired bootstrap draws from)."""
+    by_group = bench_script("by_group")
+    box = np.array([[10, 10, 30, 30]], dtype=np.float32)
+    none = np.zeros((0, 4), dtype=np.float32)
+    records = [
+        ImageRecord(file=f"{scene}_{k}.jpg", width=100, height=100, gt_boxes=box, gt_classes=np.array([0]),
+                    pred_boxes=box if scene == "kit" else none, pred_scores=np.full(int(scene == "kit"), 0.9, np.float32),
+                    pred_classes=np.zeros(int(scene == "kit"), dtype=np.int64))
+        for scene in ("kit", "dji") for k in range(2)
+    ]
+    run = RunDetections(records, np.ones(4), ["car", "bus"])
+    write_report(evaluate_records(run.records, run.names, run.input_scales), tmp_path / "report", run)
+    assert by_group.main([str(tmp_path / "report"), "--class", "car", "--group", "^([a-z]+)_"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert rows == ["| report | kit | 2 | 2 (2 small) | 1.000 | 1.000 | n/a | n/a |",
+                    "| report | dji | 2 | 2 (2 small) | 0.000 | 0.000 | n/a | n/a |"]
+    assert by_group.main([str(tmp_path / "report"), "--class", "car", "--group", "^kit"]) == 1
+    assert "--group '^kit' does not match image dji_0.jpg" in capsys.readouterr().err
