@@ -6,17 +6,17 @@ independent: tiles of one source image, frames of one video, fields of one slide
 
 REPORT is a val.py output folder with its detections file. ``--group`` is a regular expression whose
 first match in each image's file name names that image's group (the whole match, or its first
-parenthesised part); an image it does not match is an error. For each group and report: the images,
+parenthesised part; ``paired.image_groups``); an image it does not match is an error. For each group and report: the images,
 the class's ground truths (and how many are small, network-input frame), its AP and its AP per COCO
 size (input frame), as val computes them. The paired bootstrap of val --compare draws images as if
-each were independent; where a split is a few groups of near-copies (20 frames of the same parked
-cars), its interval speaks of those groups only, and this table says which group a difference is in.
+each were independent (``--group`` draws groups instead); where a split is a few groups of near-copies
+(20 frames of the same parked cars), its interval speaks of those groups only, and this table says
+which group a difference is in.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -25,20 +25,8 @@ import numpy as np
 from yolo_sizeloss.checks import DataError
 from yolo_sizeloss.detections_file import RunDetections, load_detections
 from yolo_sizeloss.evaluation import COCO_EDGES, COCO_NAMES, box_areas, frame_scales, per_class_ap
+from yolo_sizeloss.paired import check_group_pattern, image_groups
 from yolo_sizeloss.report import format_value, markdown_table
-
-
-def image_groups(run: RunDetections, pattern: re.Pattern) -> list[str]:
-    """Each image's group: the first match of ``pattern`` in its file name (its first group if it has
-    one). ValueError naming the first image it does not match."""
-    groups = []
-    for record in run.records:
-        name = Path(record.file).name
-        match = pattern.search(name)
-        if match is None:
-            raise ValueError(f"--group {pattern.pattern!r} does not match image {name}")
-        groups.append(match.group(1) if pattern.groups else match.group(0))
-    return groups
 
 
 def group_rows(run: RunDetections, groups: list[str], class_name: str) -> dict[str, list[str]]:
@@ -66,16 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", required=True, help="regular expression naming each image's group from its file name")
     args = p.parse_args(argv)
     try:
-        pattern = re.compile(args.group)
-    except re.error as e:
-        p.error(f"--group {args.group!r}: {e}")
+        check_group_pattern(args.group)
+    except ValueError as e:
+        p.error(str(e))
     table = []
     try:
         for report in args.reports:
             run = load_detections(report)
             if args.class_name not in run.names:
                 p.error(f"--class {args.class_name}: not a class of {report} ({', '.join(run.names)})")
-            groups = image_groups(run, pattern)
+            groups = image_groups(run.records, args.group)
             table += [[Path(report).name, group, *row] for group, row in group_rows(run, groups, args.class_name).items()]
     except (FileNotFoundError, DataError, ValueError) as e:
         print(f"by_group.py: error: {e}", file=sys.stderr)

@@ -57,7 +57,7 @@ from yolo_sizeloss.cli import parse_pairs
 from yolo_sizeloss.config import LossConfigError, load_loss_config, run_defaults
 from yolo_sizeloss.detections import load_split
 from yolo_sizeloss.detections_file import find_detections, load_detections
-from yolo_sizeloss.paired import check_resamples, key_metrics, t_interval
+from yolo_sizeloss.paired import check_group_pattern, check_resamples, key_metrics, t_interval
 from yolo_sizeloss.paired_report import bootstrap_as_reported, difference_cell, load_metrics
 from yolo_sizeloss.paths import resolve_data, resolve_loss_cfg
 from yolo_sizeloss.report import markdown_table
@@ -129,6 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="test", help="split the runs are evaluated on (default test; choose "
                    "between variants on val: its reports go to OUT/val-val/, its tables to results-val.*)")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap draws per seed (0: none)")
+    p.add_argument("--group", metavar="REGEX", help="the bootstrap draws groups of images, each named by this regular "
+                                                    "expression's match in the file names (val --compare --group)")
     p.add_argument("--status", action="store_true", help="print where each run stands; train nothing")
     p.add_argument("--only", choices=("runs", "table"), help="runs: train and evaluate, write no table; "
                                                              "table: tabulate what is evaluated, train nothing")
@@ -156,6 +158,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:  # a typo in a name or a settings file fails now, not after hours of earlier runs
         problem = data_choice_error(resolve_data(args.data), args.focus_class, args.split)
         check_resamples(args.bootstrap)
+        check_group_pattern(args.group)
         args.modes = [loss_mode(spec, args.loss_cfg, args.arch) for spec in args.losses]
     except (LossConfigError, ValueError, FileNotFoundError) as e:
         p.error(str(e))
@@ -488,10 +491,10 @@ def seed_differences(per_mode: dict[str, dict[int, dict]], cols: list[tuple[str,
     return result
 
 
-def bootstrap_differences(per_mode: dict[str, dict[int, dict]], resamples: int) -> dict:
+def bootstrap_differences(per_mode: dict[str, dict[int, dict]], resamples: int, group: str | None = None) -> dict:
     """Per seed of the reference, the paired bootstrap of every mode evaluated on that seed against it on
-    the test images (``paired.paired_bootstrap``), for the modes whose report has a detections file:
-    {mode: {seed: ...}}."""
+    the test images (``paired.paired_bootstrap``; ``group``: of the groups of images it names), for the
+    modes whose report has a detections file: {mode: {seed: ...}}."""
     reference, *others = per_mode
     result: dict[str, dict[int, dict]] = {label: {} for label in others}
     for seed in per_mode[reference]:
@@ -500,7 +503,7 @@ def bootstrap_differences(per_mode: dict[str, dict[int, dict]], resamples: int) 
         if not with_files or not find_detections(folders[reference]):
             continue
         runs = [load_detections(folders[label]) for label in [reference, *with_files]]
-        differences_by_mode = bootstrap_as_reported(load_metrics(folders[reference]), runs, resamples, seed=0)
+        differences_by_mode = bootstrap_as_reported(load_metrics(folders[reference]), runs, resamples, seed=0, group=group)
         for label, differences in zip(with_files, differences_by_mode):
             result[label][seed] = differences
     return result
@@ -533,7 +536,10 @@ def markdown(summary: dict, differences: dict, bootstrap: dict, cols: list[tuple
     if boot_rows:
         lines += [f"\n### Difference to {reference} per seed, paired bootstrap over {args.split} images (percentage points)\n"]
         lines.append(markdown_table(["mode, seed", *titles], boot_rows))
-        lines.append(f"\n{args.bootstrap} draws of the {args.split} images with replacement (seed 0), both runs' metrics "
+        drawn = f"the {args.split} images"
+        if args.group is not None:
+            drawn = f"the groups of {drawn} --group {args.group!r} names"
+        lines.append(f"\n{args.bootstrap} draws of {drawn} with replacement (seed 0), both runs' metrics "
                      "recomputed on each draw from val's detections files; [95% percentile interval]; * = excludes 0. "
                      "mAP50-95 is Ultralytics' own and not recomputed.")
     elif differences and args.bootstrap > 0:
@@ -595,7 +601,7 @@ def main(argv=None) -> int:
     cols = columns(focus)
     summary = summarise(per_mode, cols)
     differences = seed_differences(per_mode, cols)
-    bootstrap = bootstrap_differences(per_mode, args.bootstrap) if args.bootstrap > 0 else {}
+    bootstrap = bootstrap_differences(per_mode, args.bootstrap, args.group) if args.bootstrap > 0 else {}
     saved_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "modes"}
     json_file, md_file, png_file = table_files(out, args.split, args.table)
     json_file.write_text(json.dumps(

@@ -18,7 +18,9 @@ from yolo_sizeloss.evaluation import COCO_EDGES, box_areas, coco_metrics, evalua
 from yolo_sizeloss.paired import (
     RunEvaluation,
     align_runs,
+    bootstrap_draws,
     check_faster_coco_eval,
+    image_groups,
     key_metrics,
     paired_bootstrap,
     t_interval,
@@ -231,3 +233,23 @@ def test_compare_report_notes_reports_evaluated_with_different_data_yamls(tmp_pa
     assert (f"evaluated with different data yamls (here: {tmp_path}/here_data/data.yaml, "
             f"there: {tmp_path}/there_data/data.yaml)") in text
     assert "Paired difference to here" in text  # the same file names and ground truth still pair them
+
+
+def test_a_group_is_drawn_whole_and_singleton_groups_draw_the_images_draws(bccd_test):
+    """Tiles of one source image go into a draw together or not at all; with every image its own group the
+    grouped bootstrap is the image bootstrap, draw for draw."""
+    for draw in bootstrap_draws(3, 200, 0, ["a", "a", "b"]):
+        assert (draw == 0).sum() == (draw == 1).sum() and len(draw) in (2, 3, 4)
+    images = [d.tolist() for d in bootstrap_draws(72, 50, 7)]
+    assert [d.tolist() for d in bootstrap_draws(72, 50, 7, [str(k) for k in range(72)])] == images
+    one_by_one = paired_bootstrap([bccd_test, without_small_predictions(bccd_test)], resamples=100, seed=3)
+    whole_names = paired_bootstrap([bccd_test, without_small_predictions(bccd_test)], resamples=100, seed=3,
+                                   group=r"^.*$")
+    assert whole_names == one_by_one
+
+
+def test_image_groups_name_each_image_by_the_patterns_match(bccd_test):
+    groups = image_groups(bccd_test.records, r"BloodImage_00(\d)")  # the hundreds digit of the image number
+    assert groups[:2] == ["0", "0"] and sorted(set(groups)) == ["0", "1", "2", "3", "4"]
+    with pytest.raises(ValueError, match=r"--group 'Cell' does not match image BloodImage_\d+\.jpg"):
+        image_groups(bccd_test.records, "Cell")

@@ -162,7 +162,7 @@ def test_compare_names_the_file_that_is_not_a_report(tmp_path, capsys, case, cod
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--size-buckets", "0,16,inf"], "--compare takes --bootstrap and --seed only (each run's report sets the rest), "
+    (["--size-buckets", "0,16,inf"], "--compare takes --bootstrap, --seed and --group only (each run's report sets the rest), "
                                      "not --size-buckets"),
     (["--max-det", "300"], "not --max-det"),
     (["--bootstrap", "10"], "--bootstrap 10: 0 (no intervals) or at least 100, fewer draws cannot place a 95% interval"),
@@ -260,3 +260,25 @@ def test_update_refuses_bad_input_before_it_rewrites_any_report(tmp_path, capsys
     # one error line, last (the progress bar over the folders may stand before it on stderr)
     assert err.count("error:") == 1 and err.splitlines()[-1].startswith("yolo-sizeloss val: error: " + message.format(bad=bad)), err
     assert (good / "metrics.json").read_bytes() == written
+
+
+@pytest.mark.parametrize("flags, code, message", [
+    (["--compare", "{r}", "{r}", "--group", "(x"], 2, "--group '(x': not a regular expression (missing ), unterminated"),
+    (["--compare", "{r}", "{r}", "--group", "Cell"], 1, "--group 'Cell' does not match image BloodImage_00007.jpg"),
+    (["--model", "m.pt", "--data", "bccd.yaml", "--group", "x"], 2, "--group goes with --compare"),
+])
+def test_group_is_checked_and_names_the_image_it_does_not_match(capsys, flags, code, message):
+    from yolo_sizeloss.validate import main
+
+    assert main([f.format(r=REPORT) for f in flags]) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"yolo-sizeloss val: error: {message}"), err
+
+
+def test_compare_with_group_draws_groups_and_says_so(capsys):
+    from yolo_sizeloss.validate import main
+
+    assert main(["--compare", str(REPORT), str(REPORT.parent / "nwd-s0"), "--bootstrap", "100",
+                 "--group", r"BloodImage_00(\d)"]) == 0
+    out = capsys.readouterr().out
+    assert "100 draws of the groups of images --group 'BloodImage_00(\\\\d)' names with replacement" in out

@@ -234,6 +234,41 @@ def check_resamples(resamples: int, flag: str = "--bootstrap") -> None:
                          "fewer draws cannot place a 95% interval")
 
 
+def check_group_pattern(pattern: str | None) -> None:
+    """ValueError, one line, for a --group that is not a regular expression (None: no grouping)."""
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"--group {pattern!r}: not a regular expression ({e})") from None
+
+
+def image_groups(records: list, pattern: str) -> list[str]:
+    """Each image's group: the first match of the regular expression ``pattern`` in its file name (its
+    first parenthesised part if it has one). ValueError naming the first image it does not match."""
+    compiled = re.compile(pattern)
+    groups = []
+    for record in records:
+        match = compiled.search(Path(record.file).name)
+        if match is None:
+            raise ValueError(f"--group {pattern!r} does not match image {Path(record.file).name}")
+        groups.append(match.group(1) if compiled.groups else match.group(0))
+    return groups
+
+
+def bootstrap_draws(images: int, resamples: int, seed: int, groups: list[str] | None = None) -> list[np.ndarray]:
+    """``resamples`` draws of image indices with replacement (numpy generator seeded with ``seed``): of the
+    ``images`` one by one, or, with ``groups`` (each image's group), of the groups, each drawn group
+    bringing all its images. Singleton groups in image order draw exactly the images' draws."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        return list(rng.integers(0, images, size=(resamples, images)))
+    labels = np.array(groups)
+    members = [np.flatnonzero(labels == g) for g in dict.fromkeys(groups)]
+    picks = rng.integers(0, len(members), size=(resamples, len(members)))
+    return [np.concatenate([members[g] for g in pick]) for pick in picks]
+
+
 def paired_bootstrap(
     runs: list[RunDetections],
     edges: tuple[float, ...] = COCO_EDGES,
@@ -242,6 +277,7 @@ def paired_bootstrap(
     recall_frame: str = "input",
     thresholds: tuple[float, ...] = RECALL_THRESHOLDS,
     max_det: int = COCO_MAX_DET,
+    group: str | None = None,
 ) -> list[dict[str, dict]]:
     """Differences of ``runs[1:]`` to ``runs[0]`` on the same images, with 95% bootstrap intervals.
 
@@ -252,13 +288,16 @@ def paired_bootstrap(
     run), over the draws where the metric is defined; None where it is not defined at all. Small
     recall counts ground truths in the first bucket of ``edges`` in ``recall_frame``; AP is read at
     COCO maxDets ``max_det``, which must be the reports' (``val --max-det``) for the full-set values to
-    be theirs.
+    be theirs. ``group``, a regular expression naming each image's group from its file name
+    (``image_groups``), draws groups of images instead (tiles of one image, frames of one video, fields
+    of one slide are not independent: drawn one by one, they give intervals too narrow for another set).
     """
     runs = align_runs(runs)
+    groups = None if group is None else image_groups(runs[0].records, group)
     evaluations = [RunEvaluation(run, edges, recall_frame, thresholds, max_det) for run in runs]
     everything = np.arange(evaluations[0].images)
     full = [e.metrics(everything) for e in evaluations]
-    draws = np.random.default_rng(seed).integers(0, len(everything), size=(resamples, len(everything)))
+    draws = bootstrap_draws(len(everything), resamples, seed, groups)
     sampled = np.empty((len(runs), resamples, len(full[0])))
     # progress on stderr: stdout carries the tables, which users redirect into files
     bar = TQDM(draws, desc=f"paired bootstrap, {len(runs)} runs", disable=resamples < 100, file=sys.stderr)

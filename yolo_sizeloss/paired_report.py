@@ -41,10 +41,11 @@ def report_folder(path: str | Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def compare_report(paths: list[str | Path], bootstrap: int = 1000, seed: int = 0) -> str:
+def compare_report(paths: list[str | Path], bootstrap: int = 1000, seed: int = 0, group: str | None = None) -> str:
     """Markdown: ``key_metrics`` of each run with the delta to the first run in brackets; then, when
     every report has its detections file and ``bootstrap`` > 0, each run's paired difference to the
-    first with its 95% bootstrap interval over ``bootstrap`` draws of the test images (seeded)."""
+    first with its 95% bootstrap interval over ``bootstrap`` draws of the test images (seeded), or of
+    the groups of images the regular expression ``group`` names (``paired.image_groups``)."""
     reports = [load_metrics(p) for p in paths]
     runs = [key_metrics(m) for m in reports]
     labels = [_run_label(Path(p)) for p in paths]
@@ -78,17 +79,22 @@ def compare_report(paths: list[str | Path], bootstrap: int = 1000, seed: int = 0
             unpaired.append(f"{label}: {e}")
     if unpaired:
         return text + f"\nNo paired bootstrap against {labels[0]}: {'; '.join(unpaired)}.\n"
-    differences = bootstrap_as_reported(reports[0], runs_detections, bootstrap, seed)
-    return text + "\n" + format_differences(differences, labels[1:], labels[0], bootstrap, seed)
+    try:
+        differences = bootstrap_as_reported(reports[0], runs_detections, bootstrap, seed, group)
+    except ValueError as e:  # --group names no group for an image: the pattern and the data disagree
+        raise DataError(one_line(e)) from e
+    return text + "\n" + format_differences(differences, labels[1:], labels[0], bootstrap, seed, group)
 
 
-def bootstrap_as_reported(report: dict, runs: list[RunDetections], resamples: int, seed: int) -> list[dict[str, dict]]:
+def bootstrap_as_reported(report: dict, runs: list[RunDetections], resamples: int, seed: int,
+                          group: str | None = None) -> list[dict[str, dict]]:
     """``paired_bootstrap`` of ``runs`` in the size buckets, frame, recall thresholds and max-det of
-    ``report`` (the first run's metrics.json), so that its full-set values are the report's own."""
+    ``report`` (the first run's metrics.json), so that its full-set values are the report's own;
+    ``group`` draws groups of images (``paired.image_groups``)."""
     meta = report["meta"]
     return paired_bootstrap(  # a report without max_det was evaluated at COCO's 100
         runs, tuple(float(e) for e in meta["size_buckets"]), resamples, seed, meta["recall_frame"],
-        tuple(float(t) for t in report["recall_by_size"]), meta.get("max_det", COCO_MAX_DET),
+        tuple(float(t) for t in report["recall_by_size"]), meta.get("max_det", COCO_MAX_DET), group,
     )
 
 
@@ -135,13 +141,15 @@ def format_fit(runs: list[RunDetections], labels: list[str], meta: dict) -> str:
     return f"Box fit and confidence by size ({frame} frame)\n\n{table}\n\n{FIT_PROTOCOL}\n"
 
 
-def format_differences(differences: list[dict[str, dict]], labels: list[str], base: str, resamples: int, seed: int) -> str:
+def format_differences(differences: list[dict[str, dict]], labels: list[str], base: str, resamples: int, seed: int,
+                       group: str | None = None) -> str:
     """Markdown table of ``paired_bootstrap``'s result: ``diff [low, high]`` per metric and run, ``*``
     where the interval excludes 0."""
     keys = list(differences[0])
     rows = [[key] + [difference_cell(d[key]) for d in differences] for key in keys]
     header = f"Paired difference to {base} (run - {base}) on the same test images, 95% bootstrap interval"
-    note = (f"{resamples} draws of the images with replacement, seed {seed}, metrics recomputed from each run's "
+    drawn = "the images" if group is None else f"the groups of images --group {group!r} names"
+    note = (f"{resamples} draws of {drawn} with replacement, seed {seed}, metrics recomputed from each run's "
             "detections file; * = the interval excludes 0.")
     return f"{header}\n\n{markdown_table(['metric'] + labels, rows)}\n\n{note}\n"
 

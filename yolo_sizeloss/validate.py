@@ -61,7 +61,7 @@ from yolo_sizeloss.evaluation import (
     letterbox_scales,
     parse_size_buckets,
 )
-from yolo_sizeloss.paired import check_resamples
+from yolo_sizeloss.paired import check_group_pattern, check_resamples
 from yolo_sizeloss.paired_report import compare_report, load_metrics
 from yolo_sizeloss.rcnn.engine import predict_checkpoint
 from yolo_sizeloss.rcnn.model import RCNN_NMS_IOU
@@ -119,6 +119,9 @@ def build_parser(prog: str = "yolo-sizeloss val") -> argparse.ArgumentParser:
     parser.add_argument("--bootstrap", type=int, default=1000, help="resamples of the test images for --compare "
                         "(default 1000; 0: no intervals)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    parser.add_argument("--group", metavar="REGEX", help="with --compare: draw groups of images, each named by this "
+                        "regular expression's match in the file names (a source image's tiles, a video's frames, a "
+                        "slide's fields), not single images, which such images are not independent of")
     parser.add_argument("--update", nargs="+", metavar="RUN", help="add to val runs (folders) written by an older "
                         "version the metrics added since, computed from their detections files; the figures they hold "
                         "are kept")
@@ -148,7 +151,7 @@ class ValRequest:
     kind: str  # the detector family the checkpoint belongs to
 
 
-COMPARE_FLAGS = ("compare", "bootstrap", "seed", "verbose")
+COMPARE_FLAGS = ("compare", "bootstrap", "seed", "group", "verbose")
 UPDATE_FLAGS = ("update", "verbose")
 
 
@@ -172,14 +175,17 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
         return args
     if args.compare:
         if ignored := flags_besides(args, COMPARE_FLAGS):
-            raise ValueError(f"--compare takes --bootstrap and --seed only (each run's report sets the rest), "
+            raise ValueError(f"--compare takes --bootstrap, --seed and --group only (each run's report sets the rest), "
                              f"not {ignored[0]}")
+        check_group_pattern(args.group)
         check_resamples(args.bootstrap)
         check_run_flags(seed=args.seed)
         for path in args.compare:
             if not report_file(path, "metrics.json").is_file():
                 raise FileNotFoundError(f"--compare {path}: no metrics.json (give a folder val wrote, or its metrics.json)")
         return args
+    if args.group is not None:
+        raise ValueError("--group goes with --compare (it groups the images the bootstrap draws)")
     if not args.model or not args.data:
         raise ValueError("--model and --data are required (or use --compare)")
     for flag in ("imgsz", "batch"):
@@ -407,6 +413,7 @@ def main(argv: list[str] | None = None, prog: str = "yolo-sizeloss val") -> int:
                 write_metrics(metrics, folder)
                 print(f"Updated {folder}")
         else:
-            print(compare_report(checked.compare, bootstrap=checked.bootstrap, seed=checked.seed), end="")
+            print(compare_report(checked.compare, bootstrap=checked.bootstrap, seed=checked.seed, group=checked.group),
+                  end="")
 
     return run_guarded(prog, lambda: check_args(args), work, args.verbose)
