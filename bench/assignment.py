@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", required=True, help="a trained YOLO checkpoint, or a model yaml (untrained)")
     p.add_argument("--data", required=True, help="data yaml (its train split is assigned)")
     p.add_argument("--imgsz", type=int, required=True)
-    p.add_argument("--modes", nargs="+", default=["baseline", "nwd"], help="LOSS or LOSS:SETTINGS (a shipped settings name or a yaml)")
+    p.add_argument("--modes", nargs="+", default=["baseline", "nwd"],
+                   help="LOSS or LOSS:SETTINGS (a shipped settings name or a yaml)")
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)

@@ -6,9 +6,9 @@ independent: tiles of one source image, frames of one video, fields of one slide
 
 REPORT is a val.py output folder with its detections file. ``--group`` is a regular expression whose
 first match in each image's file name names that image's group (the whole match, or its first
-parenthesised part; ``paired.image_groups``); an image it does not match is an error. For each group and report: the images,
-the class's ground truths (and how many are small, network-input frame), its AP and its AP per COCO
-size (input frame), as val computes them. The paired bootstrap of val --compare draws images as if
+parenthesised part; ``paired.image_groups``); an image it does not match is an error. For each group
+and report: the images, the class's ground truths (and how many are small, network-input frame), its
+AP and its AP per COCO size (input frame), as val computes them. The paired bootstrap of val --compare draws images as if
 each were independent (``--group`` draws groups instead); where a split is a few groups of near-copies
 (20 frames of the same parked cars), its interval speaks of those groups only, and this table says
 which group a difference is in.
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.class_name not in run.names:
                 p.error(f"--class {args.class_name}: not a class of {report} ({', '.join(run.names)})")
             groups = image_groups(run.records, args.group)
-            table += [[Path(report).name, group, *row] for group, row in group_rows(run, groups, args.class_name).items()]
+            rows = group_rows(run, groups, args.class_name)
+            table += [[Path(report).name, group, *row] for group, row in rows.items()]
     except (FileNotFoundError, DataError, ValueError) as e:
         print(f"by_group.py: error: {e}", file=sys.stderr)
         return 1

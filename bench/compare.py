@@ -503,7 +503,8 @@ def bootstrap_differences(per_mode: dict[str, dict[int, dict]], resamples: int, 
         if not with_files or not find_detections(folders[reference]):
             continue
         runs = [load_detections(folders[label]) for label in [reference, *with_files]]
-        differences_by_mode = bootstrap_as_reported(load_metrics(folders[reference]), runs, resamples, seed=0, group=group)
+        reference_report = load_metrics(folders[reference])
+        differences_by_mode = bootstrap_as_reported(reference_report, runs, resamples, seed=0, group=group)
         for label, differences in zip(with_files, differences_by_mode):
             result[label][seed] = differences
     return result

@@ -9,8 +9,9 @@ difference with its 95% t-interval over seeds; with one seed it is that seed's p
 over the test images (mAP50-95, Ultralytics' own, has none). A line is met or not on the mean, and where
 it asks for an interval above 0, on that interval. The lines (LINES) are the 'Beyond NWD' goal: where
 small objects are a minority, the focus class's AP and its own APs (input frame) at least +3 with intervals
-above 0 (COCO's APs of all classes is shown beside), APl (original frame) at most 0.5 below stock, mAP50-95 not lower; where nearly all are small, AP at
-most 0.5 below stock and small recall at score 0.3 not lower; on a control, AP within 0.5 of stock.
+above 0 (COCO's APs of all classes is shown beside), APl (original frame) at most 0.5 below stock,
+mAP50-95 not lower; where nearly all are small, AP at most 0.5 below stock and small recall at score 0.3
+not lower; on a control, AP within 0.5 of stock.
 """
 
 from __future__ import annotations

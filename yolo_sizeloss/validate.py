@@ -120,8 +120,8 @@ def build_parser(prog: str = "yolo-sizeloss val") -> argparse.ArgumentParser:
                         "(default 1000; 0: no intervals)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     parser.add_argument("--group", metavar="REGEX", help="with --compare: draw groups of images, each named by this "
-                        "regular expression's match in the file names (a source image's tiles, a video's frames, a "
-                        "slide's fields), not single images, which such images are not independent of")
+                        "regular expression's match in the file names, not single images (for images that are not "
+                        "independent: a source image's tiles, a video's frames, a slide's fields)")
     parser.add_argument("--update", nargs="+", metavar="RUN", help="add to val runs (folders) written by an older "
                         "version the metrics added since, computed from their detections files; the figures they hold "
                         "are kept")

@@ -1,4 +1,5 @@
-"""torchvision Faster R-CNN with the size-aware losses (PLB, SCB, feedback, Grad-Libra and NWD on the RPN and RoI terms).
+"""torchvision Faster R-CNN with the size-aware losses (PLB, SCB, feedback, Grad-Libra and NWD on the RPN and RoI
+terms).
 
 Public entry points: ``yolo_sizeloss.rcnn.cli.main`` (``train --arch faster_rcnn``),
 ``predict_records`` (detections of a data split for a checkpoint, in original image pixels) and
