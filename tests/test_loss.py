@@ -129,6 +129,9 @@ def test_stock_class_weights_are_kept():
     model.class_weights = None
     unweighted = build_size_aware_loss(model, AnchorWeighting(cfg))(preds, batch)[1]["cls_loss"]
     assert not torch.isclose(weighted, unweighted)
+    model.class_weights = torch.full((3,), 2.0)  # every class twice: the PLB-weighted term twice, exactly
+    doubled = build_size_aware_loss(model, AnchorWeighting(cfg))(preds, batch)[1]["cls_loss"]
+    assert torch.equal(doubled, 2 * unweighted)
 
 
 def test_wrapping_twice_is_refused_and_the_stock_loss_method_computes_every_branch(monkeypatch):

@@ -20,6 +20,7 @@ from yolo_sizeloss.paired import (
     align_runs,
     bootstrap_draws,
     check_faster_coco_eval,
+    difference,
     image_groups,
     key_metrics,
     paired_bootstrap,
@@ -253,3 +254,11 @@ def test_image_groups_name_each_image_by_the_patterns_match(bccd_test):
     assert groups[:2] == ["0", "0"] and sorted(set(groups)) == ["0", "1", "2", "3", "4"]
     with pytest.raises(ValueError, match=r"--group 'Cell' does not match image BloodImage_\d+\.jpg"):
         image_groups(bccd_test.records, "Cell")
+
+
+def test_difference_takes_the_central_95_percent_of_the_defined_draws():
+    """41 defined draws 0..40 (and one undefined): the 2.5 and 97.5 percentiles are 1 and 39."""
+    d = difference(0.2, 0.5, np.array([np.nan, *range(41)], dtype=float))
+    assert (d["low"], d["high"]) == pytest.approx((1.0, 39.0)) and d["excludes_zero"] and d["diff"] == pytest.approx(0.3)
+    d = difference(0.2, 0.2, np.arange(-20, 21, dtype=float))
+    assert (d["low"], d["high"], d["excludes_zero"]) == (-19.0, 19.0, False)

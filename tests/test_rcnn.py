@@ -742,3 +742,15 @@ def test_train_py_and_val_py_cover_faster_rcnn(tiny_data, tmp_path):
     assert metrics["recall_by_size"]["0.01"]["all"]["total"] == sum(
         len(r.gt_boxes) for r in load_split(tiny_data, "val")[0])
     assert (tmp_path / "report" / "size_metrics.png").is_file()
+
+
+def test_hflip_mirrors_the_image_and_its_boxes():
+    """Faster R-CNN's training flip: on a 10 px wide image a box over x 1-4 lies over x 6-9 after it."""
+    from yolo_sizeloss.rcnn.data import hflip
+
+    image = torch.arange(2 * 3 * 10, dtype=torch.float32).view(2, 3, 10)
+    target = {"boxes": torch.tensor([[1.0, 0.0, 4.0, 2.0]]), "labels": torch.tensor([3])}
+    flipped, out = hflip(image, target)
+    assert torch.equal(flipped, image.flip(-1)) and torch.equal(flipped[:, :, 0], image[:, :, 9])
+    assert out["boxes"].tolist() == [[6.0, 0.0, 9.0, 2.0]] and torch.equal(out["labels"], target["labels"])
+    assert target["boxes"].tolist() == [[1.0, 0.0, 4.0, 2.0]]  # the input target is left as it was
