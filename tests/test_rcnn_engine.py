@@ -73,3 +73,14 @@ def test_nan_on_one_rank_stops_every_rank_with_one_error(tmp_path):
     assert outcomes[0]["poisoned"] == ("FloatingPointError: 2/2: non-finite loss at iteration 1 (summed over "
                                        "processes: loss_objectness=nan, loss_rpn_box_reg=nan, loss_classifier=nan, "
                                        "loss_box_reg=nan)")
+
+
+def test_validation_shards_cover_every_image_once_across_ranks():
+    """Each rank validates a strided shard; together the shards are every image, none twice."""
+    from yolo_sizeloss.rcnn.engine import DistContext, shard_indices
+
+    cpu = torch.device("cpu")
+    assert shard_indices(5, DistContext(1, 2, cpu, False)) == [1, 3]
+    for world in (1, 2, 3, 8):
+        shards = [shard_indices(7, DistContext(rank, world, cpu, False)) for rank in range(world)]
+        assert sorted(i for shard in shards for i in shard) == list(range(7)), world
