@@ -37,12 +37,12 @@ from yolo_sizeloss.detections import ImageRecord, load_split
 from yolo_sizeloss.paths import resolve_data
 from yolo_sizeloss.rcnn import export_onnx, predict_records
 from yolo_sizeloss.rcnn.cli import main
-from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection
-from yolo_sizeloss.rcnn.engine import coco_map
+from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection, read_image
+from yolo_sizeloss.rcnn.engine import VAL_CONF, VAL_MAX_DET, coco_map, predict_checkpoint
 from yolo_sizeloss.methods import MatchedSamples, scb
 from yolo_sizeloss.rcnn.heads import SizeBalancedRoIHeads, SizeBalancedRPN
 from yolo_sizeloss.rcnn.losses import weighted_fastrcnn_loss, weighted_rpn_loss
-from yolo_sizeloss.rcnn.model import build_model
+from yolo_sizeloss.rcnn.model import build_model, model_from_checkpoint, set_inference_limits
 from yolo_sizeloss.rcnn.switches import LossSwitches
 from yolo_sizeloss.results_csv import class_ap_columns
 
@@ -505,6 +505,36 @@ def test_predict_records_in_original_pixels(trained_run, tiny_data):
         assert r.pred_boxes[:, [0, 2]].max() <= 640 and r.pred_boxes[:, [1, 3]].max() <= 480
         assert r.pred_boxes[:, 2].max() > IMGSZ  # scaled back from the 128-pixel network input
         assert set(r.pred_classes.tolist()) <= {0, 1, 2}
+
+
+@pytest.mark.slow
+def test_each_record_holds_its_own_images_model_output(trained_run, tiny_data, tmp_path):
+    """Batched prediction keeps each image's detections with its record: each equals what the checkpoint's
+    model returns for that image alone (labels less torchvision's background). This barely trained model
+    answers every image alike in its input frame, so the images differ in size: their boxes, mapped back to
+    original pixels, differ, and a swap would show."""
+    records = load_split(tiny_data, "val")[0]
+    for r in list(records):
+        for width, height in ((320, 240), (480, 360)):
+            smaller = tmp_path / f"{width}_{Path(r.file).name}"
+            Image.open(r.file).resize((width, height)).save(smaller)
+            records.append(ImageRecord(str(smaller), width, height))
+    checkpoint = load_any_checkpoint(trained_run / "weights" / "best.pt", RCNN_ARCH)
+    predicted = predict_checkpoint(checkpoint, records, device="cpu", batch=4)
+    assert [p.file for p in predicted] == [r.file for r in records]
+    assert len({p.pred_boxes[:, 2].max() for p in predicted}) > 1
+    model = model_from_checkpoint(checkpoint).eval()
+    set_inference_limits(model, VAL_CONF, VAL_MAX_DET)
+    for p in predicted:
+        with torch.no_grad():
+            (out,) = model([read_image(p.file)])
+        alone = np.column_stack([out["labels"].numpy() - 1, out["scores"].numpy(), out["boxes"].numpy()])
+        batched = np.column_stack([p.pred_classes, p.pred_scores, p.pred_boxes])
+        # tied scores may come out in either order: compare the detections as sorted rows; a batch pads its
+        # images to one size, which moves a box near the padded edge by a fraction of a pixel
+        batched, alone = batched[np.lexsort(batched.T[::-1])], alone[np.lexsort(alone.T[::-1])]
+        np.testing.assert_allclose(batched[:, :2], alone[:, :2], atol=1e-4)
+        np.testing.assert_allclose(batched[:, 2:], alone[:, 2:], atol=0.5)
 
 
 @pytest.mark.slow
