@@ -81,6 +81,24 @@ def test_compare_prints_runs_side_by_side(checkpoint, bccd_subset, tmp_path):
     assert small_row.endswith("(+0.0000) |"), small_row
 
 
+def trained_on(checkpoint: Path, data: Path | None, out: Path) -> Path:
+    """A copy of ``checkpoint`` whose training settings name ``data`` as its data yaml (None: none)."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ckpt["train_args"] = {**ckpt["train_args"], "data": None if data is None else str(data)}
+    torch.save(ckpt, out)
+    return out
+
+
+@pytest.mark.slow
+def test_val_defaults_to_the_data_the_checkpoint_was_trained_on(checkpoint, bccd_subset, tmp_path):
+    """As `yolo val model=best.pt`: without --data the report is on the checkpoint's own data yaml."""
+    own = trained_on(checkpoint, bccd_subset, tmp_path / "own.pt")
+    run = val_py("--model", own, "--imgsz", IMGSZ, "--device", "cpu", "--project", tmp_path, "--name", "own")
+    assert run.returncode == 0, run.stderr[-3000:]
+    meta = json.loads((tmp_path / "own" / "metrics.json").read_text())["meta"]
+    assert meta["data"] == str(bccd_subset) and meta["split"] == "test"
+
+
 def one_error_line(run: subprocess.CompletedProcess, fragment: str, code: int = 1) -> None:
     """Exit 2 for a usage error, 1 for bad data; one line either way, no traceback."""
     assert run.returncode == code, run.stderr
@@ -101,7 +119,16 @@ def test_bad_input_gives_one_clear_error_line(checkpoint, bccd_subset, tmp_path)
                    f"error: --model {tmp_path / 'junk.pt'}: not a readable checkpoint (")
     one_error_line(val_py("--model", checkpoint, "--data", bccd_subset, "--max-det", "10"), "--max-det 10: must be above 10", code=2)
     one_error_line(val_py("--model", checkpoint, "--data", bccd_subset, "--imgsz", "0"), "--imgsz 0", code=2)
-    one_error_line(val_py("--model", checkpoint), "--model and --data are required", code=2)
+    one_error_line(val_py("--data", bccd_subset), "--model is required", code=2)
+    moved = trained_on(checkpoint, tmp_path / "gone" / "data.yaml", tmp_path / "moved.pt")
+    one_error_line(val_py("--model", moved), f"--model {moved} was trained on {tmp_path / 'gone' / 'data.yaml'}, "
+                   "which is not there; give --data", code=2)  # as a missing --data is
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("names: [a\n")
+    one_error_line(val_py("--model", trained_on(checkpoint, broken, tmp_path / "broken.pt")),
+                   f"was trained on {broken}, which cannot be used here (")
+    one_error_line(val_py("--model", trained_on(checkpoint, None, tmp_path / "no_data.pt")),
+                   "the checkpoint names no training data; give --data", code=2)
     one_error_line(val_py("--model", checkpoint, "--data", bccd_subset, "--project", tmp_path / "reports", "--name", ""),
                    "--name '': must name a folder inside --project", code=2)  # it wrote to reports-2 beside it
 

@@ -94,7 +94,8 @@ def build_parser(prog: str = "yolo-sizeloss val") -> argparse.ArgumentParser:
     parser = ValParser(prog=prog, description=" ".join(__doc__.split("\n\n")[0].replace("``", "").split()),
                        formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--model", help="checkpoint (.pt) to evaluate")
-    parser.add_argument("--data", help="data yaml; a bare name such as bccd.yaml is looked up in the package's cfg/")
+    parser.add_argument("--data", help="data yaml; a bare name such as bccd.yaml is looked up in the package's cfg/ "
+                        "(default: the data the checkpoint was trained on)")
     parser.add_argument("--split", default="test", help="split of the data yaml (default test)")
     parser.add_argument("--imgsz", type=int, help="network input size (default: the checkpoint's training size)")
     parser.add_argument("--batch", type=int, default=16, help="validation batch (rect batches: affects padding)")
@@ -186,8 +187,8 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
         return args
     if args.group is not None:
         raise ValueError("--group goes with --compare (it groups the images the bootstrap draws)")
-    if not args.model or not args.data:
-        raise ValueError("--model and --data are required (or use --compare)")
+    if not args.model:
+        raise ValueError("--model is required (or use --compare)")
     for flag in ("imgsz", "batch"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -200,7 +201,7 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
     parse_device(args.device)  # again below for a Faster R-CNN checkpoint, before the run folder
     check_output_folder(args.project, "--project")
     check_run_name(args.name)
-    data = check_data_yaml(args.data)
+    data = check_data_yaml(args.data) if args.data else None
     if not Path(args.model).is_file():  # a usage error, as train's --model
         raise FileNotFoundError(f"--model {args.model}: " + ("a folder; give a checkpoint file"
                                                              if Path(args.model).is_dir() else "no such file"))
@@ -213,11 +214,27 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
         parse_process_device(args.device, world_size=1)  # a checkpoint is evaluated by one process
     else:
         check_detection_network(yolo_module(checkpoint), args.model, "val evaluates")
+    data = data or training_data(checkpoint, args.model)
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(ValRequest) if hasattr(args, f.name)}
     # `--project=~/x` reaches here unexpanded (the shell expands a ~ only at a word's start), and Ultralytics
     # would make a folder named '~' where check_output_folder checked the home folder
     project = str(Path(args.project).expanduser())
     return ValRequest(**{**flags, "project": project, "data": data, "checkpoint": checkpoint, "kind": kind})
+
+
+def training_data(checkpoint: dict, model: str) -> str:
+    """The data yaml a checkpoint was trained on (either family records it in ``train_args``): ``--data``'s
+    default, as ``yolo val model=...`` takes the model's own data."""
+    trained_on = (checkpoint.get("train_args") or {}).get("data")
+    if not trained_on:
+        raise ValueError(f"--model {model}: the checkpoint names no training data; give --data")
+    try:
+        return check_data_yaml(trained_on)
+    except FileNotFoundError as e:  # a usage error, as a missing --data is
+        raise FileNotFoundError(f"--model {model} was trained on {trained_on}, which is not there; give --data") from e
+    except DataError as e:
+        raise DataError(f"--model {model} was trained on {trained_on}, which cannot be used here "
+                        f"({one_line(e).removeprefix(f'{trained_on}: ')}); give --data") from e
 
 
 def detections_for(args: ValRequest, records: list[ImageRecord], save_dir: Path) -> tuple[list[ImageRecord], dict]:
