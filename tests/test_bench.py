@@ -1034,3 +1034,18 @@ def test_by_group_splits_a_class_ap_by_the_group_each_file_name_names(tmp_path, 
                     "| report | dji | 2 | 2 (2 small) | 0.000 | 0.000 | n/a | n/a |"]
     assert by_group.main([str(tmp_path / "report"), "--class", "car", "--group", "^kit"]) == 1
     assert "--group '^kit' does not match image dji_0.jpg" in capsys.readouterr().err
+
+
+def test_box_pull_by_hand():
+    """A prediction 1 px right of its object: NWD's distance is 1 px, so the pull of 1 - exp(-W / C) is
+    exp(-1 / C) / C whatever the side; with ratio 0 every measure pulls as the stock CIoU does; at ratio 0.5
+    the pull is the mean of the two."""
+    box_pull = bench_script("box_pull")
+    for side in (8.0, 128.0):
+        stock = box_pull.pull(side, 1.0, None, 67.3, 0.5)
+        # (NWD adds a tiny eps under its square root, hence rel 1e-6)
+        assert box_pull.pull(side, 1.0, "nwd", 67.3, 1.0) == pytest.approx(np.exp(-1 / 67.3) / 67.3, rel=1e-6)
+        assert box_pull.pull(side, 1.0, "safit_sharp", 67.3, 0.0) == stock
+        assert box_pull.pull(side, 1.0, "nwd", 67.3, 0.5) == pytest.approx((stock + np.exp(-1 / 67.3) / 67.3) / 2)
+    # CIoU measures relative error: an 8 px box is pulled harder than a 128 px one, NWD pulls both alike
+    assert box_pull.pull(8.0, 1.0, None, 67.3, 0.5) > 10 * box_pull.pull(128.0, 1.0, None, 67.3, 0.5)
