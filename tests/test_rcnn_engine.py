@@ -53,10 +53,13 @@ def two_epochs(rank: int, store: str, report: str) -> None:
     dist.destroy_process_group()
 
 
-def test_nan_on_one_rank_stops_every_rank_with_one_error(tmp_path):
+def run_ranks(target, tmp_path: Path, *args) -> list:
+    """Run ``target(rank, store, report, *args)`` in WORLD_SIZE spawned processes of one gloo group (its file
+    store in ``tmp_path``) and return what each rank wrote to its JSON report; a rank still running after
+    TIMEOUT_S fails the test."""
     context = multiprocessing.get_context("spawn")
     reports = [tmp_path / f"rank{rank}.json" for rank in range(WORLD_SIZE)]
-    workers = [context.Process(target=two_epochs, args=(rank, str(tmp_path / "store"), str(reports[rank])))
+    workers = [context.Process(target=target, args=(rank, str(tmp_path / "store"), str(reports[rank]), *args))
                for rank in range(WORLD_SIZE)]
     for worker in workers:
         worker.start()
@@ -66,7 +69,11 @@ def test_nan_on_one_rank_stops_every_rank_with_one_error(tmp_path):
     for worker in workers:
         worker.kill()
     assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s"
-    outcomes = [json.loads(report.read_text()) for report in reports]
+    return [json.loads(report.read_text()) for report in reports]
+
+
+def test_nan_on_one_rank_stops_every_rank_with_one_error(tmp_path):
+    outcomes = run_ranks(two_epochs, tmp_path)
 
     # the epoch's mean over both ranks' steps: (1 + 3 + 2 + 4) / 4 per item
     assert all(o["clean"] == dict.fromkeys(LOSS_NAMES, 2.5) for o in outcomes)
@@ -119,7 +126,7 @@ def brightness_records(folder: Path) -> list:
     return records
 
 
-def validate_on_rank(rank: int, store: str, folder: str, report: str) -> None:
+def validate_on_rank(rank: int, store: str, report: str, folder: str) -> None:
     from yolo_sizeloss.rcnn.engine import DistContext, validate
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE,
@@ -140,19 +147,6 @@ def test_two_rank_validation_gathers_every_image_and_equals_one_process(tmp_path
                    DistContext(0, 1, torch.device("cpu"), False), batch=2, workers=0)
     assert one["mAP50"] == one["mAP50-95"] == one["class_ap"][0] == round(61 / 101, 6)  # reports keep 6 places
 
-    context = multiprocessing.get_context("spawn")
-    reports = [tmp_path / f"rank{rank}.json" for rank in range(WORLD_SIZE)]
-    workers = [context.Process(target=validate_on_rank,
-                               args=(rank, str(tmp_path / "store"), str(tmp_path), str(reports[rank])))
-               for rank in range(WORLD_SIZE)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(TIMEOUT_S)
-    hung = [rank for rank, worker in enumerate(workers) if worker.is_alive()]
-    for worker in workers:
-        worker.kill()
-    assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s"
-    two = [json.loads(report.read_text()) for report in reports]
+    two = run_ranks(validate_on_rank, tmp_path, str(tmp_path))
     assert two[1] is None
     assert two[0] == {"mAP50": one["mAP50"], "mAP50-95": one["mAP50-95"], "class_ap": {"0": one["class_ap"][0]}}
