@@ -157,6 +157,46 @@ def test_safit_spread_reaches_both_families_assignment_and_box_loss():
     assert switches.nwd.box_similarity(pred, gt).item() == pytest.approx(expected, rel=1e-5)
 
 
+def assign_a_large_object(assigner):
+    """Target scores and foreground mask ``assigner`` gives a 180 x 150 px object on a stride-8 grid, every
+    prediction a 150 x 150 box centred on its anchor (so that CIoU's centre penalty ranks them apart from IoU)."""
+    grid = torch.arange(4, 256, 8.0)
+    anchors = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), -1).view(-1, 2)
+    predictions = torch.cat([anchors - 75, anchors + 75], -1)[None]
+    gt = torch.tensor([[[40.0, 60.0, 220.0, 210.0]]])
+    scores = torch.full((1, len(anchors), 3), 0.5)
+    _, _, target_scores, fg, _ = assigner(scores, predictions, anchors, torch.zeros(1, 1, 1), gt, torch.ones(1, 1, 1))
+    return target_scores, fg
+
+
+@pytest.mark.parametrize("safit_assigner_iou", ["iou", "stock"])
+def test_safit_assigner_iou_stock_assigns_a_large_object_as_the_stock_assigner(safit_assigner_iou):
+    """``nwd.safit_assigner_iou: stock``: SAFit's IoU member in YOLO's assigner is the stock assigner's own CIoU,
+    so a ground truth far above 32 px gets the stock positives and target scores; with plain IoU (the paper's,
+    the default) its target scores are the larger IoU's (every IoU here exceeds its CIoU)."""
+    import copy
+
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yolo_sizeloss.config import load_loss_config
+    from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss, loss_branches
+
+    config = load_loss_config("nwd", "safit_sharp_assigner_auto")
+    config["nwd"].update(constant=C, max_small_share=1.0, safit_assigner_iou=safit_assigner_iou)
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    model.args = get_cfg()
+    ours = loss_branches(build_size_aware_loss(model, AnchorWeighting(config)))[0].assigner.assigner
+    stock = copy.deepcopy(ours)
+    del stock.iou_calculation  # the class's CIoU
+    (ours_scores, ours_fg), (stock_scores, stock_fg) = assign_a_large_object(ours), assign_a_large_object(stock)
+    assert stock_fg.sum() == 10  # topk candidates inside the box, all positive
+    if safit_assigner_iou == "stock":
+        assert torch.equal(ours_fg, stock_fg) and torch.allclose(ours_scores, stock_scores, atol=1e-6)
+    else:
+        assert ours_scores.sum() > stock_scores.sum() + 0.05, (ours_scores.sum(), stock_scores.sum())
+
+
 # --- in the box loss ----------------------------------------------------------------------------------------------
 
 def one_pair_box_loss(measure: str, ratio: float, pred_px: list[float], target_px: list[float], constant: float = 16.0):

@@ -39,7 +39,7 @@ def nwd_config(spec="nwd", **settings) -> dict:
 
 def test_defaults_and_combination_with_a_weighting():
     assert load_loss_config("nwd") == {"nwd": {"ratio": 0.5, "constant": "auto", "assigner": True, "assigner_from": 0.0, "assigner_until": 1.0,
-                                               "box_measure": "nwd", "safit_spread": 32, "small_area": 1024, "max_small_share": 1.0,
+                                               "box_measure": "nwd", "safit_spread": 32, "safit_assigner_iou": "iou", "small_area": 1024, "max_small_share": 1.0,
                                                "normaliser": "assigned", "box_weights": "assigned",
                                                "rcnn_terms": ["rpn_box"]}}  # rcnn_terms: Faster R-CNN's
     cfg = load_loss_config("nwd+feedback")
@@ -50,7 +50,7 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
     path = tmp_path / "o.yaml"
     path.write_text("nwd:\n  constant: 12.8\n  ratio: 1\n  assigner: false\n")
     assert load_loss_config("nwd", path)["nwd"] == {"ratio": 1, "constant": 12.8, "assigner": False,
-                                                    "assigner_from": 0.0, "assigner_until": 1.0, "box_measure": "nwd", "safit_spread": 32, "small_area": 1024,
+                                                    "assigner_from": 0.0, "assigner_until": 1.0, "box_measure": "nwd", "safit_spread": 32, "safit_assigner_iou": "iou", "small_area": 1024,
                                                     "max_small_share": 1.0, "normaliser": "assigned",
                                                     "box_weights": "assigned", "rcnn_terms": ["rpn_box"]}
 
@@ -72,8 +72,9 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
         ("nwd:\n  ratio: 1\n  assigner_from: 0.5\n  assigner_until: 0.5\n",
          r"o\.yaml:3: nwd\.assigner_from \(0\.5\) must be below nwd\.assigner_until \(0\.5\)"),
         ("nwd:\n  terms: [box]\n",
-         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, assigner_from, assigner_until, box_measure, safit_spread, small_area, max_small_share, normaliser, box_weights, rcnn_terms\)"),
+         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, assigner_from, assigner_until, box_measure, safit_spread, safit_assigner_iou, small_area, max_small_share, normaliser, box_weights, rcnn_terms\)"),
         ("nwd:\n  box_measure: giou\n", r"o\.yaml:2: nwd\.box_measure = 'giou' .*one of nwd, safit, simd"),
+        ("nwd:\n  safit_assigner_iou: ciou\n", r"o\.yaml:2: nwd\.safit_assigner_iou = 'ciou' .*one of iou, stock"),
     ],
 )
 def test_bad_settings_name_file_line_and_range(tmp_path, text, message):

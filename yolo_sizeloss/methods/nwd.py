@@ -180,6 +180,10 @@ def check_settings(settings: dict[str, Any]) -> tuple[tuple[str, ...], str] | No
 
 
 ASSIGNER_MEASURES = ("safit", "simd")  # nwd.assigner may name another measure (methods.measures) instead of NWD
+# SAFit's IoU member in an assigner (nwd.assigner: safit): plain IoU (the paper's), or the stock assigner's own
+# overlap (YOLO: its CIoU; Faster R-CNN's RPN matcher: IoU, the same as plain), so that large ground truths are
+# assigned as the stock loss assigns them
+SAFIT_ASSIGNER_IOUS = ("iou", "stock")
 BOX_MEASURES = ("nwd", "safit", "simd")  # what nwd.box_measure may mix into the box loss (methods.measures.box_similarity)
 # what YOLO's losses divide by: the assignment's own target-score sum (Ultralytics'), or the sum the stock CIoU
 # would give the same positives (yolo.normaliser); Faster R-CNN's RPN divides by its sampled anchors, a count
@@ -213,6 +217,7 @@ METHOD = Method(
         "assigner_until": number(lambda v: 0 < v <= 1, "a number in (0, 1]"),
         "box_measure": choice(*BOX_MEASURES),
         "safit_spread": number(lambda v: v > 0, "a number > 0 (network-input pixels)"),
+        "safit_assigner_iou": choice(*SAFIT_ASSIGNER_IOUS),
         "small_area": number(lambda v: v > 0, "a number > 0 (network-input pixels squared)"),
         "max_small_share": number(lambda v: 0 <= v <= 1, "a number in [0, 1]"),
         "normaliser": choice(*NORMALISERS),

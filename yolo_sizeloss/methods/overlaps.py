@@ -11,7 +11,7 @@ reading of them for both families, which hands out the assigner's overlap and th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from torch import Tensor
 from torchvision.ops import box_iou
@@ -68,17 +68,23 @@ class NWDOverlap:
 class SAFitOverlap:
     """SAFit (``methods.measures.safit``): IoU for large ground truths, NWD (constant ``nwd_constant``) for
     tiny ones, blended per box at size ``size`` over ``spread`` pixels (``measures.safit_blend_weight``).
-    ``elementwise`` takes (ground truths, boxes), as the task-aligned assigner passes them."""
+    ``elementwise`` takes (ground truths, boxes), as the task-aligned assigner passes them; its IoU member
+    is ``stock_elementwise`` of the same pairs where given (the assigner's own overlap, Ultralytics'
+    clamped CIoU, so that large ground truths are ranked and scored as the stock assigner does), else
+    plain IoU. ``pairwise`` (a matcher's) always uses plain IoU, torchvision's RPN matcher's own."""
 
-    def __init__(self, nwd_constant: float, size: float = SAFIT_SIZE, spread: float | None = None):
+    def __init__(self, nwd_constant: float, size: float = SAFIT_SIZE, spread: float | None = None,
+                 stock_elementwise: Optional[Callable[[Tensor, Tensor], Tensor]] = None):
         self.nwd_constant, self.size, self.spread = nwd_constant, size, spread
+        self.stock_elementwise = stock_elementwise
 
     def pairwise(self, boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
         return safit_matrix(boxes_a, boxes_b, self.nwd_constant, self.size, self.spread)
 
     def elementwise(self, boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
         """Computed in float32, returned in ``boxes_b``'s dtype."""
-        return safit(boxes_b.float(), boxes_a.float(), self.nwd_constant, self.size,
+        iou = None if self.stock_elementwise is None else self.stock_elementwise(boxes_a, boxes_b).float()
+        return safit(boxes_b.float(), boxes_a.float(), self.nwd_constant, self.size, iou=iou,
                      spread=self.spread).to(boxes_b.dtype)
 
 
@@ -142,17 +148,20 @@ class ResolvedNWD:
         first, end = assigner_window(self.settings, epochs)
         return first <= epoch < end
 
-    def overlap(self) -> Optional[Overlap]:
+    def overlap(self, stock_elementwise: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> Optional[Overlap]:
         """The overlap the assigner or matcher measures for ``nwd.assigner``: NWD (true), SAFit (over
-        ``nwd.safit_spread`` pixels) or SimD (by name), or None (false: the detector's stock measure)."""
+        ``nwd.safit_spread`` pixels) or SimD (by name), or None (false: the detector's stock measure).
+        ``stock_elementwise`` is the assigner's own element-wise overlap (YOLO's CIoU), SAFit's IoU member
+        where ``nwd.safit_assigner_iou`` is ``stock``."""
         if self.assigner is None:
             raise RuntimeError(f"nwd.assigner is auto but was not resolved: {self.unresolved_hint}, "
                                "or set true or false")
         if self.assigner is True:
             return NWDOverlap(self.constant, self.unresolved_hint)
         if self.assigner == "safit":
+            stock = stock_elementwise if self.settings["safit_assigner_iou"] == "stock" else None
             return SAFitOverlap(_known_constant(self.constant, self.unresolved_hint),
-                                spread=self.settings["safit_spread"] if self.settings is not None else None)
+                                spread=self.settings["safit_spread"], stock_elementwise=stock)
         if self.assigner == "simd":
             return SimDOverlap()
         return None

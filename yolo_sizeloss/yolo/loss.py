@@ -16,6 +16,7 @@ when configured.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -452,8 +453,9 @@ def _set_overlap(assigner: nn.Module, weighting: AnchorWeighting) -> None:
     ``weighting.assigner_measures``, else by its class's CIoU."""
     if weighting.assigner_measures:
         # the piece of the stock assigner that measures the candidate pairs' overlap; this instance only, the
-        # class stays stock
-        assigner.iou_calculation = weighting.nwd.overlap().elementwise
+        # class stays stock, and its CIoU is what SAFit may blend with (nwd.safit_assigner_iou: stock)
+        stock_overlap = functools.partial(type(assigner).iou_calculation, assigner)
+        assigner.iou_calculation = weighting.nwd.overlap(stock_overlap).elementwise
     else:
         _restore_stock_overlap(assigner)
 
