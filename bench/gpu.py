@@ -38,7 +38,7 @@ import yaml
 
 FAMILIES = ("yolo", "rcnn")
 RUN_FILES = ("args.yaml", "loss.yaml", "results.csv", "results.png", "weighting.png")
-VAL_FILES = ("metrics.json", "metrics.md", "detections.json.gz", "size_metrics.png")
+VAL_FILES = ("metrics.json", "metrics.md", "detections.json.bz2", "size_metrics.png")
 TABLE_FILES = ("results.md", "results.json", "results.png")
 MAX_TAR_BYTES = 15 * 2**20  # under the 16 MiB a file that comes back from the GPU machine may have
 RECENT_EPOCHS = 5

@@ -204,7 +204,7 @@ def test_status_says_where_each_run_stands(tmp_path, capsys):
     assert compare.report_is_current(val / "feedback-s0", bootstrap=0)
     # feedback-s1's detections.json: as val wrote it before it compressed the file
     assert compare.report_is_current(val / "feedback-s1", bootstrap=1000)
-    (val / "feedback-s0" / "detections.json.gz").write_bytes(b"")
+    (val / "feedback-s0" / "detections.json.bz2").write_bytes(b"")
     assert compare.report_is_current(val / "feedback-s0", bootstrap=1000)
 
 
@@ -649,7 +649,7 @@ def test_the_gpu_script_smoke_mode_runs_every_step_and_packs_its_tables(tmp_path
     with tarfile.open(out / "records.tar.gz") as records:
         names = set(records.getnames())
         records.extractall(unpacked, filter="data")
-    assert {"yolo/results.json", "yolo/runs/nwd-s0/results.csv", "yolo/val/nwd-s0/detections.json.gz",
+    assert {"yolo/results.json", "yolo/runs/nwd-s0/results.csv", "yolo/val/nwd-s0/detections.json.bz2",
             "rcnn/runs/rcnn-plb-s0/args.yaml", "rcnn/val/rcnn-plb-s0/metrics.json"} <= names
     assert not any(name.endswith(".pt") for name in names)
     # the records are enough to tabulate again, with another number of bootstrap draws
@@ -775,7 +775,7 @@ def test_unmatched_refuses_a_mistake_before_making_any_crop(tmp_path, monkeypatc
 
 def test_unmatched_a_detections_file_val_did_not_write_is_one_error_line(tmp_path, capsys):
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "detections.json.gz").write_bytes(b"not gzip")
+    (tmp_path / "run" / "detections.json.bz2").write_bytes(b"not bzip2")
     assert unmatched.main([str(tmp_path / "run"), "--out", str(tmp_path / "crops.png")]) == 1
     assert "not a detections file written by val" in capsys.readouterr().err
     assert not (tmp_path / "crops.png").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
 import math
@@ -244,7 +245,7 @@ def test_write_report_and_compare(tmp_path):
         metrics = evaluate_records(records, NAMES, unit_scales(records))
         metrics["meta"].update(model=name, data="synthetic", split="test", imgsz=640)
         paths = write_report(metrics, tmp_path / name, RunDetections(records, unit_scales(records), NAMES))
-        assert [p.name for p in paths] == ["metrics.json", "metrics.md", "size_metrics.png", "detections.json.gz"]
+        assert [p.name for p in paths] == ["metrics.json", "metrics.md", "size_metrics.png", "detections.json.bz2"]
         assert json.loads(paths[0].read_text()) == json.loads(json.dumps(metrics))
         assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         runs.append(paths[0])
@@ -254,7 +255,7 @@ def test_write_report_and_compare(tmp_path):
     small_row = next(line for line in table.splitlines() if line.startswith("| coco.original.ap_small "))
     assert small_row.split("|")[2:4] == [" 1.0000 ", " 0.0000 (-1.0000) "]
     assert "| recall.small@0.3 | 1.0000 | 0.0000 (-1.0000) |" in table
-    assert "| good, small (0-32 px) | 3 | 1.000 | 100.0 | 0.900 |" in table  # box fit, from detections.json.gz
+    assert "| good, small (0-32 px) | 3 | 1.000 | 100.0 | 0.900 |" in table  # box fit, from detections.json.bz2
     assert "| worse/metrics.json, small (0-32 px) | 3 | 0.000 | 0.0 | 0.000 |" in table
     assert "| small (0-32 px) | 3 | 1.000 | 100.0 | 0.900 |" in markdown
 
@@ -270,10 +271,11 @@ def test_report_labels_recall_with_the_max_det_it_was_evaluated_at():
 def test_detections_file_keeps_what_a_paired_comparison_needs(tmp_path):
     a = record([[10.123, 20.456, 30.789, 40.001]], [2], [[10.126, 20.4, 30.7, 40.0]], [2], [0.123456])
     b = ImageRecord("/data/other.jpg", 416, 320)  # nothing found and no ground truth
-    path = write_detections(tmp_path / "detections.json.gz", RunDetections([a, b], np.array([0.65, 1.0]), NAMES))
-    packed = path.read_bytes()
-    assert packed[:2] == b"\x1f\x8b" and packed[4:8] == bytes(4)  # gzip, mtime 0: the same run gives the same bytes
-    text = gzip.decompress(packed).decode()
+    run = RunDetections([a, b], np.array([0.65, 1.0]), NAMES)
+    packed = write_detections(tmp_path / "detections.json.bz2", run).read_bytes()
+    assert packed[:3] == b"BZh"  # bzip2
+    assert write_detections(tmp_path / "again.json.bz2", run).read_bytes() == packed  # the same run, the same bytes
+    text = bz2.decompress(packed).decode()
     assert len(text) < 400 and "10.123,20.456,30.789,40.001,2" in text  # compact: shortest decimals
     run = load_detections(tmp_path)
     assert run.names == NAMES and run.input_scales.tolist() == [0.65, 1.0]
@@ -284,7 +286,7 @@ def test_detections_file_keeps_what_a_paired_comparison_needs(tmp_path):
     assert np.array_equal(first.pred_scores, a.pred_scores) and first.pred_classes.tolist() == [2]
     assert first.gt_classes.dtype == np.int64 and first.pred_boxes.dtype == np.float32
     assert second.gt_boxes.shape == (0, 4) and second.pred_boxes.shape == (0, 4) and second.pred_scores.shape == (0,)
-    with pytest.raises(FileNotFoundError, match="no detections.json.gz"):
+    with pytest.raises(FileNotFoundError, match="no detections.json.bz2"):
         load_detections(tmp_path / "elsewhere")
 
 
@@ -293,26 +295,29 @@ def test_recall_from_a_detections_file_is_the_reports(tmp_path):
     # the report had not (aerial cars: 198 small hits against the report's 197)
     scene = record([[10, 10, 30, 30]], [0], [[10, 10, 30, 30]], [0], [0.29996])
     run = RunDetections([scene], np.array([1.0]), NAMES)
-    write_detections(tmp_path / "detections.json.gz", run)
+    write_detections(tmp_path / "detections.json.bz2", run)
     [loaded] = load_detections(tmp_path).records
     assert recall_by_size([loaded], np.ones(1), COCO_EDGES) == recall_by_size([scene], np.ones(1), COCO_EDGES)
     assert recall_by_size([loaded], np.ones(1), COCO_EDGES)["0.3"]["all"]["hits"] == 0
 
 
-def test_a_detections_file_written_before_compression_still_loads(tmp_path):
-    """Reports written before val compressed the file hold an uncompressed detections.json."""
+@pytest.mark.parametrize("name", ["detections.json", "detections.json.gz"])
+def test_a_detections_file_of_an_older_report_still_loads(tmp_path, name):
+    """Reports written before val compressed the file hold an uncompressed detections.json, and those written
+    before it used bzip2 a gzip-compressed detections.json.gz."""
     image = {"file": "img.jpg", "width": W, "height": H, "scale": 0.65,
              "gt": [[10.12, 20.46, 30.79, 40.0, 2]], "pred": [[10.13, 20.4, 30.7, 40.0, 0.1235, 2]]}
-    (tmp_path / "detections.json").write_text(json.dumps({"names": NAMES, "images": [image]}, separators=(",", ":")))
-    for path in (tmp_path, tmp_path / "detections.json"):
+    text = json.dumps({"names": NAMES, "images": [image]}, separators=(",", ":")).encode()
+    (tmp_path / name).write_bytes(gzip.compress(text, mtime=0) if name.endswith(".gz") else text)
+    for path in (tmp_path, tmp_path / name):
         run = load_detections(path)
         assert run.names == NAMES and run.input_scales.tolist() == [0.65]
         [loaded] = run.records
         np.testing.assert_allclose(loaded.pred_boxes, [[10.13, 20.4, 30.7, 40.0]])
         assert loaded.pred_scores.tolist() == [pytest.approx(0.1235)] and loaded.gt_classes.tolist() == [2]
-    assert find_detections(tmp_path) == tmp_path / "detections.json"
-    write_detections(tmp_path / "detections.json.gz", run)  # the same report evaluated again: its new file is read
-    assert find_detections(tmp_path) == tmp_path / "detections.json.gz"
+    assert find_detections(tmp_path) == tmp_path / name
+    write_detections(tmp_path / "detections.json.bz2", run)  # the same report evaluated again: its new file is read
+    assert find_detections(tmp_path) == tmp_path / "detections.json.bz2"
     assert find_detections(tmp_path / "elsewhere") is None
 
 

@@ -168,8 +168,8 @@ def test_compare_report_adds_paired_intervals_when_reports_have_detections(bccd_
     write_report(metrics, tmp_path / "worse", without_small_predictions(bccd_test))
     note = " ".join(compare_report(folders, bootstrap=0).split())
     assert "evaluated with different imgsz (stock: 416, worse: 640); max_det (stock: 100, worse: 300):" in note
-    (tmp_path / "worse" / "detections.json.gz").unlink()
-    assert f"no detections.json.gz in {folders[1]}" in " ".join(compare_report(folders).split())
+    (tmp_path / "worse" / "detections.json.bz2").unlink()
+    assert f"no detections.json.bz2 in {folders[1]}" in " ".join(compare_report(folders).split())
 
 
 def test_runs_that_cannot_be_paired_keep_their_tables_and_are_named(bccd_test, tmp_path):

@@ -172,7 +172,7 @@ REPORT = ROOT / "bench" / "results" / "converged" / "val" / "baseline-s0"  # a r
     ("empty object", 1, "{dir}/bad/metrics.json: not a val report (no coco, per_class, recall_by_size, meta)"),
     ("a list", 1, "{dir}/bad/metrics.json: not a val report (no coco"),
     ("broken json", 1, "{dir}/bad/metrics.json: not a val report (Expecting"),
-    ("corrupt detections", 1, "{dir}/bad/detections.json.gz: not a detections file written by val (Not a gzipped file"),
+    ("corrupt detections", 1, "{dir}/bad/detections.json.bz2: not a detections file written by val (Invalid data stream"),
 ])
 def test_compare_names_the_file_that_is_not_a_report(tmp_path, capsys, case, code, fragment):
     from yolo_sizeloss.validate import main
@@ -182,7 +182,7 @@ def test_compare_names_the_file_that_is_not_a_report(tmp_path, capsys, case, cod
     metrics = {"empty object": "{}", "a list": "[1, 2]", "broken json": "{coco: 1}"}.get(
         case, (REPORT / "metrics.json").read_text())
     (bad / "metrics.json").write_text(metrics)
-    (bad / "detections.json.gz").write_bytes(b"garbage")
+    (bad / "detections.json.bz2").write_bytes(b"garbage")
     other = tmp_path / "nothere" if case == "missing folder" else bad
     assert main(["--compare", str(REPORT), str(other), "--bootstrap", "100"]) == code
     err = capsys.readouterr().err.strip()
@@ -242,7 +242,7 @@ def test_update_adds_the_metrics_of_this_version_and_keeps_the_rest(tmp_path, ca
 
     folder = tmp_path / "baseline-s0"
     folder.mkdir()
-    for name in ("metrics.json", "detections.json.gz"):
+    for name in ("metrics.json", "detections.json.bz2"):
         (folder / name).write_bytes((REPORT / name).read_bytes())
     before = strip_class_sizes(folder)
     assert main(["--update", str(folder)]) == 0
@@ -261,18 +261,18 @@ def test_update_adds_the_metrics_of_this_version_and_keeps_the_rest(tmp_path, ca
 
 
 @pytest.mark.parametrize("case, code, message", [
-    ("no detections", 2, "--update {bad}: not a val report folder with its detections.json.gz"),
+    ("no detections", 2, "--update {bad}: not a val report folder with its detections.json.bz2"),
     ("not a report", 1, "{bad}/metrics.json: not a val report (no coco, per_class, recall_by_size, meta)"),
     ("a flag", 2, "--update takes report folders only (each run's report sets the rest), not --max-det"),
     # found only on reading it, after the first folder was computed: that one is not written either
-    ("corrupt detections", 1, "{bad}/detections.json.gz: not a detections file written by val (Not a gzipped file"),
+    ("corrupt detections", 1, "{bad}/detections.json.bz2: not a detections file written by val (Invalid data stream"),
 ])
 def test_update_refuses_bad_input_before_it_rewrites_any_report(tmp_path, capsys, case, code, message):
     from yolo_sizeloss.validate import main
 
     good = tmp_path / "good"
     good.mkdir()
-    for name in ("metrics.json", "detections.json.gz"):
+    for name in ("metrics.json", "detections.json.bz2"):
         (good / name).write_bytes((REPORT / name).read_bytes())
     strip_class_sizes(good)
     written = (good / "metrics.json").read_bytes()
@@ -280,9 +280,9 @@ def test_update_refuses_bad_input_before_it_rewrites_any_report(tmp_path, capsys
     bad.mkdir()
     (bad / "metrics.json").write_text("{}" if case == "not a report" else (REPORT / "metrics.json").read_text())
     if case == "corrupt detections":
-        (bad / "detections.json.gz").write_bytes(b"garbage")
+        (bad / "detections.json.bz2").write_bytes(b"garbage")
     elif case != "no detections":
-        (bad / "detections.json.gz").write_bytes((REPORT / "detections.json.gz").read_bytes())
+        (bad / "detections.json.bz2").write_bytes((REPORT / "detections.json.bz2").read_bytes())
     flags = ["--max-det", "300"] if case == "a flag" else []
     assert main(["--update", str(good), str(bad), *flags]) == code
     err = capsys.readouterr().err.strip()

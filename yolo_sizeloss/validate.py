@@ -7,7 +7,7 @@
 Reports COCO AP/AR in the original and the network-input frame, AP per class and per class and size,
 recall by size bucket at confidence 0.01/0.1/0.3, box fit and confidence by size, and (YOLO) the stock
 Ultralytics validator's metrics; writes metrics.json, metrics.md, size_metrics.png and
-detections.json.gz (for paired comparisons) to ``--project/--name`` (default runs/val/exp, then exp-2,
+detections.json.bz2 (for paired comparisons) to ``--project/--name`` (default runs/val/exp, then exp-2,
 ... as Ultralytics names runs).
 
 The images and boxes evaluated are those Ultralytics' validator evaluates (``check_split``); the
