@@ -25,7 +25,7 @@ DETECTIONS_FILE = "detections.json.bz2"
 # read, never written: earlier reports' gzip-compressed file, and an uncompressed one; bzip2 stores the same
 # JSON in about three quarters of gzip's bytes, which matters for the reports a checkout keeps
 OLDER_DETECTIONS_FILES = ("detections.json.gz", "detections.json")
-DECOMPRESS = {".bz2": bz2.decompress, ".gz": gzip.decompress}
+_DECOMPRESS = {".bz2": bz2.decompress, ".gz": gzip.decompress}
 
 
 @dataclass
@@ -77,7 +77,7 @@ def load_detections(path: str | Path) -> RunDetections:
         raise FileNotFoundError(f"no {DETECTIONS_FILE} (nor {' nor '.join(OLDER_DETECTIONS_FILES)}) at {path}")
     packed = file.read_bytes()
     try:
-        data = json.loads(DECOMPRESS.get(file.suffix, bytes)(packed))
+        data = json.loads(_DECOMPRESS.get(file.suffix, bytes)(packed))
         return _read_run(data)
     except (OSError, EOFError, ValueError, KeyError, TypeError, IndexError) as e:  # not what val writes
         raise DataError(f"{file}: not a detections file written by val ({one_line(e)})") from e
