@@ -19,6 +19,12 @@ target-score sum, the normaliser of both losses, and its share of the box terms'
 Ultralytics' box loss receives: the target scores, or the stock CIoU's with ``nwd.box_weights:
 ciou``). A measure that is lenient to small boxes raises their scores, and so, through the shared
 normaliser, lowers every other object's weight without touching its assignment.
+
+A third table follows the anchors that two or more ground truths claim (the assigner keeps the one
+whose overlap with the anchor's prediction is highest): how many a step, and how many of them the
+mode's overlap gives to another ground truth than the stock CIoU would, split by the sizes of the two.
+A measure lenient to small boxes can hand a small object an anchor that a larger neighbour's CIoU
+would have kept.
 """
 
 from __future__ import annotations
@@ -121,6 +127,36 @@ class BoxWeightTally:
         return [float(v) / total for v in self.sums]
 
 
+class ConflictTally:
+    """A forward hook on a stock assigner, over every call since it was made: ``positives``, the anchors
+    assigned to any ground truth; ``claimed``, those two or more ground truths claim; ``kept_otherwise``, those the assigner's own overlap keeps for another ground
+    truth than the stock CIoU would, per size bucket of the one the CIoU would keep (rows) and of the one
+    kept (columns). It asks the assigner again for its positives before they are resolved
+    (``get_pos_mask``), so it observes the assigner's own candidates and top-k."""
+
+    def __init__(self):
+        self.positives = self.claimed = 0
+        self.kept_otherwise = torch.zeros(len(BUCKETS), len(BUCKETS), dtype=torch.float64)
+
+    def __call__(self, assigner, args, kwargs, outputs) -> None:
+        pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt = args[:6]
+        if gt_bboxes.shape[1] == 0:
+            return
+        mask_pos, _, overlaps = assigner.get_pos_mask(pd_scores, pd_bboxes, gt_labels, gt_bboxes, anc_points, mask_gt)
+        candidates = assigner.select_candidates_in_gts(anc_points, gt_bboxes, mask_gt).bool() & mask_gt.bool()
+        image, gt, anchor = candidates.nonzero(as_tuple=True)
+        ciou = torch.zeros_like(overlaps)
+        ciou[image, gt, anchor] = type(assigner).iou_calculation(assigner, gt_bboxes[image, gt], pd_bboxes[image, anchor])
+        by_ciou, by_own = ciou.argmax(1), overlaps.argmax(1)  # (B, A): the ground truth each keeps
+        claimed = mask_pos.sum(1) > 1
+        moved = claimed & (by_ciou != by_own)
+        self.positives += int(outputs[3].sum())
+        self.claimed += int(claimed.sum())
+        bucket = size_buckets(gt_bboxes)  # (B, G)
+        self.kept_otherwise.index_put_((bucket.gather(1, by_ciou)[moved], bucket.gather(1, by_own)[moved]),
+                                       torch.ones(int(moved.sum()), dtype=torch.float64), accumulate=True)
+
+
 def stock_box_losses(criterion) -> list:
     """Each branch's stock ``BboxLoss``, inside the size-aware wrappers where there are any."""
     losses = []
@@ -132,9 +168,9 @@ def stock_box_losses(criterion) -> list:
     return losses
 
 
-def count_mode(model, mode: str, batches, labels, imgsz: int) -> tuple[dict[str, float], tuple[dict, float]]:
-    """The assignment counts of one mode (``LOSS`` or ``LOSS:SETTINGS``) over ``batches``, its
-    ``SizeTally.rows``, its whole target score and ``BoxWeightTally.shares``."""
+def count_mode(model, mode: str, batches, labels, imgsz: int) -> tuple[dict[str, float], tuple[dict, float], ConflictTally]:
+    """The assignment counts of one mode (``LOSS`` or ``LOSS:SETTINGS``) over ``batches``; its
+    ``SizeTally.rows``, its whole target score and ``BoxWeightTally.shares``; its ``ConflictTally``."""
     config = load_loss_mode(mode)
     if not config:  # baseline: the stock criterion
         criterion = model.init_criterion()
@@ -142,10 +178,11 @@ def count_mode(model, mode: str, batches, labels, imgsz: int) -> tuple[dict[str,
         weighting = AnchorWeighting(config)
         weighting.resolve_from_labels(labels, imgsz)
         criterion = build_size_aware_loss(model, weighting)
-    counter, tally = AssignmentCounter(), SizeTally()
+    counter, tally, conflicts = AssignmentCounter(), SizeTally(), ConflictTally()
     attach_counter(counter, stock_assigners(criterion))
     for assigner in stock_assigners(criterion):
         assigner.register_forward_hook(tally, with_kwargs=True)
+        assigner.register_forward_hook(conflicts, with_kwargs=True)
     box_tally = BoxWeightTally()
     for box_loss in stock_box_losses(criterion):
         box_loss.register_forward_pre_hook(box_tally)
@@ -154,8 +191,8 @@ def count_mode(model, mode: str, batches, labels, imgsz: int) -> tuple[dict[str,
             criterion(model(batch["img"]), batch)
             counter.end_step()
     small, steps = counter.sums[0].item(), counter.sums[4].item()
-    return {"small": small / steps, **counter.epoch_stats()}, (tally.rows(), float(tally.sums[2].sum()),
-                                                              box_tally.shares())
+    return ({"small": small / steps, **counter.epoch_stats()},
+            (tally.rows(), float(tally.sums[2].sum()), box_tally.shares()), conflicts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     batches, labels = training_batches(args.data, args.imgsz, args.batch, args.batches, args.seed)
     print(f"{args.weights}, {len(batches)} training batches of {args.batch} at imgsz {args.imgsz} (seed {args.seed})")
     print(f"{'mode':<28} {'small GTs/step':>14} {'small, no positive/step':>24} {'share of small':>15} {'share of all':>13}")
-    by_size = {}
+    by_size, conflicts = {}, {}
     for mode in args.modes:
-        row, by_size[mode] = count_mode(model, mode, batches, labels, args.imgsz)
+        row, by_size[mode], conflicts[mode] = count_mode(model, mode, batches, labels, args.imgsz)
         print(f"{mode:<28} {row['small']:>14.2f} {row['assign/small_no_pos']:>24.2f} "
               f"{row['assign/small_no_pos_share']:>15.1%} {row['assign/no_pos_share']:>13.1%}")
     print("\nper ground truth of each size (input pixels): positive anchors, summed target score; "
@@ -208,6 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     for mode, (rows, total, box_shares) in by_size.items():
         print(f"{mode:<28}" + "".join(f" {pos:>10.2f} {score:>12.2f} {share:>12.1%}" for pos, score, share in rows.values())
               + f" {total / first[1]:>6.2f}" + "".join(f" {share:>10.1%}" for share in box_shares))
+    print("\npositive anchors per step; those two or more ground truths claim; of these, those the mode's overlap keeps for another "
+          "ground truth than the stock CIoU would, and of those, the ones a larger object's CIoU would keep and a "
+          "smaller object gets")
+    print(f"{'mode':<28} {'positives':>10} {'claimed':>9} {'kept otherwise':>15} {'to a smaller':>13}")
+    for mode, tally in conflicts.items():
+        moved = tally.kept_otherwise
+        print(f"{mode:<28} {tally.positives / len(batches):>10.1f} {tally.claimed / len(batches):>9.1f} {float(moved.sum()) / len(batches):>15.1f} "
+              f"{float(moved.tril(-1).sum()) / len(batches):>13.1f}")
     return 0
 
 

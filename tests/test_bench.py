@@ -827,6 +827,7 @@ def test_assignment_counts_every_mode_on_the_same_batches(bccd_subset, tmp_path,
     assert assignment.main(["--weights", str(weights), "--data", str(bccd_subset), "--imgsz", "160",
                              "--batch", "4", "--batches", "2", "--modes", "baseline", "nwd:safit"]) == 0
     counts, by_size = capsys.readouterr().out.split("\nper ground truth of each size")
+    by_size, conflicts = by_size.split("\npositive anchors per step")
     rows = {line.split()[0]: line.split()[1:] for line in counts.splitlines() if line.startswith(("baseline", "nwd"))}
     assert list(rows) == ["baseline", "nwd:safit"]
     assert rows["baseline"][0] == rows["nwd:safit"][0] and float(rows["baseline"][0]) > 0  # the same small GTs
@@ -840,6 +841,12 @@ def test_assignment_counts_every_mode_on_the_same_batches(bccd_subset, tmp_path,
         assert sum(float(v.rstrip("%")) for v in row[10:]) == pytest.approx(100, abs=0.2)
     # the stock loss's box terms are weighed by its target scores: the same shares
     assert sizes["baseline"][10:] == sizes["baseline"][2:9:3]
+    claims = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in conflicts.splitlines()
+              if line.startswith(("baseline", "nwd"))}
+    assert list(claims) == ["baseline", "nwd:safit"]
+    assert claims["baseline"][2:] == [0, 0]  # the stock overlap keeps what the stock CIoU keeps
+    for positives, claimed, moved, to_smaller in claims.values():
+        assert positives > 0 and claimed <= positives and to_smaller <= moved <= claimed
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -895,6 +902,38 @@ def test_box_weight_tally_of_a_hand_built_box_loss_call():
     stride = torch.full((3, 1), 8.0)
     tally(None, (None, None, None, target_bboxes, target_scores, 1.0, fg_mask, None, stride))
     assert tally.shares() == pytest.approx([0.5, 0.0, 0.5])
+
+
+def test_conflict_tally_of_a_hand_built_assignment():
+    """A 40 x 40 (medium) ground truth with an 8 x 8 (small) one at its centre; three anchors, the middle one
+    inside both, its prediction the 20 x 20 box between them in size: CIoU 0.25 with the medium object and 0.16
+    with the small one, so the stock assigner keeps it for the medium object; NWD's Wasserstein distances are
+    14.1 px to the medium object and 8.5 px to the small one (equal centres, side differences 20 and 12), so an
+    NWD assigner gives it to the small object."""
+    from ultralytics.utils.tal import TaskAlignedAssigner
+
+    from yolo_sizeloss.methods.overlaps import NWDOverlap
+
+    inputs = (torch.full((1, 3, 1), 0.5),  # pd_scores
+              torch.tensor([[[0, 0, 12, 12], [10, 10, 30, 30], [28, 28, 40, 40]]], dtype=torch.float32),  # pd_bboxes
+              torch.tensor([[4.0, 4.0], [20.0, 20.0], [36.0, 36.0]]),  # anchor points
+              torch.zeros(1, 2, 1),  # gt_labels
+              torch.tensor([[[0, 0, 40, 40], [16, 16, 24, 24]]], dtype=torch.float32),  # gt_bboxes
+              torch.ones(1, 2, 1))  # mask_gt
+    stock, lenient = TaskAlignedAssigner(topk=3, num_classes=1), TaskAlignedAssigner(topk=3, num_classes=1)
+    lenient.iou_calculation = NWDOverlap(12.8, "").elementwise  # as yolo/loss.py sets a mode's overlap
+    tallies = []
+    for assigner in (stock, lenient):
+        tallies.append(assignment.ConflictTally())
+        assigner.register_forward_hook(tallies[-1], with_kwargs=True)
+        *_, target_gt_idx = assigner(*inputs)
+        assert target_gt_idx[0, 1] == (0 if assigner is stock else 1)  # the tally predicts what the assigner did
+    for tally in tallies:
+        assert (tally.positives, tally.claimed) == (3, 1)
+    assert tallies[0].kept_otherwise.sum() == 0
+    moved = torch.zeros(3, 3, dtype=torch.float64)
+    moved[1, 0] = 1  # the medium object's CIoU would keep it, the small object gets it
+    assert torch.equal(tallies[1].kept_otherwise, moved)
 
 
 def _difference(per_seed: dict[str, float]) -> dict:
