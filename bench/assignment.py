@@ -128,8 +128,9 @@ class BoxWeightTally:
 
 
 class ConflictTally:
-    """A forward hook on a stock assigner, over every call since it was made: ``positives``, the anchors
-    assigned to any ground truth; ``claimed``, those two or more ground truths claim; ``kept_otherwise``, those the assigner's own overlap keeps for another ground
+    """A forward hook on a stock assigner, over every call since it was made (an end-to-end head's two
+    branches add up): ``positives``, the anchors assigned to any ground truth; ``claimed``, those two or
+    more ground truths claim; ``kept_otherwise``, those the assigner's own overlap keeps for another ground
     truth than the stock CIoU would, per size bucket of the one the CIoU would keep (rows) and of the one
     kept (columns). It asks the assigner again for its positives before they are resolved
     (``get_pos_mask``), so it observes the assigner's own candidates and top-k."""
@@ -146,7 +147,8 @@ class ConflictTally:
         candidates = assigner.select_candidates_in_gts(anc_points, gt_bboxes, mask_gt).bool() & mask_gt.bool()
         image, gt, anchor = candidates.nonzero(as_tuple=True)
         ciou = torch.zeros_like(overlaps)
-        ciou[image, gt, anchor] = type(assigner).iou_calculation(assigner, gt_bboxes[image, gt], pd_bboxes[image, anchor])
+        stock_overlap = type(assigner).iou_calculation  # the class's CIoU, whatever the instance measures by
+        ciou[image, gt, anchor] = stock_overlap(assigner, gt_bboxes[image, gt], pd_bboxes[image, anchor])
         by_ciou, by_own = ciou.argmax(1), overlaps.argmax(1)  # (B, A): the ground truth each keeps
         claimed = mask_pos.sum(1) > 1
         moved = claimed & (by_ciou != by_own)
@@ -168,7 +170,8 @@ def stock_box_losses(criterion) -> list:
     return losses
 
 
-def count_mode(model, mode: str, batches, labels, imgsz: int) -> tuple[dict[str, float], tuple[dict, float], ConflictTally]:
+def count_mode(model, mode: str, batches, labels, imgsz: int
+               ) -> tuple[dict[str, float], tuple[dict, float], ConflictTally]:
     """The assignment counts of one mode (``LOSS`` or ``LOSS:SETTINGS``) over ``batches``; its
     ``SizeTally.rows``, its whole target score and ``BoxWeightTally.shares``; its ``ConflictTally``."""
     config = load_loss_mode(mode)
@@ -245,14 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     for mode, (rows, total, box_shares) in by_size.items():
         print(f"{mode:<28}" + "".join(f" {pos:>10.2f} {score:>12.2f} {share:>12.1%}" for pos, score, share in rows.values())
               + f" {total / first[1]:>6.2f}" + "".join(f" {share:>10.1%}" for share in box_shares))
-    print("\npositive anchors per step; those two or more ground truths claim; of these, those the mode's overlap keeps for another "
-          "ground truth than the stock CIoU would, and of those, the ones a larger object's CIoU would keep and a "
-          "smaller object gets")
+    print("\npositive anchors per step; those two or more ground truths claim; of these, those the mode's overlap "
+          "keeps for another ground truth than the stock CIoU would, and of those, the ones a larger object's CIoU "
+          "would keep and a smaller object gets")
     print(f"{'mode':<28} {'positives':>10} {'claimed':>9} {'kept otherwise':>15} {'to a smaller':>13}")
     for mode, tally in conflicts.items():
-        moved = tally.kept_otherwise
-        print(f"{mode:<28} {tally.positives / len(batches):>10.1f} {tally.claimed / len(batches):>9.1f} {float(moved.sum()) / len(batches):>15.1f} "
-              f"{float(moved.tril(-1).sum()) / len(batches):>13.1f}")
+        per_step = [tally.positives, tally.claimed, tally.kept_otherwise.sum(), tally.kept_otherwise.tril(-1).sum()]
+        print(f"{mode:<28}" + "".join(f" {float(v) / len(batches):>{w}.1f}" for v, w in zip(per_step, (10, 9, 15, 13))))
     return 0
 
 
