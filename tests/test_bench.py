@@ -927,7 +927,7 @@ def test_conflict_tally_of_a_hand_built_assignment():
         tallies.append(assignment.ConflictTally())
         assigner.register_forward_hook(tallies[-1], with_kwargs=True)
         *_, target_gt_idx = assigner(*inputs)
-        assert target_gt_idx[0, 1] == (0 if assigner is stock else 1)  # the tally predicts what the assigner did
+        assert target_gt_idx[0, 1] == (0 if assigner is stock else 1)  # whom each assigner gave the anchor
     for tally in tallies:
         assert (tally.positives, tally.claimed) == (3, 1)
     assert tallies[0].kept_otherwise.sum() == 0
