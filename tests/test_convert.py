@@ -162,6 +162,22 @@ def test_a_split_list_that_is_not_text_is_one_error_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("case", ["not an image", "over Pillow's pixel limit"])
+def test_an_image_pillow_cannot_open_is_one_error_line_naming_it(tmp_path, capsys, monkeypatch, case):
+    root = write_voc(tmp_path / "voc", [("RBC", 0, 0, 5, 5)])
+    image = root / "JPEGImages" / "img.jpg"
+    if case == "not an image":
+        image.write_bytes(b"not a jpeg")
+    else:  # a large aerial mosaic: Pillow refuses over twice MAX_IMAGE_PIXELS, with an error that is no OSError
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 80 // 2 - 1)
+    code, stdout, stderr = run_main([root, tmp_path / "out", "--splits", "train"], capsys)
+    assert (code, stdout) == (1, "")
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"python -m yolo_sizeloss.convert: error: {image}: unreadable image (")
+    assert ("decompression bomb" in lines[0]) == (case != "not an image")
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_image_is_an_error(tmp_path):
     root = write_voc(tmp_path / "voc", [("RBC", 0, 0, 5, 5)])
     (root / "JPEGImages" / "img.jpg").unlink()
@@ -245,6 +261,22 @@ def test_overwriting_one_split_keeps_the_others_in_data_yaml(tmp_path, capsys):
     assert run_main([BCCD_VOC_FIXTURE, out, "--splits", "train", "--overwrite"], capsys)[0] == 0
     after = yaml.safe_load((out / "data.yaml").read_text())
     assert after == before and (after["val"], after["test"]) == ("images/val", "images/test")
+
+
+def test_overwriting_one_split_keeps_a_split_of_another_name_in_data_yaml(tmp_path, capsys):
+    voc = tmp_path / "voc"
+    shutil.copytree(BCCD_VOC_FIXTURE, voc)
+    main_dir = voc / "ImageSets" / "Main"
+    (main_dir / "trainval.txt").write_text((main_dir / "train.txt").read_text() + (main_dir / "val.txt").read_text())
+    out = tmp_path / "out"
+    assert run_main([voc, out, "--splits", "train,val,trainval"], capsys)[0] == 0
+    before = yaml.safe_load((out / "data.yaml").read_text())
+    assert before["trainval"] == "images/trainval"
+    assert run_main([voc, out, "--splits", "train", "--overwrite"], capsys)[0] == 0
+    assert yaml.safe_load((out / "data.yaml").read_text()) == before
+    # and its labels are held to the class list like train/val/test's
+    code, _, stderr = run_main([voc, out, "--splits", "train", "--overwrite", "--classes", "Platelets,RBC,WBC"], capsys)
+    assert code == 2 and "the splits kept in place (val, trainval)" in stderr
 
 
 def test_overwriting_one_split_with_other_classes_is_refused_while_others_are_kept(tmp_path, capsys):

@@ -7,7 +7,7 @@ SRC holds ``Annotations/*.xml``, ``JPEGImages/*`` and ``ImageSets/Main/<split>.t
 ``images/<split>/`` (copies), ``labels/<split>/*.txt`` (``cls xc yc w h``, normalised) and a
 ``data.yaml`` with an absolute ``path``. Nothing is dropped silently: degenerate boxes are dropped
 with a warning, boxes past the image border are clipped with a warning, and the summary counts both.
-An unknown class, an unreadable XML file or a missing image is an error that names the file.
+An unknown class, an unreadable XML file or a missing or unreadable image is an error that names the file.
 A DST that already holds images, labels or a data yaml is refused, naming what it holds, unless
 ``overwrite`` is set; then the log names what is replaced.
 """
@@ -88,8 +88,15 @@ def voc_to_yolo_lines(
         raise ConversionError(f"{xml_path}: missing or non-numeric <size><width>/<height>") from None
     if not (0 < width < math.inf and 0 < height < math.inf):  # also false for NaN
         raise ConversionError(f"{xml_path}: image size {width}x{height} is not positive and finite")
-    with Image.open(image) as opened:
-        actual = exif_size(opened)  # (width, height), from the header
+    try:
+        with Image.open(image) as opened:
+            actual = exif_size(opened)  # (width, height), from the header
+    except Exception as e:
+        # Pillow raises OSError, or DecompressionBombError over its pixel limit; Ultralytics' patched Image.open
+        # meets a file Pillow cannot identify by importing the HEIF plugin, an ImportError where that is
+        # missing whose context is Pillow's error
+        cause = e.__context__ if isinstance(e, ImportError) and e.__context__ else e
+        raise ConversionError(f"{image}: unreadable image ({cause})") from None
     if actual != (width, height):
         summary.warnings.append(f"{xml_path}: <size> {width:g}x{height:g}, but {image.name} is {actual[0]}x{actual[1]}; "
                                 "boxes normalised by the XML's size")
@@ -161,6 +168,17 @@ def _check_paths(src: Path, dst: Path, splits: tuple[str, ...], overwrite: bool)
     return [p for p in found if p in ours], [p for p in found if p not in ours]
 
 
+def _split_folders(dst: Path) -> list[Path]:
+    """The splits ``dst`` holds: ``images/`` train, val and test, then any other folder there that has its
+    ``labels/`` folder, as a split converted before has (VOC's trainval, say); a folder of images alone
+    under another name is not taken for one."""
+    images = dst / "images"
+    folders = sorted(p for p in images.iterdir() if p.is_dir()) if images.is_dir() else []
+    standard = ("train", "val", "test")
+    return [images / s for s in standard if images / s in folders] + [
+        p for p in folders if p.name not in standard and (dst / "labels" / p.name).is_dir()]
+
+
 def _check_kept_classes(dst: Path, kept: list[str], classes: tuple[str, ...]) -> None:
     """The splits left in place were labelled for the class list of ``dst``'s data.yaml: another
     ``classes`` would give their class ids other names (or none), so it is refused before writing."""
@@ -190,14 +208,15 @@ def convert_voc(
     is written, so an error leaves no half-converted output behind. A ``dst`` holding images,
     labels or a data yaml raises UsageError naming them unless ``overwrite``; then
     ``images/<split>``, ``labels/<split>`` (and Ultralytics' ``labels/<split>.cache``, which would
-    describe the old labels) and ``data.yaml`` are replaced (listing also the train/val/test folders left
-    in place), and other entries are left as they are.
+    describe the old labels) and ``data.yaml`` are replaced (listing also the ``images/`` folders left in
+    place), and other entries are left as they are.
     """
     src, dst = Path(src), Path(dst)
     replaced, kept = _check_paths(src, dst, splits, overwrite)
-    # a split this run does not convert but finds in place (--overwrite of some splits) stays in data.yaml,
-    # so the data set keeps training (its val split, say): its labels must mean the same classes
-    present = [s for s in ("train", "val", "test") if s not in splits and (dst / "images" / s).is_dir()]
+    # a split this run does not convert but finds in place (--overwrite of some splits; VOC's trainval too)
+    # stays in data.yaml, so the data set keeps training (its val split, say): its labels must mean the same
+    # classes
+    present = [p.name for p in _split_folders(dst) if p.name not in splits]
     if present:
         _check_kept_classes(dst, present, classes)
     summary = ConversionSummary(per_class={c: 0 for c in classes})
