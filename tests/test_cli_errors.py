@@ -317,14 +317,15 @@ def test_faster_rcnn_checks_its_default_runs_folder_before_the_data_scan(tmp_pat
     (["--nonsense"], "unrecognized arguments: --nonsense"),
     (["--arch"], "yolo-sizeloss train: error: argument --arch: expected one argument"),
     (["--resume"], "yolo-sizeloss train: error: argument --resume: expected one argument"),
-    (["--loss", ""], "--loss '': empty"),
+    (["--loss", ""], "argument --loss: an empty value (leave the flag out for its default)"),
     (["--loss-cfg", "{dir}"], "is a folder; give a YAML file"),
     (["--loss", "nwd", "--loss-cfg", "{dir}/twice.yaml"], "twice.yaml:3: 'nwd.ratio' is given twice (first on line 2)"),
 ])
 def test_usage_mistakes_are_one_line_naming_the_flag(tmp_path, capsys, argv, message):
     (tmp_path / "twice.yaml").write_text("nwd:\n  ratio: 0.5\n  ratio: 1.0\n")
     argv = [a.replace("{dir}", str(tmp_path)) for a in argv]
-    with pytest.raises(SystemExit) if {"--nonsense", "x.pt", "--arch", "--resume"} & set(argv) else contextlib.nullcontext():
+    argparse_stops = {"--nonsense", "x.pt", "--arch", "--resume", ""} & set(argv)
+    with pytest.raises(SystemExit) if argparse_stops else contextlib.nullcontext():
         assert train_main([*argv, "--project", str(tmp_path / "runs")]) == 2
     assert message in one_error_line(capsys)
     assert not (tmp_path / "runs").exists()
@@ -515,12 +516,13 @@ def test_a_new_imgsz_on_resume_is_refused_where_nwd_was_resolved_from_the_boxes(
     assert larger.overrides["imgsz"] == trained + 32
 
 
-def test_a_run_on_the_shipped_data_resumes_after_the_package_moved(tmp_path):
+def test_a_run_on_the_shipped_data_resumes_and_validates_after_the_package_moved(tmp_path):
     import argparse
 
     from yolo_sizeloss.cli import build_yolo_parser, check_yolo_request
     from yolo_sizeloss.paths import CFG_DIR
     from yolo_sizeloss.rcnn.engine import resumed_args
+    from yolo_sizeloss.validate import training_data
 
     moved = str(tmp_path / "old_checkout" / "yolo_sizeloss" / "cfg" / "bccd.yaml")  # gone with its checkout
     last = interrupted_run(tmp_path / "run", moved)
@@ -534,6 +536,10 @@ def test_a_run_on_the_shipped_data_resumes_after_the_package_moved(tmp_path):
     other = str(tmp_path / "mine" / "cfg" / "bccd.yaml")
     assert resumed_args({**checkpoint, "train_args": {"data": other, "epochs": 5}},
                         argparse.Namespace(resume=str(last), epochs=None, device=None, workers=None)).data == other
+    # val without --data takes the checkpoint's data through the same rule
+    assert training_data(checkpoint, "best.pt") == str((CFG_DIR / "bccd.yaml").resolve())
+    with pytest.raises(FileNotFoundError, match=f"--model best.pt was trained on {other}, which is not there"):
+        training_data({"train_args": {"data": other}}, "best.pt")
 
 
 @pytest.mark.parametrize("arch", [[], ["--arch", "faster_rcnn"]])
@@ -625,3 +631,22 @@ def test_a_val_split_with_two_images_of_one_stem_is_refused_before_the_stock_val
     assert error.startswith(f"yolo-sizeloss val: error: --data {data}: split 'val': images ")
     assert error.endswith(f"share the id '{stem}' (Ultralytics names predictions by file stem): rename one")
     assert not project.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--data", ""],  # without the check, the default data set: a whole training on BCCD
+    ["train", "--loss-cfg", " "],
+    ["train", "--arch", "faster_rcnn", "--data", ""],
+    ["train", "--arch", "faster_rcnn", "--weights", ""],
+    ["val", "--model", "best.pt", "--data", ""],
+])
+def test_an_empty_value_for_a_flag_that_names_something_is_one_error_line(capsys, argv, tmp_path, monkeypatch):
+    """`--data "$DATA"` with the variable unset: an error naming the flag, not the flag's default."""
+    monkeypatch.chdir(tmp_path)
+    flag = argv[-2]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert one_error_line(capsys) == (f"yolo-sizeloss {argv[0]}: error: argument {flag}: an empty value (leave the "
+                                      "flag out for its default) (see --help)")
+    assert list(tmp_path.iterdir()) == []

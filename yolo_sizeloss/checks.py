@@ -57,6 +57,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def non_empty(text: str) -> str:
+    """An argparse type for a flag that names something (a file, a loss, a folder): an empty value, as an unset
+    shell variable gives ``--data "$DATA"``, is an error rather than the flag's default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty value (leave the flag out for its default)")
+    return text
+
+
 def one_line(error: BaseException | str) -> str:
     """An exception's message (or a text) on one line, without terminal colour codes."""
     return " ".join(TERMINAL_CODES.sub("", str(error)).split()) or type(error).__name__

@@ -40,6 +40,7 @@ from yolo_sizeloss.checks import (
     check_run_flags,
     check_run_name,
     check_training_splits,
+    non_empty,
     one_line,
     parse_device,
     resumed_run_folder,
@@ -141,20 +142,25 @@ def build_yolo_parser(prog: str = "yolo-sizeloss train") -> argparse.ArgumentPar
     d = run_defaults("yolo")
     p = OneLineParser(prog=prog, description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=ARCHS, default="yolo", help="detector family (default yolo)")
-    p.add_argument("--data", help="data yaml; a bare name is looked up among the package's (default bccd.yaml)")
-    p.add_argument("--model", help="model yaml (trained from scratch) or a local .pt (default yolov8n.yaml)")
-    p.add_argument("--loss", help=f"baseline (default), or methods joined by '+': {', '.join(METHODS)}; or a "
-                                  f"shipped mode (a variant by name): {', '.join(shipped_variants())}")
-    p.add_argument("--loss-cfg", help="a YAML file overriding the methods' settings, or a shipped variant: "
-                                      f"{', '.join(shipped_variants())}")
+    p.add_argument("--data", type=non_empty,
+                   help="data yaml; a bare name is looked up among the package's (default bccd.yaml)")
+    p.add_argument("--model", type=non_empty,
+                   help="model yaml (trained from scratch) or a local .pt (default yolov8n.yaml)")
+    p.add_argument("--loss", type=non_empty,
+                   help=f"baseline (default), or methods joined by '+': {', '.join(METHODS)}; or a "
+                        f"shipped mode (a variant by name): {', '.join(shipped_variants())}")
+    p.add_argument("--loss-cfg", type=non_empty,
+                   help="a YAML file overriding the methods' settings, or a shipped variant: "
+                        f"{', '.join(shipped_variants())}")
     for flag, kind in (("epochs", int), ("imgsz", int), ("batch", int), ("workers", int), ("seed", int),
                        ("fraction", float)):
         p.add_argument(f"--{flag}", type=kind, help=f"default {d[flag]}")
     p.add_argument("--device", help="cpu, mps, 0, 0,1 ... (default: the first GPU if any, else cpu)")
-    p.add_argument("--project", help="runs go to PROJECT/NAME (default runs/train)")
+    p.add_argument("--project", type=non_empty, help="runs go to PROJECT/NAME (default runs/train)")
     p.add_argument("--name", help="run name (default: the loss name)")
     p.add_argument("--exist-ok", action="store_true", help="reuse PROJECT/NAME instead of NAME-2, NAME-3 ...")
-    p.add_argument("--resume", metavar="LAST_PT", help="continue an interrupted run from its weights/last.pt "
+    p.add_argument("--resume", type=non_empty, metavar="LAST_PT",
+                   help="continue an interrupted run from its weights/last.pt "
                    f"(either family); only {', '.join('--' + k for k in RESUME_FLAGS)} and the key=value "
                    "pairs Ultralytics allows may change")
     p.add_argument("--verbose", action="store_true", help="show tracebacks on errors")

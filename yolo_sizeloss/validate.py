@@ -43,6 +43,7 @@ from yolo_sizeloss.checks import (
     check_output_folder,
     check_run_flags,
     check_run_name,
+    non_empty,
     one_line,
     parse_device,
     parse_process_device,
@@ -63,6 +64,7 @@ from yolo_sizeloss.evaluation import (
 )
 from yolo_sizeloss.paired import check_group_pattern, check_resamples
 from yolo_sizeloss.paired_report import compare_report, load_metrics
+from yolo_sizeloss.paths import run_data_path
 from yolo_sizeloss.rcnn.engine import predict_checkpoint
 from yolo_sizeloss.rcnn.model import RCNN_NMS_IOU
 from yolo_sizeloss.report import format_report, write_metrics, write_report
@@ -93,10 +95,11 @@ def build_parser(prog: str = "yolo-sizeloss val") -> argparse.ArgumentParser:
     """Command-line options."""
     parser = ValParser(prog=prog, description=" ".join(__doc__.split("\n\n")[0].replace("``", "").split()),
                        formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--model", help="checkpoint (.pt) to evaluate")
-    parser.add_argument("--data", help="data yaml; a bare name such as bccd.yaml is looked up in the package's cfg/ "
-                        "(default: the data the checkpoint was trained on)")
-    parser.add_argument("--split", default="test", help="split of the data yaml (default test)")
+    parser.add_argument("--model", type=non_empty, help="checkpoint (.pt) to evaluate")
+    parser.add_argument("--data", type=non_empty,
+                        help="data yaml; a bare name such as bccd.yaml is looked up in the package's cfg/ "
+                             "(default: the data the checkpoint was trained on)")
+    parser.add_argument("--split", type=non_empty, default="test", help="split of the data yaml (default test)")
     parser.add_argument("--imgsz", type=int, help="network input size (default: the checkpoint's training size)")
     parser.add_argument("--batch", type=int, default=16, help="validation batch (rect batches: affects padding)")
     parser.add_argument("--device", default=None, help="cpu, 0, ... (default: Ultralytics' choice)")
@@ -112,7 +115,7 @@ def build_parser(prog: str = "yolo-sizeloss val") -> argparse.ArgumentParser:
         help="bucket edges as box side lengths, e.g. 0,16,32,96,inf (default COCO 0,32,96,inf)",
     )
     parser.add_argument("--recall-frame", choices=FRAMES, default="input", help="frame of the recall buckets")
-    parser.add_argument("--project", default="runs/val", help="output parent folder (default runs/val)")
+    parser.add_argument("--project", type=non_empty, default="runs/val", help="output parent folder (default runs/val)")
     parser.add_argument("--name", default="exp", help="output folder name, incremented exp-2, exp-3, ...")
     parser.add_argument("--exist-ok", action="store_true", help="reuse --project/--name instead of incrementing")
     parser.add_argument("--compare", nargs="+", metavar="RUN", help="print val runs (folders or metrics.json) side "
@@ -223,13 +226,14 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
 
 
 def training_data(checkpoint: dict, model: str) -> str:
-    """The data yaml a checkpoint was trained on (either family records it in ``train_args``): ``--data``'s
-    default, as ``yolo val model=...`` takes the model's own data."""
+    """The data yaml a checkpoint was trained on (either family records it in ``train_args``; the shipped one
+    of a package since moved, as a resume finds it): ``--data``'s default, as ``yolo val model=...`` takes
+    the model's own data."""
     trained_on = (checkpoint.get("train_args") or {}).get("data")
     if not trained_on:
         raise ValueError(f"--model {model}: the checkpoint names no training data; give --data")
     try:
-        return check_data_yaml(trained_on)
+        return check_data_yaml(run_data_path(trained_on))
     except FileNotFoundError as e:  # a usage error, as a missing --data is
         raise FileNotFoundError(f"--model {model} was trained on {trained_on}, which is not there; give --data") from e
     except DataError as e:

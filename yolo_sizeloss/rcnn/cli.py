@@ -29,6 +29,7 @@ from yolo_sizeloss.checks import (
     check_run_name,
     check_training_splits,
     checked_data,
+    non_empty,
     one_line,
     parse_process_device,
     resumed_run_folder,
@@ -84,12 +85,15 @@ def build_parser(prog: str = "yolo-sizeloss train") -> argparse.ArgumentParser:
     p = RcnnParser(prog=prog, description="Train torchvision Faster R-CNN with size-aware losses "
                                           "(--arch faster_rcnn; YOLO's flags: yolo-sizeloss train --help)")
     p.add_argument("--arch", choices=[RCNN_ARCH], default=RCNN_ARCH, help="detector family")
-    p.add_argument("--data", help="YOLO-format data yaml; a bare name is looked up among the package's "
-                                  "(default bccd.yaml)")
-    p.add_argument("--loss", help=f"baseline (default), or methods joined by '+': {', '.join(METHODS)}; or a "
-                                  f"shipped mode (a variant by name): {', '.join(shipped_variants())}")
-    p.add_argument("--loss-cfg", help="YAML overriding the methods' settings (rcnn_terms and each method's own), or a shipped variant")
-    p.add_argument("--plb", help=f"shorthand: PLB on the paper's switches, a comma list of {','.join(PLB_SHORTHANDS)}")
+    p.add_argument("--data", type=non_empty,
+                   help="YOLO-format data yaml; a bare name is looked up among the package's (default bccd.yaml)")
+    p.add_argument("--loss", type=non_empty,
+                   help=f"baseline (default), or methods joined by '+': {', '.join(METHODS)}; or a "
+                        f"shipped mode (a variant by name): {', '.join(shipped_variants())}")
+    p.add_argument("--loss-cfg", type=non_empty,
+                   help="YAML overriding the methods' settings (rcnn_terms and each method's own), or a shipped variant")
+    p.add_argument("--plb", type=non_empty,
+                   help=f"shorthand: PLB on the paper's switches, a comma list of {','.join(PLB_SHORTHANDS)}")
     p.add_argument("--plb-source", choices=SIZE_SOURCES, help="shorthand for plb.source")
     p.add_argument("--scb-rpn", action="store_true", default=None, help="shorthand: SCB on the RPN's positive objectness")
     p.add_argument("--epochs", type=int, help=f"training epochs (default {d['epochs']}); with --resume, a new total")
@@ -98,17 +102,18 @@ def build_parser(prog: str = "yolo-sizeloss train") -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help=f"dataloader workers per process, capped by CPUs (default {d['workers']})")
     p.add_argument("--fraction", type=float, help=f"use the first fraction of the train split (default {d['fraction']})")
     p.add_argument("--device", help="'' (auto), cpu, 0, or 0,1 under torchrun")
-    p.add_argument("--project", help="runs folder (default <cwd>/runs/rcnn)")
+    p.add_argument("--project", type=non_empty, help="runs folder (default <cwd>/runs/rcnn)")
     p.add_argument("--name", help="run name, incremented if it exists (default train)")
     p.add_argument("--exist-ok", action="store_true", default=None, help="reuse project/name as is")
-    p.add_argument("--resume", help="path to a run's weights/last.pt: continue that run")
+    p.add_argument("--resume", type=non_empty, help="path to a run's weights/last.pt: continue that run")
     p.add_argument("--seed", type=int, help=f"random seed (default {d['seed']})")
     p.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
     g = p.add_argument_group("Faster R-CNN")
     g.add_argument("--backbone", choices=list(BACKBONES), help="resnet50_fpn (the paper's) or mobilenet_v3_large_fpn (for "
                                                               f"CPUs) (default {d['backbone']})")
-    g.add_argument("--weights", help="initial weights: a checkpoint path, DEFAULT (torchvision's COCO download) "
-                                     f"or none (default {d['weights']})")
+    g.add_argument("--weights", type=non_empty,
+                   help="initial weights: a checkpoint path, DEFAULT (torchvision's COCO download) "
+                        f"or none (default {d['weights']})")
     g.add_argument("--lr", type=float, help=f"SGD learning rate (default {d['lr']})")
     g.add_argument("--momentum", type=float, help=f"SGD momentum (default {d['momentum']})")
     g.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {d['weight_decay']})")
