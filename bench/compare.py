@@ -58,7 +58,13 @@ from yolo_sizeloss.config import LossConfigError, load_loss_config, run_defaults
 from yolo_sizeloss.detections import load_split
 from yolo_sizeloss.detections_file import find_detections, load_detections
 from yolo_sizeloss.paired import check_group_pattern, check_resamples, key_metrics, t_interval
-from yolo_sizeloss.paired_report import bootstrap_as_reported, difference_cell, load_metrics
+from yolo_sizeloss.paired_report import (
+    bootstrap_as_reported,
+    difference_cell,
+    load_metrics,
+    unreproduced,
+    unreproduced_note,
+)
 from yolo_sizeloss.paths import resolve_data, resolve_loss_cfg
 from yolo_sizeloss.report import markdown_table
 
@@ -491,26 +497,33 @@ def seed_differences(per_mode: dict[str, dict[int, dict]], cols: list[tuple[str,
     return result
 
 
-def bootstrap_differences(per_mode: dict[str, dict[int, dict]], resamples: int, group: str | None = None) -> dict:
+def bootstrap_differences(per_mode: dict[str, dict[int, dict]], resamples: int,
+                          group: str | None = None) -> tuple[dict, list[str]]:
     """Per seed of the reference, the paired bootstrap of every mode evaluated on that seed against it on
     the test images (``paired.paired_bootstrap``; ``group``: of the groups of images it names), for the
-    modes whose report has a detections file: {mode: {seed: ...}}."""
+    modes whose report has a detections file: ``({mode: {seed: ...}}, runs)``, ``runs`` naming those whose
+    file does not give back their report's figures (``paired_report.unreproduced``)."""
     reference, *others = per_mode
     result: dict[str, dict[int, dict]] = {label: {} for label in others}
+    unreproduced_runs: list[str] = []
     for seed in per_mode[reference]:
         folders = {label: Path(reports[seed]["val_dir"]) for label, reports in per_mode.items() if seed in reports}
         with_files = [label for label in others if label in folders and find_detections(folders[label])]
         if not with_files or not find_detections(folders[reference]):
             continue
-        runs = [load_detections(folders[label]) for label in [reference, *with_files]]
-        reference_report = load_metrics(folders[reference])
-        differences_by_mode = bootstrap_as_reported(reference_report, runs, resamples, seed=0, group=group)
+        labels = [reference, *with_files]
+        runs = [load_detections(folders[label]) for label in labels]
+        reports = [load_metrics(folders[label]) for label in labels]
+        differences_by_mode = bootstrap_as_reported(reports[0], runs, resamples, seed=0, group=group)
         for label, differences in zip(with_files, differences_by_mode):
             result[label][seed] = differences
-    return result
+        found = unreproduced(reports, differences_by_mode, [f"{label} s{seed}" for label in labels])
+        unreproduced_runs += [run for run in found if run not in unreproduced_runs]
+    return result, unreproduced_runs
 
 
-def markdown(summary: dict, differences: dict, bootstrap: dict, cols: list[tuple[str, str]], args) -> str:
+def markdown(summary: dict, differences: dict, bootstrap: dict, cols: list[tuple[str, str]], args,
+             unreproduced_runs: list[str] = ()) -> str:
     titles = [c for c, _ in cols]
     lines = [markdown_table(["mode", *titles, "s/epoch"], [
         [label, *(_mean_std(row[c], 100) for c in titles), _mean_std(row["s/epoch"], 1)] for label, row in summary.items()
@@ -543,6 +556,8 @@ def markdown(summary: dict, differences: dict, bootstrap: dict, cols: list[tuple
         lines.append(f"\n{args.bootstrap} draws of {drawn} with replacement (seed 0), both runs' metrics "
                      "recomputed on each draw from val's detections files; [95% percentile interval]; * = excludes 0. "
                      "mAP50-95 is Ultralytics' own and not recomputed.")
+        if unreproduced_runs:
+            lines.append(unreproduced_note(unreproduced_runs).rstrip())
     elif differences and args.bootstrap > 0:
         lines.append("\nNo paired bootstrap: the reports have no detections files.")
     return "\n".join(lines) + "\n"
@@ -602,13 +617,14 @@ def main(argv=None) -> int:
     cols = columns(focus)
     summary = summarise(per_mode, cols)
     differences = seed_differences(per_mode, cols)
-    bootstrap = bootstrap_differences(per_mode, args.bootstrap, args.group) if args.bootstrap > 0 else {}
+    bootstrap, unreproduced_runs = bootstrap_differences(per_mode, args.bootstrap, args.group) if args.bootstrap > 0 \
+        else ({}, [])
     saved_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "modes"}
     json_file, md_file, png_file = table_files(out, args.split, args.table)
     json_file.write_text(json.dumps(
         {"args": saved_args, "focus_class": focus, "summary": summary, "differences": differences,
-         "bootstrap": bootstrap}, indent=2))
-    text = markdown(summary, differences, bootstrap, cols, args)
+         "bootstrap": bootstrap, "unreproduced": unreproduced_runs}, indent=2))
+    text = markdown(summary, differences, bootstrap, cols, args, unreproduced_runs)
     md_file.write_text(text)
     plot(summary, focus, png_file, args.split)
     print(text)

@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 
 from yolo_sizeloss.detections import ImageRecord, load_split
-from yolo_sizeloss.detections_file import RunDetections
+from yolo_sizeloss.detections_file import DETECTIONS_FILE, RunDetections
 from yolo_sizeloss.evaluation import evaluate_records, letterbox_scales
 from yolo_sizeloss.report import write_report
 
@@ -369,7 +369,8 @@ def test_per_seed_paired_bootstrap_from_the_reports_detection_files(tmp_path):
         metrics = evaluate_records(run.records, run.names, run.input_scales)
         write_report(metrics, tmp_path / label, run)
         per_mode[label] = {0: {**compare.run_report(tmp_path / label, tmp_path / "none"), "val_dir": str(tmp_path / label)}}
-    bootstrap = compare.bootstrap_differences(per_mode, resamples=100)
+    bootstrap, unreproduced_runs = compare.bootstrap_differences(per_mode, resamples=100)
+    assert unreproduced_runs == []  # files written by val give back their reports' figures
     platelets = bootstrap["feedback"][0]["per_class.Platelets.ap"]
     assert platelets["b"] == 0.0 and platelets["high"] < 0 and platelets["excludes_zero"]
     cols = compare.columns("Platelets")
@@ -378,6 +379,14 @@ def test_per_seed_paired_bootstrap_from_the_reports_detection_files(tmp_path):
                             bootstrap, cols, args)
     row = next(line for line in text.split("paired bootstrap")[1].splitlines() if line.startswith("| feedback s0"))
     assert row.split(" | ")[1] == "n/a" and "] * |" in row  # Ultralytics' mAP50-95 is not recomputed
+    assert "do not give back" not in text
+    # a report whose detections file is not the one it was computed from (here the baseline's): named, with its gap
+    shutil.copy(tmp_path / "baseline" / DETECTIONS_FILE, tmp_path / "feedback" / DETECTIONS_FILE)
+    stale_bootstrap, [run] = compare.bootstrap_differences(per_mode, resamples=10)
+    assert run.startswith("feedback s0 (") and "in its report" in run
+    stale_text = compare.markdown(compare.summarise(per_mode, cols), compare.seed_differences(per_mode, cols),
+                                  stale_bootstrap, cols, args, [run])
+    assert f"The detections files of {run} do not give back their reports' figures" in " ".join(stale_text.split())
     assert json.loads(json.dumps(bootstrap))["feedback"]["0"]["coco.ap"]["diff"] < 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -13,7 +14,7 @@ import pytest
 from conftest import make_subset
 
 from yolo_sizeloss.detections import load_split
-from yolo_sizeloss.detections_file import RunDetections
+from yolo_sizeloss.detections_file import RunDetections, write_detections
 from yolo_sizeloss.evaluation import COCO_EDGES, box_areas, coco_metrics, evaluate_records, letterbox_scales
 from yolo_sizeloss.paired import (
     RunEvaluation,
@@ -170,6 +171,25 @@ def test_compare_report_adds_paired_intervals_when_reports_have_detections(bccd_
     assert "evaluated with different imgsz (stock: 416, worse: 640); max_det (stock: 100, worse: 300):" in note
     (tmp_path / "worse" / "detections.json.bz2").unlink()
     assert f"no detections.json.bz2 in {folders[1]}" in " ".join(compare_report(folders).split())
+
+
+def test_compare_report_names_a_run_whose_detections_file_does_not_give_back_its_report(bccd_test, tmp_path):
+    """A detections file written before val kept full precision counted a hit more or less than its report
+    (a score of 0.29996 rounded over 0.3): the paired figures are the file's, and the comparison says so."""
+    folders = []
+    for name, run in (("stock", bccd_test), ("worse", without_small_predictions(bccd_test))):
+        metrics = evaluate_records(run.records, run.names, run.input_scales)
+        metrics["meta"].update(model=name, data="bccd", split="test", imgsz=IMGSZ)
+        write_report(metrics, tmp_path / name, run)
+        folders.append(tmp_path / name)
+    assert "do not give back" not in compare_report(folders, bootstrap=10)
+    # the 'worse' run's file, every score lowered a little: its recall at 0.3 is no longer its report's
+    worse = without_small_predictions(bccd_test)
+    lowered = [replace(r, pred_scores=r.pred_scores - np.float32(0.02)) for r in worse.records]
+    write_detections(tmp_path / "worse" / "detections.json.bz2", RunDetections(lowered, worse.input_scales, worse.names))
+    text = " ".join(compare_report(folders, bootstrap=10).split())
+    assert re.search(r"The detections files of worse \(\S+ [0-9.]+ in its report, [0-9.]+ from its file\) do not give "
+                     r"back their reports' figures", text), text
 
 
 def test_runs_that_cannot_be_paired_keep_their_tables_and_are_named(bccd_test, tmp_path):

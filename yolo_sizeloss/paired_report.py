@@ -83,7 +83,8 @@ def compare_report(paths: list[str | Path], bootstrap: int = 1000, seed: int = 0
         differences = bootstrap_as_reported(reports[0], runs_detections, bootstrap, seed, group)
     except ValueError as e:  # --group names no group for an image: the pattern and the data disagree
         raise DataError(one_line(e)) from e
-    return text + "\n" + format_differences(differences, labels[1:], labels[0], bootstrap, seed, group)
+    text += "\n" + format_differences(differences, labels[1:], labels[0], bootstrap, seed, group)
+    return text + unreproduced_note(unreproduced(reports, differences, labels))
 
 
 def bootstrap_as_reported(report: dict, runs: list[RunDetections], resamples: int, seed: int,
@@ -99,6 +100,37 @@ def bootstrap_as_reported(report: dict, runs: list[RunDetections], resamples: in
 
 
 COMPARED_SETTINGS = ("split", "imgsz", "size_buckets", "recall_frame", "max_det")
+# a faithful detections file gives back the report's figures as the report keeps them, to 6 decimals
+REPRODUCED_TOLERANCE = 1e-6
+
+
+def unreproduced(reports: list[dict], differences: list[dict[str, dict]], labels: list[str]) -> list[str]:
+    """The runs whose detections file does not give back their report's own figures, each with its largest
+    gap: a file written before val kept the detections' full precision (scores to 1e-4, boxes to 1e-2), or one
+    replaced since. ``differences`` is ``bootstrap_as_reported``'s for ``reports[1:]`` against ``reports[0]``;
+    a report evaluated in other settings than the first is not checked, the bootstrap recomputing it in the
+    first's."""
+    full = [{key: d["a"] for key, d in differences[0].items()}]
+    full += [{key: d["b"] for key, d in run.items()} for run in differences]
+    found = []
+    for report, values, label in zip(reports, full, labels, strict=True):
+        if any(report["meta"].get(k) != reports[0]["meta"].get(k) for k in COMPARED_SETTINGS):
+            continue
+        reported = key_metrics(report)
+        gaps = [(abs(v - reported[k]), k) for k, v in values.items() if v is not None and reported.get(k) is not None]
+        gap, key = max(gaps, default=(0.0, ""))
+        if gap > REPRODUCED_TOLERANCE:
+            found.append(f"{label} ({key} {reported[key]:.4f} in its report, {values[key]:.4f} from its file)")
+    return found
+
+
+def unreproduced_note(runs: list[str]) -> str:
+    """A note naming ``unreproduced``'s runs (empty when none): the paired figures are their files'."""
+    if not runs:
+        return ""
+    return (f"\nThe detections files of {'; '.join(runs)} do not give back their reports' figures (a file written "
+            "before val kept full precision, or replaced since): the paired differences and intervals are recomputed "
+            "from those files and can differ from the reports' figures by a detection or so.\n")
 
 
 def settings_note(reports: list[dict], labels: list[str]) -> str:
