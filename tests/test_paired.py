@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import faster_coco_eval
 import numpy as np
@@ -152,21 +153,27 @@ def test_t_interval_over_seeds():
     assert t_interval([1.0]) is None
 
 
-def test_compare_report_adds_paired_intervals_when_reports_have_detections(bccd_test, tmp_path):
-    folders = []
-    for name, run in (("stock", bccd_test), ("worse", without_small_predictions(bccd_test))):
+def write_reports(folder: Path, runs: dict[str, RunDetections]) -> list[Path]:
+    """A val report of each run (its metrics and detections file) in ``folder/<name>``; their folders."""
+    for name, run in runs.items():
         metrics = evaluate_records(run.records, run.names, run.input_scales)
         metrics["meta"].update(model=name, data="bccd", split="test", imgsz=IMGSZ)
-        write_report(metrics, tmp_path / name, run)
-        folders.append(tmp_path / name)
+        write_report(metrics, folder / name, run)
+    return [folder / name for name in runs]
+
+
+def test_compare_report_adds_paired_intervals_when_reports_have_detections(bccd_test, tmp_path):
+    folders = write_reports(tmp_path, {"stock": bccd_test, "worse": without_small_predictions(bccd_test)})
     text = compare_report(folders, bootstrap=40, seed=1)
     assert "Paired difference to stock (run - stock)" in text and "40 draws" in text
     row = next(line for line in text.split("Paired")[1].splitlines() if line.startswith("| coco.input.ap_small |"))
     assert row.endswith("] * |") and "| -0." in row
     assert "Paired" not in compare_report(folders, bootstrap=0)
     assert "evaluated with different" not in text
-    metrics["meta"].update(imgsz=640, max_det=300)  # the 'worse' report, as if evaluated with other settings
-    write_report(metrics, tmp_path / "worse", without_small_predictions(bccd_test))
+    worse = without_small_predictions(bccd_test)
+    metrics = evaluate_records(worse.records, worse.names, worse.input_scales)
+    metrics["meta"].update(model="worse", data="bccd", split="test", imgsz=640, max_det=300)  # as if evaluated
+    write_report(metrics, tmp_path / "worse", worse)  # with other settings
     note = " ".join(compare_report(folders, bootstrap=0).split())
     assert "evaluated with different imgsz (stock: 416, worse: 640); max_det (stock: 100, worse: 300):" in note
     (tmp_path / "worse" / "detections.json.bz2").unlink()
@@ -176,17 +183,12 @@ def test_compare_report_adds_paired_intervals_when_reports_have_detections(bccd_
 def test_compare_report_names_a_run_whose_detections_file_does_not_give_back_its_report(bccd_test, tmp_path):
     """A detections file written before val kept full precision counted a hit more or less than its report
     (a score of 0.29996 rounded over 0.3): the paired figures are the file's, and the comparison says so."""
-    folders = []
-    for name, run in (("stock", bccd_test), ("worse", without_small_predictions(bccd_test))):
-        metrics = evaluate_records(run.records, run.names, run.input_scales)
-        metrics["meta"].update(model=name, data="bccd", split="test", imgsz=IMGSZ)
-        write_report(metrics, tmp_path / name, run)
-        folders.append(tmp_path / name)
+    folders = write_reports(tmp_path, {"stock": bccd_test, "worse": without_small_predictions(bccd_test)})
     assert "do not give back" not in compare_report(folders, bootstrap=10)
     # the 'worse' run's file, every score lowered a little: its recall at 0.3 is no longer its report's
     worse = without_small_predictions(bccd_test)
     lowered = [replace(r, pred_scores=r.pred_scores - np.float32(0.02)) for r in worse.records]
-    write_detections(tmp_path / "worse" / "detections.json.bz2", RunDetections(lowered, worse.input_scales, worse.names))
+    write_detections(folders[1] / "detections.json.bz2", RunDetections(lowered, worse.input_scales, worse.names))
     text = " ".join(compare_report(folders, bootstrap=10).split())
     assert re.search(r"The detections files of worse \(\S+ [0-9.]+ in its report, [0-9.]+ from its file\) do not give "
                      r"back their reports' figures", text), text
@@ -196,12 +198,8 @@ def test_runs_that_cannot_be_paired_keep_their_tables_and_are_named(bccd_test, t
     """A run on other images stopped the whole comparison with an error naming no run; the side-by-side
     tables stand without pairing."""
     fewer = RunDetections(bccd_test.records[1:], bccd_test.input_scales[1:], bccd_test.names)
-    folders = []
-    for name, run in (("stock", bccd_test), ("same", without_small_predictions(bccd_test)), ("fewer", fewer)):
-        metrics = evaluate_records(run.records, run.names, run.input_scales)
-        metrics["meta"].update(model=name, data="bccd", split="test", imgsz=IMGSZ)
-        write_report(metrics, tmp_path / name, run)
-        folders.append(tmp_path / name)
+    same = without_small_predictions(bccd_test)
+    folders = write_reports(tmp_path, {"stock": bccd_test, "same": same, "fewer": fewer})
     text = compare_report(folders, bootstrap=40)
     assert "| coco.ap |" in text and "Box fit and confidence" in text and "Paired difference" not in text
     assert text.rstrip().endswith("No paired bootstrap against stock: fewer: runs were evaluated on different images; "
