@@ -208,8 +208,8 @@ def convert_voc(
     is written, so an error leaves no half-converted output behind. A ``dst`` holding images,
     labels or a data yaml raises UsageError naming them unless ``overwrite``; then
     ``images/<split>``, ``labels/<split>`` (and Ultralytics' ``labels/<split>.cache``, which would
-    describe the old labels) and ``data.yaml`` are replaced (listing also the ``images/`` folders left in
-    place), and other entries are left as they are.
+    describe the old labels) and ``data.yaml`` are replaced (listing also the splits left in place,
+    ``_split_folders``), and other entries are left as they are.
     """
     src, dst = Path(src), Path(dst)
     replaced, kept = _check_paths(src, dst, splits, overwrite)
