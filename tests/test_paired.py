@@ -16,12 +16,19 @@ from conftest import make_subset
 
 from yolo_sizeloss.detections import load_split
 from yolo_sizeloss.detections_file import RunDetections, write_detections
-from yolo_sizeloss.evaluation import COCO_EDGES, box_areas, coco_metrics, evaluate_records, letterbox_scales
+from yolo_sizeloss.evaluation import (
+    COCO_EDGES,
+    box_areas,
+    check_faster_coco_eval,
+    coco_metrics,
+    evaluate_records,
+    letterbox_scales,
+    run_cocoeval,
+)
 from yolo_sizeloss.paired import (
     RunEvaluation,
     align_runs,
     bootstrap_draws,
-    check_faster_coco_eval,
     difference,
     image_groups,
     key_metrics,
@@ -216,22 +223,50 @@ def test_the_statistics_import_no_formatting():
     assert "yolo_sizeloss.report" not in imported and "yolo_sizeloss.paired_report" not in imported
 
 
-def test_an_unsupported_faster_coco_eval_is_one_error_naming_the_supported_range():
+def test_an_unsupported_faster_coco_eval_is_one_error_naming_the_supported_range(monkeypatch):
     check_faster_coco_eval(faster_coco_eval.__version__)  # the installed one, which the tests above ran on
     check_faster_coco_eval("1.8.5")
     for version in ("1.7.2", "1.9.0", "1.10.1", "2.0", "unknown"):
         with pytest.raises(ImportError, match=rf"^faster-coco-eval {version} is installed; yolo_sizeloss supports "
                                                r">=1\.8,<1\.9: pip install 'faster-coco-eval>=1\.8,<1\.9'$"):
             check_faster_coco_eval(version)
-    imported = subprocess.run(
-        [sys.executable, "-c", "import faster_coco_eval\nfaster_coco_eval.__version__ = '1.7.2'\nimport yolo_sizeloss.paired"],
-        capture_output=True, text=True,
-    )
-    assert imported.returncode == 1
-    assert imported.stderr.strip().splitlines()[-1] == (
-        "ImportError: faster-coco-eval 1.7.2 is installed; yolo_sizeloss supports >=1.8,<1.9: "
-        "pip install 'faster-coco-eval>=1.8,<1.9'"
-    )
+    # the library's own entries refuse it before reading anything (a private layout read wrongly would be silent)
+    monkeypatch.setattr(faster_coco_eval, "__version__", "1.7.2")
+    for evaluate in (lambda: RunEvaluation(None, COCO_EDGES, "input", (0.3,)),
+                     lambda: run_cocoeval(None, None, COCO_EDGES)):
+        with pytest.raises(ImportError, match="^faster-coco-eval 1.7.2 is installed"):
+            evaluate()
+
+
+# each command with faster-coco-eval's version made 1.7.2 (in a child process, as the check reads it)
+UNSUPPORTED_RUN = """
+import sys
+import faster_coco_eval
+faster_coco_eval.__version__ = "1.7.2"
+from yolo_sizeloss.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("argv, code", [
+    (["path", "bccd.yaml"], 0),
+    (["train", "--epochs", "0"], 2),  # YOLO's train never evaluates: its own checks run
+    (["val", "--compare", "a", "b"], 1),
+    (["train", "--arch", "faster_rcnn", "--epochs", "0"], 1),  # each epoch's validation would evaluate
+])
+def test_an_unsupported_faster_coco_eval_stops_only_the_commands_that_evaluate_with_one_line(argv, code):
+    """Only the commands that evaluate need a supported faster-coco-eval, and refuse another in one line."""
+    done = subprocess.run([sys.executable, "-c", UNSUPPORTED_RUN, *argv], capture_output=True, text=True)
+    assert done.returncode == code, done.stderr
+    if argv[0] == "path":
+        assert done.stdout.strip().endswith("bccd.yaml") and done.stderr == ""
+    elif code == 1:
+        assert done.stderr.strip().splitlines() == [
+            f"yolo-sizeloss {argv[0]}: error: faster-coco-eval 1.7.2 is installed; yolo_sizeloss supports >=1.8,<1.9: "
+            "pip install 'faster-coco-eval>=1.8,<1.9' (--verbose shows the traceback)"
+        ]
+    else:
+        assert "faster-coco-eval" not in done.stderr
 
 
 def test_compare_report_notes_reports_evaluated_with_different_data_yamls(tmp_path):

@@ -22,9 +22,11 @@ comparing runs is ``yolo_sizeloss.paired``.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
+import faster_coco_eval
 import numpy as np
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
@@ -38,6 +40,12 @@ COCO_MAX_SIDE = 1e5  # faster-coco-eval's 'all' range ends at 1e5**2; an infinit
 FRAMES = ("original", "input")
 RECALL_THRESHOLDS = (0.01, 0.1, 0.3)
 RECALL_NMS_IOU = 0.45
+# faster-coco-eval has no public per-image evaluations: COCOeval_faster keeps them, with the
+# parameters its C++ accumulation takes, only in its private _evalImgs_cpp and _paramsEval, in an
+# order no documentation states (class, then area range, then image). The paired bootstrap
+# (yolo_sizeloss.paired) needs them, so the versions are pinned (pyproject.toml) to those whose layout
+# tests/test_paired.py checks; 1.7 also lacks the AR_<maxDets> keys coco_metrics reads.
+SUPPORTED_FASTER_COCO_EVAL = ("1.8", "1.9")  # >= the first, < the second
 RECALL_MAX_DET = 200
 RECALL_MATCH_IOU = 0.5
 FIT_TIGHT_IOU = 0.75  # half of AP50-95's IoU thresholds (0.75-0.95) need a box this tight
@@ -46,6 +54,23 @@ COCO_MAX_DET = 100  # COCO's maxDets for AP and AR
 
 
 # ----------------------------------------------------------------------------------------- buckets
+def check_faster_coco_eval(version: str | None = None) -> None:
+    """ImportError, one line naming the fix, unless faster-coco-eval ``version`` (default: the installed
+    one) is in ``SUPPORTED_FASTER_COCO_EVAL``. Called where faster-coco-eval is used, not at import, so
+    that the commands that never evaluate (YOLO's train, convert, path) run whatever is installed."""
+    version = faster_coco_eval.__version__ if version is None else version
+    low, high = SUPPORTED_FASTER_COCO_EVAL
+    if not _major_minor(low) <= _major_minor(version) < _major_minor(high):
+        raise ImportError(f"faster-coco-eval {version} is installed; yolo_sizeloss supports >={low},<{high}: "
+                          f"pip install 'faster-coco-eval>={low},<{high}'")
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
+    """``(1, 8)`` for ``"1.8.0"``; ``(0,)``, below any release, for a version not starting with two numbers."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else (0,)
+
+
 def parse_size_buckets(text: str) -> tuple[float, ...]:
     """Parse ``"0,16,32,96,inf"`` into side-length edges; at least two, non-negative, strictly increasing."""
     try:
@@ -194,6 +219,7 @@ def run_cocoeval(coco_gt: COCO, coco_dt: COCO, edges: tuple[float, ...], cat_ids
     """
     if max_det <= 10:
         raise ValueError(f"max_det {max_det}: must be above 10 (COCO's maxDets are 1, 10 and it)")
+    check_faster_coco_eval()
     evaluator = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=silent)
     evaluator.params.areaRng, evaluator.params.areaRngLbl = coco_area_ranges(edges)
     evaluator.params.maxDets = [1, 10, max_det]

@@ -28,7 +28,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import faster_coco_eval
 import faster_coco_eval.faster_eval_api_cpp as coco_cpp
 import numpy as np
 from faster_coco_eval import COCOeval_faster
@@ -42,6 +41,7 @@ from yolo_sizeloss.evaluation import (
     FRAMES,
     RECALL_THRESHOLDS,
     bucket_names,
+    check_faster_coco_eval,
     coco_area_ranges,
     found_ground_truth,
     frame_scales,
@@ -50,34 +50,10 @@ from yolo_sizeloss.evaluation import (
     silent,
 )
 
-# faster-coco-eval has no public per-image evaluations: COCOeval_faster keeps them, with the
-# parameters its C++ accumulation takes, only in its private _evalImgs_cpp and _paramsEval, in an
-# order no documentation states (class, then area range, then image). The bootstrap needs them, so
-# the versions are pinned (pyproject.toml) to those whose layout tests/test_paired.py checks; 1.7
-# also lacks the AR_<maxDets> keys evaluation.coco_metrics reads.
-SUPPORTED_FASTER_COCO_EVAL = ("1.8", "1.9")  # >= the first, < the second
 CONFIDENCE = 0.95
 # two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (scipy is not a dependency)
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def check_faster_coco_eval(version: str) -> None:
-    """ImportError, one line naming the fix, unless faster-coco-eval ``version`` is in
-    ``SUPPORTED_FASTER_COCO_EVAL``."""
-    low, high = SUPPORTED_FASTER_COCO_EVAL
-    if not _major_minor(low) <= _major_minor(version) < _major_minor(high):
-        raise ImportError(f"faster-coco-eval {version} is installed; yolo_sizeloss supports >={low},<{high}: "
-                          f"pip install 'faster-coco-eval>={low},<{high}'")
-
-
-def _major_minor(version: str) -> tuple[int, ...]:
-    """``(1, 8)`` for ``"1.8.0"``; ``(0,)``, below any release, for a version not starting with two numbers."""
-    match = re.match(r"(\d+)\.(\d+)", version)
-    return (int(match[1]), int(match[2])) if match else (0,)
-
-
-check_faster_coco_eval(faster_coco_eval.__version__)
 
 
 # ---------------------------------------------------------------------------------- metric names
@@ -128,6 +104,7 @@ class RunEvaluation:
 
     def __init__(self, run: RunDetections, edges: tuple[float, ...], recall_frame: str, thresholds: tuple[float, ...],
                  max_det: int = COCO_MAX_DET):
+        check_faster_coco_eval()  # _match reads its private per-image evaluations
         self.names = list(run.names)
         self.max_det = max_det  # COCO's maxDets for AP, as the report was evaluated (val --max-det)
         self.images = len(run.records)

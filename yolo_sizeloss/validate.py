@@ -56,6 +56,7 @@ from yolo_sizeloss.evaluation import (
     COCO_MAX_DET,
     FRAMES,
     attach_coco_predictions,
+    check_faster_coco_eval,
     coco_image_index,
     evaluate_records,
     format_edge,
@@ -168,6 +169,7 @@ def flags_besides(args: argparse.Namespace, allowed: tuple[str, ...]) -> list[st
 def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
     """Usage errors (ValueError/FileNotFoundError) and data errors (DataError) before anything is
     written; the checked request (``--compare``, ``--update``: the flags as given)."""
+    check_faster_coco_eval()  # every form of val evaluates
     # the runs' own reports fix their buckets, frame and max-det: a flag that would change them is not honoured
     if args.update:
         if ignored := flags_besides(args, UPDATE_FLAGS):

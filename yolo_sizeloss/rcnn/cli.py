@@ -46,6 +46,7 @@ from yolo_sizeloss.config import (
     run_defaults,
 )
 from yolo_sizeloss.detections import first_fraction
+from yolo_sizeloss.evaluation import check_faster_coco_eval
 from yolo_sizeloss.paths import shipped_variants
 from yolo_sizeloss.rcnn.engine import DEFAULT_PROJECT, fit, resumed_args
 from yolo_sizeloss.rcnn.model import BACKBONES, check_architecture, check_weights_match
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None, prog: str = "yolo-sizeloss train") -> in
     args = build_parser(prog).parse_args(argv)
 
     def check() -> argparse.Namespace:
+        check_faster_coco_eval()  # each epoch's validation evaluates with it: refused before the first epoch
         return check_resume_args(args) if args.resume else check_args(fill_defaults(args))
 
     return run_guarded(prog, check, fit, args.verbose)
