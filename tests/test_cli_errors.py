@@ -488,7 +488,8 @@ def test_a_loss_cfg_alone_on_resume_is_read_for_the_runs_own_methods(tmp_path, c
     # other settings of its methods: the difference, not a '--loss baseline' the user never gave
     assert train_main(["--resume", str(last), "--loss-cfg", "assigner_auto"]) == 2
     assert one_error_line(capsys) == (f"yolo-sizeloss train: error: --resume {last}: a resumed run keeps its loss "
-                                      "(nwd); the request differs in nwd.assigner (True -> auto)")
+                                      "(nwd); the request differs in nwd.assigner (True -> auto); leave --loss and "
+                                      "--loss-cfg out to resume with the run's own")
     (tmp_path / "plb.yaml").write_text("plb:\n  source: gt\n")
     assert train_main(["--resume", str(last), "--loss-cfg", str(tmp_path / "plb.yaml")]) == 2
     assert "section 'plb' is not selected by --loss nwd" in one_error_line(capsys)
@@ -650,3 +651,48 @@ def test_an_empty_value_for_a_flag_that_names_something_is_one_error_line(capsys
     assert one_error_line(capsys) == (f"yolo-sizeloss {argv[0]}: error: argument {flag}: an empty value (leave the "
                                       "flag out for its default) (see --help)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resume_of_a_missing_file_or_of_a_run_folder_names_the_flag_and_the_checkpoint_to_give(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "weights").mkdir(parents=True)
+    for arch in ([], ["--arch", "faster_rcnn"]):
+        assert train_main([*arch, "--resume", str(tmp_path / "nope.pt")]) == 2
+        assert one_error_line(capsys) == f"yolo-sizeloss train: error: --resume {tmp_path / 'nope.pt'}: no such checkpoint"
+        assert train_main([*arch, "--resume", str(run)]) == 2
+        assert one_error_line(capsys) == (f"yolo-sizeloss train: error: --resume {run}: a folder; give the checkpoint "
+                                          f"to continue, such as {run / 'weights' / 'last.pt'}")
+    assert list(tmp_path.iterdir()) == [run] and list(run.rglob("*")) == [run / "weights"]
+
+
+def test_a_file_that_is_no_checkpoint_is_named_once_after_its_flag(tmp_path, capsys):
+    junk = tmp_path / "run" / "weights" / "last.pt"
+    junk.parent.mkdir(parents=True)
+    junk.write_text("not a checkpoint\n")
+    for argv in (["--model", str(junk)], ["--arch", "faster_rcnn", "--weights", str(junk)],
+                 ["--arch", "faster_rcnn", "--resume", str(junk)]):
+        flag = argv[-2]
+        project = [] if flag == "--resume" else ["--project", str(tmp_path / "runs")]
+        assert train_main([*argv, *project, "--device", "cpu"]) == 1
+        error = one_error_line(capsys)
+        assert error.startswith(f"yolo-sizeloss train: error: {flag} {junk}: not a readable checkpoint ("), error
+        assert error.count(str(junk)) == 1, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--conf", "1"], "--conf 1.0: must be in [0, 1)"),
+    (["--iou", "0"], "--iou 0.0: must be in (0, 1]"),
+])
+def test_a_val_threshold_out_of_range_names_its_own_flag_only(tmp_path, capsys, flags, message):
+    assert main(["val", "--model", str(FINISHED), *flags, "--project", str(tmp_path / "runs")]) == 2
+    assert one_error_line(capsys) == f"yolo-sizeloss val: error: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_path_help_says_what_the_command_prints(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["path", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0
+    assert "Print the absolute path of a file the package ships" in out and "``" not in out

@@ -156,6 +156,21 @@ def parse_process_device(device: str | None, world_size: int) -> Device:
     return parsed
 
 
+def check_resume_file(resume: str) -> None:
+    """``--resume`` names a checkpoint file, either family; a run folder given instead is pointed to its
+    last.pt."""
+    if Path(resume).is_dir():
+        raise ValueError(f"--resume {resume}: a folder; give the checkpoint to continue, such as "
+                         f"{Path(resume) / 'weights' / 'last.pt'}")
+    if not Path(resume).is_file():
+        raise ValueError(f"--resume {resume}: no such checkpoint")
+
+
+def flag_error(flag: str, path: str, error: Exception) -> str:
+    """``--flag PATH: what is wrong``, from an error whose text names ``path`` first (``load_checkpoint``'s)."""
+    return f"{flag} {path}: {one_line(error).removeprefix(f'{Path(path)}: ')}"
+
+
 def resumed_run_folder(resume: str) -> Path:
     """The run folder a ``--resume`` continues in, either family: the one holding ``weights/last.pt``,
     where the user left it; a checkpoint outside a run folder is a ValueError naming the flag."""

@@ -34,12 +34,14 @@ from yolo_sizeloss.checks import (
     check_detection_network,
     check_nwd_needs,
     check_output_folder,
+    check_resume_file,
     check_resume_is_latest,
     check_resumed_data,
     check_resumed_epochs,
     check_run_flags,
     check_run_name,
     check_training_splits,
+    flag_error,
     non_empty,
     one_line,
     parse_device,
@@ -179,6 +181,7 @@ class YoloRun:
 
 def read_resume_checkpoint(path: str) -> dict:
     """The checkpoint ``--resume`` names; a file that is not one is a DataError naming the flag."""
+    check_resume_file(path)
     try:
         return load_checkpoint(path)
     except ValueError as e:
@@ -226,7 +229,7 @@ def check_yolo_model(model: str, flag: str = "--model") -> str:
             checkpoint = load_checkpoint(model)
             kind = checkpoint_kind(checkpoint, model)
         except ValueError as e:
-            raise DataError(f"{flag} {model}: {one_line(e)}") from e
+            raise DataError(flag_error(flag, model, e)) from e
         if kind == RCNN_ARCH:
             raise ValueError(f"{flag} {model} is a Faster R-CNN checkpoint: train from it with --arch faster_rcnn "
                              f"--weights {model}, or continue its run with --resume")
@@ -343,7 +346,8 @@ def path_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``yolo-sizeloss path NAME``: the absolute path of a file the package ships (the BCCD data yaml, a
     loss-settings variant), for stock commands that need a path: ``yolo val data=$(yolo-sizeloss path bccd.yaml)``."""
     prog = prog or "yolo-sizeloss path"
-    p = OneLineParser(prog=prog, description=path_main.__doc__.split(":", 1)[0] + ".")
+    p = OneLineParser(prog=prog, description="Print the absolute path of a file the package ships, for stock "
+                                             "commands that need a path.")
     p.add_argument("name", help=f"bccd.yaml, or a loss-settings variant: {', '.join(shipped_variants())}")
     args = p.parse_args(argv)
     return run_guarded(prog, lambda: resolve_shipped_file(args.name), print, verbose=False)

@@ -43,6 +43,7 @@ from yolo_sizeloss.checks import (
     check_output_folder,
     check_run_flags,
     check_run_name,
+    flag_error,
     non_empty,
     one_line,
     parse_device,
@@ -200,8 +201,10 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
             raise ValueError(f"--{flag} {value}: must be at least 1")
     if args.max_det <= 10:  # COCO's maxDets are 1, 10 and this
         raise ValueError(f"--max-det {args.max_det}: must be above 10")
-    if not 0 <= args.conf < 1 or (args.iou is not None and not 0 < args.iou <= 1):
-        raise ValueError(f"--conf {args.conf} / --iou {args.iou}: must be in [0, 1) / (0, 1]")
+    if not 0 <= args.conf < 1:
+        raise ValueError(f"--conf {args.conf}: must be in [0, 1)")
+    if args.iou is not None and not 0 < args.iou <= 1:
+        raise ValueError(f"--iou {args.iou}: must be in (0, 1]")
     parse_size_buckets(args.size_buckets)
     parse_device(args.device)  # again below for a Faster R-CNN checkpoint, before the run folder
     check_output_folder(args.project, "--project")
@@ -214,7 +217,7 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
         checkpoint = load_checkpoint(args.model)
         kind = checkpoint_kind(checkpoint, args.model)
     except ValueError as e:
-        raise DataError(f"--model {args.model}: {one_line(e).removeprefix(f'{Path(args.model)}: ')}") from e
+        raise DataError(flag_error("--model", args.model, e)) from e
     if kind == RCNN_ARCH:
         parse_process_device(args.device, world_size=1)  # a checkpoint is evaluated by one process
     else:

@@ -23,12 +23,14 @@ from yolo_sizeloss.checks import (
     OneLineParser,
     check_nwd_needs,
     check_output_folder,
+    check_resume_file,
     check_resume_is_latest,
     check_resumed_data,
     check_run_flags,
     check_run_name,
     check_training_splits,
     checked_data,
+    flag_error,
     non_empty,
     one_line,
     parse_process_device,
@@ -197,7 +199,7 @@ def check_weights(weights: str, backbone: str, num_classes: int) -> None:
     try:
         ckpt = load_checkpoint(weights)
     except ValueError as e:
-        raise DataError(f"--weights {weights}: {one_line(e)}") from e
+        raise DataError(flag_error("--weights", weights, e)) from e
     if is_yolo_checkpoint(ckpt):
         raise ValueError(f"--weights {weights} is a YOLO checkpoint: give it to YOLO as --model {weights} "
                          "(Faster R-CNN --weights takes a Faster R-CNN checkpoint or state dict)")
@@ -210,8 +212,7 @@ def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:
     Ultralytics' check accepts, and a loss given must be the run's own (in any order of methods)."""
     check_run_flags(workers=args.workers)  # torch refuses a negative one only when the resumed run starts
     parse_process_device(args.device, torchrun_world_size())
-    if not Path(args.resume).is_file():
-        raise ValueError(f"--resume {args.resume}: no such checkpoint")
+    check_resume_file(args.resume)
     resumed_run_folder(args.resume)  # the folder fit() continues in
     ignored = [k for k, v in vars(args).items()
                if v is not None and k not in (*RESUMABLE, *LOSS_FLAGS, "resume", "arch", "verbose")]
@@ -222,7 +223,7 @@ def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:
     try:
         checkpoint = load_checkpoint(args.resume, RCNN_ARCH)
     except ValueError as e:
-        raise DataError(f"--resume {args.resume}: {one_line(e)}") from e
+        raise DataError(flag_error("--resume", args.resume, e)) from e
     try:
         run = resumed_args(checkpoint, args)
     except (KeyError, TypeError) as e:
