@@ -1,5 +1,6 @@
 """Loss settings as data: defaults from cfg/losses, overrides, and errors naming file, line and range."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -172,8 +173,11 @@ def test_a_shipped_mode_is_a_loss_name_of_its_own(tmp_path):
     assert both == {**load_loss_config("nwd", "safit"), "feedback": load_loss_config("feedback")["feedback"]}
     (tmp_path / "ratio.yaml").write_text("nwd:\n  ratio: 0.5\n")
     assert load_loss_config("safit", tmp_path / "ratio.yaml")["nwd"] == {**load_loss_config("safit")["nwd"], "ratio": 0.5}
-    with pytest.raises(LossConfigError, match="names a method twice"):
+    with pytest.raises(LossConfigError, match=r"^loss 'safit\+nwd' names a method twice \(safit and nwd each set nwd\)$"):
         load_loss_config("safit+nwd")
+    with pytest.raises(LossConfigError, match=r"^loss 'assigner_auto\+feedback\+safit' names a method twice "
+                                              r"\(assigner_auto and safit each set nwd\)$"):
+        load_loss_config("assigner_auto+feedback+safit")
     with pytest.raises(LossConfigError, match=r"or a shipped mode: .*safit"):
         load_loss_config("safitt")
     assert not set(shipped_variants()) & {"baseline", *METHODS}  # a method's name always means the method
@@ -196,6 +200,19 @@ def test_every_shipped_mode_is_documented_for_users():
     for name in shipped_variants():
         assert f"| `{name}`" in readme or f", `{name}` |" in readme, name
         assert f"`{name}`" in methods, name
+
+
+def test_every_setting_has_a_row_in_the_defaults_table():
+    """docs/methods.md's Defaults table, which README points users to, names every setting of each method."""
+    root = Path(__file__).resolve().parent.parent
+    table = (root / "docs" / "methods.md").read_text().split("## Defaults", 1)[1].split("\n## ", 1)[0]
+    documented = {}
+    for row in table.splitlines():
+        cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0] in METHODS:
+            documented.setdefault(cells[0], set()).update(re.findall(r"`(\w+)`", cells[1]))
+    for method in METHODS:
+        assert set(load_loss_config(method)[method]) <= documented.get(method, set()), method
 
 
 def test_a_loss_configuration_given_in_python_is_checked_and_completed():

@@ -217,7 +217,8 @@ def test_resume_restores_the_feedback_state_and_continues_results_csv(bccd_subse
                       "yolo-sizeloss train") == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"yolo-sizeloss train: error: --resume {last}: a resumed run keeps its loss (feedback); "
-                   "the request differs in feedback.momentum (0.9 -> 0.5)")
+                   "the request differs in feedback.momentum (0.9 -> 0.5); leave --loss and --loss-cfg out to resume "
+                   "with the run's own")
     # a new total must leave an epoch to train (one was saved before the kill), as in the Faster R-CNN path
     assert train_main(["--resume", str(last), "--epochs", "1"], "yolo-sizeloss train") == 2
     assert capsys.readouterr().err.strip() == (

@@ -146,9 +146,13 @@ def _methods_and_modes(spec: str) -> tuple[list[str], list[str]]:
     """The methods ``spec`` selects, and the shipped modes among its parts (whose settings apply)."""
     parts = [part for part in _loss_parts(spec) if part != "baseline"]
     modes = [part for part in parts if part not in METHODS]
-    names = [m for part in parts for m in (_mode_methods(part) if part in modes else [part])]
-    if len(set(names)) != len(names):
-        raise LossConfigError(f"loss {spec!r} names a method twice")
+    setters = [(part, m) for part in parts for m in (_mode_methods(part) if part in modes else [part])]
+    names = [m for _, m in setters]
+    if twice := next((m for m in names if names.count(m) > 1), None):
+        # two modes that set one method (assigner_auto+safit both set nwd) name it only through their files
+        given = [part for part, m in setters if m == twice]
+        by = "" if given == [twice] * len(given) else f" ({' and '.join(given)} each set {twice})"
+        raise LossConfigError(f"loss {spec!r} names a method twice{by}")
     return names, modes
 
 
@@ -280,8 +284,11 @@ def check_resumed_loss(saved: dict | None, requested: dict, where: str) -> str |
         return None
     differ = loss_differences(saved, requested)
     if differ:
+        # the record names methods, not the mode that set them (safit_sharp_auto_norm is recorded as nwd), so
+        # the way to the run's own loss is to give none
         raise LossConfigError(f"{where}: a resumed run keeps its loss ({loss_name(saved)}); "
-                              f"the request differs in {', '.join(differ)}")
+                              f"the request differs in {', '.join(differ)}; leave --loss and --loss-cfg out to "
+                              "resume with the run's own")
     if list(saved) != list(requested):
         return (f"--loss {loss_name(requested)} names the run's methods ({loss_name(saved)}) in another order: "
                 "the order of methods does not matter")
