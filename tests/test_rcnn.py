@@ -611,7 +611,8 @@ def test_resume_continues_the_run(trained_run, tmp_path, capsys):
     (tmp_path / "gt.yaml").write_text("plb:\n  source: gt\n")
     assert train_main(["--resume", str(last), "--loss-cfg", str(tmp_path / "gt.yaml"), "--epochs", "3"]) == 2
     assert capsys.readouterr().err.strip() == (f"yolo-sizeloss train: error: --resume {last}: a resumed run keeps its "
-                                               "loss (plb+scb); the request differs in plb.source (predicted -> gt)")
+                                               "loss (plb+scb); the request differs in plb.source (predicted -> gt); leave "
+                                               "--loss and --loss-cfg out to resume with the run's own")
     # the run's methods in another order: accepted; a new total extends the finished run
     assert main(["--resume", str(last), "--loss", "scb+plb", "--plb", "1C,1B", "--scb-rpn", "--epochs", "3"]) == 0
     assert len((run / "results.csv").read_text().splitlines()) == 4 and load_checkpoint(last)["epoch"] == 2

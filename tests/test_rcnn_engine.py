@@ -112,18 +112,24 @@ class ScoreByBrightness(torch.nn.Module):
         return outputs
 
 
-def brightness_records(folder: Path) -> list:
+def write_brightness_images(folder: Path) -> None:
+    """One grey image per BRIGHTNESS value, written once by the test: ranks that wrote them too would read
+    a file another rank is rewriting."""
     import numpy as np
     from PIL import Image
 
+    for index, value in enumerate(BRIGHTNESS):
+        Image.fromarray(np.full((32, 32, 3), round(value * 255), dtype=np.uint8)).save(folder / f"{index}.png")
+
+
+def brightness_records(folder: Path) -> list:
+    """The records of ``write_brightness_images``' images, one cell each."""
+    import numpy as np
+
     from yolo_sizeloss.detections import ImageRecord
 
-    records = []
-    for index, value in enumerate(BRIGHTNESS):
-        file = folder / f"{index}.png"
-        Image.fromarray(np.full((32, 32, 3), round(value * 255), dtype=np.uint8)).save(file)
-        records.append(ImageRecord(str(file), 32, 32, np.array([HIT_BOX], dtype=np.float32), np.array([0])))
-    return records
+    return [ImageRecord(str(folder / f"{index}.png"), 32, 32, np.array([HIT_BOX], dtype=np.float32), np.array([0]))
+            for index in range(len(BRIGHTNESS))]
 
 
 def validate_on_rank(rank: int, store: str, report: str, folder: str) -> None:
@@ -143,6 +149,7 @@ def test_two_rank_validation_gathers_every_image_and_equals_one_process(tmp_path
     would give 1.0. Rank 1 returns nothing."""
     from yolo_sizeloss.rcnn.engine import DistContext, validate
 
+    write_brightness_images(tmp_path)
     one = validate(ScoreByBrightness(), brightness_records(tmp_path), ["cell"],
                    DistContext(0, 1, torch.device("cpu"), False), batch=2, workers=0)
     assert one["mAP50"] == one["mAP50-95"] == one["class_ap"][0] == round(61 / 101, 6)  # reports keep 6 places
