@@ -40,20 +40,20 @@ COCO_MAX_SIDE = 1e5  # faster-coco-eval's 'all' range ends at 1e5**2; an infinit
 FRAMES = ("original", "input")
 RECALL_THRESHOLDS = (0.01, 0.1, 0.3)
 RECALL_NMS_IOU = 0.45
+RECALL_MAX_DET = 200
+RECALL_MATCH_IOU = 0.5
+FIT_TIGHT_IOU = 0.75  # half of AP50-95's IoU thresholds (0.75-0.95) need a box this tight
+FIT_FOUND_IOU = RECALL_MATCH_IOU  # a detection at this IoU finds its object, as recall by size counts it
+COCO_MAX_DET = 100  # COCO's maxDets for AP and AR
 # faster-coco-eval has no public per-image evaluations: COCOeval_faster keeps them, with the
 # parameters its C++ accumulation takes, only in its private _evalImgs_cpp and _paramsEval, in an
 # order no documentation states (class, then area range, then image). The paired bootstrap
 # (yolo_sizeloss.paired) needs them, so the versions are pinned (pyproject.toml) to those whose layout
 # tests/test_paired.py checks; 1.7 also lacks the AR_<maxDets> keys coco_metrics reads.
 SUPPORTED_FASTER_COCO_EVAL = ("1.8", "1.9")  # >= the first, < the second
-RECALL_MAX_DET = 200
-RECALL_MATCH_IOU = 0.5
-FIT_TIGHT_IOU = 0.75  # half of AP50-95's IoU thresholds (0.75-0.95) need a box this tight
-FIT_FOUND_IOU = RECALL_MATCH_IOU  # a detection at this IoU finds its object, as recall by size counts it
-COCO_MAX_DET = 100  # COCO's maxDets for AP and AR
 
 
-# ----------------------------------------------------------------------------------------- buckets
+# ------------------------------------------------------------------------------- faster-coco-eval
 def check_faster_coco_eval(version: str | None = None) -> None:
     """ImportError, one line naming the fix, unless faster-coco-eval ``version`` (default: the installed
     one) is in ``SUPPORTED_FASTER_COCO_EVAL``. Called where faster-coco-eval is used, not at import, so
@@ -71,6 +71,7 @@ def _major_minor(version: str) -> tuple[int, ...]:
     return (int(match[1]), int(match[2])) if match else (0,)
 
 
+# ----------------------------------------------------------------------------------------- buckets
 def parse_size_buckets(text: str) -> tuple[float, ...]:
     """Parse ``"0,16,32,96,inf"`` into side-length edges; at least two, non-negative, strictly increasing."""
     try:
