@@ -166,9 +166,15 @@ def check_resume_file(resume: str) -> None:
         raise ValueError(f"--resume {resume}: no such checkpoint")
 
 
+def after_path(error: Exception, path: str | Path) -> str:
+    """``error``'s one line without the ``PATH: `` it starts with (``load_checkpoint``'s, a data check's), for a
+    message that names the path itself."""
+    return one_line(error).removeprefix(f"{Path(path)}: ")
+
+
 def flag_error(flag: str, path: str, error: Exception) -> str:
-    """``--flag PATH: what is wrong``, from an error whose text names ``path`` first (``load_checkpoint``'s)."""
-    return f"{flag} {path}: {one_line(error).removeprefix(f'{Path(path)}: ')}"
+    """``--flag PATH: what is wrong``, from an error whose text names ``path`` first."""
+    return f"{flag} {path}: {after_path(error, path)}"
 
 
 def resumed_run_folder(resume: str) -> Path:

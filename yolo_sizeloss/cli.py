@@ -30,6 +30,7 @@ from yolo_sizeloss.checkpoints import RCNN_ARCH, checkpoint_kind, load_checkpoin
 from yolo_sizeloss.checks import (
     DataError,
     OneLineParser,
+    after_path,
     check_data_yaml,
     check_detection_network,
     check_nwd_needs,
@@ -186,7 +187,7 @@ def read_resume_checkpoint(path: str) -> dict:
         return load_checkpoint(path)
     except ValueError as e:
         raise DataError(f"--resume {path}: not an Ultralytics training checkpoint "
-                        f"({one_line(e).removeprefix(f'{Path(path)}: ')})") from e
+                        f"({after_path(e, path)})") from e
 
 
 def check_yolo_resume(args: argparse.Namespace, ckpt: dict) -> None:

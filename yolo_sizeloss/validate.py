@@ -38,6 +38,7 @@ from yolo_sizeloss.checkpoints import RCNN_ARCH, checkpoint_kind, load_checkpoin
 from yolo_sizeloss.checks import (
     DataError,
     OneLineParser,
+    after_path,
     check_data_yaml,
     check_detection_network,
     check_output_folder,
@@ -243,7 +244,7 @@ def training_data(checkpoint: dict, model: str) -> str:
         raise FileNotFoundError(f"--model {model} was trained on {trained_on}, which is not there; give --data") from e
     except DataError as e:
         raise DataError(f"--model {model} was trained on {trained_on}, which cannot be used here "
-                        f"({one_line(e).removeprefix(f'{trained_on}: ')}); give --data") from e
+                        f"({after_path(e, trained_on)}); give --data") from e
 
 
 def detections_for(args: ValRequest, records: list[ImageRecord], save_dir: Path) -> tuple[list[ImageRecord], dict]:
