@@ -188,7 +188,7 @@ def empty_val(root):
     (rewrite_train_labels("0 nan 0.5 0.1 0.1\n"), "baseline", "split 'train' has no valid images"),
     (rewrite_train_labels("0 0.5 inf 0.1 0.1\n"), "feedback", "split 'train' has no valid images"),
     (empty_val, "baseline", "split 'val'"),
-    (rewrite_train_labels(""), "nwd", "nwd: auto settings and max_small_share need boxes"),
+    (rewrite_train_labels(""), "nwd", "nwd: auto settings, max_small_share and assigner_classes small need boxes"),
 ])
 def test_bad_data_is_one_line_before_any_run_folder(tmp_path, capsys, mutate, loss, message):
     """Each of these made Ultralytics write PROJECT/NAME and print its set-up before failing."""
@@ -222,7 +222,7 @@ def test_nwd_auto_is_checked_on_the_fraction_the_run_trains_on(tmp_path, capsys)
     project = tmp_path / "runs"
     assert train_main(["--data", str(data), "--loss", "nwd", "--fraction", "0.5", "--project", str(project),
                        "--device", "cpu"]) == 1
-    assert "nwd: auto settings and max_small_share need boxes" in one_error_line(capsys)
+    assert "nwd: auto settings, max_small_share and assigner_classes small need boxes" in one_error_line(capsys)
     assert not project.exists()
 
 

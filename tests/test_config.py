@@ -114,7 +114,7 @@ def test_loss_cfg_names_a_shipped_variant_unless_a_file_of_that_name_is_here(tmp
     (tmp_path / "safit.yaml").write_text("nwd:\n  ratio: 0.3\n")  # the name as typed, found as the shipped are
     assert load_loss_config("nwd", "safit")["nwd"] == {**load_loss_config("nwd")["nwd"], "ratio": 0.3}
     assert load_loss_config("safit")["nwd"]["ratio"] == 1.0  # a loss name is the shipped mode, whatever is here
-    with pytest.raises(LossConfigError, match=r"loss settings 'boxonly' not found .*; shipped variants: assigner_auto, assigner_only, box_only, gt_areas, nwd_targets, safit, safit_assigner, safit_sharp, safit_sharp_assigner_auto, safit_sharp_auto, safit_sharp_auto_late, safit_sharp_auto_norm, safit_sharp_auto_warmup, safit_sharp_ciou_assigner_auto, simd_assigner$"):
+    with pytest.raises(LossConfigError, match=r"loss settings 'boxonly' not found .*; shipped variants: assigner_auto, assigner_only, box_only, gt_areas, nwd_targets, safit, safit_assigner, safit_sharp, safit_sharp_assigner_auto, safit_sharp_auto, safit_sharp_auto_late, safit_sharp_auto_norm, safit_sharp_auto_warmup, safit_sharp_ciou_assigner_auto, safit_small_classes, simd_assigner$"):
         load_loss_config("nwd", "boxonly")
 
 

@@ -157,6 +157,59 @@ def test_safit_spread_reaches_both_families_assignment_and_box_loss():
     assert switches.nwd.box_similarity(pred, gt).item() == pytest.approx(expected, rel=1e-5)
 
 
+def assign_two_small_objects(observed):
+    """Target scores (B, A, 2) and foreground mask ``observed`` (an assigner as the loss calls it) gives two 10 x 10
+    objects far apart on a stride-8 grid, class 0 at the left and class 1 at the right, every prediction 12 px
+    off its anchor (no overlap with either), as in ``positives_of_a_small_object``."""
+    grid = torch.arange(4, 128, 8.0)
+    anchors = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), -1).view(-1, 2)
+    predictions = torch.cat([anchors - 5 + 12, anchors + 5 + 12], -1)[None]
+    gt = torch.tensor([[[27.0, 27.0, 37.0, 37.0], [91.0, 91.0, 101.0, 101.0]]])
+    scores = torch.full((1, len(anchors), 2), 0.5)
+    labels, valid = torch.tensor([[[0.0], [1.0]]]), torch.ones(1, 2, 1)
+    _, _, target_scores, fg, target_gt_idx = observed(scores, predictions, anchors, labels, gt, valid)
+    return target_scores, fg, target_gt_idx
+
+
+def test_assigner_classes_small_measures_the_small_class_by_safit_and_the_other_by_the_stock_ciou():
+    """``nwd.assigner_classes: small`` (``safit_small_classes``): on labels where class 0's boxes are small and
+    class 1's large, YOLO's assigner gives the class-0 object SAFit's positives and targets and the class-1 object,
+    as small in this batch as the other, the stock CIoU's, each exactly; where no class is small it is the stock
+    assigner (the shipped variant then trains the stock loss)."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yolo_sizeloss.config import load_loss_config
+    from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss, loss_branches
+
+    model = DetectionModel("yolov8n.yaml", nc=2, verbose=False)
+    model.args = get_cfg()
+
+    def observed(classes_small: list[bool], assigner_classes: str = "small"):
+        config = load_loss_config("safit_small_classes")
+        config["nwd"].update(constant=C, assigner_classes=assigner_classes)
+        weighting = AnchorWeighting(config)
+        # a 640 x 640 image at imgsz 320: 0.05 of it is 16 px (small), 0.5 of it 160 px
+        boxes = [[0.5, 0.5, 0.05 if small else 0.5, 0.05 if small else 0.5] for small in classes_small]
+        weighting.resolve_from_labels([{"shape": (640, 640), "bboxes": boxes, "cls": [[0.0], [1.0]]}], 320)
+        return weighting, loss_branches(build_size_aware_loss(model, weighting))[0].assigner
+
+    gated_weighting, gated = observed([True, False])
+    assert gated_weighting.nwd.classes == (0,)
+    _, everywhere = observed([True, False], "all")
+    stock_weighting, stock = observed([False, False])
+    assert (stock_weighting.nwd.classes, stock_weighting.nwd.assigner) == ((), False)
+    assert "pair_overlaps" not in vars(stock.assigner) and "iou_calculation" not in vars(stock.assigner)
+    (gated_scores, gated_fg, gated_gt), (safit_scores, safit_fg, safit_gt), (stock_scores, stock_fg, stock_gt) = (
+        assign_two_small_objects(observed) for observed in (gated, everywhere, stock))
+    for gt, reference in ((0, (safit_scores, safit_fg, safit_gt)), (1, (stock_scores, stock_fg, stock_gt))):
+        mine = gated_fg & (gated_gt == gt)
+        theirs = reference[1] & (reference[2] == gt)
+        assert torch.equal(mine, theirs), gt
+        assert torch.equal(gated_scores[mine], reference[0][theirs]), gt
+    assert int((safit_fg & (safit_gt == 0)).sum()) > int((stock_fg & (stock_gt == 0)).sum())  # the two differ here
+
+
 def assign_a_large_object(assigner):
     """Target scores and foreground mask ``assigner`` gives a 180 x 150 px object on a stride-8 grid, every
     prediction a 150 x 150 box centred on its anchor (so that CIoU's centre penalty ranks them apart from IoU)."""

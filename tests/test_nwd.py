@@ -13,7 +13,7 @@ from ultralytics.utils.loss import BboxLoss, E2ELoss, v8DetectionLoss
 from ultralytics.utils.tal import TaskAlignedAssigner, make_anchors
 
 from yolo_sizeloss.config import LossConfigError, load_loss_config
-from yolo_sizeloss.methods.nwd import assigner_window
+from yolo_sizeloss.methods.nwd import assigner_window, small_classes
 from yolo_sizeloss.yolo.loss import (
     AnchorWeighting,
     MeasureBboxLoss,
@@ -38,7 +38,7 @@ def nwd_config(spec="nwd", **settings) -> dict:
 # --- settings -----------------------------------------------------------------------------------
 
 def test_defaults_and_combination_with_a_weighting():
-    assert load_loss_config("nwd") == {"nwd": {"ratio": 0.5, "constant": "auto", "assigner": True, "assigner_from": 0.0, "assigner_until": 1.0,
+    assert load_loss_config("nwd") == {"nwd": {"ratio": 0.5, "constant": "auto", "assigner": True, "assigner_from": 0.0, "assigner_until": 1.0, "assigner_classes": "all",
                                                "box_measure": "nwd", "safit_spread": 32, "safit_assigner_iou": "iou", "small_area": 1024, "max_small_share": 1.0,
                                                "normaliser": "assigned", "box_weights": "assigned",
                                                "rcnn_terms": ["rpn_box"]}}  # rcnn_terms: Faster R-CNN's
@@ -50,7 +50,7 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
     path = tmp_path / "o.yaml"
     path.write_text("nwd:\n  constant: 12.8\n  ratio: 1\n  assigner: false\n")
     assert load_loss_config("nwd", path)["nwd"] == {"ratio": 1, "constant": 12.8, "assigner": False,
-                                                    "assigner_from": 0.0, "assigner_until": 1.0, "box_measure": "nwd", "safit_spread": 32, "safit_assigner_iou": "iou", "small_area": 1024,
+                                                    "assigner_from": 0.0, "assigner_until": 1.0, "assigner_classes": "all", "box_measure": "nwd", "safit_spread": 32, "safit_assigner_iou": "iou", "small_area": 1024,
                                                     "max_small_share": 1.0, "normaliser": "assigned",
                                                     "box_weights": "assigned", "rcnn_terms": ["rpn_box"]}
 
@@ -72,7 +72,7 @@ def test_constant_takes_a_positive_number_or_auto(tmp_path):
         ("nwd:\n  ratio: 1\n  assigner_from: 0.5\n  assigner_until: 0.5\n",
          r"o\.yaml:3: nwd\.assigner_from \(0\.5\) must be below nwd\.assigner_until \(0\.5\)"),
         ("nwd:\n  terms: [box]\n",
-         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, assigner_from, assigner_until, box_measure, safit_spread, safit_assigner_iou, small_area, max_small_share, normaliser, box_weights, rcnn_terms\)"),
+         r"o\.yaml:2: unknown key 'nwd\.terms' \(known: ratio, constant, assigner, assigner_from, assigner_until, assigner_classes, box_measure, safit_spread, safit_assigner_iou, small_area, max_small_share, normaliser, box_weights, rcnn_terms\)"),
         ("nwd:\n  box_measure: giou\n", r"o\.yaml:2: nwd\.box_measure = 'giou' .*one of nwd, safit, simd"),
         ("nwd:\n  safit_assigner_iou: ciou\n", r"o\.yaml:2: nwd\.safit_assigner_iou = 'ciou' .*one of iou, stock"),
     ],
@@ -97,12 +97,13 @@ def test_an_empty_assigner_window_is_refused_after_every_file_is_merged(tmp_path
 
 def test_auto_constant_is_the_mean_absolute_size_in_input_pixels():
     # a 640 x 480 image at imgsz 320 (scale 1/2): a 0.1 x 0.2 box is 32 x 48 px, a 0.5 x 0.5 box 160 x 120 px
-    labels = [{"shape": (480, 640), "bboxes": [[0.5, 0.5, 0.1, 0.2], [0.3, 0.3, 0.5, 0.5]],
+    labels = [{"shape": (480, 640), "bboxes": [[0.5, 0.5, 0.1, 0.2], [0.3, 0.3, 0.5, 0.5]], "cls": [[2.0], [0.0]],
                "normalized": True, "bbox_format": "xywh"},
-              {"shape": (100, 50), "bboxes": [[0.5, 0.5, 1.0, 0.5]]}]  # scale 3.2: 160 x 160 px
-    widths, heights = training_label_sizes(labels, 320)
+              {"shape": (100, 50), "bboxes": [[0.5, 0.5, 1.0, 0.5]], "cls": [[1.0]]}]  # scale 3.2: 160 x 160 px
+    widths, heights, classes = training_label_sizes(labels, 320)
     assert torch.allclose(widths, torch.tensor([32.0, 160.0, 160.0], dtype=torch.float64))
     assert torch.allclose(heights, torch.tensor([48.0, 120.0, 160.0], dtype=torch.float64))
+    assert classes.tolist() == [2, 0, 1]
     weighting = AnchorWeighting(nwd_config())
     assert weighting.nwd.constant is None  # auto waits for the labels
     weighting.resolve_from_labels(labels, 320)
@@ -112,13 +113,14 @@ def test_auto_constant_is_the_mean_absolute_size_in_input_pixels():
     fixed.resolve_from_labels(labels, 320)  # a number stays as configured
     assert fixed.nwd.constant == 12.8
     with pytest.raises(ValueError, match="hold none"):
-        AnchorWeighting(nwd_config()).resolve_from_labels([{"shape": (10, 10), "bboxes": []}], 320)
+        AnchorWeighting(nwd_config()).resolve_from_labels([{"shape": (10, 10), "bboxes": [], "cls": []}], 320)
 
 
 def test_auto_assigner_uses_nwd_while_small_training_boxes_are_fewer_than_half():
     # at imgsz 320 a 640 x 480 image is halved: 0.1 x 0.1 of it is 32 x 24 = 768 px^2 (small), 0.5 x 0.5 is 19200
     def labels(small: int, other: int) -> list[dict]:
-        return [{"shape": (480, 640), "bboxes": [[0.5, 0.5, 0.1, 0.1]] * small + [[0.5, 0.5, 0.5, 0.5]] * other}]
+        return [{"shape": (480, 640), "bboxes": [[0.5, 0.5, 0.1, 0.1]] * small + [[0.5, 0.5, 0.5, 0.5]] * other,
+                 "cls": [[0.0]] * (small + other)}]
 
     for small, other, uses_nwd in ((1, 2, True), (1, 1, False), (2, 1, False), (0, 3, True)):
         weighting = AnchorWeighting(nwd_config(assigner="auto", constant=40.0))
@@ -140,7 +142,7 @@ def test_auto_assigner_is_the_explicit_setting_it_resolves_to_bit_for_bit(decisi
     explicit = build_size_aware_loss(model, AnchorWeighting(nwd_config(assigner=decision, constant=40.0)))
     weighting = AnchorWeighting(nwd_config(assigner="auto", constant=40.0))
     one_box = [[0.5, 0.5, 0.5, 0.5] if decision else [0.5, 0.5, 0.01, 0.01]]  # not small / small at imgsz 320
-    weighting.resolve_from_labels([{"shape": (480, 640), "bboxes": one_box}], 320)
+    weighting.resolve_from_labels([{"shape": (480, 640), "bboxes": one_box, "cls": [[0.0]]}], 320)
     auto = build_size_aware_loss(model, weighting)
     expected_loss, expected_items = explicit(preds, batch)
     loss, items = auto(preds, batch)
@@ -159,7 +161,8 @@ def test_max_small_share_turns_nwd_off_for_mostly_small_data_bit_for_bit():
     config["nwd"].update(max_small_share=0.5, constant=40.0)
 
     def labels(small: int, other: int) -> list[dict]:  # 768 px^2 (small) and 19200 px^2 at imgsz 320
-        return [{"shape": (480, 640), "bboxes": [[0.5, 0.5, 0.1, 0.1]] * small + [[0.5, 0.5, 0.5, 0.5]] * other}]
+        return [{"shape": (480, 640), "bboxes": [[0.5, 0.5, 0.1, 0.1]] * small + [[0.5, 0.5, 0.5, 0.5]] * other,
+                 "cls": [[0.0]] * (small + other)}]
 
     for small, other, active in ((2, 1, False), (1, 2, True)):
         weighting = AnchorWeighting(config)
@@ -168,6 +171,38 @@ def test_max_small_share_turns_nwd_off_for_mostly_small_data_bit_for_bit():
         same = torch.equal(loss, expected_loss) and same_items(items, expected_items)
         assert (weighting.nwd.active, same, weighting.epoch_stats()["nwd/active"]) == (active, not active, float(active))
     assert "nwd/active" not in AnchorWeighting(nwd_config(constant=40.0)).epoch_stats()  # a column only when set
+
+
+def test_small_classes_are_those_more_than_half_of_whose_boxes_are_small():
+    """Sides 16 px (small below 32 x 32) and 40 px: class 0 two of three small, class 1 one of two (half: not more),
+    class 4 one of one; a box of infinite size is left out (class 7's only one)."""
+    sides = torch.tensor([16.0, 16, 40, 16, 40, 16, float("inf")], dtype=torch.float64)
+    classes = torch.tensor([0, 0, 0, 1, 1, 4, 7])
+    assert small_classes(sides, sides, classes, 1024) == (0, 4)
+    assert small_classes(sides, sides, classes, 100) == ()
+
+
+def test_assigner_classes_small_without_a_small_class_is_the_stock_loss_bit_for_bit():
+    """``safit_small_classes`` (SAFit's assigner for the classes whose boxes are mostly small, the stock box loss):
+    on labels where no class's boxes are mostly small it is the stock loss bit for bit; where one class's are,
+    it is not."""
+    model = build_model("yolov8n.yaml")
+    batch = bccd_batch()
+    preds = model(batch["img"])
+    expected_loss, expected_items = model.init_criterion()(preds, batch)
+    config = load_loss_config("safit_small_classes")
+    config["nwd"]["constant"] = 40.0
+
+    def labels(class_0_small: bool) -> list[dict]:  # at imgsz 320: 768 px^2 (small) and 19200 px^2
+        boxes = [[0.5, 0.5, 0.1, 0.1]] * 2 + [[0.5, 0.5, 0.5, 0.5]] * 3
+        return [{"shape": (480, 640), "bboxes": boxes, "cls": [[0.0] if class_0_small else [2.0]] * 2 + [[2.0]] * 3}]
+
+    for class_0_small, classes in ((False, ()), (True, (0,))):
+        weighting = AnchorWeighting(config)
+        weighting.resolve_from_labels(labels(class_0_small), 320)
+        loss, items = build_size_aware_loss(model, weighting)(preds, batch)
+        same = torch.equal(loss, expected_loss) and same_items(items, expected_items)
+        assert (weighting.nwd.classes, same) == (classes, not class_0_small)
 
 
 def test_unresolved_auto_assigner_stops_before_the_first_loss_with_what_to_do():

@@ -392,7 +392,7 @@ def test_bad_flags_are_usage_errors_naming_the_flag(tmp_path, capsys, flags, mes
 
 @pytest.mark.parametrize("labels, loss, message", [
     ("0 nan 0.5 0.1 0.1\n", "baseline", "split 'train' has no valid images"),
-    ("", "nwd", "nwd: auto settings and max_small_share need boxes"),
+    ("", "nwd", "nwd: auto settings, max_small_share and assigner_classes small need boxes"),
 ])
 def test_bad_labels_are_the_same_one_line_in_both_families_before_any_run_folder(tmp_path, capsys, labels, loss,
                                                                                    message):

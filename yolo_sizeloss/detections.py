@@ -69,13 +69,15 @@ def first_fraction(records: list[ImageRecord], fraction: float) -> list[ImageRec
     return records[: max(1, round(len(records) * fraction))]
 
 
-def training_box_sizes(records: list[ImageRecord], imgsz: int) -> tuple[Tensor, Tensor]:
-    """Widths and heights (float64) of every training box as the heads see it at ``imgsz``: both
-    families resize an image by ``imgsz / max(width, height)`` (YOLO's letterbox, and
-    ``GeneralizedRCNNTransform`` with ``min_size = max_size = imgsz``); a flip changes no size."""
-    scaled = [gt_in_image(r)[0].astype(np.float64) * (imgsz / max(r.width, r.height)) for r in records]
+def training_box_sizes(records: list[ImageRecord], imgsz: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Widths and heights (float64) of every training box as the heads see it at ``imgsz``, and their
+    classes (int64): both families resize an image by ``imgsz / max(width, height)`` (YOLO's letterbox,
+    and ``GeneralizedRCNNTransform`` with ``min_size = max_size = imgsz``); a flip changes no size."""
+    kept = [gt_in_image(r) for r in records]
+    scaled = [boxes.astype(np.float64) * (imgsz / max(r.width, r.height)) for r, (boxes, _) in zip(records, kept)]
     boxes = torch.from_numpy(np.concatenate([np.zeros((0, 4)), *scaled]))
-    return boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    classes = torch.from_numpy(np.concatenate([np.zeros(0, np.int64), *[c.astype(np.int64) for _, c in kept]]))
+    return boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1], classes
 
 
 @dataclass(frozen=True)

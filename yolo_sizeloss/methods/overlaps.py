@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
 
+import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
@@ -110,8 +111,10 @@ class ResolvedNWD:
     ``settings`` is the resolved settings dict (None: no ``nwd``). ``constant`` is NWD's C in network-input
     pixels and ``assigner`` the ``nwd.assigner`` decision, each None while an ``auto`` one waits for the
     training boxes (``methods.nwd.resolve_nwd_auto``); ``active`` is False where ``nwd.max_small_share``
-    turned NWD off, the assigner then False too (the stock loss trains). ``unresolved_hint`` says what the
-    holder's family does to resolve them, for the errors measuring raises meanwhile.
+    turned NWD off, the assigner then False too (the stock loss trains). ``classes`` are the classes whose
+    ground truths the assigner measures by its overlap (``nwd.assigner_classes: small``), every other one by the
+    stock overlap; None: every class. ``unresolved_hint`` says what the holder's family does to resolve them,
+    for the errors measuring raises meanwhile.
     """
 
     settings: Optional[dict[str, Any]] = None
@@ -119,20 +122,28 @@ class ResolvedNWD:
     assigner: bool | str | None = False
     active: bool = True
     unresolved_hint: str = ""
+    classes: Optional[tuple[int, ...]] = None
 
     @classmethod
     def from_settings(cls, settings: Optional[dict[str, Any]], unresolved_hint: str, constant: Optional[float] = None,
-                      assigner: bool | str | None = None, active: bool = True) -> "ResolvedNWD":
+                      assigner: bool | str | None = None, active: bool = True,
+                      classes: Optional[tuple[int, ...]] = None) -> "ResolvedNWD":
         """The state of ``settings`` (None: no ``nwd``): the constant and assigner they set, else (``auto``)
         ``constant`` and ``assigner``, what ``resolve_nwd_auto`` made of them (None: not yet resolved); the
-        assigner False where ``active`` is not."""
+        assigner False where ``active`` is not, and where ``nwd.assigner_classes: small`` found no class
+        (``classes`` empty)."""
         if settings is None:
             return cls(active=active, unresolved_hint=unresolved_hint)
         if settings["constant"] != "auto":
             constant = float(settings["constant"])
         if settings["assigner"] != "auto":
             assigner = settings["assigner"]
-        return cls(settings, constant, assigner if active else False, active, unresolved_hint)
+        if settings.get("assigner_classes", "all") == "all":
+            classes = None
+        elif classes is not None:
+            classes = tuple(int(c) for c in classes)
+            assigner = assigner if classes else False
+        return cls(settings, constant, assigner if active else False, active, unresolved_hint, classes)
 
     @property
     def ratio(self) -> float:
@@ -165,6 +176,15 @@ class ResolvedNWD:
         if self.assigner == "simd":
             return SimDOverlap()
         return None
+
+    def measured_gts(self, gt_classes: Tensor) -> Optional[Tensor]:
+        """Bool, ``gt_classes``' shape: which ground truths (by class id) the assigner measures by
+        ``nwd.assigner``'s overlap; None where it measures every one (``nwd.assigner_classes: all``)."""
+        if self.settings is None or self.settings.get("assigner_classes", "all") == "all":
+            return None
+        if self.classes is None:
+            raise RuntimeError(f"nwd.assigner_classes is small but was not resolved: {self.unresolved_hint}")
+        return torch.isin(gt_classes.long(), torch.tensor(self.classes, dtype=torch.long, device=gt_classes.device))
 
     def box_similarity(self, pred_boxes: Tensor, gt_boxes: Tensor, iou: Optional[Tensor] = None) -> Tensor:
         """Element-wise ``nwd.box_measure`` (``measures.box_similarity``) of predicted boxes and their ground

@@ -285,26 +285,27 @@ def fit(args: argparse.Namespace) -> Path:
 
 def training_nwd_settings(
     config: dict, records: list[ImageRecord], imgsz: int, checkpoint: dict | None, log: bool = True
-) -> tuple[float | None, bool | str, bool]:
-    """NWD's constant, the RPN matcher's measure and whether NWD acts at all, for this run; (None, False,
-    True) without ``nwd``.
+) -> tuple[float | None, bool | str, bool, tuple[int, ...] | None]:
+    """NWD's constant, the RPN matcher's measure, whether NWD acts at all and the classes whose ground truths
+    the matcher measures by it (None: all), for this run; (None, False, True, None) without ``nwd``.
 
     The constant is the configured number; on resume the checkpoint's; else (``auto``) the mean
     ``sqrt(w * h)`` of the training boxes at ``imgsz``, as Wang et al. set C (``training_box_sizes``:
     the pixels the heads see). ``assigner: auto`` is ``methods.nwd.nwd_assigner_auto`` of the same
-    boxes, and ``max_small_share`` turns NWD off where more of them are small. All are computed once
-    here (``methods.nwd.resolve_nwd_auto``)."""
+    boxes, ``max_small_share`` turns NWD off where more of them are small, and ``assigner_classes: small``
+    keeps the classes whose boxes are mostly small. All are computed once here
+    (``methods.nwd.resolve_nwd_auto``)."""
     if "nwd" not in config:
-        return None, False, True
+        return None, False, True, None
     nwd_cfg = dict(config["nwd"])
     if nwd_cfg["constant"] == "auto" and checkpoint is not None and checkpoint.get("nwd_constant") is not None:
         nwd_cfg["constant"] = checkpoint["nwd_constant"]
     if not needs_training_boxes(nwd_cfg):
-        return float(nwd_cfg["constant"]), nwd_cfg["assigner"], True
-    constant, assigner, active, lines = resolve_nwd_auto(nwd_cfg, *training_box_sizes(records, imgsz), imgsz)
-    for line in lines if log else ():
+        return float(nwd_cfg["constant"]), nwd_cfg["assigner"], True, None
+    resolved = resolve_nwd_auto(nwd_cfg, *training_box_sizes(records, imgsz), imgsz)
+    for line in resolved.lines if log else ():
         LOGGER.info(line)
-    return constant, assigner, active
+    return resolved.constant, resolved.assigner, resolved.active, resolved.classes
 
 
 def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) -> Path:
@@ -445,6 +446,7 @@ def save_epoch(
         "nwd_constant": nwd.constant,  # NWD's C as used (auto resolved from the labels); None without nwd
         "nwd_assigner": nwd.assigner,  # NWD in the RPN matcher, as used (also when auto)
         "nwd_active": nwd.active,  # False: nwd.max_small_share turned NWD off
+        "nwd_classes": nwd.classes,  # the classes the RPN matcher measures by NWD's overlap (None: all)
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "epoch": epoch,

@@ -48,19 +48,20 @@ as the RPN matcher's similarity (``box_similarity``, an ``Overlap``'s ``pairwise
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection._utils import Matcher
+from torchvision.ops import box_iou
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from yolo_sizeloss.assignment import AssignmentCounter
 from yolo_sizeloss.methods import MatchedSamples
 from yolo_sizeloss.methods.base import box_areas, count_per_gt
-from yolo_sizeloss.methods.overlaps import Overlap
+from yolo_sizeloss.methods.overlaps import IoU, Overlap
 from yolo_sizeloss.rcnn.losses import SMOOTH_L1_BETA, stage_weights, weighted_fastrcnn_loss, weighted_rpn_loss
 from yolo_sizeloss.rcnn.switches import LossSwitches
 
@@ -126,6 +127,21 @@ class SizeBalancedRPN(RegionProposalNetwork):
         self.overlap = overlap
         self.box_similarity = overlap.pairwise
 
+    def class_gated_similarity(self, targets: list[dict[str, Tensor]]) -> Optional[Callable[[Tensor, Tensor], Tensor]]:
+        """With ``nwd.assigner_classes: small`` while the matcher measures by ``nwd.assigner``'s overlap: a
+        ``box_similarity`` for this batch that measures the rows of those classes' ground truths by it and
+        every other row by IoU; None otherwise. The stock code calls it once per image with boxes, in order."""
+        if isinstance(self.overlap, IoU):
+            return None
+        measured = [self.switches.nwd.measured_gts(t["labels"] - 1) for t in targets if t["boxes"].numel()]
+        if not measured or measured[0] is None:  # torchvision's labels are the class ids + 1 (rcnn.data)
+            return None
+        rows = iter(measured)
+
+        def similarity(gt_boxes: Tensor, anchors: Tensor) -> Tensor:
+            return torch.where(next(rows)[:, None], self.overlap.pairwise(gt_boxes, anchors), box_iou(gt_boxes, anchors))
+        return similarity
+
     @classmethod
     def from_stock(cls, rpn: RegionProposalNetwork, switches: LossSwitches) -> "SizeBalancedRPN":
         """The same RPN (shared head and anchor generator, same settings) with the size-aware loss."""
@@ -147,7 +163,11 @@ class SizeBalancedRPN(RegionProposalNetwork):
         self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
     ) -> tuple[list[Tensor], list[Tensor]]:
         self.proposal_matcher.recorded = []
-        labels, matched_gt_boxes = super().assign_targets_to_anchors(anchors, targets)
+        self.box_similarity = self.class_gated_similarity(targets) or self.overlap.pairwise
+        try:
+            labels, matched_gt_boxes = super().assign_targets_to_anchors(anchors, targets)
+        finally:
+            self.box_similarity = self.overlap.pairwise
         gt_boxes = [t["boxes"] for t in targets]
         # the stock code returns labels only; the counts (every mode, the stock loss's too) and the methods
         # need each anchor's ground truth: the matches it made, recorded (it skips images without boxes)

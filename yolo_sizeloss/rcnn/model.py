@@ -148,12 +148,13 @@ def model_from_checkpoint(
     checkpoint: dict, imgsz: int | None = None, switches: LossSwitches | None = None
 ) -> FasterRCNN:
     """Rebuild the checkpoint's model (at its own ``imgsz`` unless one is given) with its weights,
-    feedback state and resolved NWD settings (``nwd.constant``/``nwd.assigner: auto`` and whether
-    ``nwd.max_small_share`` left NWD on; a checkpoint without that record had it on) loaded, or
+    feedback state and resolved NWD settings (``nwd.constant``/``nwd.assigner: auto``, whether
+    ``nwd.max_small_share`` left NWD on, a checkpoint without that record had it on, and the classes of
+    ``nwd.assigner_classes: small``) loaded, or
     with ``switches``: a resumed run's, resolved by the engine."""
     switches = switches or LossSwitches.from_config(
         checkpoint["loss"], checkpoint.get("nwd_constant"), checkpoint.get("nwd_assigner"),
-        checkpoint.get("nwd_active", True))
+        checkpoint.get("nwd_active", True), checkpoint.get("nwd_classes"))
     model = build_model(checkpoint["backbone"], checkpoint["num_classes"], imgsz or checkpoint["imgsz"], switches)
     model.load_state_dict({**checkpoint["model"], **checkpoint.get("feedback", {})})
     return model

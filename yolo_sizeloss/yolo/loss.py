@@ -30,7 +30,7 @@ from yolo_sizeloss.methods import REGISTRY, WEIGHT_ORDER, MatchedSamples
 from yolo_sizeloss.methods.base import COCO_AREA_LIMITS, box_areas, count_per_gt
 from yolo_sizeloss.methods.feedback import FeedbackBalancer
 from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
-from yolo_sizeloss.methods.overlaps import ResolvedNWD
+from yolo_sizeloss.methods.overlaps import Overlap, ResolvedNWD
 from yolo_sizeloss.yolo.assignment import slot_ids
 from yolo_sizeloss.yolo.normaliser import ciou_target_scores
 
@@ -77,8 +77,9 @@ def dense_foreground(fg_mask: torch.Tensor, target_gt_idx: torch.Tensor, num_gt:
     return ForegroundLayout(None, slot_ids(target_gt_idx, num_gt), fg_mask.flatten())
 
 
-def training_label_sizes(labels: list[dict], imgsz: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Widths and heights (float64) of every box of an Ultralytics dataset's ``labels``, in network-input pixels.
+def training_label_sizes(labels: list[dict], imgsz: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Widths and heights (float64) of every box of an Ultralytics dataset's ``labels``, in network-input pixels,
+    and their class ids (int64).
 
     A label holds normalised xywh ``bboxes`` and the image's original ``shape`` (h, w). Ultralytics'
     loader resizes each image so that its long side is ``imgsz`` (letterbox and rect mode alike), so
@@ -86,6 +87,7 @@ def training_label_sizes(labels: list[dict], imgsz: int) -> tuple[torch.Tensor, 
     scale jitter moves sizes both ways.
     """
     widths, heights = [torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.float64)]
+    classes = [torch.zeros(0, dtype=torch.int64)]
     for label in labels:
         if not label.get("normalized", True) or label.get("bbox_format", "xywh") != "xywh":
             raise ValueError(f"{label.get('im_file', 'a label')}: expected normalised xywh boxes")
@@ -94,7 +96,8 @@ def training_label_sizes(labels: list[dict], imgsz: int) -> tuple[torch.Tensor, 
         scale = imgsz / max(h0, w0)
         widths.append(boxes[:, 2] * w0 * scale)
         heights.append(boxes[:, 3] * h0 * scale)
-    return torch.cat(widths), torch.cat(heights)
+        classes.append(torch.as_tensor(label["cls"]).reshape(-1).long())
+    return torch.cat(widths), torch.cat(heights), torch.cat(classes)
 
 
 class AnchorWeighting(nn.Module):
@@ -199,6 +202,12 @@ class AnchorWeighting(nn.Module):
         return self.assigner_measures and self.nwd.settings["normaliser"] == "ciou"
 
     @property
+    def gates_classes(self) -> bool:
+        """Whether the assigner measures only some classes' ground truths by ``nwd.assigner``'s overlap
+        (``nwd.assigner_classes: small``), the others by its stock CIoU."""
+        return self.assigner_measures and self.nwd.settings.get("assigner_classes", "all") == "small"
+
+    @property
     def holds_box_weights(self) -> bool:
         """Whether the box terms are weighed by the CIoU targets (``nwd.box_weights: ciou``): only while the
         assigner measures by another overlap; with the stock one they are the assigned targets."""
@@ -246,9 +255,10 @@ class AnchorWeighting(nn.Module):
         nwd_cfg = self.config.get("nwd")
         if not nwd_cfg or not needs_training_boxes(nwd_cfg):
             return
-        constant, assigner, active, lines = resolve_nwd_auto(nwd_cfg, *training_label_sizes(labels, imgsz), imgsz)
-        self.nwd = ResolvedNWD.from_settings(nwd_cfg, UNRESOLVED_HINT, constant, assigner, active)
-        for line in lines:
+        resolved = resolve_nwd_auto(nwd_cfg, *training_label_sizes(labels, imgsz), imgsz)
+        self.nwd = ResolvedNWD.from_settings(nwd_cfg, UNRESOLVED_HINT, resolved.constant, resolved.assigner,
+                                             resolved.active, resolved.classes)
+        for line in resolved.lines:
             LOGGER.info(line)
 
     def _accumulate_epoch_stats(self, gt_area, box_fg, cls_fg, valid=None):
@@ -322,6 +332,8 @@ class ObservedAssigner(nn.Module):
         self.assigner, self.weighting, self.pending = assigner, weighting, pending
 
     def forward(self, pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt, *args, **kwargs):
+        if self.weighting.gates_classes:  # for the ClassGatedPairs that _set_overlap installed
+            kwargs["measured_gts"] = self.weighting.nwd.measured_gts(gt_labels[..., 0])
         assignment = self.assigner(pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt, *args, **kwargs)
         target_labels, target_bboxes, target_scores, fg_mask, target_gt_idx = assignment
         box, cls = self.weighting(fg_mask, target_gt_idx, target_bboxes, target_scores, pd_bboxes, pd_scores, gt_bboxes)
@@ -450,19 +462,43 @@ def install_size_aware_loss(criterion: v8DetectionLoss | E2ELoss, weighting: Anc
 
 def _set_overlap(assigner: nn.Module, weighting: AnchorWeighting) -> None:
     """The stock ``assigner`` measures its candidate pairs by ``nwd.assigner``'s overlap while
-    ``weighting.assigner_measures``, else by its class's CIoU."""
-    if weighting.assigner_measures:
-        # the piece of the stock assigner that measures the candidate pairs' overlap; this instance only, the
-        # class stays stock, and its CIoU is what SAFit may blend with (nwd.safit_assigner_iou: stock)
-        stock_overlap = functools.partial(type(assigner).iou_calculation, assigner)
-        assigner.iou_calculation = weighting.nwd.overlap(stock_overlap).elementwise
+    ``weighting.assigner_measures`` (those of ``nwd.assigner_classes``' ground truths only: ``ClassGatedPairs``),
+    else by its class's CIoU."""
+    _restore_stock_overlap(assigner)
+    if not weighting.assigner_measures:
+        return
+    # the piece of the stock assigner that measures the candidate pairs' overlap; this instance only, the
+    # class stays stock, and its CIoU is what SAFit may blend with (nwd.safit_assigner_iou: stock)
+    stock_overlap = functools.partial(type(assigner).iou_calculation, assigner)
+    overlap = weighting.nwd.overlap(stock_overlap)
+    if weighting.gates_classes:
+        assigner.pair_overlaps = ClassGatedPairs(assigner, overlap)
     else:
-        _restore_stock_overlap(assigner)
+        assigner.iou_calculation = overlap.elementwise
 
 
 def _restore_stock_overlap(assigner: nn.Module) -> None:
-    if "iou_calculation" in vars(assigner):  # only _set_overlap sets it on the instance
-        del assigner.iou_calculation  # the class's CIoU is back
+    for name in ("iou_calculation", "pair_overlaps"):  # only _set_overlap sets them on the instance
+        if name in vars(assigner):
+            delattr(assigner, name)  # the class's own is back
+
+
+class ClassGatedPairs:
+    """A task-aligned assigner's ``pair_overlaps`` (``nwd.assigner_classes: small``): the candidate pairs of the
+    ground truths ``measured_gts`` (B, G) marks by ``overlap``, the others by the assigner's class's own (CIoU).
+
+    ``ObservedAssigner`` passes ``measured_gts`` through the assigner's batch-first extras, the way
+    Ultralytics' pose and segmentation assigners hand their own pair measures keypoints and masks.
+    """
+
+    def __init__(self, assigner: nn.Module, overlap: Overlap):
+        self.assigner, self.overlap = assigner, overlap
+
+    def __call__(self, indices, gt_bboxes: torch.Tensor, pd_bboxes: torch.Tensor, measured_gts: torch.Tensor):
+        stock = type(self.assigner).pair_overlaps(self.assigner, indices, gt_bboxes, pd_bboxes)
+        images, gts, anchors = indices
+        measured = self.overlap.elementwise(gt_bboxes[images, gts], pd_bboxes[images, anchors])
+        return torch.where(measured_gts[images, gts], measured.to(stock.dtype), stock)
 
 
 def stage_overlap(criterion: v8DetectionLoss | E2ELoss, weighting: AnchorWeighting, acts: bool) -> None:
