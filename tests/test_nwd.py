@@ -149,14 +149,28 @@ def test_auto_assigner_is_the_explicit_setting_it_resolves_to_bit_for_bit(decisi
     assert torch.equal(loss, expected_loss) and same_items(items, expected_items)
 
 
-def test_max_small_share_turns_nwd_off_for_mostly_small_data_bit_for_bit():
-    """A loss that measures by SAFit in both places (``safit_sharp``) with ``max_small_share`` 0.5: on labels
-    two thirds small it is the stock loss bit for bit (recorded as nwd/active 0); on labels one third
-    small it acts."""
+def stock_loss_check():
+    """A function of (loss config, Ultralytics labels) that resolves the config on those labels at imgsz 320 and
+    returns its ``AnchorWeighting`` and whether its loss of a yolov8n's predictions for a BCCD batch is the
+    stock loss's, bit for bit."""
     model = build_model("yolov8n.yaml")
     batch = bccd_batch()
     preds = model(batch["img"])
     expected_loss, expected_items = model.init_criterion()(preds, batch)
+
+    def check(config: dict, labels: list[dict]) -> tuple[AnchorWeighting, bool]:
+        weighting = AnchorWeighting(config)
+        weighting.resolve_from_labels(labels, 320)
+        loss, items = build_size_aware_loss(model, weighting)(preds, batch)
+        return weighting, torch.equal(loss, expected_loss) and same_items(items, expected_items)
+    return check
+
+
+def test_max_small_share_turns_nwd_off_for_mostly_small_data_bit_for_bit():
+    """A loss that measures by SAFit in both places (``safit_sharp``) with ``max_small_share`` 0.5: on labels
+    two thirds small it is the stock loss bit for bit (recorded as nwd/active 0); on labels one third
+    small it acts."""
+    check = stock_loss_check()
     config = load_loss_config("safit_sharp")
     config["nwd"].update(max_small_share=0.5, constant=40.0)
 
@@ -165,10 +179,7 @@ def test_max_small_share_turns_nwd_off_for_mostly_small_data_bit_for_bit():
                  "cls": [[0.0]] * (small + other)}]
 
     for small, other, active in ((2, 1, False), (1, 2, True)):
-        weighting = AnchorWeighting(config)
-        weighting.resolve_from_labels(labels(small, other), 320)
-        loss, items = build_size_aware_loss(model, weighting)(preds, batch)
-        same = torch.equal(loss, expected_loss) and same_items(items, expected_items)
+        weighting, same = check(config, labels(small, other))
         assert (weighting.nwd.active, same, weighting.epoch_stats()["nwd/active"]) == (active, not active, float(active))
     assert "nwd/active" not in AnchorWeighting(nwd_config(constant=40.0)).epoch_stats()  # a column only when set
 
@@ -186,10 +197,7 @@ def test_assigner_classes_small_without_a_small_class_is_the_stock_loss_bit_for_
     """``safit_small_classes`` (SAFit's assigner for the classes whose boxes are mostly small, the stock box loss):
     on labels where no class's boxes are mostly small it is the stock loss bit for bit; where one class's are,
     it is not."""
-    model = build_model("yolov8n.yaml")
-    batch = bccd_batch()
-    preds = model(batch["img"])
-    expected_loss, expected_items = model.init_criterion()(preds, batch)
+    check = stock_loss_check()
     config = load_loss_config("safit_small_classes")
     config["nwd"]["constant"] = 40.0
 
@@ -198,10 +206,7 @@ def test_assigner_classes_small_without_a_small_class_is_the_stock_loss_bit_for_
         return [{"shape": (480, 640), "bboxes": boxes, "cls": [[0.0] if class_0_small else [2.0]] * 2 + [[2.0]] * 3}]
 
     for class_0_small, classes in ((False, ()), (True, (0,))):
-        weighting = AnchorWeighting(config)
-        weighting.resolve_from_labels(labels(class_0_small), 320)
-        loss, items = build_size_aware_loss(model, weighting)(preds, batch)
-        same = torch.equal(loss, expected_loss) and same_items(items, expected_items)
+        weighting, same = check(config, labels(class_0_small))
         assert (weighting.nwd.classes, same) == (classes, not class_0_small)
 
 
