@@ -133,8 +133,9 @@ class SizeBalancedRPN(RegionProposalNetwork):
         every other row by IoU; None otherwise. The stock code calls it once per image with boxes, in order."""
         if isinstance(self.overlap, IoU):
             return None
+        # torchvision's labels are the class ids + 1 (rcnn.data)
         measured = [self.switches.nwd.measured_gts(t["labels"] - 1) for t in targets if t["boxes"].numel()]
-        if not measured or measured[0] is None:  # torchvision's labels are the class ids + 1 (rcnn.data)
+        if not measured or measured[0] is None:
             return None
         rows = iter(measured)
 
