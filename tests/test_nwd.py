@@ -189,8 +189,8 @@ def test_small_classes_are_those_more_than_half_of_whose_boxes_are_small():
     class 4 one of one; a box of infinite size is left out (class 7's only one)."""
     sides = torch.tensor([16.0, 16, 40, 16, 40, 16, float("inf")], dtype=torch.float64)
     classes = torch.tensor([0, 0, 0, 1, 1, 4, 7])
-    assert small_classes(sides, sides, classes, 1024) == (0, 4)
-    assert small_classes(sides, sides, classes, 100) == ()
+    assert small_classes(sides, sides, classes, 1024, "test") == (0, 4)
+    assert small_classes(sides, sides, classes, 100, "test") == ()
 
 
 def test_assigner_classes_small_without_a_small_class_is_the_stock_loss_bit_for_bit():

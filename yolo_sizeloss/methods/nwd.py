@@ -86,19 +86,25 @@ def small_share(widths: torch.Tensor, heights: torch.Tensor, small_area: float, 
 def needs_training_boxes(settings: dict[str, Any]) -> bool:
     """Whether resolving ``nwd``'s ``settings`` reads the training boxes (``resolve_nwd_auto``)."""
     return ("auto" in (settings["constant"], settings["assigner"]) or settings["max_small_share"] < 1
-            or settings.get("assigner_classes", "all") == "small")
+            or gates_by_class(settings))
 
 
-def small_classes(widths: torch.Tensor, heights: torch.Tensor, classes: torch.Tensor, small_area: float) -> tuple[int, ...]:
-    """The classes more than half of whose finite training boxes are small (``w * h < small_area``), ascending.
+def gates_by_class(settings: dict[str, Any]) -> bool:
+    """Whether ``nwd.assigner_classes`` is ``small`` (settings saved before the setting existed: ``all``)."""
+    return settings.get("assigner_classes", "all") == "small"
+
+
+def small_classes(widths: torch.Tensor, heights: torch.Tensor, classes: torch.Tensor, small_area: float,
+                  caller: str) -> tuple[int, ...]:
+    """The classes more than half of whose finite training boxes are small (``w * h < small_area``), ascending;
+    a ValueError naming ``caller`` when no box is finite.
 
     A class's boxes at the size Ultralytics loads them (before augmentation): its median box is small. Scale
     jitter makes some boxes of every class small in a training batch (on the control set 1.5% of the boxes
     are small as loaded, 14% in augmented batches; docs/results.md), and those are not the objects a user's
     small class holds.
     """
-    areas = widths.detach().double().clamp(min=0) * heights.detach().double().clamp(min=0)
-    finite = torch.isfinite(areas)
+    areas, finite = areas_and_finite(widths, heights, caller)
     areas, classes = areas[finite], classes.long()[finite]
     found = []
     for value in classes.unique().tolist():
@@ -145,9 +151,8 @@ def resolve_nwd_auto(
         if assigner == "auto":
             assigner, reason = nwd_assigner_auto(widths, heights, settings["small_area"])
             lines.append(f"nwd.assigner auto = {str(assigner).lower()} ({reason})")
-        if settings.get("assigner_classes", "all") == "small":
-            finite_box_areas(widths, heights, "nwd.assigner_classes")
-            measured = small_classes(widths, heights, classes, settings["small_area"])
+        if gates_by_class(settings):
+            measured = small_classes(widths, heights, classes, settings["small_area"], "nwd.assigner_classes")
             if not measured:
                 assigner = False
             lines.append(f"nwd.assigner_classes small = {list(measured)} (classes more than half of whose training "
@@ -171,14 +176,21 @@ def nwd_constant(widths: torch.Tensor, heights: torch.Tensor) -> float:
     return float(finite_box_areas(widths, heights, "nwd_constant").sqrt().mean())
 
 
+def areas_and_finite(widths: torch.Tensor, heights: torch.Tensor, caller: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w * h`` (float64, sides below zero as zero) of every box, and which of them are finite; a ValueError
+    naming ``caller`` when none is."""
+    areas = widths.detach().double().clamp(min=0) * heights.detach().double().clamp(min=0)
+    finite = torch.isfinite(areas)
+    if not finite.any():
+        raise ValueError(f"{caller}: no box with a finite width and height")
+    return areas, finite
+
+
 def finite_box_areas(widths: torch.Tensor, heights: torch.Tensor, caller: str) -> torch.Tensor:
     """``w * h`` (float64, sides below zero as zero) of the boxes whose area is finite; a ValueError
     naming ``caller`` when none is."""
-    areas = widths.detach().double().clamp(min=0) * heights.detach().double().clamp(min=0)
-    areas = areas[torch.isfinite(areas)]
-    if areas.numel() == 0:
-        raise ValueError(f"{caller}: no box with a finite width and height")
-    return areas
+    areas, finite = areas_and_finite(widths, heights, caller)
+    return areas[finite]
 
 
 def assigner_window(settings: dict[str, Any], epochs: int) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from torchvision.ops import box_iou
 
 from yolo_sizeloss.methods.measures import (
     SAFIT_SIZE, SIMD_RELEASED_NORMALISERS, box_similarity, elementwise_iou, safit, safit_matrix, simd, simd_matrix)
-from yolo_sizeloss.methods.nwd import assigner_decided_in_training, assigner_window, nwd, nwd_matrix
+from yolo_sizeloss.methods.nwd import assigner_decided_in_training, assigner_window, gates_by_class, nwd, nwd_matrix
 
 
 class Overlap(Protocol):
@@ -138,7 +138,7 @@ class ResolvedNWD:
             constant = float(settings["constant"])
         if settings["assigner"] != "auto":
             assigner = settings["assigner"]
-        if settings.get("assigner_classes", "all") == "all":
+        if not gates_by_class(settings):
             classes = None
         elif classes is not None:
             classes = tuple(int(c) for c in classes)
@@ -177,11 +177,15 @@ class ResolvedNWD:
             return SimDOverlap()
         return None
 
-    def measured_gts(self, gt_classes: Tensor) -> Optional[Tensor]:
+    @property
+    def gates_classes(self) -> bool:
+        """Whether the assigner measures only some classes' ground truths by ``nwd.assigner``'s overlap
+        (``nwd.assigner_classes: small``), the others by the stock overlap."""
+        return self.settings is not None and gates_by_class(self.settings)
+
+    def measured_gts(self, gt_classes: Tensor) -> Tensor:
         """Bool, ``gt_classes``' shape: which ground truths (by class id) the assigner measures by
-        ``nwd.assigner``'s overlap; None where it measures every one (``nwd.assigner_classes: all``)."""
-        if self.settings is None or self.settings.get("assigner_classes", "all") == "all":
-            return None
+        ``nwd.assigner``'s overlap, where it ``gates_classes``."""
         if self.classes is None:
             raise RuntimeError(f"nwd.assigner_classes is small but was not resolved: {self.unresolved_hint}")
         return torch.isin(gt_classes.long(), torch.tensor(self.classes, dtype=torch.long, device=gt_classes.device))

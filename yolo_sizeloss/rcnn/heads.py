@@ -131,13 +131,10 @@ class SizeBalancedRPN(RegionProposalNetwork):
         """With ``nwd.assigner_classes: small`` while the matcher measures by ``nwd.assigner``'s overlap: a
         ``box_similarity`` for this batch that measures the rows of those classes' ground truths by it and
         every other row by IoU; None otherwise. The stock code calls it once per image with boxes, in order."""
-        if isinstance(self.overlap, IoU):
+        if isinstance(self.overlap, IoU) or not self.switches.nwd.gates_classes:
             return None
         # torchvision's labels are the class ids + 1 (rcnn.data)
-        measured = [self.switches.nwd.measured_gts(t["labels"] - 1) for t in targets if t["boxes"].numel()]
-        if not measured or measured[0] is None:
-            return None
-        rows = iter(measured)
+        rows = iter([self.switches.nwd.measured_gts(t["labels"] - 1) for t in targets if t["boxes"].numel()])
 
         def similarity(gt_boxes: Tensor, anchors: Tensor) -> Tensor:
             return torch.where(next(rows)[:, None], self.overlap.pairwise(gt_boxes, anchors), box_iou(gt_boxes, anchors))

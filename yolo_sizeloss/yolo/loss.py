@@ -205,7 +205,7 @@ class AnchorWeighting(nn.Module):
     def gates_classes(self) -> bool:
         """Whether the assigner measures only some classes' ground truths by ``nwd.assigner``'s overlap
         (``nwd.assigner_classes: small``), the others by its stock CIoU."""
-        return self.assigner_measures and self.nwd.settings.get("assigner_classes", "all") == "small"
+        return self.assigner_measures and self.nwd.gates_classes
 
     @property
     def holds_box_weights(self) -> bool:
