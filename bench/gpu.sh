@@ -8,8 +8,9 @@
 # after `bash bench/gpu_wheels.sh` here. The package is used from the checkout (PYTHONPATH), not installed.
 #
 # What it runs, in this order:
-#  1. installs the carried wheels into /tmp/site (Ultralytics, faster-coco-eval, polars, ultralytics-thop:
-#     what the device image lacks) and prints the versions; --smoke uses this machine's packages;
+#  1. installs the carried packages into /tmp/site (Ultralytics, faster-coco-eval, ultralytics-thop as wheels,
+#     polars unpacked from polars.tar.xz: what the device image lacks) and prints the versions; --smoke uses
+#     this machine's packages;
 #  2. bench/gpu.py prepare: Ultralytics' settings, matplotlib's font cache and the label caches made
 #     once, before trainings that start together could race on writing them (--smoke first links an
 #     8/4/8-image BCCD subset, bench/gpu.py subset, and runs one harness per family);
@@ -136,9 +137,12 @@ say "$( ((SMOKE)) && echo "smoke run on the CPU" || echo "GPU run" ), work folde
 if (( SMOKE )); then
     export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 else
-    ls .whl/*.whl >/dev/null 2>&1 || die "wheels" "no .whl/*.whl: run 'bash bench/gpu_wheels.sh' in the checkout and carry .whl"
+    ls .whl/*.whl .whl/polars.tar.xz >/dev/null 2>&1 \
+        || die "wheels" "no .whl/*.whl or .whl/polars.tar.xz: run 'bash bench/gpu_wheels.sh' in the checkout and carry .whl"
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || die "wheels" "pip could not install .whl/*.whl"
+    "$PYTHON" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
+        .whl/polars.tar.xz /tmp/site || die "wheels" "could not unpack .whl/polars.tar.xz into /tmp/site"
     export PYTHONPATH=/tmp/site:$ROOT
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader || true
 fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download into .whl/ (ignored by git) the wheels bench/gpu.sh installs on the GPU machine, whose image
+# Download into .whl/ (ignored by git) the packages bench/gpu.sh installs on the GPU machine, whose image
 # has Python 3.12, PyTorch, torchvision, OpenCV (headless), numpy, matplotlib, PyYAML, psutil, requests,
 # Pillow and cloudpickle but no network. Run it once in the checkout the device call sends, then carry
 # the folder: run(command="bash bench/gpu.sh $OUT", carry=[".whl"]).
@@ -12,8 +12,8 @@
 #   polars 0.20.31           Ultralytics' trainer imports it to read results.csv into each checkpoint and
 #                            to plot; 0.20.31 (28 MB) is the smallest that satisfies Ultralytics'
 #                            polars>=0.20 and ran its training here with numpy 2 (today's polars wheels,
-#                            polars + polars-runtime-32, are 55 MB: too much beside the checkout's ~28 MB
-#                            under the 64 MiB a device call may carry)
+#                            polars + polars-runtime-32, are 55 MB: too much beside the checkout's ~35 MB
+#                            under the 64 MiB a device call may carry); carried as polars.tar.xz (below)
 #   ultralytics-thop 2.2.3   GFLOPs in Ultralytics' model summaries (without it they read 0)
 # Not taken: ultralytics-platform (imported only for `from ultralytics import Platform`, which nothing
 # here uses), opencv-python (the image's opencv-python-headless provides cv2). Ultralytics' other
@@ -27,6 +27,21 @@ mkdir -p .whl
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${WHEELS[@]}"
+# polars travels unpacked and xz-compressed (17 MB against its 28 MB wheel): a wheel is a zip of members
+# deflated one by one, so xz finds the redundancy only in the unpacked files; a wheel without a .data
+# folder, as this one is, unpacks to exactly the files pip --target installs, so gpu.sh untars it there
+POLARS=$(ls .whl/polars-*.whl)
+python3 - "$POLARS" .whl/polars.tar.xz <<'PY'
+import sys, tarfile, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel, tarfile.open(sys.argv[2], "w:xz", preset=9) as packed:
+    for member in wheel.infolist():
+        if not member.is_dir():
+            info = tarfile.TarInfo(member.filename)
+            info.size, info.mode = member.file_size, 0o755 if member.filename.endswith(".so") else 0o644
+            with wheel.open(member) as data:
+                packed.addfile(info, data)
+PY
+rm "$POLARS"
 ls -l .whl
-du -ch .whl/*.whl | tail -n 1
+du -ch .whl/* | tail -n 1
 git check-ignore -q .whl || echo "warning: .whl is not ignored by git here; add '.whl/' to .gitignore" >&2
