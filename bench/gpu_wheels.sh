@@ -29,7 +29,7 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${WHEELS[@]}"
 # polars travels unpacked and xz-compressed (17 MB against its 28 MB wheel): a wheel is a zip of members
 # deflated one by one, so xz finds the redundancy only in the unpacked files; a wheel without a .data
-# folder, as this one is, unpacks to exactly the files pip --target installs, so gpu.sh untars it there
+# folder, as this one is, unpacks to exactly the files pip --target installs, which gpu.sh does there
 POLARS=$(ls .whl/polars-*.whl)
 python3 - "$POLARS" .whl/polars.tar.xz <<'PY'
 import sys, tarfile, zipfile
