@@ -52,9 +52,9 @@ from yolo_sizeloss.checks import (
 )
 from yolo_sizeloss.config import (
     ARCHS,
-    METHODS,
     check_resumed_loss,
     load_loss_config,
+    loss_flag_help,
     loss_name,
     parse_loss_names,
     read_loss_record,
@@ -150,8 +150,7 @@ def build_yolo_parser(prog: str = "yolo-sizeloss train") -> argparse.ArgumentPar
     p.add_argument("--model", type=non_empty,
                    help="model yaml (trained from scratch) or a local .pt (default yolov8n.yaml)")
     p.add_argument("--loss", type=non_empty,
-                   help=f"baseline (default), or methods joined by '+': {', '.join(METHODS)}; or a "
-                        f"shipped mode (a variant by name): {', '.join(shipped_variants())}")
+                   help=loss_flag_help())
     p.add_argument("--loss-cfg", type=non_empty,
                    help="a YAML file overriding the methods' settings, or a shipped variant: "
                         f"{', '.join(shipped_variants())}")

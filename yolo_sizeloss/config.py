@@ -136,6 +136,12 @@ def _mode_methods(mode: str) -> list[str]:
     return list(data)
 
 
+def loss_flag_help() -> str:
+    """``--loss``'s help, one text for both families' parsers."""
+    return (f"baseline (default), or methods joined by '+': {', '.join(METHODS)}; or a shipped mode (a variant by "
+            f"name): {', '.join(shipped_variants())}")
+
+
 def parse_loss_names(spec: str) -> list[str]:
     """Split a loss specification (``baseline``, ``plb``, ``plb+scb``, a shipped mode such as ``safit``)
     into method names, validated."""

@@ -39,17 +39,16 @@ from yolo_sizeloss.checks import (
     torchrun_world_size,
 )
 from yolo_sizeloss.config import (
-    METHODS,
     LossConfigError,
     check_resumed_loss,
     load_loss_config,
+    loss_flag_help,
     loss_name,
     parse_loss_names,
     run_defaults,
 )
 from yolo_sizeloss.detections import first_fraction
 from yolo_sizeloss.evaluation import check_faster_coco_eval
-from yolo_sizeloss.paths import shipped_variants
 from yolo_sizeloss.rcnn.engine import DEFAULT_PROJECT, fit, resumed_args
 from yolo_sizeloss.rcnn.model import BACKBONES, check_architecture, check_weights_match
 
@@ -91,8 +90,7 @@ def build_parser(prog: str = "yolo-sizeloss train") -> argparse.ArgumentParser:
     p.add_argument("--data", type=non_empty,
                    help="YOLO-format data yaml; a bare name is looked up among the package's (default bccd.yaml)")
     p.add_argument("--loss", type=non_empty,
-                   help=f"baseline (default), or methods joined by '+': {', '.join(METHODS)}; or a "
-                        f"shipped mode (a variant by name): {', '.join(shipped_variants())}")
+                   help=loss_flag_help())
     p.add_argument("--loss-cfg", type=non_empty,
                    help="YAML overriding the methods' settings (rcnn_terms and each method's own), or a shipped variant")
     p.add_argument("--plb", type=non_empty,
