@@ -37,7 +37,7 @@ with zipfile.ZipFile(sys.argv[1]) as wheel, tarfile.open(sys.argv[2], "w:xz", pr
     for member in wheel.infolist():
         if not member.is_dir():
             info = tarfile.TarInfo(member.filename)
-            info.size, info.mode = member.file_size, 0o755 if member.filename.endswith(".so") else 0o644
+            info.size, info.mode = member.file_size, member.external_attr >> 16 & 0o777  # the mode the wheel records
             with wheel.open(member) as data:
                 packed.addfile(info, data)
 PY
