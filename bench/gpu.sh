@@ -14,7 +14,7 @@
 #  2. bench/gpu.py prepare: Ultralytics' settings, matplotlib's font cache and the label caches made
 #     once, before trainings that start together could race on writing them (--smoke first links an
 #     8/4/8-image BCCD subset, bench/gpu.py subset, and runs one harness per family);
-#  3. YOLO (yolov8n from scratch, BCCD, compare.py --preset gpu: baseline, nwd and nwd:safit_sharp_auto_norm,
+#  3. YOLO (yolov8n from scratch, BCCD, compare.py --preset gpu: baseline, nwd and nwd:safit_small_classes,
 #     100 epochs, imgsz 416, batch 16) x seeds 0-2: nine bench/compare.py harnesses at once, one per
 #     (mode, seed), all with --only runs into WORK/yolo;
 #     Faster R-CNN (mobilenet_v3_large_fpn from scratch; baseline, plb, nwd, nwd:safit_sharp_auto) at the
@@ -62,7 +62,7 @@ mkdir -p "$1" && OUT=$(cd "$1" && pwd) || exit 2
 START=$(date +%s)
 PYTHON=${PYTHON:-python3}
 SEEDS=${SEEDS:-"0 1 2"}
-YOLO_MODES=${YOLO_MODES:-"baseline nwd nwd:safit_sharp_auto_norm"}  # compare.py --preset gpu's
+YOLO_MODES=${YOLO_MODES:-"baseline nwd nwd:safit_small_classes"}  # compare.py --preset gpu's
 YOLO_WORKERS=${YOLO_WORKERS:-2}           # dataloader processes per YOLO training (compare.py's default)
 RCNN_MODES=${RCNN_MODES:-"baseline plb nwd nwd:safit_sharp_auto"}
 RCNN_SEEDS=${RCNN_SEEDS:-"1 2 0"}          # in this order, each loss's harness running them in turn

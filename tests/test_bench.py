@@ -441,7 +441,7 @@ def test_a_missing_data_yaml_stops_the_harness_before_anything(tmp_path, capsys)
 
 def test_the_gpu_preset_and_the_schedule_flags_reach_train_and_the_schedule_check(tmp_path, capsys):
     args = compare.parse_args(["--preset", "gpu"])
-    assert [label for label, _ in compare.runs_of(args)] == ["baseline", "nwd", "nwd-safit_sharp_auto_norm"]
+    assert [label for label, _ in compare.runs_of(args)] == ["baseline", "nwd", "nwd-safit_small_classes"]
     assert (args.epochs, args.imgsz, args.batch, args.seeds) == (100, 416, 16, [0, 1, 2])
     assert compare.schedule_flags(args, 2) == ["--epochs", "100", "--imgsz", "416", "--batch", "16", "--seed", "2"]
     rcnn = compare.parse_args(["--arch", "faster_rcnn", "--epochs", "12", "--imgsz", "416", "--fraction", "0.5",
@@ -636,7 +636,7 @@ def test_the_gpu_script_smoke_mode_runs_every_step_and_packs_its_tables(tmp_path
                                                      "records.tar.gz", "summary.md", "yolo_results.md"]
     yolo, rcnn = (out / "yolo_results.md").read_text(), (out / "rcnn_results.md").read_text()
     assert yolo.startswith("| mode | mAP50-95 |") and rcnn.startswith("| mode | mAP50-95 |")
-    for text, labels in ((yolo, ["baseline", "nwd", "nwd-safit_sharp_auto_norm"]),
+    for text, labels in ((yolo, ["baseline", "nwd", "nwd-safit_small_classes"]),
                          (rcnn, ["rcnn-baseline", "rcnn-plb", "rcnn-nwd", "rcnn-nwd-safit_sharp_auto"])):
         differences = text.split("Difference to")[1]
         assert all(f"\n| {label} |" in text for label in labels)
@@ -647,7 +647,7 @@ def test_the_gpu_script_smoke_mode_runs_every_step_and_packs_its_tables(tmp_path
     assert all(f"\n| {mode} |" in timing for mode in overhead.MODES)
     assert "Host synchronisations: not counted on cpu" in timing
     summary = (out / "summary.md").read_text()
-    for name in ("baseline-s0", "nwd-safit_sharp_auto_norm-s0", "rcnn-plb-s0", "rcnn-nwd-safit_sharp_auto-s0"):
+    for name in ("baseline-s0", "nwd-safit_small_classes-s0", "rcnn-plb-s0", "rcnn-nwd-safit_sharp_auto-s0"):
         assert re.search(rf"\| {name} \| 1/1 \| [0-9.]+ \|.*\| evaluated \|", summary), summary
     log = (out / "gpu.log").read_text()
     assert "7 harnesses" not in log and "2 harnesses started" in log and "trainings over" in log
