@@ -9,11 +9,13 @@ import sys
 import pytest
 import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
 from ultralytics.utils.loss import BboxLoss, E2ELoss, v8DetectionLoss
 from ultralytics.utils.tal import TaskAlignedAssigner, make_anchors
 
 from yolo_sizeloss.config import LossConfigError, load_loss_config
 from yolo_sizeloss.methods.nwd import assigner_window, small_classes
+from yolo_sizeloss.methods.overlaps import ResolvedNWD
 from yolo_sizeloss.yolo.loss import (
     AnchorWeighting,
     MeasureBboxLoss,
@@ -208,6 +210,26 @@ def test_assigner_classes_small_without_a_small_class_is_the_stock_loss_bit_for_
     for class_0_small, classes in ((False, ()), (True, (0,))):
         weighting, same = check(config, labels(class_0_small))
         assert (weighting.nwd.classes, same) == (classes, not class_0_small)
+
+
+def test_measured_gts_marks_the_small_classes_and_copies_no_host_data_after_its_first_call():
+    """``ResolvedNWD.measured_gts`` (which ground truths the gated assigner measures) runs every step: after its first
+    call on a device it builds no tensor from host data (on a GPU such a copy makes the host wait every step)."""
+    class HostData(TorchDispatchMode):  # counts tensors made from Python data (torch.tensor's lift_fresh)
+        made = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            HostData.made += func is torch.ops.aten.lift_fresh.default
+            return func(*args, **(kwargs or {}))
+
+    settings = {**load_loss_config("safit_small_classes")["nwd"], "constant": 40.0}
+    resolved = ResolvedNWD.from_settings(settings, "test", classes=(0, 4))
+    gt_classes = torch.tensor([[0.0, 1.0, 4.0], [2.0, 0.0, 0.0]])
+    expected = torch.tensor([[True, False, True], [False, True, True]])
+    assert torch.equal(resolved.measured_gts(gt_classes), expected)
+    with HostData():
+        second = resolved.measured_gts(gt_classes)
+    assert torch.equal(second, expected) and HostData.made == 0
 
 
 def test_unresolved_auto_assigner_stops_before_the_first_loss_with_what_to_do():

@@ -10,7 +10,7 @@ reading of them for both families, which hands out the assigner's overlap and th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
 import torch
@@ -123,6 +123,9 @@ class ResolvedNWD:
     active: bool = True
     unresolved_hint: str = ""
     classes: Optional[tuple[int, ...]] = None
+    # ``classes`` as a tensor on each device ``measured_gts`` was asked about, made on the first call there: a
+    # tensor built from a tuple on every step is a host-to-device copy, which makes the host wait for the GPU
+    class_ids: dict[torch.device, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Optional[dict[str, Any]], unresolved_hint: str, constant: Optional[float] = None,
@@ -188,7 +191,11 @@ class ResolvedNWD:
         ``nwd.assigner``'s overlap, where it ``gates_classes``."""
         if self.classes is None:
             raise RuntimeError(f"nwd.assigner_classes is small but was not resolved: {self.unresolved_hint}")
-        return torch.isin(gt_classes.long(), torch.tensor(self.classes, dtype=torch.long, device=gt_classes.device))
+        ids = self.class_ids.get(gt_classes.device)
+        if ids is None:
+            ids = self.class_ids[gt_classes.device] = torch.tensor(self.classes, dtype=torch.long,
+                                                                   device=gt_classes.device)
+        return torch.isin(gt_classes.long(), ids)
 
     def box_similarity(self, pred_boxes: Tensor, gt_boxes: Tensor, iou: Optional[Tensor] = None) -> Tensor:
         """Element-wise ``nwd.box_measure`` (``measures.box_similarity``) of predicted boxes and their ground
