@@ -48,7 +48,7 @@ from yolo_sizeloss.yolo.loss import AnchorWeighting, build_size_aware_loss
 
 LOSS_CALLS_PER_ROUND = 10  # the loss call is short: more samples of it per round
 MODES = ("baseline", "feedback", "scb", "plb", "gradlibra", "plb+scb+feedback+gradlibra", "nwd", "nwd+feedback",
-         "nwd:safit_sharp_auto_norm")
+         "nwd:safit_sharp_auto_norm", "nwd:safit_small_classes")
 SYNC_WARNING = "synchronizing CUDA operation"  # what set_sync_debug_mode("warn") says, once per operation
 CLOCKS = {"event": "CUDA-event time", "wall": "wall time", "cpu": "process CPU time"}
 
