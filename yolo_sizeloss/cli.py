@@ -80,7 +80,7 @@ Train a detector with a size-aware loss: Ultralytics YOLO (default) or, with --a
 torchvision Faster R-CNN (its own flags: yolo-sizeloss train --arch faster_rcnn --help).
 
 examples:
-  yolo-sizeloss train --data bccd.yaml --loss assigner_auto
+  yolo-sizeloss train --data bccd.yaml --loss safit_small_classes
   yolo-sizeloss train --data my.yaml --loss plb+scb --model yolo11n.yaml --epochs 100 cls=1.0
   yolo-sizeloss train --resume runs/train/nwd/weights/last.pt
 
