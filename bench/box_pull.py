@@ -6,7 +6,7 @@
 A square ground truth of each side (network-input pixels) and a prediction ``--offset`` pixels to
 its right; the pull is the derivative of the box loss's overlap part with respect to that offset,
 ``(1 - ratio) * (1 - CIoU) + ratio * (1 - similarity)`` as the YOLO loss mixes them (docs/methods.md
-section 5), with Ultralytics' own CIoU and the package's measures (``methods.measures.box_similarity``).
+section 5), with Ultralytics' own CIoU and the package's measures (``methods.overlaps.box_similarity``).
 Each row gives the stock pull (ratio 0: CIoU alone) and each measure's as a multiple of it. CIoU's
 pull per pixel falls as 1/side (IoU measures relative error); NWD's is 1/C for every box, so with the
 data set's mean size as C a box smaller than C is pulled less than the stock loss pulls it, a larger
@@ -21,7 +21,7 @@ import argparse
 import torch
 from ultralytics.utils.metrics import bbox_iou
 
-from yolo_sizeloss.methods.measures import box_similarity
+from yolo_sizeloss.methods.overlaps import box_similarity
 
 MEASURES = {"nwd": ("nwd", None), "safit": ("safit", None), "safit_sharp": ("safit", 4.0), "simd": ("simd", None)}
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from ultralytics.utils.tal import TaskAlignedAssigner
 
-from yolo_sizeloss.methods.measures import safit, safit_blend_weight, safit_matrix, simd, simd_matrix
+from yolo_sizeloss.methods.safit import safit, safit_blend_weight, safit_matrix
+from yolo_sizeloss.methods.simd import simd, simd_matrix
 from yolo_sizeloss.methods.overlaps import SAFitOverlap, SimDOverlap
 
 TINY = torch.tensor([[0.0, 0.0, 4.0, 4.0]]), torch.tensor([[1.0, 0.0, 5.0, 4.0]])  # 4x4, shifted 1 px
@@ -298,7 +299,7 @@ def test_safit_in_the_box_loss_is_the_stock_term_for_a_large_box():
 
 @pytest.mark.parametrize("measure", ["nwd", "safit", "simd"])
 def test_each_box_measure_has_a_finite_gradient_for_identical_boxes(measure):
-    from yolo_sizeloss.methods.measures import box_similarity
+    from yolo_sizeloss.methods.overlaps import box_similarity
 
     pred = torch.tensor([[10.0, 10.0, 14.0, 14.0], [10.0, 10.0, 10.0, 10.0]], requires_grad=True)
     gt = torch.tensor([[10.0, 10.0, 14.0, 14.0], [10.0, 10.0, 10.0, 10.0]])  # a tiny box and a zero-size one

@@ -2,7 +2,9 @@
 
 A method module holds its formula (pure functions of tensors), its settings schema (the defaults are
 ``cfg/losses/<name>.yaml``), the terms it may act on in each family, and ``weights``: what it computes
-from a batch's ``MatchedSamples``. Overlap measures an assigner or matcher can take are in ``overlaps``.
+from a batch's ``MatchedSamples``. The overlap measures beyond NWD have their formula modules
+too (``safit``, ``simd``) and are chosen through ``nwd``'s settings, not registered; the objects an assigner or
+matcher takes are in ``overlaps``.
 """
 
 from yolo_sizeloss.methods import feedback, gradlibra, nwd, plb, scb

@@ -31,6 +31,17 @@ def box_areas(boxes: Tensor) -> Tensor:
     return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
 
 
+def elementwise_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
+    """IoU of aligned xyxy boxes (0 where both are empty: no overlap to speak of)."""
+    lt = torch.max(boxes_a[..., :2], boxes_b[..., :2])
+    rb = torch.min(boxes_a[..., 2:], boxes_b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (boxes_a[..., 2:] - boxes_a[..., :2]).clamp(min=0).prod(-1)
+    area_b = (boxes_b[..., 2:] - boxes_b[..., :2]).clamp(min=0).prod(-1)
+    union = area_a + area_b - inter
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), 0.0)
+
+
 def count_per_gt(gt_ids: Tensor, num_gt: int, counted: Tensor | None = None) -> Tensor:
     """(num_gt,) int64: how many of ``gt_ids`` (indices into the ground truths) name each one, only those
     where ``counted`` is True if given (an index there must still be in range). ``torch.bincount`` would

@@ -231,7 +231,7 @@ def check_settings(settings: dict[str, Any]) -> tuple[tuple[str, ...], str] | No
     return None
 
 
-ASSIGNER_MEASURES = ("safit", "simd")  # nwd.assigner may name another measure (methods.measures) instead of NWD
+ASSIGNER_MEASURES = ("safit", "simd")  # nwd.assigner may name another measure (methods.safit, methods.simd) instead of NWD
 # SAFit's IoU member in an assigner (nwd.assigner: safit): plain IoU (the paper's), or the stock assigner's own
 # overlap (YOLO: its CIoU; Faster R-CNN's RPN matcher: IoU, the same as plain), so that large ground truths are
 # assigned as the stock loss assigns them
@@ -239,7 +239,7 @@ SAFIT_ASSIGNER_IOUS = ("iou", "stock")
 # which ground truths the assigner measures by nwd.assigner's overlap: every one (the paper's), or those of the
 # classes whose boxes are mostly small as loaded (small_classes), the others by the stock overlap
 ASSIGNER_CLASSES = ("all", "small")
-BOX_MEASURES = ("nwd", "safit", "simd")  # what nwd.box_measure may mix into the box loss (methods.measures.box_similarity)
+BOX_MEASURES = ("nwd", "safit", "simd")  # what nwd.box_measure may mix into the box loss (methods.overlaps.box_similarity)
 # what YOLO's losses divide by: the assignment's own target-score sum (Ultralytics'), or the sum the stock CIoU
 # would give the same positives (yolo.normaliser); Faster R-CNN's RPN divides by its sampled anchors, a count
 # no overlap changes, so both train the same loss there

@@ -4,7 +4,8 @@ An ``Overlap`` measures boxes two ways: ``pairwise`` every box of one set agains
 (a matcher's quality matrix: torchvision's RPN ``box_similarity``), and ``elementwise`` the pairs of
 two aligned sets (the candidate pairs of Ultralytics' ``TaskAlignedAssigner.iou_calculation``). Each
 family hands the configured measure to its stock assigner or matcher in place of the stock one; a new
-measure is one new class here. ``ResolvedNWD`` is a run's ``nwd`` settings as it trains with them: the one
+measure is its formula's module (``methods.nwd``, ``methods.safit``, ``methods.simd``) and one new class here;
+``box_similarity`` names the same measures for a box loss. ``ResolvedNWD`` is a run's ``nwd`` settings as it trains with them: the one
 reading of them for both families, which hands out the assigner's overlap and the box loss's similarity.
 """
 
@@ -17,9 +18,10 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from yolo_sizeloss.methods.measures import (
-    SAFIT_SIZE, SIMD_RELEASED_NORMALISERS, box_similarity, elementwise_iou, safit, safit_matrix, simd, simd_matrix)
+from yolo_sizeloss.methods.base import elementwise_iou
 from yolo_sizeloss.methods.nwd import assigner_decided_in_training, assigner_window, gates_by_class, nwd, nwd_matrix
+from yolo_sizeloss.methods.safit import SAFIT_SIZE, safit, safit_matrix
+from yolo_sizeloss.methods.simd import SIMD_RELEASED_NORMALISERS, simd, simd_matrix
 
 
 class Overlap(Protocol):
@@ -67,8 +69,8 @@ class NWDOverlap:
 
 
 class SAFitOverlap:
-    """SAFit (``methods.measures.safit``): IoU for large ground truths, NWD (constant ``nwd_constant``) for
-    tiny ones, blended per box at size ``size`` over ``spread`` pixels (``measures.safit_blend_weight``).
+    """SAFit (``methods.safit.safit``): IoU for large ground truths, NWD (constant ``nwd_constant``) for
+    tiny ones, blended per box at size ``size`` over ``spread`` pixels (``methods.safit.safit_blend_weight``).
     ``elementwise`` takes (ground truths, boxes), as the task-aligned assigner passes them; its IoU member
     is ``stock_elementwise`` of the same pairs where given (the assigner's own overlap, Ultralytics'
     clamped CIoU, so that large ground truths are ranked and scored as the stock assigner does), else
@@ -90,7 +92,7 @@ class SAFitOverlap:
 
 
 class SimDOverlap:
-    """SimD (``methods.measures.simd``) with normalisers ``m_x``, ``m_y``."""
+    """SimD (``methods.simd.simd``) with normalisers ``m_x``, ``m_y``."""
 
     def __init__(self, m_x: float = SIMD_RELEASED_NORMALISERS[0], m_y: float = SIMD_RELEASED_NORMALISERS[1]):
         self.m_x, self.m_y = m_x, m_y
@@ -101,6 +103,24 @@ class SimDOverlap:
     def elementwise(self, boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
         """Computed in float32, returned in ``boxes_b``'s dtype."""
         return simd(boxes_a.float(), boxes_b.float(), self.m_x, self.m_y).to(boxes_b.dtype)
+
+
+def box_similarity(measure: str, pred_boxes: Tensor, gt_boxes: Tensor, nwd_constant: float | None,
+                   iou: Tensor | None = None, safit_spread: float | None = None) -> Tensor:
+    """The similarity ``nwd.box_measure`` names, of aligned predicted and ground-truth boxes, for a box loss
+    that mixes in ``1 - similarity`` (both families): ``nwd`` (``methods.nwd.nwd``), ``safit`` (``iou``
+    as its IoU member: the detector's own overlap, Ultralytics' CIoU, so that large boxes keep the stock
+    term; plain IoU when None; its blend's ``safit_spread``) or ``simd`` (no constant). ``nwd_constant``
+    may be None for ``simd`` only."""
+    if measure == "simd":
+        return simd(pred_boxes, gt_boxes)
+    if nwd_constant is None:
+        raise ValueError(f"box measure {measure} needs NWD's constant")
+    if measure == "nwd":
+        return nwd(pred_boxes, gt_boxes, nwd_constant)
+    if measure == "safit":
+        return safit(pred_boxes, gt_boxes, nwd_constant, iou=iou, spread=safit_spread)
+    raise ValueError(f"unknown box measure {measure!r}")
 
 
 @dataclass(frozen=True)
@@ -198,7 +218,7 @@ class ResolvedNWD:
         return torch.isin(gt_classes.long(), ids)
 
     def box_similarity(self, pred_boxes: Tensor, gt_boxes: Tensor, iou: Optional[Tensor] = None) -> Tensor:
-        """Element-wise ``nwd.box_measure`` (``measures.box_similarity``) of predicted boxes and their ground
+        """Element-wise ``nwd.box_measure`` (``box_similarity``) of predicted boxes and their ground
         truths, float32; ``iou``, the pairs' overlap by the detector's own measure, is SAFit's IoU member
         (None: plain IoU)."""
         measure = self.settings["box_measure"]
