@@ -24,7 +24,9 @@ A third table follows the anchors that two or more ground truths claim (the assi
 whose overlap with the anchor's prediction is highest): how many a step, and how many of them the
 mode's overlap gives to another ground truth than the stock CIoU would, split by the sizes of the two.
 A measure lenient to small boxes can hand a small object an anchor that a larger neighbour's CIoU
-would have kept.
+would have kept. A class-gated mode (``nwd.assigner_classes: small``) compares one class's lenient
+overlap with another's CIoU there, so the last table gives each class, per mode, its positives and
+target score per ground truth and the anchors moved from it to another class and to it from one.
 """
 
 from __future__ import annotations
@@ -75,6 +77,16 @@ def size_buckets(boxes: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(box_areas(boxes.float()), torch.tensor(COCO_AREA_LIMITS), right=True)
 
 
+def slot_tallies(outputs, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From an assigner's ``outputs``: each ground-truth slot's positive anchors and summed target score,
+    (B, G) float64 each."""
+    _, _, target_scores, fg_mask, target_gt_idx = outputs
+    positives = positives_per_slot(fg_mask, target_gt_idx, slots).double()
+    score = torch.zeros(fg_mask.shape[0] * slots, dtype=torch.float64).index_add_(
+        0, slot_ids(target_gt_idx, slots), (target_scores.sum(-1) * fg_mask).flatten().double())
+    return positives, score.view(-1, slots)
+
+
 class SizeTally:
     """A forward hook on a stock assigner: per size bucket, the ground truths, their positive anchors
     and their summed target scores, over every call since it was made."""
@@ -86,11 +98,7 @@ class SizeTally:
         gt_bboxes, mask_gt = args[4], args[5]
         if gt_bboxes.shape[1] == 0:
             return
-        _, _, target_scores, fg_mask, target_gt_idx = outputs
-        slots = gt_bboxes.shape[1]
-        positives = positives_per_slot(fg_mask, target_gt_idx, slots)
-        score = torch.zeros(fg_mask.shape[0] * slots, dtype=torch.float64).index_add_(
-            0, slot_ids(target_gt_idx, slots), (target_scores.sum(-1) * fg_mask).flatten().double()).view(-1, slots)
+        positives, score = slot_tallies(outputs, gt_bboxes.shape[1])
         bucket = size_buckets(gt_bboxes)
         valid = mask_gt.reshape(positives.shape).bool()
         for b in range(len(BUCKETS)):
@@ -138,12 +146,15 @@ class ConflictTally:
     def __init__(self):
         self.positives = self.claimed = 0
         self.kept_otherwise = torch.zeros(len(BUCKETS), len(BUCKETS), dtype=torch.float64)
+        self.class_moves: dict[tuple[int, int], int] = {}  # (class the CIoU would keep, class kept): anchors
 
     def __call__(self, assigner, args, kwargs, outputs) -> None:
         pd_scores, pd_bboxes, anc_points, gt_labels, gt_bboxes, mask_gt = args[:6]
         if gt_bboxes.shape[1] == 0:
             return
-        mask_pos, _, overlaps = assigner.get_pos_mask(pd_scores, pd_bboxes, gt_labels, gt_bboxes, anc_points, mask_gt)
+        # kwargs: the batch-first extras a class-gated overlap reads (ClassGatedPairs' measured_gts)
+        mask_pos, _, overlaps = assigner.get_pos_mask(pd_scores, pd_bboxes, gt_labels, gt_bboxes, anc_points, mask_gt,
+                                                      **kwargs)
         candidates = assigner.select_candidates_in_gts(anc_points, gt_bboxes, mask_gt).bool() & mask_gt.bool()
         image, gt, anchor = candidates.nonzero(as_tuple=True)
         ciou = torch.zeros_like(overlaps)
@@ -157,6 +168,28 @@ class ConflictTally:
         bucket = size_buckets(gt_bboxes)  # (B, G)
         self.kept_otherwise.index_put_((bucket.gather(1, by_ciou)[moved], bucket.gather(1, by_own)[moved]),
                                        torch.ones(int(moved.sum()), dtype=torch.float64), accumulate=True)
+        classes = gt_labels[..., 0].long()  # (B, G)
+        pairs = torch.stack([classes.gather(1, by_ciou)[moved], classes.gather(1, by_own)[moved]], -1)
+        for pair in map(tuple, pairs.tolist()):
+            self.class_moves[pair] = self.class_moves.get(pair, 0) + 1
+
+
+class ClassTally:
+    """A forward hook on a stock assigner: per class, its ground truths, their positive anchors and their summed
+    target scores, over every call since it was made."""
+
+    def __init__(self, classes: int):
+        self.sums = torch.zeros(3, classes, dtype=torch.float64)  # GTs, positives, target score
+
+    def __call__(self, assigner, args, kwargs, outputs) -> None:
+        gt_labels, gt_bboxes, mask_gt = args[3], args[4], args[5]
+        if gt_bboxes.shape[1] == 0:
+            return
+        positives, score = slot_tallies(outputs, gt_bboxes.shape[1])
+        valid = mask_gt.flatten().bool()
+        classes = gt_labels.flatten().long()[valid]
+        for row, values in enumerate((torch.ones_like(positives), positives, score)):
+            self.sums[row].index_add_(0, classes, values.flatten()[valid])
 
 
 def stock_box_losses(criterion) -> list:
@@ -170,10 +203,11 @@ def stock_box_losses(criterion) -> list:
     return losses
 
 
-def count_mode(model, mode: str, batches, labels, imgsz: int
-               ) -> tuple[dict[str, float], tuple[dict, float], ConflictTally]:
+def count_mode(model, mode: str, batches, labels, imgsz: int, classes: int
+               ) -> tuple[dict[str, float], tuple[dict, float], ConflictTally, ClassTally]:
     """The assignment counts of one mode (``LOSS`` or ``LOSS:SETTINGS``) over ``batches``; its
-    ``SizeTally.rows``, its whole target score and ``BoxWeightTally.shares``; its ``ConflictTally``."""
+    ``SizeTally.rows``, its whole target score and ``BoxWeightTally.shares``; its ``ConflictTally``; its
+    ``ClassTally`` over the data's ``classes``."""
     config = load_loss_mode(mode)
     if not config:  # baseline: the stock criterion
         criterion = model.init_criterion()
@@ -181,11 +215,11 @@ def count_mode(model, mode: str, batches, labels, imgsz: int
         weighting = AnchorWeighting(config)
         weighting.resolve_from_labels(labels, imgsz)
         criterion = build_size_aware_loss(model, weighting)
-    counter, tally, conflicts = AssignmentCounter(), SizeTally(), ConflictTally()
+    counter, tally, conflicts, by_class = AssignmentCounter(), SizeTally(), ConflictTally(), ClassTally(classes)
     attach_counter(counter, stock_assigners(criterion))
     for assigner in stock_assigners(criterion):
-        assigner.register_forward_hook(tally, with_kwargs=True)
-        assigner.register_forward_hook(conflicts, with_kwargs=True)
+        for hook in (tally, conflicts, by_class):
+            assigner.register_forward_hook(hook, with_kwargs=True)
     box_tally = BoxWeightTally()
     for box_loss in stock_box_losses(criterion):
         box_loss.register_forward_pre_hook(box_tally)
@@ -195,7 +229,7 @@ def count_mode(model, mode: str, batches, labels, imgsz: int
             counter.end_step()
     small, steps = counter.sums[0].item(), counter.sums[4].item()
     return ({"small": small / steps, **counter.epoch_stats()},
-            (tally.rows(), float(tally.sums[2].sum()), box_tally.shares()), conflicts)
+            (tally.rows(), float(tally.sums[2].sum()), box_tally.shares()), conflicts, by_class)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,19 +257,19 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:  # a data yaml found but unusable (its images missing): the data's fault, exit 1
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 1
+    names = check_det_dataset(resolve_data(args.data))["names"]
     if args.weights.endswith((".yaml", ".yml")):
         init_seeds(args.seed)
-        classes = len(check_det_dataset(resolve_data(args.data))["names"])
-        model = DetectionModel(args.weights, nc=classes, verbose=False).eval()
+        model = DetectionModel(args.weights, nc=len(names), verbose=False).eval()
     else:
         model = YOLO(args.weights).model.float().eval()
     model.args = get_cfg(overrides={"imgsz": args.imgsz})  # the criterion's gains: Ultralytics' defaults
     batches, labels = training_batches(args.data, args.imgsz, args.batch, args.batches, args.seed)
     print(f"{args.weights}, {len(batches)} training batches of {args.batch} at imgsz {args.imgsz} (seed {args.seed})")
     print(f"{'mode':<28} {'small GTs/step':>14} {'small, no positive/step':>24} {'share of small':>15} {'share of all':>13}")
-    by_size, conflicts = {}, {}
+    by_size, conflicts, by_class = {}, {}, {}
     for mode in args.modes:
-        row, by_size[mode], conflicts[mode] = count_mode(model, mode, batches, labels, args.imgsz)
+        row, by_size[mode], conflicts[mode], by_class[mode] = count_mode(model, mode, batches, labels, args.imgsz, len(names))
         print(f"{mode:<28} {row['small']:>14.2f} {row['assign/small_no_pos']:>24.2f} "
               f"{row['assign/small_no_pos_share']:>15.1%} {row['assign/no_pos_share']:>13.1%}")
     print("\nper ground truth of each size (input pixels): positive anchors, summed target score; "
@@ -255,7 +289,28 @@ def main(argv: list[str] | None = None) -> int:
     for mode, tally in conflicts.items():
         per_step = [tally.positives, tally.claimed, tally.kept_otherwise.sum(), tally.kept_otherwise.tril(-1).sum()]
         print(f"{mode:<28}" + "".join(f" {float(v) / len(batches):>{w}.1f}" for v, w in zip(per_step, (10, 9, 15, 13))))
+    print_class_table(by_class, conflicts, names, len(batches))
     return 0
+
+
+def print_class_table(by_class: dict[str, ClassTally], conflicts: dict[str, ConflictTally], names: dict[int, str],
+                      steps: int) -> None:
+    """Per class and mode: ground truths a step, positives and target score per ground truth, and the claimed
+    anchors a step the mode's overlap moves from the class (its CIoU would keep them) to another class, and to the
+    class from another."""
+    print("\nper class: ground truths per step, positive anchors and summed target score per ground truth; claimed "
+          "anchors per step the mode's overlap gives another class than the stock CIoU would (lost) and this class "
+          "where the CIoU would give another (won)")
+    print(f"{'class':<14} {'mode':<28} {'GTs/step':>9} {'pos/GT':>7} {'score/GT':>9} {'lost':>6} {'won':>6}")
+    for c, name in names.items():
+        for mode, tally in by_class.items():
+            gts, positives, score = tally.sums[:, c].tolist()
+            moves = conflicts[mode].class_moves
+            lost = sum(n for (keep, got), n in moves.items() if keep == c and got != c)
+            won = sum(n for (keep, got), n in moves.items() if got == c and keep != c)
+            per_gt = (positives / gts, score / gts) if gts else (float("nan"), float("nan"))
+            print(f"{name[:14]:<14} {mode:<28} {gts / steps:>9.2f} {per_gt[0]:>7.2f} {per_gt[1]:>9.3f} "
+                  f"{lost / steps:>6.2f} {won / steps:>6.2f}")
 
 
 if __name__ == "__main__":

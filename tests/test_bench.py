@@ -837,6 +837,7 @@ def test_assignment_counts_every_mode_on_the_same_batches(bccd_subset, tmp_path,
                              "--batch", "4", "--batches", "2", "--modes", "baseline", "nwd:safit"]) == 0
     counts, by_size = capsys.readouterr().out.split("\nper ground truth of each size")
     by_size, conflicts = by_size.split("\npositive anchors per step")
+    conflicts, per_class = conflicts.split("\nper class:")
     rows = {line.split()[0]: line.split()[1:] for line in counts.splitlines() if line.startswith(("baseline", "nwd"))}
     assert list(rows) == ["baseline", "nwd:safit"]
     assert rows["baseline"][0] == rows["nwd:safit"][0] and float(rows["baseline"][0]) > 0  # the same small GTs
@@ -856,6 +857,11 @@ def test_assignment_counts_every_mode_on_the_same_batches(bccd_subset, tmp_path,
     assert claims["baseline"][2:] == [0, 0]  # the stock overlap keeps what the stock CIoU keeps
     for positives, claimed, moved, to_smaller in claims.values():
         assert positives > 0 and claimed <= positives and to_smaller <= moved <= claimed
+    classes = [line.split() for line in per_class.splitlines() if line.split()[:1] in (["Platelets"], ["RBC"], ["WBC"])]
+    assert [row[:2] for row in classes] == [[c, m] for c in ("RBC", "WBC", "Platelets") for m in ("baseline", "nwd:safit")]
+    for stock, mode in zip(classes[::2], classes[1::2]):
+        assert stock[2] == mode[2] and float(stock[2]) > 0  # the same ground truths of the class, each step
+        assert stock[5:] == ["0.00", "0.00"]  # the stock overlap moves no anchor between classes
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -944,6 +950,36 @@ def test_conflict_tally_of_a_hand_built_assignment():
     moved[1, 0] = 1  # the medium object's CIoU would keep it, the small object gets it
     assert torch.equal(tallies[1].kept_otherwise, moved)
 
+
+
+def test_conflict_and_class_tallies_of_a_class_gated_assigner():
+    """The hand-built pair above, the medium object of class 0 and the small one of class 1, with only class 1
+    measured by NWD (``nwd.assigner_classes: small``; the assigner is called with ``measured_gts``, which the
+    tally must hand on when it asks for the candidates): the claimed middle anchor moves from class 0 to class 1.
+    Per class: one ground truth each; class 0 keeps its outer anchors 0 and 2, class 1 gets anchor 1 alone."""
+    from ultralytics.utils.tal import TaskAlignedAssigner
+
+    from yolo_sizeloss.methods.overlaps import NWDOverlap
+    from yolo_sizeloss.yolo.loss import ClassGatedPairs
+
+    gt_labels = torch.tensor([[[0.0], [1.0]]])
+    inputs = (torch.full((1, 3, 2), 0.5),
+              torch.tensor([[[0, 0, 12, 12], [10, 10, 30, 30], [28, 28, 40, 40]]], dtype=torch.float32),
+              torch.tensor([[4.0, 4.0], [20.0, 20.0], [36.0, 36.0]]),
+              gt_labels,
+              torch.tensor([[[0, 0, 40, 40], [16, 16, 24, 24]]], dtype=torch.float32),
+              torch.ones(1, 2, 1))
+    assigner = TaskAlignedAssigner(topk=3, num_classes=2)
+    assigner.pair_overlaps = ClassGatedPairs(assigner, NWDOverlap(12.8, ""))  # as yolo/loss.py installs it
+    conflicts, by_class = assignment.ConflictTally(), assignment.ClassTally(2)
+    for hook in (conflicts, by_class):
+        assigner.register_forward_hook(hook, with_kwargs=True)
+    *_, target_scores, fg_mask, target_gt_idx = assigner(*inputs, measured_gts=gt_labels[..., 0] == 1)
+    assert target_gt_idx[0].tolist() == [0, 1, 0] and fg_mask.all()
+    assert (conflicts.positives, conflicts.claimed) == (3, 1) and conflicts.class_moves == {(0, 1): 1}
+    scores = target_scores.sum(-1)[0]
+    expected = torch.tensor([[1, 2, float(scores[0] + scores[2])], [1, 1, float(scores[1])]], dtype=torch.float64).T
+    assert torch.allclose(by_class.sums, expected)
 
 def _difference(per_seed: dict[str, float]) -> dict:
     """One column of compare.py's results.json differences, its t-interval computed as compare does."""
