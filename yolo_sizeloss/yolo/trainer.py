@@ -75,8 +75,36 @@ def stage_assigner(trainer: "SizeAwareTrainer") -> None:
         LOGGER.info(f"{measure} ranks anchors from epoch {trainer.epoch + 1}")
 
 
+# a box loss below this, averaged over an epoch, is one the box terms did not learn from (the stock loss's first
+# epoch at imgsz 64 on BCCD: about 0.3; the NWD assigner's there: about 1e-8)
+EMPTY_BOX_LOSS = 1e-4
+
+
+def warn_empty_box_loss(trainer: "SizeAwareTrainer") -> None:
+    """``on_train_epoch_end`` callback: where the assigner ranks by ``nwd.assigner``'s overlap and the epoch's box
+    loss is about 0, say why, once a run.
+
+    The task-aligned assigner scores a positive ``s^0.5 * o^6``, normalised to each object's best overlap ``o``.
+    NWD is ``exp(-W / C)``: where an untrained model's boxes miss by many times the constant ``C`` (small objects,
+    small input sizes), every ``o`` is near 0, so are the target scores that weigh the box terms and the class
+    targets, and the model never learns the boxes that would raise them (docs/methods.md section 5). Nothing in
+    the loss is wrong, and nothing else in the log shows it."""
+    weighting = trainer.weighting
+    if trainer.empty_box_loss_warned or not weighting.assigner_measures:
+        return
+    box_loss = trainer.label_loss_items(trainer.tloss, prefix="train")["train/box_loss"]
+    if box_loss < EMPTY_BOX_LOSS:
+        trainer.empty_box_loss_warned = True
+        measure = "NWD" if weighting.nwd.assigner is True else weighting.nwd.assigner
+        constant = "" if weighting.nwd.constant is None else f" (NWD's constant C = {weighting.nwd.constant:.1f} px)"
+        LOGGER.warning(f"train/box_loss {box_loss:.1e} in epoch {trainer.epoch + 1}: the assigner, ranking anchors "
+                       f"by {measure}{constant}, gave its positives target scores near 0, so the box terms learn "
+                       "nothing: the untrained model's boxes miss their objects by many times C. A larger --imgsz or "
+                       "nwd.constant, or the stock assigner (nwd.assigner: false), avoids it (docs/methods.md section 5).")
+
+
 WEIGHTING_CALLBACKS = {"on_pretrain_routine_end": install_weighting, "on_train_batch_end": end_weighting_step,
-                       "on_train_epoch_start": stage_assigner}
+                       "on_train_epoch_start": stage_assigner, "on_train_epoch_end": warn_empty_box_loss}
 
 
 def install_assignment_counter(trainer: "SizeAwareTrainer") -> None:
@@ -114,6 +142,7 @@ class SizeAwareTrainer(DetectionTrainer):
         self.weighting = AnchorWeighting(self.loss_config) if self.loss_config else None
         self.assignments = AssignmentCounter()
         self.resumed_seconds = 0.0  # results.csv's time of the epochs a resumed run had trained
+        self.empty_box_loss_warned = False  # warn_empty_box_loss says it once a run
         # a DDP worker is built with the launching trainer's callbacks (utils.dist.generate_ddp_file), ours included
         callbacks = [*(WEIGHTING_CALLBACKS.items() if self.weighting is not None else ()), *COUNTER_CALLBACKS.items()]
         for event, callback in callbacks:
