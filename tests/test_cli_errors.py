@@ -80,7 +80,13 @@ def bad_yamls(tmp_path):
     (["--data", "{dir}/broken.yaml"], 1, "broken.yaml: YAML syntax error"),
     (["--resume", "{dir}/notes.txt"], 1, "not an Ultralytics training checkpoint"),
     (["--resume", str(FINISHED)], 1, "this run finished its"),
-    (["--resume", str(FINISHED), "--data", "bccd.yaml"], 2, "--data cannot change on resume"),
+    # the checkpoint's run trained on a bccd.yaml since moved, so the shipped one is another file
+    (["--resume", str(FINISHED), "--data", "bccd.yaml"], 2, "--data bccd.yaml (the run's: /work/main/cfg/bccd.yaml) "
+                                                            "cannot change on resume"),
+    (["--resume", str(FINISHED), "--seed", "1"], 2, "--seed 1 (the run's: 0) cannot change on resume"),
+    # the run's own values are no change: the next check speaks (the run is finished)
+    (["--resume", str(FINISHED), "--seed", "0", "--fraction", "1", "--model", "yolov8n.yaml", "--name", "baseline-s0",
+      "--exist-ok"], 1, "this run finished its"),
     (["--name", ""], 2, "--name '': must name a folder inside --project"),
     (["--name", "."], 2, "--name '.': must name a folder inside --project"),
     (["--name", "../beside"], 2, "--name '../beside': must name a folder inside --project"),

@@ -601,7 +601,11 @@ def test_resume_continues_the_run(trained_run, tmp_path, capsys):
     assert main(["--resume", str(last)]) == 1  # finished: a one-line error, not a traceback
     assert "this run finished its 2 epochs; give --epochs above 2 to train on" in capsys.readouterr().err
     assert main(["--resume", str(last), "--imgsz", "256"]) == 2  # a resume keeps its image size
-    assert "--imgsz cannot change on resume" in capsys.readouterr().err
+    imgsz = resumed["train_args"]["imgsz"]
+    assert f"--imgsz 256 (the run's: {imgsz}) cannot change on resume" in capsys.readouterr().err
+    # the run's own values, as a user repeating the command with --resume gives them: accepted (it is finished)
+    assert main(["--resume", str(last), "--imgsz", str(imgsz), "--data", resumed["train_args"]["data"]]) == 1
+    assert "this run finished its 2 epochs" in capsys.readouterr().err
     # a changed loss: the YOLO path's words and exit code, under the program's own name
     assert train_main(["--resume", str(last), "--loss", "feedback", "--epochs", "3"], "yolo-sizeloss train") == 2
     err = capsys.readouterr().err.strip()

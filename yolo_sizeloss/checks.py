@@ -28,7 +28,7 @@ from ultralytics.utils import LOGGER
 from yolo_sizeloss.checkpoints import load_checkpoint
 from yolo_sizeloss.detections import load_split, split_image_files, training_box_sizes
 from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
-from yolo_sizeloss.paths import resolve_data
+from yolo_sizeloss.paths import resolve_data, run_data_path
 
 TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Ultralytics colours its messages for terminals
 DOWNLOAD_NOTE = " Note dataset download directory"  # Ultralytics' advice on a missing split: nothing is downloaded here
@@ -154,6 +154,34 @@ def parse_process_device(device: str | None, world_size: int) -> Device:
         raise ValueError(f"--device {device}: {len(parsed.indices)} device(s) for {world_size} process(es) "
                          f"(one CUDA device per torchrun process: torchrun --nproc_per_node {len(parsed.indices)})")
     return parsed
+
+
+def same_setting(key: str, given: Any, saved: Any) -> bool:
+    """Whether a flag given on resume (``key``, the parsed ``given``) asks for what the run already has (``saved``,
+    from its checkpoint): a data yaml by the file it names, a folder or file by its absolute path, a number by value."""
+    if given == saved:
+        return True
+    if saved is None:
+        return False
+    if key == "data":
+        try:
+            return Path(resolve_data(given)).resolve() == Path(run_data_path(str(saved))).resolve()
+        except FileNotFoundError:
+            return False
+    if key in ("model", "project", "weights"):
+        return Path(str(given)).expanduser().resolve() == Path(str(saved)).expanduser().resolve()
+    return False
+
+
+def check_resume_keeps_settings(given: dict[str, Any], saved: dict[str, Any], changeable: tuple[str, ...]) -> None:
+    """A resumed run keeps its own settings: a ValueError naming each flag in ``given`` whose value is not the run's
+    (``saved``, its checkpoint's training arguments) and the flags that may change (``changeable``); a flag that
+    repeats the run's own value is fine."""
+    differ = [k for k, v in given.items() if not same_setting(k, v, saved.get(k))]
+    if differ:
+        flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run's: {saved.get(k)})" for k in differ)
+        raise ValueError(f"--resume continues the run with its own settings; {flags} cannot change on resume "
+                         f"(allowed: {', '.join('--' + k for k in changeable)})")
 
 
 def check_resume_file(resume: str) -> None:

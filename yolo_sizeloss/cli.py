@@ -37,6 +37,7 @@ from yolo_sizeloss.checks import (
     check_output_folder,
     check_resume_file,
     check_resume_is_latest,
+    check_resume_keeps_settings,
     check_resumed_data,
     check_resumed_epochs,
     check_run_flags,
@@ -190,19 +191,17 @@ def read_resume_checkpoint(path: str) -> dict:
 
 
 def check_yolo_resume(args: argparse.Namespace, ckpt: dict) -> None:
-    """A resume continues the run's own settings: flags it cannot honour are errors, and a finished run
-    (whose last.pt Ultralytics stripped of its optimizer) cannot be continued."""
-    given = [k for k in ("model", "data", "project", "name", "seed", "fraction") if getattr(args, k) is not None]
-    if args.exist_ok:
-        given.append("exist_ok")
-    if given:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in given)
-        raise ValueError(f"--resume continues the run with its own settings; {flags} cannot change on resume "
-                         f"(allowed: {', '.join('--' + k for k in RESUME_FLAGS)})")
+    """A resume continues the run's own settings: flags asking for another value than the run's are errors, and a
+    finished run (whose last.pt Ultralytics stripped of its optimizer) cannot be continued."""
     try:
-        epoch, trained_for = ckpt["epoch"], ckpt["train_args"]["epochs"]
+        epoch, trained_for, saved = ckpt["epoch"], ckpt["train_args"]["epochs"], ckpt["train_args"]
     except (KeyError, TypeError) as e:
         raise DataError(f"--resume {args.resume}: not an Ultralytics training checkpoint (no {one_line(e)})") from e
+    given = {k: getattr(args, k) for k in ("model", "data", "project", "name", "seed", "fraction")
+             if getattr(args, k) is not None}
+    if args.exist_ok:
+        given["exist_ok"] = True
+    check_resume_keeps_settings(given, saved, RESUME_FLAGS)
     if epoch < 0 or ckpt.get("optimizer") is None:
         raise DataError(f"--resume {args.resume}: this run finished its {trained_for} epochs; to train on, start a "
                         f"new run from its weights (--model {Path(args.resume).parent / 'best.pt'})")

@@ -25,6 +25,7 @@ from yolo_sizeloss.checks import (
     check_output_folder,
     check_resume_file,
     check_resume_is_latest,
+    check_resume_keeps_settings,
     check_resumed_data,
     check_run_flags,
     check_run_name,
@@ -205,24 +206,21 @@ def check_weights(weights: str, backbone: str, num_classes: int) -> None:
 
 
 def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:
-    """A resumed run continues with its own settings: a flag other than RESUMABLE is an error naming
-    it, it must have epochs left to train (``engine.resumed_args``, as ``fit`` reads it) and data
+    """A resumed run continues with its own settings: a flag other than RESUMABLE that asks for another value
+    than the run's is an error naming it, it must have epochs left to train (``engine.resumed_args``, as ``fit`` reads it) and data
     Ultralytics' check accepts, and a loss given must be the run's own (in any order of methods)."""
     check_run_flags(workers=args.workers)  # torch refuses a negative one only when the resumed run starts
     parse_process_device(args.device, torchrun_world_size())
     check_resume_file(args.resume)
     resumed_run_folder(args.resume)  # the folder fit() continues in
-    ignored = [k for k, v in vars(args).items()
-               if v is not None and k not in (*RESUMABLE, *LOSS_FLAGS, "resume", "arch", "verbose")]
-    if ignored:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in ignored)
-        raise ValueError(f"--resume continues the run with its own settings; {flags} cannot change on resume "
-                         f"(allowed: {', '.join('--' + k for k in RESUMABLE)})")
     try:
         checkpoint = load_checkpoint(args.resume, RCNN_ARCH)
     except ValueError as e:
         raise DataError(flag_error("--resume", args.resume, e)) from e
     try:
+        given = {k: v for k, v in vars(args).items()
+                 if v is not None and k not in (*RESUMABLE, *LOSS_FLAGS, "resume", "arch", "verbose")}
+        check_resume_keeps_settings(given, checkpoint["train_args"], RESUMABLE)
         run = resumed_args(checkpoint, args)
     except (KeyError, TypeError) as e:
         raise DataError(f"--resume {args.resume}: not a Faster R-CNN training checkpoint (no {one_line(e)})") from e
