@@ -291,6 +291,19 @@ def test_a_device_list_is_one_cuda_device_per_faster_rcnn_process(monkeypatch):
             parse_process_device(device, world_size)
 
 
+
+def test_cuda_without_an_index_is_the_first_cuda_device_as_in_ultralytics(monkeypatch):
+    import torch
+
+    from yolo_sizeloss.checks import Device, parse_device
+
+    if torch.cuda.device_count() == 0:  # this machine as it is: the same error as for index 0
+        for device in ("cuda", "0"):
+            with pytest.raises(ValueError, match=rf"^--device {device}: this machine has no CUDA device; use --device cpu"):
+                parse_device(device)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU, which this machine may lack
+    assert parse_device("cuda") == parse_device("CUDA") == parse_device("0") == Device("cuda", (0,))
+
 def test_two_devices_without_torchrun_are_refused_before_the_data_scan(tmp_path, capsys, logged, monkeypatch):
     import torch
 
