@@ -78,6 +78,10 @@ def bad_yamls(tmp_path):
     (["mosaic=2"], 2, "'mosaic=2' is an invalid value"),
     (["--data", "{dir}/missing_split.yaml"], 1, "images not found, missing path"),
     (["--data", "{dir}/broken.yaml"], 1, "broken.yaml: YAML syntax error"),
+    (["--data", "nosuch"], 2, "data yaml 'nosuch' not found (tried nosuch, nosuch.yaml); shipped: bccd.yaml"),
+    # Ultralytics ships this yaml and downloads its images; nothing is downloaded here, and the error says so
+    (["--data", "coco8.yaml"], 2, "data yaml 'coco8.yaml' not found (tried coco8.yaml); shipped: bccd.yaml; coco8.yaml "
+                                  "is one of Ultralytics' data yamls, whose images stock Ultralytics downloads: nothing"),
     (["--resume", "{dir}/notes.txt"], 1, "not an Ultralytics training checkpoint"),
     (["--resume", str(FINISHED)], 1, "this run finished its"),
     # the checkpoint's run trained on a bccd.yaml since moved, so the shipped one is another file

@@ -47,8 +47,26 @@ def resolve_shipped(name: str | Path, shipped: dict[str, Path], what: str) -> Pa
 
 
 def resolve_data(data: str | Path) -> str:
-    """A data yaml's absolute path: a path, or a name shipped in ``cfg/`` (``bccd.yaml``, ``bccd``)."""
-    return str(resolve_shipped(data, shipped_data(), "data yaml"))  # not the run defaults beside them
+    """A data yaml's absolute path: a path, or a name shipped in ``cfg/`` (``bccd.yaml``, ``bccd``); the
+    FileNotFoundError lists the shipped ones, and says so where the name is one of Ultralytics' own data yamls
+    (``coco8.yaml``), whose images stock Ultralytics downloads and this package does not."""
+    try:
+        return str(resolve_shipped(data, shipped_data(), "data yaml"))  # not the run defaults beside them
+    except FileNotFoundError as e:
+        note = f"; shipped: {', '.join(shipped_data())}"
+        if str(data) == Path(data).name and ultralytics_data_yaml(str(data)) is not None:
+            note += (f"; {data} is one of Ultralytics' data yamls, whose images stock Ultralytics downloads: "
+                     "nothing is downloaded here, so download the data set and give its yaml's path")
+        raise FileNotFoundError(f"{e}{note}") from None
+
+
+def ultralytics_data_yaml(name: str) -> Path | None:
+    """The data yaml Ultralytics ships under ``name`` (``coco8.yaml`` or ``coco8``), None if it ships none."""
+    folder = Path(str(files("ultralytics") / "cfg" / "datasets"))
+    for candidate in (folder / name, folder / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def run_data_path(stored: str) -> str:
