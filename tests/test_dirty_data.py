@@ -53,9 +53,15 @@ def test_check_split_skips_what_the_stock_validator_skips_and_says_why(dirty_spl
         ("BloodImage_00015.jpg", 16, True),
         ("BloodImage_00016.jpg", 1, False),
     ]
-    assert skipped[0].reason.startswith("ignoring corrupt image/label: ")
-    assert skipped[1].reason == "ignoring corrupt image/label: non-normalized or out of bounds coordinates [1.2]"
-    assert skipped[2].reason == "ignoring corrupt image/label: negative label values [-0.05]"
+    labels = dirty_split.parent / "labels" / "test"
+    assert skipped[0].reason.startswith("ignoring corrupt image/label: ")  # the image: no row to name
+    row = (labels / "BloodImage_00011.txt").read_text().splitlines()[0]
+    assert skipped[1].reason == (f"{labels / 'BloodImage_00011.txt'}:1: {row!r} (coordinates above 1, not normalised to "
+                                 "the image size); ignoring corrupt image/label: non-normalized or out of bounds "
+                                 "coordinates [1.2]")
+    row = (labels / "BloodImage_00015.txt").read_text().splitlines()[15]
+    assert skipped[2].reason == (f"{labels / 'BloodImage_00015.txt'}:16: {row!r} (a negative value); ignoring corrupt "
+                                 "image/label: negative label values [-0.05]")
     assert skipped[3] == SkippedLabels(str(root / "BloodImage_00016.jpg"), "1 duplicate labels removed", 1, False)
     # 5 images kept, with 13 + 22 + 17 + 19 + 24 = 95 boxes; the two values within 1% of the range count
     assert [Path(r.file).name for r in records] == [
@@ -101,6 +107,16 @@ def test_records_are_exactly_the_images_and_boxes_the_stock_validator_evaluated(
     assert truncated.read_bytes() == truncated_bytes  # the user's file is as it was
 
 
+def test_val_names_what_it_skipped_in_one_line(dirty_split, tmp_path, capsys):
+    from yolo_sizeloss.validate import main
+
+    assert main(["--model", str(CHECKPOINT), "--data", str(dirty_split), "--split", "test", "--imgsz", "160",
+                 "--device", "cpu", "--project", str(tmp_path / "val"), "--name", "dirty"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Skipped")]
+    assert len(lines) == 1 and lines[0].startswith("Skipped: 3 of 8 images skipped (53 boxes) and 1 duplicate label")
+    assert lines[0].count("Ultralytics' validator") == 1
+
+
 def test_bad_class_ids_and_short_rows_skip_their_image_as_in_ultralytics(tmp_path):
     data_yaml = make_subset(tmp_path, {"train": 1, "val": 1, "test": 3})
     labels = sorted((tmp_path / "labels" / "test").glob("*.txt"))
@@ -109,10 +125,24 @@ def test_bad_class_ids_and_short_rows_skip_their_image_as_in_ultralytics(tmp_pat
     records, _, skipped = check_split(data_yaml, "test")
     assert [(Path(s.file).stem, s.boxes, s.whole_image) for s in skipped] == [
         ("BloodImage_00007", 18, True), ("BloodImage_00011", 20, True)]
+    row = labels[0].read_text().splitlines()[0]
     assert skipped[0].reason == (
-        "ignoring corrupt image/label: Label class 3 exceeds dataset class count 3. Possible class labels are 0-2")
-    assert skipped[1].reason.startswith("ignoring corrupt image/label: ")  # numpy's words on the ragged rows
+        f"{labels[0]}:1: {row!r} (class 3 is not one of the 3 classes); ignoring corrupt image/label: Label class 3 "
+        "exceeds dataset class count 3. Possible class labels are 0-2")
+    # numpy's words on the ragged rows follow the row that made them
+    assert skipped[1].reason.startswith(f"{labels[1]}:20: '0 0.5 0.5 0.1' (4 columns, not the 5 of class x y w h); "
+                                        "ignoring corrupt image/label: ")
     assert [Path(r.file).stem for r in records] == ["BloodImage_00015"]
+
+
+def test_a_label_row_that_is_not_numbers_is_named_by_file_and_line(tmp_path):
+    data_yaml = make_subset(tmp_path, {"train": 1, "val": 1, "test": 2})
+    label = sorted((tmp_path / "labels" / "test").glob("*.txt"))[1]
+    edit_rows(label, lambda rows: [rows[0], "0 0.5 0.5 abc", *rows[1:]])
+    records, _, skipped = check_split(data_yaml, "test")
+    assert [(Path(s.file).stem, s.whole_image) for s in skipped] == [(label.stem, True)]
+    assert skipped[0].reason.startswith(f"{label}:2: '0 0.5 0.5 abc' (not numbers); ignoring corrupt image/label: ")
+    assert len(records) == 1
 
 
 def test_a_missing_split_folder_is_one_line_naming_the_yaml(tmp_path):

@@ -468,6 +468,25 @@ def trained_run(tiny_data, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+def test_a_skipped_training_image_is_named_once_with_its_label_row(tiny_data, tmp_path):
+    """The command checks the splits before training and the engine loads them again: one warning, naming the
+    label file and the row that made Ultralytics' check skip the image."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data.parent, root)
+    data = root / "data.yaml"
+    data.write_text(tiny_data.read_text().replace(str(tiny_data.parent), str(root)))
+    label = sorted((root / "labels" / "train").glob("*.txt"))[0]
+    label.write_text(label.read_text() + "0 0.5 0.5 abc\n")
+    rows = len(label.read_text().splitlines())
+    result = subprocess.run([sys.executable, "-m", "yolo_sizeloss.rcnn.cli", "--data", str(data), "--project",
+                             str(tmp_path / "runs"), *TRAIN_FLAGS], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert output.count("1 of 4 images skipped") == 1
+    assert f"{label}:{rows}: '0 0.5 0.5 abc' (not numbers)" in output
+
+
+@pytest.mark.slow
 def test_one_epoch_writes_results_weights_and_settings(trained_run):
     rows = (trained_run / "results.csv").read_text().splitlines()
     header = rows[0].split(",")

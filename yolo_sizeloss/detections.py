@@ -117,6 +117,42 @@ def _label_rows(label_file: str) -> int:
     return sum(bool(line.strip()) for line in path.read_bytes().splitlines()) if path.is_file() else 0
 
 
+def _row_fault(fields: list[str], classes: int, segments: bool) -> str | None:
+    """Why Ultralytics' label check (``verify_image_label``) refuses one row of a detection label file, or None."""
+    try:
+        values = [float(v) for v in fields]
+    except ValueError:
+        return "not numbers"
+    if not segments and len(values) != 5:
+        return f"{len(values)} columns, not the 5 of class x y w h"
+    if segments and (len(values) < 7 or len(values) % 2 == 0):
+        return "a polygon needs a class and pairs of x y"
+    if max(values[1:]) > 1.01:
+        return "coordinates above 1, not normalised to the image size"
+    if min(values) < -0.01 or (min(values) < 0 and not segments and min(values[3:5]) < 0):
+        return "a negative value"
+    if values[0] % 1 or not 0 <= values[0] < classes:
+        return f"class {fields[0]} is not one of the {classes} classes"
+    return None
+
+
+def first_bad_label_row(label_file: str, classes: int) -> str | None:
+    """``FILE:LINE: 'ROW' (why)`` for the first row of ``label_file`` that Ultralytics' label check refuses, which
+    makes it skip the whole image; None where every row passes (the image itself was refused) or there is no file.
+    A file whose rows are longer than 6 fields holds polygons, as Ultralytics reads it."""
+    path = Path(label_file)
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
+    rows = [(number, line.split()) for number, line in enumerate(lines, 1) if line.strip()]
+    segments = any(len(fields) > 6 for _, fields in rows)
+    for number, fields in rows:
+        fault = _row_fault(fields, classes, segments)
+        if fault:
+            return f"{label_file}:{number}: {' '.join(fields)!r} ({fault})"
+    return None
+
+
 def check_split(data_yaml: str | Path, split: str) -> tuple[list[ImageRecord], dict, list[SkippedLabels]]:
     """Ground truth of one split exactly as Ultralytics' detection validator counts it.
 
@@ -139,7 +175,8 @@ def check_split(data_yaml: str | Path, split: str) -> tuple[list[ImageRecord], d
     for image, label_file, (_, lb, shape, *_, msg) in zip(images, labels, results):
         reason, rows = msg.removeprefix(f"{image}: "), _label_rows(label_file)
         if lb is None:
-            skipped.append(SkippedLabels(image, reason, rows, True))
+            row = first_bad_label_row(label_file, len(data["names"]))
+            skipped.append(SkippedLabels(image, reason if row is None else f"{row}; {reason}", rows, True))
             continue
         if len(lb) < rows:
             skipped.append(SkippedLabels(image, reason, rows - len(lb), False))
@@ -162,8 +199,9 @@ def skipped_summary(skipped: list[SkippedLabels], images: int) -> str:
     return f"{' and '.join(parts)}, as Ultralytics' validator does: {details}"
 
 
-def load_split(data_yaml: str | Path, split: str) -> tuple[list[ImageRecord], dict]:
-    """``check_split`` without the list of skipped labels, which is logged once as a warning.
+def load_split(data_yaml: str | Path, split: str, warn: bool = True) -> tuple[list[ImageRecord], dict]:
+    """``check_split`` without the list of skipped labels, which is logged once as a warning (``warn``: a caller
+    whose command checked the split already says nothing again).
 
     Raises ValueError when no image of the split is left.
     """
@@ -172,6 +210,6 @@ def load_split(data_yaml: str | Path, split: str) -> tuple[list[ImageRecord], di
     summary = skipped_summary(skipped, len(records) + sum(s.whole_image for s in skipped)) if skipped else ""
     if not records:
         raise ValueError(f"{where} has no valid images" + (f": {summary}" if summary else ""))
-    if summary:
+    if summary and warn:
         LOGGER.warning(f"{where}: {summary}")
     return records, data

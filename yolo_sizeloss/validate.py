@@ -393,7 +393,7 @@ def run_report(args: ValRequest) -> Path:
     write_report(metrics, save_dir, RunDetections(records, scales, names))
     print("\n" + format_report(metrics))
     if summary:
-        print(f"Skipped, as Ultralytics' validator: {summary}")
+        print(f"Skipped: {summary}")
     print(f"Report saved to {save_dir}")
     return save_dir
 

@@ -311,8 +311,9 @@ def training_nwd_settings(
 def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) -> Path:
     if args.batch < ctx.world_size:
         raise ValueError(f"--batch {args.batch}: must be at least the number of processes ({ctx.world_size})")
-    train_records, data = load_split(args.data, "train")
-    val_records, _ = load_split(args.data, "val")
+    # the command's check (checks.check_training_splits, on resume too) warned of what these splits skip
+    train_records, data = load_split(args.data, "train", warn=False)
+    val_records, _ = load_split(args.data, "val", warn=False)
     train_records = first_fraction(train_records, args.fraction)
     switches = LossSwitches.from_config(
         args.loss_config, *training_nwd_settings(args.loss_config, train_records, args.imgsz, checkpoint, ctx.is_main))
