@@ -115,8 +115,8 @@ class Device:
 
 def parse_device(device: str | None, allow_mps: bool = True) -> Device:
     """The one reading of ``--device`` for both families: '' or -1 (auto), cpu, mps, a CUDA index
-    (0, cuda:0, or cuda: the first) or a list (0,1). A device this machine lacks is a ValueError naming the flag, so a
-    run never starts on another device than the one asked for."""
+    (0, cuda:0, or cuda: the first) or a list (0,1). A device this machine lacks is a ValueError naming
+    the flag, so a run never starts on another device than the one asked for."""
     spec = str(device or "").strip().lower().replace("cuda:", "")
     if spec == "cuda":  # Ultralytics' word for the first CUDA device
         spec = "0"

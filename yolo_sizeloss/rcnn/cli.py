@@ -207,8 +207,9 @@ def check_weights(weights: str, backbone: str, num_classes: int) -> None:
 
 def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:
     """A resumed run continues with its own settings: a flag other than RESUMABLE that asks for another value
-    than the run's is an error naming it, it must have epochs left to train (``engine.resumed_args``, as ``fit`` reads it) and data
-    Ultralytics' check accepts, and a loss given must be the run's own (in any order of methods)."""
+    than the run's is an error naming it, it must have epochs left to train (``engine.resumed_args``, as
+    ``fit`` reads it) and data Ultralytics' check accepts, and a loss given must be the run's own (in any
+    order of methods)."""
     check_run_flags(workers=args.workers)  # torch refuses a negative one only when the resumed run starts
     parse_process_device(args.device, torchrun_world_size())
     check_resume_file(args.resume)
