@@ -47,6 +47,7 @@ from yolo_sizeloss.assignment import AssignmentCounter
 from yolo_sizeloss.checks import DataError, check_data_yaml, one_line
 from yolo_sizeloss.cli import check_yolo_model
 from yolo_sizeloss.config import load_loss_mode
+from yolo_sizeloss.evaluation import COCO_NAMES
 from yolo_sizeloss.methods.base import COCO_AREA_LIMITS, box_areas
 from yolo_sizeloss.paths import resolve_data
 from yolo_sizeloss.yolo.assignment import attach_counter, positives_per_slot, slot_ids
@@ -69,7 +70,7 @@ def training_batches(data_yaml: str, imgsz: int, batch: int, count: int, seed: i
     return batches, dataset.labels
 
 
-BUCKETS = ("small", "medium", "large")
+BUCKETS = COCO_NAMES
 
 
 def size_buckets(boxes: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,7 @@ def test_data_names_resolve_from_any_working_directory(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         resolve_data("nope.yaml")
     # the run defaults live beside the shipped data yaml but are not one
-    with pytest.raises(FileNotFoundError, match=r"^data yaml 'defaults' not found \(tried defaults, defaults.yaml\)$"):
+    with pytest.raises(FileNotFoundError, match=r"^data yaml 'defaults' not found \(tried defaults, defaults.yaml\); shipped: bccd.yaml$"):
         resolve_data("defaults")
     # a path with a folder is only that path: a yaml gone from old/ must not train on the shipped one
     with pytest.raises(FileNotFoundError, match=r"^data yaml 'old/bccd.yaml' not found \(tried old/bccd.yaml\)$"):

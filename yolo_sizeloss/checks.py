@@ -1,7 +1,8 @@
 """What every command checks before it writes anything, and how a mistake is reported.
 
-A leaf of the package (it imports only the data readers and NWD's auto settings), so that the
-commands of both detector families share it without importing each other. A mistake is one
+Below both families' command modules (it imports the data readers, the checkpoint reader, the paths and
+NWD's auto settings, never a command), so that the commands of both detector families share it without
+importing each other. A mistake is one
 ``error:`` line: exit 2 for a flag no run can use, 1 for data that cannot be used or a failure while
 working; the traceback before it only with ``--verbose``.
 """

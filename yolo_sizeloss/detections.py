@@ -199,6 +199,11 @@ def skipped_summary(skipped: list[SkippedLabels], images: int) -> str:
     return f"{' and '.join(parts)}, as Ultralytics' validator does: {details}"
 
 
+def split_summary(records: list[ImageRecord], skipped: list[SkippedLabels]) -> str:
+    """``skipped_summary`` of a checked split (its kept ``records`` and what it ``skipped``); "" where nothing was."""
+    return skipped_summary(skipped, len(records) + sum(s.whole_image for s in skipped)) if skipped else ""
+
+
 def load_split(data_yaml: str | Path, split: str, warn: bool = True) -> tuple[list[ImageRecord], dict]:
     """``check_split`` without the list of skipped labels, which is logged once as a warning (``warn``: a caller
     whose command checked the split already says nothing again).
@@ -207,7 +212,7 @@ def load_split(data_yaml: str | Path, split: str, warn: bool = True) -> tuple[li
     """
     records, data, skipped = check_split(data_yaml, split)
     where = f"{data.get('yaml_file', data_yaml)} split '{split}'"
-    summary = skipped_summary(skipped, len(records) + sum(s.whole_image for s in skipped)) if skipped else ""
+    summary = split_summary(records, skipped)
     if not records:
         raise ValueError(f"{where} has no valid images" + (f": {summary}" if summary else ""))
     if summary and warn:

@@ -5,7 +5,7 @@ The file is bzip2-compressed JSON (``detections.json.bz2``); a report folder hol
 (``detections.json.gz``, as reports were written before) or uncompressed (``detections.json``) is read as
 well. Entry points: ``write_detections``,
 ``load_detections`` (the file back as ``RunDetections``), ``find_detections`` (a report folder's
-file, either name) and ``report_file`` (a file of a report given as the file or its folder).
+file, under any of these names) and ``report_file`` (a file of a report given as the file or its folder).
 """
 
 from __future__ import annotations

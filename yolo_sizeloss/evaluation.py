@@ -2,7 +2,7 @@
 
 Input is a ``list[ImageRecord]`` (``yolo_sizeloss.detections``) with ground truth and detections in
 original image pixels, plus one *input scale* per image (original pixels -> network-input pixels;
-``letterbox_scales`` for YOLO). Two frames are evaluated:
+``letterbox_scales``, for both families). Two frames are evaluated:
 
 * ``original``: box areas in original image pixels (the COCO convention);
 * ``input``: box areas in network-input pixels, i.e. original area times scale**2.
@@ -33,8 +33,9 @@ from faster_coco_eval import COCO, COCOeval_faster
 from torchvision.ops import batched_nms, box_iou
 
 from yolo_sizeloss.detections import ImageRecord
+from yolo_sizeloss.methods.base import COCO_AREA_LIMITS
 
-COCO_EDGES = (0.0, 32.0, 96.0, math.inf)  # side lengths; COCO's areaRng is their squares
+COCO_EDGES = (0.0, *(math.sqrt(a) for a in COCO_AREA_LIMITS), math.inf)  # side lengths; COCO's areaRng: their squares
 COCO_NAMES = ("small", "medium", "large")
 COCO_MAX_SIDE = 1e5  # faster-coco-eval's 'all' range ends at 1e5**2; an infinite edge maps to it
 FRAMES = ("original", "input")
@@ -106,7 +107,8 @@ def bucket_index(areas: np.ndarray, edges: tuple[float, ...]) -> np.ndarray:
 
 
 def letterbox_scales(records: list[ImageRecord], imgsz: int) -> np.ndarray:
-    """Per-image scale original -> network input for a square letterbox of side ``imgsz``: imgsz / max(w, h)."""
+    """Per-image scale original -> network input, imgsz / max(w, h): YOLO's letterbox of side ``imgsz``, and
+    Faster R-CNN's resize of the long side to ``imgsz`` alike."""
     return np.array([imgsz / max(r.width, r.height) for r in records], dtype=np.float64)
 
 

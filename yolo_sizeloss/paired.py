@@ -305,11 +305,9 @@ def _none(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
 
 
-def t_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float, float] | None:
-    """Mean of ``values`` (per-seed differences) and its two-sided 95% Student-t interval,
-    ``mean -/+ t(n-1) s / sqrt(n)``; None for fewer than two values. Up to 31 values (the table)."""
-    if confidence != CONFIDENCE:
-        raise ValueError("only the 95% interval is tabulated")
+def t_interval(values: list[float]) -> tuple[float, float, float] | None:
+    """Mean of ``values`` (per-seed differences) and its two-sided 95% Student-t interval (``CONFIDENCE``, the
+    one ``T_975`` tabulates), ``mean -/+ t(n-1) s / sqrt(n)``; None for fewer than two values. Up to 31 values."""
     n = len(values)
     if n < 2:
         return None

@@ -198,5 +198,5 @@ def difference_cell(entry: dict, scale: float = 1.0, digits: int = 4) -> str:
 
 
 def _run_label(path: Path) -> str:
-    """A run's column title: its folder name (the folder holding metrics.json for a file path)."""
+    """A run's column title: its folder's name, or for a report file ``FOLDER/FILE`` (``exp/metrics.json``)."""
     return path.name if path.is_dir() else f"{path.parent.name}/{path.name}"

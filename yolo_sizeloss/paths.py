@@ -47,14 +47,16 @@ def resolve_shipped(name: str | Path, shipped: dict[str, Path], what: str) -> Pa
 
 
 def resolve_data(data: str | Path) -> str:
-    """A data yaml's absolute path: a path, or a name shipped in ``cfg/`` (``bccd.yaml``, ``bccd``); the
-    FileNotFoundError lists the shipped ones, and says so where the name is one of Ultralytics' own data yamls
+    """A data yaml's absolute path: a path, or a name shipped in ``cfg/`` (``bccd.yaml``, ``bccd``); for a bare
+    name the FileNotFoundError lists the shipped ones, and says so where it is one of Ultralytics' own data yamls
     (``coco8.yaml``), whose images stock Ultralytics downloads and this package does not."""
     try:
         return str(resolve_shipped(data, shipped_data(), "data yaml"))  # not the run defaults beside them
     except FileNotFoundError as e:
+        if str(data) != Path(data).name:  # a path is only that path: no shipped name stands in for it
+            raise
         note = f"; shipped: {', '.join(shipped_data())}"
-        if str(data) == Path(data).name and ultralytics_data_yaml(str(data)) is not None:
+        if ultralytics_data_yaml(str(data)) is not None:
             note += (f"; {data} is one of Ultralytics' data yamls, whose images stock Ultralytics downloads: "
                      "nothing is downloaded here, so download the data set and give its yaml's path")
         raise FileNotFoundError(f"{e}{note}") from None

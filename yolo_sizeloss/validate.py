@@ -51,7 +51,7 @@ from yolo_sizeloss.checks import (
     parse_process_device,
     run_guarded,
 )
-from yolo_sizeloss.detections import ImageRecord, SkippedLabels, check_split, skipped_summary
+from yolo_sizeloss.detections import ImageRecord, SkippedLabels, check_split, split_summary
 from yolo_sizeloss.detections_file import DETECTIONS_FILE, RunDetections, find_detections, load_detections, report_file
 from yolo_sizeloss.evaluation import (
     COCO_EDGES,
@@ -377,7 +377,7 @@ def run_report(args: ValRequest) -> Path:
     records, meta = detections_for(args, records, save_dir)
     scales = letterbox_scales(records, meta["imgsz"])
     metrics = evaluate_records(records, names, scales, edges, args.recall_frame, args.max_det)
-    summary = skipped_summary(skipped, len(records) + sum(s.whole_image for s in skipped)) if skipped else ""
+    summary = split_summary(records, skipped)
     evaluated = metrics.pop("meta")
     metrics["ultralytics"] = meta.pop("ultralytics", None)
     metrics["meta"] = {

@@ -100,7 +100,7 @@ class MatchedSamples:
     (S, 4) the box sizing each under either source; the positives are ``cls_positives`` (P,) among them.
     Its hardness inputs cover every element of the term: ``cls_probs`` and ``cls_targets`` for a sigmoid
     classifier (probabilities and targets of one shape), or ``cls_logits`` (S, K) and ``cls_labels`` (S,)
-    for a softmax one (``cls_background`` the background class).
+    for a softmax one (class 0 the background, as torchvision's heads number them).
 
     ``valid`` (P,) bool marks the real positives where a detector keeps its samples dense instead (YOLO on
     a GPU passes every anchor, foreground marked, so that no shape depends on the data and nothing waits
@@ -121,7 +121,6 @@ class MatchedSamples:
     cls_targets: Optional[Tensor] = None
     cls_logits: Optional[Tensor] = None
     cls_labels: Optional[Tensor] = None
-    cls_background: int = 0
     valid: Optional[Tensor] = None
 
     def on_class_samples(self, positive_weights: Tensor) -> Tensor:

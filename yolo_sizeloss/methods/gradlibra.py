@@ -47,7 +47,7 @@ def weights(samples: MatchedSamples, settings: dict, kinds: tuple[str, ...], sta
     alpha_pos, alpha_neg = settings["alpha_pos"], settings["alpha_neg"]
     if samples.cls_logits is not None:
         return TermWeights(cls_all=gradlibra_softmax_weights(
-            samples.cls_logits, samples.cls_labels, alpha_pos, alpha_neg, samples.cls_background))
+            samples.cls_logits, samples.cls_labels, alpha_pos, alpha_neg))
     return TermWeights(cls_all=gradlibra_weights(samples.cls_probs, samples.cls_targets, alpha_pos, alpha_neg))
 
 

@@ -125,8 +125,9 @@ def box_similarity(measure: str, pred_boxes: Tensor, gt_boxes: Tensor, nwd_const
 
 @dataclass(frozen=True)
 class ResolvedNWD:
-    """``nwd``'s settings as a run trains with them; both families read NWD through it alone (YOLO's
-    ``AnchorWeighting.nwd``, Faster R-CNN's ``LossSwitches.nwd``).
+    """``nwd``'s settings as a run trains with them; both families measure through it (YOLO's
+    ``AnchorWeighting.nwd``, Faster R-CNN's ``LossSwitches.nwd``): the constant, the assigner's overlap, the
+    classes it measures and the box loss's similarity.
 
     ``settings`` is the resolved settings dict (None: no ``nwd``). ``constant`` is NWD's C in network-input
     pixels and ``assigner`` the ``nwd.assigner`` decision, each None while an ``auto`` one waits for the

@@ -115,14 +115,13 @@ def check_weights_match(path: Path, backbone: str, num_classes: int) -> None:
     matching_weights(model, path)
 
 
-def load_matching_weights(model: torch.nn.Module, path: Path) -> list[str]:
-    """Copy the tensors of ``path`` whose name and shape match into ``model``; return the names skipped."""
+def load_matching_weights(model: torch.nn.Module, path: Path) -> None:
+    """Copy the tensors of ``path`` whose name and shape match into ``model``; the log names those it has not."""
     own = model.state_dict()
     matching = matching_weights(model, path)
     model.load_state_dict(matching, strict=False)
     skipped = sorted(set(own) - set(matching))
     LOGGER.info(f"Loaded {len(matching)}/{len(own)} tensors from {path}" + (f"; new: {', '.join(skipped)}" if skipped else ""))
-    return skipped
 
 
 def split_feedback_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:

@@ -249,8 +249,9 @@ class AnchorWeighting(nn.Module):
         over every box of ``labels`` (an Ultralytics dataset's, ``trainer.train_loader.dataset.labels``)
         in network-input pixels at ``imgsz`` (``training_label_sizes``), as Wang et al. set C;
         ``nwd.assigner: auto`` becomes ``methods.nwd.nwd_assigner_auto`` of the same boxes; where more than
-        ``nwd.max_small_share`` of them are small, NWD is off (the stock assigner and box loss). Without
-        such a setting this does nothing.
+        ``nwd.max_small_share`` of them are small, NWD is off (the stock assigner and box loss); with
+        ``nwd.assigner_classes: small`` the classes whose boxes are mostly small are found. Without any of these
+        settings (``needs_training_boxes``) this does nothing.
         """
         nwd_cfg = self.config.get("nwd")
         if not nwd_cfg or not needs_training_boxes(nwd_cfg):
