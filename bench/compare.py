@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import fcntl
 import json
 import signal
@@ -67,6 +66,7 @@ from yolo_sizeloss.paired_report import (
 )
 from yolo_sizeloss.paths import resolve_data, resolve_loss_cfg
 from yolo_sizeloss.report import markdown_table
+from yolo_sizeloss.results_csv import read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 # The installed command (the console script yolo-sizeloss is yolo_sizeloss.cli:main) run by this
@@ -322,7 +322,7 @@ def train_and_validate(args, label: str, flags: list[str], seed: int, out: Path)
                 arch = ["--arch", "faster_rcnn"] if args.arch == "faster_rcnn" else []
                 # both families' resume takes these: where this harness runs, not how the run trains
                 run([*COMMAND, "train", *arch, "--resume", str(last), "--workers", str(args.workers), *device])
-            elif recorded := _results(run_dir):
+            elif recorded := read_rows(run_dir / "results.csv"):
                 # a record whose checkpoint is gone (the repository keeps records, not checkpoints): training
                 # into the folder again would overwrite it
                 missing = "best.pt" if finished else "last.pt"
@@ -363,7 +363,7 @@ def evaluated_runs(args, out: Path) -> tuple[dict[str, dict[int, dict]], list[st
 def training_finished(run_dir: Path, epochs: int) -> bool:
     """Every epoch is in results.csv, or the training ended early: a stop by Ultralytics' patience
     leaves fewer rows and, as every finished YOLO run, a last.pt stripped of its optimizer."""
-    if len(_results(run_dir)) >= epochs:  # also False when results.csv is missing
+    if len(read_rows(run_dir / "results.csv")) >= epochs:  # also False when results.csv is missing
         return True
     best, last = run_dir / "weights" / "best.pt", run_dir / "weights" / "last.pt"
     return best.is_file() and last.is_file() and load_checkpoint(last).get("optimizer") is None
@@ -408,19 +408,11 @@ def run_report(val_dir: Path, run_dir: Path) -> dict:
     return {"metrics": metrics, "val_dir": str(val_dir), "train": {"epochs": len(epoch_times), "seconds_per_epoch": mean}}
 
 
-def _results(run_dir: Path) -> list[dict]:
-    path = run_dir / "results.csv"
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def _epoch_seconds(run_dir: Path) -> list[float]:
     """Wall seconds of each epoch (training and validation), from results.csv's time column: seconds
     since training started; in a run resumed by an older trainer the clock restarted from 0 at the
     resume (a drop marks that)."""
-    times = [float(r["time"]) for r in _results(run_dir) if "time" in r]
+    times = [float(r["time"]) for r in read_rows(run_dir / "results.csv") if "time" in r]
     return [b - a if b >= a else b for a, b in zip([0.0, *times], times)]
 
 
@@ -432,7 +424,7 @@ def status_lines(args, out: Path) -> list[str]:
     for label, _ in runs_of(args):
         for seed in args.seeds:
             name, run_dir, val_dir = run_paths(out, label, seed, args.split)
-            done = len(_results(run_dir))
+            done = len(read_rows(run_dir / "results.csv"))
             if (val_dir / "metrics.json").is_file():
                 state = "evaluated" + ("" if find_detections(val_dir) else ", no detections file")
             elif training_finished(run_dir, args.epochs):
@@ -451,7 +443,7 @@ def best_epoch_note(run_dir: Path, focus: str) -> str:
     """The val split's verdict on a run, from its results.csv: the best epoch's mAP50-95 (the epoch
     best.pt holds, as fitness picks it: the last of equal maxima) and the focus class's AP50-95 there
     where the run logged it. What a choice between modes on val reads without the checkpoints."""
-    rows = [r for r in _results(run_dir) if r.get("metrics/mAP50-95(B)")]
+    rows = [r for r in read_rows(run_dir / "results.csv") if r.get("metrics/mAP50-95(B)")]
     if not rows:
         return ""
     best = max(reversed(rows), key=lambda r: float(r["metrics/mAP50-95(B)"]))

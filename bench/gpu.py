@@ -122,7 +122,9 @@ def run_states(family_dir: Path) -> list[dict]:
 
 
 def epoch_times(path: Path) -> list[float]:
-    """results.csv's time column (seconds since the run's start at the end of each epoch)."""
+    """results.csv's time column (seconds since the run's start at the end of each epoch). Read here, not by
+    ``yolo_sizeloss.results_csv.read_rows``: the progress step runs every few seconds beside the trainings, and
+    importing the package imports torch and Ultralytics."""
     if not path.is_file():
         return []
     with open(path) as f:

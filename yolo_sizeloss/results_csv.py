@@ -1,4 +1,4 @@
-"""A run's ``results.csv`` (one row per epoch, either family) as a resumed run must continue it."""
+"""A run's ``results.csv`` (one row per epoch, either family): read, and continued as a resumed run must."""
 
 from __future__ import annotations
 
@@ -6,6 +6,15 @@ import csv
 from pathlib import Path
 
 from ultralytics.utils import LOGGER
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of ``results.csv`` by column name, names stripped (Ultralytics pads them with spaces); none where
+    the file is missing."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{str(k).strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def continue_results(path: Path, epochs_done: int) -> float:
