@@ -214,10 +214,10 @@ class SizeBalancedRPN(RegionProposalNetwork):
             cls_targets=labels[sampled],
         )
         objectness_weights, box_weights = stage_weights(self.switches, "rpn", samples, self.states)
-        box_similarity = None
+        positive_similarity = None
         if self.switches.nwd_mixes("rpn_box"):  # the positives' proposals (not clipped) against their ground truth
             proposals = self.box_coder.decode_single(pred_bbox_deltas[pos_inds], targets.anchors[pos_inds])
-            box_similarity = self.switches.nwd.box_similarity(proposals, pos_gt)
+            positive_similarity = self.switches.nwd.box_similarity(proposals, pos_gt)
         return weighted_rpn_loss(
             objectness.flatten(),
             pred_bbox_deltas,
@@ -227,7 +227,7 @@ class SizeBalancedRPN(RegionProposalNetwork):
             neg_inds,
             objectness_weights,
             box_weights,
-            box_similarity,
+            positive_similarity,
             self.switches.nwd.ratio,
         )
 
@@ -299,10 +299,10 @@ class SizeBalancedRoIHeads(RoIHeads):
             cls_labels=all_labels,
         )
         class_weights, box_weights = stage_weights(self.switches, "roi", samples, self.states)
-        box_similarity = None
+        positive_similarity = None
         if self.switches.nwd_mixes("roi_box"):  # differentiable predicted boxes against their ground truth
             *_, predicted = self.positive_boxes(proposals, labels, box_regression)
-            box_similarity = self.switches.nwd.box_similarity(predicted, sized[pos_inds])
+            positive_similarity = self.switches.nwd.box_similarity(predicted, sized[pos_inds])
         loss_classifier, loss_box_reg = weighted_fastrcnn_loss(
             class_logits,
             box_regression,
@@ -310,7 +310,7 @@ class SizeBalancedRoIHeads(RoIHeads):
             all_targets,
             class_weights,
             box_weights,
-            box_similarity,
+            positive_similarity,
             self.switches.nwd.ratio,
         )
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}

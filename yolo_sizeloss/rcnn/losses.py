@@ -38,19 +38,19 @@ def stage_weights(
 
 def box_term(
     deltas: Tensor, targets: Tensor, box_weights: Tensor, normaliser: int,
-    box_similarity: Optional[Tensor] = None, nwd_ratio: float = 0.0,
+    positive_similarity: Optional[Tensor] = None, nwd_ratio: float = 0.0,
 ) -> Tensor:
     """A box term over the positives: ``sum_k w_k L_k / normaliser`` with torchvision's smooth-L1 ``L_k``
-    of the encoded deltas (summed over the four), or with ``box_similarity`` (NWD, or ``nwd.box_measure``'s
+    of the encoded deltas (summed over the four), or with ``positive_similarity`` (NWD, or ``nwd.box_measure``'s
     measure, of each positive's decoded box and its ground truth) ``L_k = (1 - ratio) smoothL1_k +
     ratio (1 - similarity_k)``.
 
-    Without ``box_similarity`` the sum runs as torchvision's does, so unit weights give its value bit for bit.
+    Without ``positive_similarity`` the sum runs as torchvision's does, so unit weights give its value bit for bit.
     """
     weighted = F.smooth_l1_loss(deltas, targets, beta=SMOOTH_L1_BETA, reduction="none") * box_weights[:, None]
-    if box_similarity is None:
+    if positive_similarity is None:
         return weighted.sum() / normaliser
-    return ((1 - nwd_ratio) * weighted.sum() + nwd_ratio * (box_weights * (1 - box_similarity)).sum()) / normaliser
+    return ((1 - nwd_ratio) * weighted.sum() + nwd_ratio * (box_weights * (1 - positive_similarity)).sum()) / normaliser
 
 
 def weighted_rpn_loss(
@@ -62,17 +62,17 @@ def weighted_rpn_loss(
     neg_inds: Tensor,
     objectness_weights: Tensor,
     box_weights: Tensor,
-    box_similarity: Optional[Tensor] = None,
+    positive_similarity: Optional[Tensor] = None,
     nwd_ratio: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """``RegionProposalNetwork.compute_loss`` with per-sample weights (all ones: the stock values, bit for bit).
 
     Inputs are the flattened batch tensors; ``objectness_weights`` follows ``cat([pos_inds, neg_inds])``,
-    ``box_weights`` and ``box_similarity`` (None: no NWD part, see ``box_term``) follow ``pos_inds``.
+    ``box_weights`` and ``positive_similarity`` (None: no NWD part, see ``box_term``) follow ``pos_inds``.
     """
     sampled_inds = torch.cat([pos_inds, neg_inds], dim=0)
     box_loss = box_term(pred_bbox_deltas[pos_inds], regression_targets[pos_inds], box_weights, sampled_inds.numel(),
-                        box_similarity, nwd_ratio)
+                        positive_similarity, nwd_ratio)
     objectness_loss = F.binary_cross_entropy_with_logits(
         objectness[sampled_inds], labels[sampled_inds], weight=objectness_weights
     )
@@ -86,13 +86,13 @@ def weighted_fastrcnn_loss(
     regression_targets: Tensor,
     class_weights: Tensor,
     box_weights: Tensor,
-    box_similarity: Optional[Tensor] = None,
+    positive_similarity: Optional[Tensor] = None,
     nwd_ratio: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """torchvision's ``fastrcnn_loss`` with per-RoI weights (all ones: the stock values, bit for bit).
 
     ``labels``/``regression_targets`` are concatenated over the batch; ``class_weights`` has one
-    entry per RoI, ``box_weights`` and ``box_similarity`` (None: no NWD part, see ``box_term``) one per
+    entry per RoI, ``box_weights`` and ``positive_similarity`` (None: no NWD part, see ``box_term``) one per
     positive RoI (``labels > 0``, in order). The weighted
     cross-entropy is ``nll_loss`` of the weighted log-probabilities, which is how torch computes the
     stock cross-entropy, so the mean's rounding is the same.
@@ -102,7 +102,7 @@ def weighted_fastrcnn_loss(
     labels_pos = labels[pos_inds]
     box_regression = box_regression.reshape(class_logits.shape[0], box_regression.size(-1) // 4, 4)
     box_loss = box_term(box_regression[pos_inds, labels_pos], regression_targets[pos_inds], box_weights,
-                        labels.numel(), box_similarity, nwd_ratio)
+                        labels.numel(), positive_similarity, nwd_ratio)
     return classification_loss, box_loss
 
 
