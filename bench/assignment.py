@@ -44,7 +44,7 @@ from ultralytics.utils.loss import BboxLoss
 from ultralytics.utils.torch_utils import init_seeds
 
 from yolo_sizeloss.assignment import AssignmentCounter
-from yolo_sizeloss.checks import DataError, check_data_yaml, one_line
+from yolo_sizeloss.checks import DataError, checked_data, one_line
 from yolo_sizeloss.cli import check_yolo_model
 from yolo_sizeloss.config import load_loss_mode
 from yolo_sizeloss.evaluation import COCO_NAMES
@@ -252,13 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes:
             load_loss_mode(mode)
         check_yolo_model(args.weights, "--weights")
-        check_data_yaml(args.data)
+        names = checked_data(args.data)[1]["names"]  # Ultralytics' check of the yaml, read once
     except (ValueError, FileNotFoundError) as e:  # LossConfigError is a ValueError
         p.error(one_line(e))
     except DataError as e:  # a data yaml found but unusable (its images missing): the data's fault, exit 1
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 1
-    names = check_det_dataset(resolve_data(args.data))["names"]
     if args.weights.endswith((".yaml", ".yml")):
         init_seeds(args.seed)
         model = DetectionModel(args.weights, nc=len(names), verbose=False).eval()
@@ -270,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'mode':<28} {'small GTs/step':>14} {'small, no positive/step':>24} {'share of small':>15} {'share of all':>13}")
     by_size, conflicts, by_class = {}, {}, {}
     for mode in args.modes:
-        row, by_size[mode], conflicts[mode], by_class[mode] = count_mode(model, mode, batches, labels, args.imgsz, len(names))
+        row, by_size[mode], conflicts[mode], by_class[mode] = count_mode(model, mode, batches, labels, args.imgsz,
+                                                                         len(names))
         print(f"{mode:<28} {row['small']:>14.2f} {row['assign/small_no_pos']:>24.2f} "
               f"{row['assign/small_no_pos_share']:>15.1%} {row['assign/no_pos_share']:>13.1%}")
     print("\nper ground truth of each size (input pixels): positive anchors, summed target score; "

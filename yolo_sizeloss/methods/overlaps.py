@@ -4,9 +4,10 @@ An ``Overlap`` measures boxes two ways: ``pairwise`` every box of one set agains
 (a matcher's quality matrix: torchvision's RPN ``box_similarity``), and ``elementwise`` the pairs of
 two aligned sets (the candidate pairs of Ultralytics' ``TaskAlignedAssigner.iou_calculation``). Each
 family hands the configured measure to its stock assigner or matcher in place of the stock one; a new
-measure is its formula's module (``methods.nwd``, ``methods.safit``, ``methods.simd``) and one new class here;
-``box_similarity`` names the same measures for a box loss. ``ResolvedNWD`` is a run's ``nwd`` settings as it trains with them: the one
-reading of them for both families, which hands out the assigner's overlap and the box loss's similarity.
+measure is its formula's module (``methods.nwd``, ``methods.safit``, ``methods.simd``) and one new class
+here; ``box_similarity`` names the same measures for a box loss. ``ResolvedNWD`` is a run's ``nwd``
+settings as it trains with them: the one reading of them for both families, which hands out the
+assigner's overlap and the box loss's similarity.
 """
 
 from __future__ import annotations
