@@ -32,6 +32,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from yolo_sizeloss.checkpoints import RCNN_ARCH
 from yolo_sizeloss.cli import train_main
 from yolo_sizeloss.checkpoints import load_checkpoint as load_any_checkpoint
+from yolo_sizeloss import detections
 from yolo_sizeloss.config import load_loss_config
 from yolo_sizeloss.detections import ImageRecord, load_split
 from yolo_sizeloss.paths import resolve_data
@@ -469,8 +470,8 @@ def trained_run(tiny_data, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_a_skipped_training_image_is_named_once_with_its_label_row(tiny_data, tmp_path):
-    """The command checks the splits before training and the engine loads them again: one warning, naming the
-    label file and the row that made Ultralytics' check skip the image."""
+    """The command checks the splits before training: one warning, naming the label file and the row that made
+    Ultralytics' check skip the image."""
     root = tmp_path / "data"
     shutil.copytree(tiny_data.parent, root)
     data = root / "data.yaml"
@@ -596,10 +597,28 @@ def stopped_copy(trained_run: Path, run: Path, **train_args) -> Path:
     return last
 
 
+def count_split_reads(monkeypatch) -> list[str]:
+    """The splits whose label files are read from now on (``detections.check_split``, which every reader calls)."""
+    read, real = [], detections.check_split
+    monkeypatch.setattr(detections, "check_split", lambda data, split: read.append(split) or real(data, split))
+    return read
+
+
 @pytest.mark.slow
-def test_resume_continues_the_run(trained_run, tmp_path, capsys):
+def test_the_engine_trains_on_the_splits_the_command_checked(tiny_data, tmp_path, monkeypatch):
+    """The command's check reads each split's labels once and the engine trains on the images it kept (it
+    once read every label file again)."""
+    read = count_split_reads(monkeypatch)
+    assert main(["--data", str(tiny_data), "--project", str(tmp_path), *TRAIN_FLAGS]) == 0
+    assert sorted(read) == ["train", "val"]
+    assert len(list(csv.DictReader(open(tmp_path / "train" / "results.csv")))) == 1
+
+
+@pytest.mark.slow
+def test_resume_continues_the_run(trained_run, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     last = stopped_copy(trained_run, run)
+    read = count_split_reads(monkeypatch)
     # as a run started before the assignment columns existed, killed after epoch 2's row, before its checkpoint
     old = [row for row in csv.DictReader(open(run / "results.csv"))]
     old = [{k: v for k, v in row.items() if not k.startswith("assign/")} for row in old]
@@ -608,6 +627,7 @@ def test_resume_continues_the_run(trained_run, tmp_path, capsys):
         f.write(",".join(old[0]) + "\n" + first_row + "\n" + first_row.replace("1,", "2,", 1) + "\n")
     # the checkpoint knows its family: no --arch needed to resume it
     assert train_main(["--resume", str(last)]) == 0
+    assert sorted(read) == ["train", "val"]  # checked once, as a new run's
     rows = list(csv.DictReader(open(run / "results.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[1]["time"]) > float(rows[0]["time"])
     assert rows[1] != dict(zip(rows[0], first_row.replace("1,", "2,", 1).split(",")))  # trained again

@@ -19,7 +19,7 @@ import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from ultralytics.data.utils import check_det_dataset, img2label_paths
@@ -27,7 +27,7 @@ from ultralytics.nn.tasks import guess_model_task
 from ultralytics.utils import LOGGER
 
 from yolo_sizeloss.checkpoints import load_checkpoint
-from yolo_sizeloss.detections import load_split, split_image_files, training_box_sizes
+from yolo_sizeloss.detections import ImageRecord, load_split, split_image_files, training_box_sizes
 from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.paths import resolve_data, run_data_path
 
@@ -275,14 +275,13 @@ def check_run_name(name: str | None) -> None:
         raise ValueError(f"--name {name!r}: must name a folder inside --project")
 
 
-def check_resumed_data(resume: str, data: str) -> str:
-    """The data yaml a resumed run trained on (``check_data_yaml``), its splits checked again (images may
+def check_resumed_data(resume: str, data: str) -> tuple[str, CheckedSplits]:
+    """The data yaml a resumed run trained on (``check_data_yaml``) and its splits, checked again (images may
     have moved since); a DataError says it is the run's data, not the command line, that is at fault. For
     both families' ``--resume``."""
     try:
         checked = check_data_yaml(data)
-        check_training_splits(checked)
-        return checked
+        return checked, check_training_splits(checked)
     except (DataError, FileNotFoundError) as e:
         raise DataError(f"--resume {resume}: the run's data: {one_line(e)}") from e
 
@@ -319,11 +318,19 @@ def ultralytics_dropping(drop: Callable[[logging.LogRecord], bool]) -> Iterator[
         LOGGER.removeFilter(keep)
 
 
-def check_training_splits(data_yaml: str) -> dict:
+class CheckedSplits(NamedTuple):
+    """The images ``check_training_splits`` kept (``detections.ImageRecord``) and the data dict of
+    Ultralytics' check: what a run trains and validates on, so that its engine reads no label file again."""
+
+    train: list[ImageRecord]
+    val: list[ImageRecord]
+    data: dict
+
+
+def check_training_splits(data_yaml: str) -> CheckedSplits:
     """Ultralytics' own label check of the train and val splits, before a run folder exists: a split
     without a usable image is a DataError naming the yaml, the split and why each image was left out
-    (images Ultralytics skips among usable ones are a warning, as in its own training). Returns the
-    train split's records (``detections.ImageRecord``) under ``train``."""
+    (images Ultralytics skips among usable ones are a warning, as in its own training)."""
     records = {}
     for split in ("train", "val"):
         try:
@@ -337,7 +344,7 @@ def check_training_splits(data_yaml: str) -> dict:
     if not any(Path(label).is_file() for label in labels):
         raise DataError(f"{data.get('yaml_file', data_yaml)} split 'train': none of its {len(images)} images has a "
                         f"label file (for {images[0]} Ultralytics reads {labels[0]})")
-    return records
+    return CheckedSplits(records["train"], records["val"], data)
 
 
 def check_nwd_needs(loss_config: dict, records: list, imgsz: int) -> None:

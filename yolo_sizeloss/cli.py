@@ -264,7 +264,7 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
         # or copied elsewhere would write into the original (or make it again)
         run_dir = resumed_run_folder(args.resume)
         stored = ckpt["train_args"].get("data") or ""
-        data = check_resumed_data(args.resume, run_data_path(stored))
+        data, _ = check_resumed_data(args.resume, run_data_path(stored))
         saved = read_loss_record(run_dir)  # read again by the trainer, after it rewrote args.yaml
         loss_config = None
         if args.loss is not None or args.loss_cfg is not None:  # it must be the run's own loss; a --loss-cfg
@@ -282,9 +282,9 @@ def check_yolo_request(args: argparse.Namespace) -> YoloRun:
     check_output_folder(project, "--project")
     check_run_name(args.name)
     data = check_data_yaml(args.data or "bccd.yaml")
-    records = check_training_splits(data)
+    splits = check_training_splits(data)
     settings = {**run_defaults("yolo"), **given}
-    check_nwd_needs(loss_config, first_fraction(records["train"], settings["fraction"]), settings["imgsz"])
+    check_nwd_needs(loss_config, first_fraction(splits.train, settings["fraction"]), settings["imgsz"])
     overrides = {
         **pairs,
         **settings,

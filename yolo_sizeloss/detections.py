@@ -204,9 +204,8 @@ def split_summary(records: list[ImageRecord], skipped: list[SkippedLabels]) -> s
     return skipped_summary(skipped, len(records) + sum(s.whole_image for s in skipped)) if skipped else ""
 
 
-def load_split(data_yaml: str | Path, split: str, warn: bool = True) -> tuple[list[ImageRecord], dict]:
-    """``check_split`` without the list of skipped labels, which is logged once as a warning (``warn``: a caller
-    whose command checked the split already says nothing again).
+def load_split(data_yaml: str | Path, split: str) -> tuple[list[ImageRecord], dict]:
+    """``check_split`` without the list of skipped labels, which is logged as a warning.
 
     Raises ValueError when no image of the split is left.
     """
@@ -215,6 +214,6 @@ def load_split(data_yaml: str | Path, split: str, warn: bool = True) -> tuple[li
     summary = split_summary(records, skipped)
     if not records:
         raise ValueError(f"{where} has no valid images" + (f": {summary}" if summary else ""))
-    if summary and warn:
+    if summary:
         LOGGER.warning(f"{where}: {summary}")
     return records, data

@@ -19,6 +19,7 @@ from ultralytics.utils import LOGGER
 
 from yolo_sizeloss.checkpoints import RCNN_ARCH, is_yolo_checkpoint, load_checkpoint
 from yolo_sizeloss.checks import (
+    CheckedSplits,
     DataError,
     OneLineParser,
     check_nwd_needs,
@@ -153,9 +154,9 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **defaults, **given})
 
 
-def check_args(args: argparse.Namespace) -> argparse.Namespace:
-    """A new run's settings (after ``fill_defaults``) with the data yaml's absolute path and the
-    resolved loss; a value no run could use is a ValueError naming the flag, a data yaml Ultralytics'
+def check_args(args: argparse.Namespace) -> tuple[argparse.Namespace, CheckedSplits]:
+    """A new run's settings (after ``fill_defaults``) with the data yaml's absolute path and the resolved loss,
+    and the checked splits the engine trains on; a value no run could use is a ValueError naming the flag, a data yaml Ultralytics'
     own check refuses (or whose labels YOLO's ``train`` refuses) a DataError."""
     check_run_flags(args.epochs, args.imgsz, args.batch, args.workers, args.fraction, args.seed)
     parse_process_device(args.device, torchrun_world_size())
@@ -182,9 +183,9 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     config = loss_config(args)
     # YOLO's checks of the labels (last: the scan logs as it goes), so that data the engine would stop
     # on is the same one line in both families
-    records = check_training_splits(data)
-    check_nwd_needs(config, first_fraction(records["train"], args.fraction), args.imgsz)
-    return argparse.Namespace(**{**vars(args), "data": data, "loss_config": config})
+    splits = check_training_splits(data)
+    check_nwd_needs(config, first_fraction(splits.train, args.fraction), args.imgsz)
+    return argparse.Namespace(**{**vars(args), "data": data, "loss_config": config}), splits
 
 
 def check_weights(weights: str, backbone: str, num_classes: int) -> None:
@@ -205,11 +206,11 @@ def check_weights(weights: str, backbone: str, num_classes: int) -> None:
     check_weights_match(Path(weights), backbone, num_classes)
 
 
-def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:
+def check_resume_args(args: argparse.Namespace) -> tuple[argparse.Namespace, CheckedSplits]:
     """A resumed run continues with its own settings: a flag other than RESUMABLE that asks for another value
     than the run's is an error naming it, it must have epochs left to train (``engine.resumed_args``, as
-    ``fit`` reads it) and data Ultralytics' check accepts, and a loss given must be the run's own (in any
-    order of methods)."""
+    ``fit`` reads it) and data Ultralytics' check accepts (its checked splits returned beside ``args``), and a
+    loss given must be the run's own (in any order of methods)."""
     check_run_flags(workers=args.workers)  # torch refuses a negative one only when the resumed run starts
     parse_process_device(args.device, torchrun_world_size())
     check_resume_file(args.resume)
@@ -226,13 +227,13 @@ def check_resume_args(args: argparse.Namespace) -> argparse.Namespace:
     except (KeyError, TypeError) as e:
         raise DataError(f"--resume {args.resume}: not a Faster R-CNN training checkpoint (no {one_line(e)})") from e
     check_resume_is_latest(args.resume, checkpoint["epoch"])
-    check_resumed_data(args.resume, run.data)
+    _, splits = check_resumed_data(args.resume, run.data)
     if any(getattr(args, k) is not None for k in LOSS_FLAGS):
         note = check_resumed_loss(checkpoint["loss"], loss_config(args, loss_name(checkpoint["loss"])),
                                   f"--resume {args.resume}")
         if note:
             LOGGER.info(note)
-    return args
+    return args, splits
 
 
 def main(argv: list[str] | None = None, prog: str = "yolo-sizeloss train") -> int:
@@ -241,11 +242,11 @@ def main(argv: list[str] | None = None, prog: str = "yolo-sizeloss train") -> in
     1, before anything is written; the traceback only with ``--verbose``."""
     args = build_parser(prog).parse_args(argv)
 
-    def check() -> argparse.Namespace:
+    def check() -> tuple[argparse.Namespace, CheckedSplits]:
         check_faster_coco_eval()  # each epoch's validation evaluates with it: refused before the first epoch
         return check_resume_args(args) if args.resume else check_args(fill_defaults(args))
 
-    return run_guarded(prog, check, fit, args.verbose)
+    return run_guarded(prog, check, lambda checked: fit(*checked), args.verbose)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from ultralytics.utils.files import increment_path
 
 from yolo_sizeloss.checkpoints import RCNN_ARCH, load_checkpoint
 from yolo_sizeloss.checks import (
+    CheckedSplits,
     DataError,
     check_resumed_epochs,
     parse_process_device,
@@ -41,7 +42,7 @@ from yolo_sizeloss.detections import ImageRecord, first_fraction, load_split, tr
 from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics, per_class_ap
 from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.methods.overlaps import IoU
-from yolo_sizeloss.paths import resolve_data, run_data_path
+from yolo_sizeloss.paths import run_data_path
 from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection
 from yolo_sizeloss.rcnn.model import (
     RCNN_NMS_IOU,
@@ -267,17 +268,16 @@ def make_train_loader(
     return loader, sampler
 
 
-def fit(args: argparse.Namespace) -> Path:
-    """Train Faster R-CNN as ``args`` says (see ``yolo_sizeloss.rcnn.cli``); return the run directory."""
+def fit(args: argparse.Namespace, splits: CheckedSplits) -> Path:
+    """Train Faster R-CNN as the checked ``args`` say (``yolo_sizeloss.rcnn.cli``) on the images of the checked
+    ``splits``; return the run directory."""
     checkpoint = None
     if args.resume:
         checkpoint = load_checkpoint(args.resume, RCNN_ARCH)
         args = resumed_args(checkpoint, args)
-    else:
-        args.data = resolve_data(args.data)
     ctx = setup_distributed(args.device)
     try:
-        return _fit(args, ctx, checkpoint)
+        return _fit(args, splits, ctx, checkpoint)
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
@@ -308,13 +308,10 @@ def training_nwd_settings(
     return resolved.constant, resolved.assigner, resolved.active, resolved.classes
 
 
-def _fit(args: argparse.Namespace, ctx: DistContext, checkpoint: dict | None) -> Path:
+def _fit(args: argparse.Namespace, splits: CheckedSplits, ctx: DistContext, checkpoint: dict | None) -> Path:
     if args.batch < ctx.world_size:
         raise ValueError(f"--batch {args.batch}: must be at least the number of processes ({ctx.world_size})")
-    # the command's check (checks.check_training_splits, on resume too) warned of what these splits skip
-    train_records, data = load_split(args.data, "train", warn=False)
-    val_records, _ = load_split(args.data, "val", warn=False)
-    train_records = first_fraction(train_records, args.fraction)
+    train_records, val_records, data = first_fraction(splits.train, args.fraction), splits.val, splits.data
     switches = LossSwitches.from_config(
         args.loss_config, *training_nwd_settings(args.loss_config, train_records, args.imgsz, checkpoint, ctx.is_main))
     seed_everything(args.seed)
