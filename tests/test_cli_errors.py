@@ -82,7 +82,7 @@ def bad_yamls(tmp_path):
     # Ultralytics ships this yaml and downloads its images; nothing is downloaded here, and the error says so
     (["--data", "coco8.yaml"], 2, "data yaml 'coco8.yaml' not found (tried coco8.yaml); shipped: bccd.yaml; coco8.yaml "
                                   "is one of Ultralytics' data yamls, whose images stock Ultralytics downloads: nothing"),
-    (["--resume", "{dir}/notes.txt"], 1, "not an Ultralytics training checkpoint"),
+    (["--resume", "{dir}/notes.txt"], 1, "notes.txt: not a readable checkpoint ("),
     (["--resume", str(FINISHED)], 1, "this run finished its"),
     # the checkpoint's run trained on a bccd.yaml since moved, so the shipped one is another file
     (["--resume", str(FINISHED), "--data", "bccd.yaml"], 2, "--data bccd.yaml (the run's: /work/main/cfg/bccd.yaml) "
@@ -692,7 +692,7 @@ def test_a_file_that_is_no_checkpoint_is_named_once_after_its_flag(tmp_path, cap
     junk = tmp_path / "run" / "weights" / "last.pt"
     junk.parent.mkdir(parents=True)
     junk.write_text("not a checkpoint\n")
-    for argv in (["--model", str(junk)], ["--arch", "faster_rcnn", "--weights", str(junk)],
+    for argv in (["--model", str(junk)], ["--arch", "faster_rcnn", "--weights", str(junk)], ["--resume", str(junk)],
                  ["--arch", "faster_rcnn", "--resume", str(junk)]):
         flag = argv[-2]
         project = [] if flag == "--resume" else ["--project", str(tmp_path / "runs")]

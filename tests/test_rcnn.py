@@ -675,7 +675,7 @@ def test_weights_that_fit_no_tensor_are_refused_before_any_run_folder(tiny_data,
     err = capsys.readouterr().err.strip()
     assert err == (f"yolo-sizeloss train: error: --weights {unrelated}: no tensor matches this model's names and "
                    "shapes")
-    assert check_args(fill_defaults(build_parser().parse_args([*flags, "--weights", str(coco)]))).weights == str(coco)
+    assert check_args(fill_defaults(build_parser().parse_args([*flags, "--weights", str(coco)])))[0].weights == str(coco)
     assert not project.exists()
 
 

@@ -197,6 +197,16 @@ def check_resume_file(resume: str) -> None:
         raise ValueError(f"--resume {resume}: no such checkpoint")
 
 
+def read_resume_checkpoint(resume: str, arch: str | None = None) -> dict:
+    """The checkpoint ``--resume`` names, either family (``arch``: checked to be that family's, as
+    ``load_checkpoint`` does); a file that is not one is a DataError naming the flag."""
+    check_resume_file(resume)
+    try:
+        return load_checkpoint(resume, arch)
+    except ValueError as e:
+        raise DataError(flag_error("--resume", resume, e)) from e
+
+
 def after_path(error: Exception, path: str | Path) -> str:
     """``error``'s one line without the ``PATH: `` it starts with (``load_checkpoint``'s, a data check's), for a
     message that names the path itself."""

@@ -30,12 +30,10 @@ from yolo_sizeloss.checkpoints import RCNN_ARCH, checkpoint_kind, load_checkpoin
 from yolo_sizeloss.checks import (
     DataError,
     OneLineParser,
-    after_path,
     check_data_yaml,
     check_detection_network,
     check_nwd_needs,
     check_output_folder,
-    check_resume_file,
     check_resume_is_latest,
     check_resume_keeps_settings,
     check_resumed_data,
@@ -47,6 +45,7 @@ from yolo_sizeloss.checks import (
     non_empty,
     one_line,
     parse_device,
+    read_resume_checkpoint,
     resumed_run_folder,
     run_guarded,
     ultralytics_dropping,
@@ -178,16 +177,6 @@ class YoloRun:
 
     overrides: dict[str, Any]
     loss_config: dict[str, dict[str, Any]] | None
-
-
-def read_resume_checkpoint(path: str) -> dict:
-    """The checkpoint ``--resume`` names; a file that is not one is a DataError naming the flag."""
-    check_resume_file(path)
-    try:
-        return load_checkpoint(path)
-    except ValueError as e:
-        raise DataError(f"--resume {path}: not an Ultralytics training checkpoint "
-                        f"({after_path(e, path)})") from e
 
 
 def check_yolo_resume(args: argparse.Namespace, ckpt: dict) -> None:

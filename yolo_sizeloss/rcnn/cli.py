@@ -36,6 +36,7 @@ from yolo_sizeloss.checks import (
     non_empty,
     one_line,
     parse_process_device,
+    read_resume_checkpoint,
     resumed_run_folder,
     run_guarded,
     torchrun_world_size,
@@ -214,11 +215,8 @@ def check_resume_args(args: argparse.Namespace) -> tuple[argparse.Namespace, Che
     check_run_flags(workers=args.workers)  # torch refuses a negative one only when the resumed run starts
     parse_process_device(args.device, torchrun_world_size())
     check_resume_file(args.resume)
-    resumed_run_folder(args.resume)  # the folder fit() continues in
-    try:
-        checkpoint = load_checkpoint(args.resume, RCNN_ARCH)
-    except ValueError as e:
-        raise DataError(flag_error("--resume", args.resume, e)) from e
+    resumed_run_folder(args.resume)  # the folder fit() continues in, before what the checkpoint holds
+    checkpoint = read_resume_checkpoint(args.resume, RCNN_ARCH)
     try:
         given = {k: v for k, v in vars(args).items()
                  if v is not None and k not in (*RESUMABLE, *LOSS_FLAGS, "resume", "arch", "verbose")}
