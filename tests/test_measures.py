@@ -6,6 +6,7 @@ import pytest
 import torch
 from ultralytics.utils.tal import TaskAlignedAssigner
 
+from yolo_sizeloss.methods.nwd import ResolvedSettings
 from yolo_sizeloss.methods.safit import safit, safit_blend_weight, safit_matrix
 from yolo_sizeloss.methods.simd import simd, simd_matrix
 from yolo_sizeloss.methods.overlaps import SAFitOverlap, SimDOverlap
@@ -136,7 +137,7 @@ def test_a_shipped_variant_puts_the_measure_in_both_families_assignment(variant,
              "bboxes": torch.tensor([[0.5, 0.5, 0.05, 0.05], [0.3, 0.3, 0.4, 0.4]])}
     loss, _ = criterion(model.train()(images), batch)
     assert torch.isfinite(loss).all()
-    switches = LossSwitches.from_config(config, C)
+    switches = LossSwitches.from_config(config, ResolvedSettings(C, None))
     assert isinstance(switches.rpn_overlap(), overlap_type) and switches.nwd.assigner == variant.split("_")[0]
 
 

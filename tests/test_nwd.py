@@ -14,7 +14,7 @@ from ultralytics.utils.loss import BboxLoss, E2ELoss, v8DetectionLoss
 from ultralytics.utils.tal import TaskAlignedAssigner, make_anchors
 
 from yolo_sizeloss.config import LossConfigError, load_loss_config
-from yolo_sizeloss.methods.nwd import assigner_window, small_classes
+from yolo_sizeloss.methods.nwd import ResolvedSettings, assigner_window, small_classes
 from yolo_sizeloss.methods.overlaps import ResolvedNWD
 from yolo_sizeloss.yolo.loss import (
     AnchorWeighting,
@@ -223,7 +223,7 @@ def test_measured_gts_marks_the_small_classes_and_copies_no_host_data_after_its_
             return func(*args, **(kwargs or {}))
 
     settings = {**load_loss_config("safit_small_classes")["nwd"], "constant": 40.0}
-    resolved = ResolvedNWD.from_settings(settings, "test", classes=(0, 4))
+    resolved = ResolvedNWD.from_settings(settings, "test", ResolvedSettings(None, None, classes=(0, 4)))
     gt_classes = torch.tensor([[0.0, 1.0, 4.0], [2.0, 0.0, 0.0]])
     expected = torch.tensor([[True, False, True], [False, True, True]])
     assert torch.equal(resolved.measured_gts(gt_classes), expected)

@@ -44,7 +44,7 @@ from yolo_sizeloss.config import LossConfigError, load_loss_config
 from yolo_sizeloss.detections import ImageRecord, load_split, training_box_sizes
 from yolo_sizeloss.rcnn.cli import build_parser, fill_defaults, loss_config, main
 from yolo_sizeloss.rcnn.engine import stage_rpn_overlap, training_nwd_settings
-from yolo_sizeloss.methods.nwd import nwd, nwd_constant, nwd_matrix
+from yolo_sizeloss.methods.nwd import ResolvedSettings, nwd, nwd_constant, nwd_matrix
 from yolo_sizeloss.methods.overlaps import IoU, NWDOverlap, ResolvedNWD
 from yolo_sizeloss.rcnn.heads import SizeBalancedRPN
 from yolo_sizeloss.rcnn.model import (
@@ -74,7 +74,7 @@ def nwd_switches(constant: float | None = C, **settings) -> LossSwitches:
     config["nwd"].update(settings)
     for method, values in methods.items():
         config[method].update(values)
-    return LossSwitches.from_config(config, constant)
+    return LossSwitches.from_config(config, ResolvedSettings(constant, None))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,7 +86,8 @@ def test_defaults_compile_to_the_rpn_box_term_and_matcher():
     assert s.terms("nwd") == ("rpn_box",) and s.nwd.ratio == 0.5 and s.nwd.assigner and s.nwd.constant is None  # auto
     assert s.rpn_active and not s.roi_active
     assert nwd_switches(constant=42.0).nwd.constant == 42.0  # auto, resolved by the engine
-    fixed = LossSwitches.from_config({"nwd": {**load_loss_config("nwd")["nwd"], "constant": 12.8}}, 42.0)
+    fixed = LossSwitches.from_config({"nwd": {**load_loss_config("nwd")["nwd"], "constant": 12.8}},
+                                     ResolvedSettings(42.0, None))
     assert fixed.nwd.constant == 12.8  # a number in the settings wins
     model = build_model("mobilenet_v3_large_fpn", 4, IMGSZ, nwd_switches(rcnn_terms=["rpn_box", "roi_box"]))
     assert isinstance(model.rpn.overlap, NWDOverlap) and model.rpn.overlap.constant == C
@@ -285,7 +286,7 @@ def test_assigner_classes_small_gives_only_the_small_class_the_measures_rpn_anch
     anchors = DIRECTION_ANCHORS(images, [torch.zeros(2, 1, 16, 16)])
     gt = torch.tensor([SMALL])
     settings = {**load_loss_config("nwd")["nwd"], "assigner_classes": "small"}
-    gated = LossSwitches.from_config({"nwd": settings}, 65.0, True, True, (0,))
+    gated = LossSwitches.from_config({"nwd": settings}, ResolvedSettings(65.0, True, True, (0,)))
     positives = {}
     for name, switches in (("gated", gated), ("iou", LossSwitches()), ("nwd", LossSwitches(nwd=ResolvedNWD(
             constant=65.0, assigner=True)))):
@@ -382,31 +383,33 @@ def test_constant_from_the_training_labels_at_imgsz():
     assert widths.tolist() == [32.0, 20.0] and heights.tolist() == [24.0, 40.0] and classes.tolist() == [0, 1]
     auto = load_loss_config("nwd")
     expected = (math.sqrt(32 * 24) + math.sqrt(20 * 40)) / 2
-    assert training_nwd_settings(auto, records, 320, None) == (pytest.approx(expected), True, True, None)
-    assert training_nwd_settings(auto, records, 320, {"nwd_constant": 50.0}) == (50.0, True, True, None)  # resume keeps the run's
-    assert training_nwd_settings({}, records, 320, None) == (None, False, True, None)
+    def settings(*args, **kwargs) -> tuple:  # what training_nwd_settings resolved, without its log lines
+        return training_nwd_settings(*args, **kwargs)[:4]
+
+    assert settings(auto, records, 320, None) == (pytest.approx(expected), True, True, None)
+    assert settings(auto, records, 320, {"nwd_constant": 50.0}) == (50.0, True, True, None)  # resume keeps the run's
+    assert training_nwd_settings({}, records, 320, None) is None
     fixed = {"nwd": {**auto["nwd"], "constant": 12.8}}
-    assert training_nwd_settings(fixed, records, 320, {"nwd_constant": 50.0}) == (12.8, True, True, None)
+    assert settings(fixed, records, 320, {"nwd_constant": 50.0}) == (12.8, True, True, None)
     with pytest.raises(ValueError, match="nwd: auto settings, max_small_share and assigner_classes small need boxes"):
         training_nwd_settings(auto, records[2:], 320, None)
     # assigner auto: areas 768 and 800 input px^2; both small below 1024 (IoU), neither below 700 (NWD)
     gated = {"nwd": {**fixed["nwd"], "assigner": "auto"}}
-    assert training_nwd_settings(gated, records, 320, None) == (12.8, False, True, None)
-    assert training_nwd_settings({"nwd": {**gated["nwd"], "small_area": 700}}, records, 320, None) == (12.8, True, True, None)
+    assert settings(gated, records, 320, None) == (12.8, False, True, None)
+    assert settings({"nwd": {**gated["nwd"], "small_area": 700}}, records, 320, None) == (12.8, True, True, None)
     # max_small_share: both boxes small below 1024 (a share of 1): NWD off above 0.9, on at 1; none small below 700
     capped = {"nwd": {**fixed["nwd"], "max_small_share": 0.9}}
-    assert training_nwd_settings(capped, records, 320, None) == (12.8, False, False, None)
-    assert training_nwd_settings({"nwd": {**capped["nwd"], "small_area": 700}}, records, 320, None) == (12.8, True, True, None)
+    assert settings(capped, records, 320, None) == (12.8, False, False, None)
+    assert settings({"nwd": {**capped["nwd"], "small_area": 700}}, records, 320, None) == (12.8, True, True, None)
     # assigner_classes small: both classes' one box small below 1024; below 700 none, so the stock matcher
     by_class = {"nwd": {**fixed["nwd"], "assigner": "safit", "assigner_classes": "small"}}
-    assert training_nwd_settings(by_class, records, 320, None) == (12.8, "safit", True, (0, 1))
-    assert training_nwd_settings({"nwd": {**by_class["nwd"], "small_area": 700}}, records, 320, None) == (
-        12.8, False, True, ())
-    off = LossSwitches.from_config(capped, *training_nwd_settings(capped, records, 320, None))
+    assert settings(by_class, records, 320, None) == (12.8, "safit", True, (0, 1))
+    assert settings({"nwd": {**by_class["nwd"], "small_area": 700}}, records, 320, None) == (12.8, False, True, ())
+    off = LossSwitches.from_config(capped, training_nwd_settings(capped, records, 320, None))
     assert (off.nwd.ratio, off.nwd_mixes("rpn_box"), type(off.rpn_overlap()).__name__) == (0.0, False, "IoU")
     with pytest.raises(ValueError, match="nwd.assigner is auto but was not resolved"):
         LossSwitches.from_config(gated)
-    assert LossSwitches.from_config(gated, None, False).nwd.assigner is False
+    assert LossSwitches.from_config(gated, ResolvedSettings(None, None, active=False)).nwd.assigner is False
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -115,13 +115,14 @@ def small_classes(widths: torch.Tensor, heights: torch.Tensor, classes: torch.Te
 
 
 class ResolvedSettings(NamedTuple):
-    """What ``resolve_nwd_auto`` made of ``nwd``'s settings for one run."""
+    """What ``resolve_nwd_auto`` made of ``nwd``'s settings for one run (also what a checkpoint recorded of them;
+    ``overlaps.ResolvedNWD.from_settings`` takes it)."""
 
-    constant: float
-    assigner: bool | str
-    active: bool
-    classes: tuple[int, ...] | None  # the classes the assigner measures by nwd.assigner's overlap; None: all
-    lines: list[str]
+    constant: float | None  # None: a record without one (no nwd)
+    assigner: bool | str | None
+    active: bool = True  # False: nwd.max_small_share turned NWD off
+    classes: tuple[int, ...] | None = None  # the classes the assigner measures by nwd.assigner's overlap; None: all
+    lines: tuple[str, ...] = ()  # a log line for each setting resolved
 
 
 def resolve_nwd_auto(
@@ -162,7 +163,7 @@ def resolve_nwd_auto(
         raise ValueError("nwd: auto settings, max_small_share and assigner_classes small need boxes, and the "
                          "training labels hold none: set nwd.constant to a number, nwd.assigner to true or false, "
                          "nwd.max_small_share to 1 and nwd.assigner_classes to all") from None
-    return ResolvedSettings(float(constant), assigner if active else False, active, measured, lines)
+    return ResolvedSettings(float(constant), assigner if active else False, active, measured, tuple(lines))
 
 
 def nwd_constant(widths: torch.Tensor, heights: torch.Tensor) -> float:

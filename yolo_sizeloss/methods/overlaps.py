@@ -20,7 +20,14 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from yolo_sizeloss.methods.base import elementwise_iou
-from yolo_sizeloss.methods.nwd import assigner_decided_in_training, assigner_window, gates_by_class, nwd, nwd_matrix
+from yolo_sizeloss.methods.nwd import (
+    ResolvedSettings,
+    assigner_decided_in_training,
+    assigner_window,
+    gates_by_class,
+    nwd,
+    nwd_matrix,
+)
 from yolo_sizeloss.methods.safit import SAFIT_SIZE, safit, safit_matrix
 from yolo_sizeloss.methods.simd import SIMD_RELEASED_NORMALISERS, simd, simd_matrix
 
@@ -150,13 +157,13 @@ class ResolvedNWD:
     class_ids: dict[torch.device, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
-    def from_settings(cls, settings: Optional[dict[str, Any]], unresolved_hint: str, constant: Optional[float] = None,
-                      assigner: bool | str | None = None, active: bool = True,
-                      classes: Optional[tuple[int, ...]] = None) -> "ResolvedNWD":
+    def from_settings(cls, settings: Optional[dict[str, Any]], unresolved_hint: str,
+                      resolved: Optional[ResolvedSettings] = None) -> "ResolvedNWD":
         """The state of ``settings`` (None: no ``nwd``): the constant and assigner they set, else (``auto``)
-        ``constant`` and ``assigner``, what ``resolve_nwd_auto`` made of them (None: not yet resolved); the
-        assigner False where ``active`` is not, and where ``nwd.assigner_classes: small`` found no class
-        (``classes`` empty)."""
+        those of ``resolved``, what ``resolve_nwd_auto`` made of them (None: not yet resolved); the assigner
+        False where ``resolved`` says NWD is not active, and where ``nwd.assigner_classes: small`` found no
+        class (its ``classes`` empty)."""
+        constant, assigner, active, classes, _ = resolved or ResolvedSettings(None, None)
         if settings is None:
             return cls(active=active, unresolved_hint=unresolved_hint)
         if settings["constant"] != "auto":

@@ -40,7 +40,7 @@ from yolo_sizeloss.checks import (
 from yolo_sizeloss.config import describe_loss, write_loss_record
 from yolo_sizeloss.detections import ImageRecord, first_fraction, load_split, training_box_sizes
 from yolo_sizeloss.evaluation import COCO_EDGES, coco_metrics, per_class_ap
-from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
+from yolo_sizeloss.methods.nwd import ResolvedSettings, needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.methods.overlaps import IoU
 from yolo_sizeloss.paths import run_data_path
 from yolo_sizeloss.rcnn.data import DetectionDataset, collate_detection
@@ -285,9 +285,9 @@ def fit(args: argparse.Namespace, splits: CheckedSplits) -> Path:
 
 def training_nwd_settings(
     config: dict, records: list[ImageRecord], imgsz: int, checkpoint: dict | None, log: bool = True
-) -> tuple[float | None, bool | str, bool, tuple[int, ...] | None]:
+) -> ResolvedSettings | None:
     """NWD's constant, the RPN matcher's measure, whether NWD acts at all and the classes whose ground truths
-    the matcher measures by it (None: all), for this run; (None, False, True, None) without ``nwd``.
+    the matcher measures by it (None: all), for this run; None without ``nwd``.
 
     The constant is the configured number; on resume the checkpoint's; else (``auto``) the mean
     ``sqrt(w * h)`` of the training boxes at ``imgsz``, as Wang et al. set C (``training_box_sizes``:
@@ -296,16 +296,16 @@ def training_nwd_settings(
     keeps the classes whose boxes are mostly small. All are computed once here
     (``methods.nwd.resolve_nwd_auto``)."""
     if "nwd" not in config:
-        return None, False, True, None
+        return None
     nwd_cfg = dict(config["nwd"])
     if nwd_cfg["constant"] == "auto" and checkpoint is not None and checkpoint.get("nwd_constant") is not None:
         nwd_cfg["constant"] = checkpoint["nwd_constant"]
     if not needs_training_boxes(nwd_cfg):
-        return float(nwd_cfg["constant"]), nwd_cfg["assigner"], True, None
+        return ResolvedSettings(float(nwd_cfg["constant"]), nwd_cfg["assigner"])
     resolved = resolve_nwd_auto(nwd_cfg, *training_box_sizes(records, imgsz), imgsz)
     for line in resolved.lines if log else ():
         LOGGER.info(line)
-    return resolved.constant, resolved.assigner, resolved.active, resolved.classes
+    return resolved
 
 
 def _fit(args: argparse.Namespace, splits: CheckedSplits, ctx: DistContext, checkpoint: dict | None) -> Path:
@@ -313,7 +313,7 @@ def _fit(args: argparse.Namespace, splits: CheckedSplits, ctx: DistContext, chec
         raise ValueError(f"--batch {args.batch}: must be at least the number of processes ({ctx.world_size})")
     train_records, val_records, data = first_fraction(splits.train, args.fraction), splits.val, splits.data
     switches = LossSwitches.from_config(
-        args.loss_config, *training_nwd_settings(args.loss_config, train_records, args.imgsz, checkpoint, ctx.is_main))
+        args.loss_config, training_nwd_settings(args.loss_config, train_records, args.imgsz, checkpoint, ctx.is_main))
     seed_everything(args.seed)
     # the model first: a build that fails (weights that do not load) leaves no empty run folder
     model = checkpoint_or_new_model(checkpoint, args, switches, data["nc"] + 1)

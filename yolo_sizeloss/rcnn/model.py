@@ -32,6 +32,7 @@ from ultralytics.utils import LOGGER
 
 from yolo_sizeloss.checks import DataError
 from yolo_sizeloss.methods.feedback import FeedbackBalancer
+from yolo_sizeloss.methods.nwd import ResolvedSettings
 from yolo_sizeloss.rcnn.heads import SizeBalancedRoIHeads, SizeBalancedRPN
 from yolo_sizeloss.rcnn.switches import LossSwitches
 
@@ -151,9 +152,9 @@ def model_from_checkpoint(
     ``nwd.max_small_share`` left NWD on, a checkpoint without that record had it on, and the classes of
     ``nwd.assigner_classes: small``) loaded, or
     with ``switches``: a resumed run's, resolved by the engine."""
-    switches = switches or LossSwitches.from_config(
-        checkpoint["loss"], checkpoint.get("nwd_constant"), checkpoint.get("nwd_assigner"),
-        checkpoint.get("nwd_active", True), checkpoint.get("nwd_classes"))
+    switches = switches or LossSwitches.from_config(checkpoint["loss"], ResolvedSettings(
+        checkpoint.get("nwd_constant"), checkpoint.get("nwd_assigner"), checkpoint.get("nwd_active", True),
+        checkpoint.get("nwd_classes")))
     model = build_model(checkpoint["backbone"], checkpoint["num_classes"], imgsz or checkpoint["imgsz"], switches)
     model.load_state_dict({**checkpoint["model"], **checkpoint.get("feedback", {})})
     return model

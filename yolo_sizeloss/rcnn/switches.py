@@ -13,6 +13,7 @@ from typing import Any, Optional
 from torch import nn
 
 from yolo_sizeloss.methods import REGISTRY, WEIGHT_ORDER
+from yolo_sizeloss.methods.nwd import ResolvedSettings
 from yolo_sizeloss.methods.overlaps import IoU, Overlap, ResolvedNWD
 
 FAMILY = "faster_rcnn"
@@ -32,19 +33,15 @@ class LossSwitches:
     nwd: ResolvedNWD = field(default_factory=ResolvedNWD)
 
     @classmethod
-    def from_config(
-        cls, config: dict, nwd_constant: Optional[float] = None, nwd_assigner: Optional[bool | str] = None,
-        nwd_active: bool = True, nwd_classes: Optional[tuple[int, ...]] = None,
-    ) -> "LossSwitches":
+    def from_config(cls, config: dict, nwd_resolved: Optional[ResolvedSettings] = None) -> "LossSwitches":
         """The switches of a resolved loss config.
 
-        ``nwd_constant``, ``nwd_assigner``, ``nwd_active`` and ``nwd_classes`` are what ``nwd.constant: auto``,
-        ``nwd.assigner: auto``, ``nwd.max_small_share`` and ``nwd.assigner_classes: small`` resolved to
-        (``training_nwd_settings``, computed by the engine from the training labels); a value in the settings
-        wins, except that NWD turned off keeps the stock matcher.
+        ``nwd_resolved`` is what ``nwd.constant: auto``, ``nwd.assigner: auto``, ``nwd.max_small_share`` and
+        ``nwd.assigner_classes: small`` resolved to (``training_nwd_settings``, computed by the engine from the
+        training labels, or a checkpoint's record of it); a value in the settings wins, except that NWD turned
+        off keeps the stock matcher.
         """
-        nwd = ResolvedNWD.from_settings(config.get("nwd"), UNRESOLVED_HINT, nwd_constant, nwd_assigner, nwd_active,
-                                        nwd_classes)
+        nwd = ResolvedNWD.from_settings(config.get("nwd"), UNRESOLVED_HINT, nwd_resolved)
         if nwd.assigner is None:  # here, not when measuring: the model's RPN takes its matcher's overlap when built
             raise ValueError("nwd.assigner is auto but was not resolved: pass training_nwd_settings' decision")
         return cls(config, nwd)

@@ -257,8 +257,7 @@ class AnchorWeighting(nn.Module):
         if not nwd_cfg or not needs_training_boxes(nwd_cfg):
             return
         resolved = resolve_nwd_auto(nwd_cfg, *training_label_sizes(labels, imgsz), imgsz)
-        self.nwd = ResolvedNWD.from_settings(nwd_cfg, UNRESOLVED_HINT, resolved.constant, resolved.assigner,
-                                             resolved.active, resolved.classes)
+        self.nwd = ResolvedNWD.from_settings(nwd_cfg, UNRESOLVED_HINT, resolved)
         for line in resolved.lines:
             LOGGER.info(line)
 
