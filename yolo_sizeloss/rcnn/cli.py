@@ -157,8 +157,8 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> tuple[argparse.Namespace, CheckedSplits]:
     """A new run's settings (after ``fill_defaults``) with the data yaml's absolute path and the resolved loss,
-    and the checked splits the engine trains on; a value no run could use is a ValueError naming the flag, a data yaml Ultralytics'
-    own check refuses (or whose labels YOLO's ``train`` refuses) a DataError."""
+    and the checked splits the engine trains on; a value no run could use is a ValueError naming the flag, a
+    data yaml Ultralytics' own check refuses (or whose labels YOLO's ``train`` refuses) a DataError."""
     check_run_flags(args.epochs, args.imgsz, args.batch, args.workers, args.fraction, args.seed)
     parse_process_device(args.device, torchrun_world_size())
     for flag, value in {"batch": args.batch, "lr-step": args.lr_step}.items():
