@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import shutil
 import sys
-import traceback
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +25,12 @@ import yaml
 from PIL import Image
 from ultralytics.data.utils import IMG_FORMATS, exif_size
 
-from yolo_sizeloss.checks import OneLineParser
+from yolo_sizeloss.checks import DataError, OneLineParser, run_guarded
 
 BCCD_CLASSES = ("RBC", "WBC", "Platelets")
 
 
-class ConversionError(ValueError):
+class ConversionError(DataError):
     """Bad VOC input: the message names the file (and the object) at fault."""
 
 
@@ -194,6 +193,21 @@ def _check_kept_classes(dst: Path, kept: list[str], classes: tuple[str, ...]) ->
                          "the same --classes; nothing was written")
 
 
+@dataclass
+class Conversion:
+    """A checked conversion (``plan_conversion``), nothing written yet: each image with its split and YOLO
+    label lines, the splits found in place that stay in data.yaml, the paths it replaces and those it keeps."""
+
+    dst: Path
+    classes: tuple[str, ...]
+    splits: tuple[str, ...]
+    images: list[tuple[str, Path, list[str]]]
+    present: list[str]
+    replaced: list[Path]
+    kept: list[Path]
+    summary: ConversionSummary
+
+
 def convert_voc(
     src: str | Path,
     dst: str | Path,
@@ -205,12 +219,20 @@ def convert_voc(
     """Convert the VOC tree at ``src`` into a YOLO tree at ``dst``; return the summary.
 
     Each warning and the summary line go through ``log``. The whole input is checked before ``dst``
-    is written, so an error leaves no half-converted output behind. A ``dst`` holding images,
-    labels or a data yaml raises UsageError naming them unless ``overwrite``; then
+    is written (``plan_conversion``), so an error leaves no half-converted output behind. A ``dst`` holding
+    images, labels or a data yaml raises UsageError naming them unless ``overwrite``; then
     ``images/<split>``, ``labels/<split>`` (and Ultralytics' ``labels/<split>.cache``, which would
     describe the old labels) and ``data.yaml`` are replaced (listing also the splits left in place,
     ``_split_folders``), and other entries are left as they are.
     """
+    return write_conversion(plan_conversion(src, dst, classes, splits, overwrite), log)
+
+
+def plan_conversion(
+    src: str | Path, dst: str | Path, classes: tuple[str, ...], splits: tuple[str, ...], overwrite: bool
+) -> Conversion:
+    """Check the VOC tree at ``src`` and the output ``dst`` (``convert_voc``) and read every annotation, writing
+    nothing: UsageError for arguments that cannot be carried out, ConversionError naming a bad input file."""
     src, dst = Path(src), Path(dst)
     replaced, kept = _check_paths(src, dst, splits, overwrite)
     # a split this run does not convert but finds in place (--overwrite of some splits; VOC's trainval too)
@@ -242,8 +264,13 @@ def convert_voc(
             image = _find_image(src / "JPEGImages", stem, xml_path)
             plan.append((split, image, voc_to_yolo_lines(xml_path, image, classes, summary)))
         summary.images[split] = len(stems)
+    return Conversion(dst, classes, splits, plan, present, replaced, kept, summary)
 
-    # logged only now: an error in the input above leaves everything in place
+
+def write_conversion(conversion: Conversion, log=print) -> ConversionSummary:
+    """Write a checked ``conversion`` (``plan_conversion``), each warning and the summary line through ``log``;
+    return its summary."""
+    dst, splits, replaced, kept = conversion.dst, conversion.splits, conversion.replaced, conversion.kept
     if replaced:
         log(f"replacing {', '.join(_describe(p, dst) for p in replaced)} in {dst}")
     if kept:
@@ -253,13 +280,14 @@ def convert_voc(
     for split in splits:
         for sub in ("images", "labels"):
             (dst / sub / split).mkdir(parents=True)
-    for split, image, lines in plan:
+    for split, image, lines in conversion.images:
         shutil.copy2(image, dst / "images" / split / image.name)
         (dst / "labels" / split / f"{image.stem}.txt").write_text("".join(f"{ln}\n" for ln in lines))
-    data = {"path": str(dst.resolve()), **{s: f"images/{s}" for s in (*splits, *present)}}
-    data["names"] = dict(enumerate(classes))
+    data = {"path": str(dst.resolve()), **{s: f"images/{s}" for s in (*splits, *conversion.present)}}
+    data["names"] = dict(enumerate(conversion.classes))
     (dst / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
+    summary = conversion.summary
     for warning in dict.fromkeys(summary.warnings):  # an annotation listed in two splits warns once
         log(f"WARNING {warning}")
     log(str(summary))
@@ -280,7 +308,7 @@ def name_list(text: str, what: str) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None, prog: str = "python -m yolo_sizeloss.convert") -> int:
     """The command line: 0 on success, 2 for a usage error, 1 for bad data or a failed write; one
-    ``error:`` line on stderr, the traceback only with ``--verbose``."""
+    ``error:`` line on stderr, the traceback only with ``--verbose`` (``checks.run_guarded``)."""
     parser = OneLineParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("src", help="VOC root (Annotations/, JPEGImages/, ImageSets/Main/)")
     parser.add_argument("dst", help="output root for images/, labels/ and data.yaml")
@@ -290,15 +318,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m yolo_sizeloss.con
     parser.add_argument("--overwrite", action="store_true", help="replace the splits and data.yaml already in DST")
     parser.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     args = parser.parse_args(argv)
-    try:
+
+    def check() -> Conversion:
         classes, splits = name_list(args.classes, "--classes"), name_list(args.splits, "--splits")
-        convert_voc(args.src, args.dst, classes, splits, overwrite=args.overwrite)
-    except (UsageError, ConversionError, OSError) as e:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
-    return 0
+        return plan_conversion(args.src, args.dst, classes, splits, args.overwrite)
+
+    return run_guarded(prog, check, write_conversion, args.verbose)
 
 
 if __name__ == "__main__":
