@@ -604,6 +604,19 @@ def count_split_reads(monkeypatch) -> list[str]:
     return read
 
 
+def count_checkpoint_reads(monkeypatch, path: Path) -> list[Path]:
+    """Each time ``path`` is read by ``torch.load`` from now on."""
+    read, real = [], torch.load
+
+    def load(f, *args, **kwargs):
+        if isinstance(f, (str, Path)) and Path(f) == path:
+            read.append(f)
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    return read
+
+
 @pytest.mark.slow
 def test_the_engine_trains_on_the_splits_the_command_checked(tiny_data, tmp_path, monkeypatch):
     """The command's check reads each split's labels once and the engine trains on the images it kept (it
@@ -619,6 +632,7 @@ def test_resume_continues_the_run(trained_run, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     last = stopped_copy(trained_run, run)
     read = count_split_reads(monkeypatch)
+    checkpoint_reads = count_checkpoint_reads(monkeypatch, last)
     # as a run started before the assignment columns existed, killed after epoch 2's row, before its checkpoint
     old = [row for row in csv.DictReader(open(run / "results.csv"))]
     old = [{k: v for k, v in row.items() if not k.startswith("assign/")} for row in old]
@@ -628,6 +642,8 @@ def test_resume_continues_the_run(trained_run, tmp_path, capsys, monkeypatch):
     # the checkpoint knows its family: no --arch needed to resume it
     assert train_main(["--resume", str(last)]) == 0
     assert sorted(read) == ["train", "val"]  # checked once, as a new run's
+    # the family's peek and the check; the engine continues from the checked checkpoint (it once read it again)
+    assert len(checkpoint_reads) == 2
     rows = list(csv.DictReader(open(run / "results.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[1]["time"]) > float(rows[0]["time"])
     assert rows[1] != dict(zip(rows[0], first_row.replace("1,", "2,", 1).split(",")))  # trained again

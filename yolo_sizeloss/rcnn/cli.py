@@ -19,7 +19,6 @@ from ultralytics.utils import LOGGER
 
 from yolo_sizeloss.checkpoints import RCNN_ARCH, is_yolo_checkpoint, load_checkpoint
 from yolo_sizeloss.checks import (
-    CheckedSplits,
     DataError,
     OneLineParser,
     check_nwd_needs,
@@ -52,7 +51,7 @@ from yolo_sizeloss.config import (
 )
 from yolo_sizeloss.detections import first_fraction
 from yolo_sizeloss.evaluation import check_faster_coco_eval
-from yolo_sizeloss.rcnn.engine import DEFAULT_PROJECT, fit, resumed_args
+from yolo_sizeloss.rcnn.engine import DEFAULT_PROJECT, CheckedRun, fit, resumed_args
 from yolo_sizeloss.rcnn.model import BACKBONES, check_architecture, check_weights_match
 
 PLB_SHORTHANDS = {"1C": "rpn_cls", "1B": "rpn_box", "2C": "roi_cls", "2B": "roi_box"}  # the paper's names
@@ -155,9 +154,9 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **defaults, **given})
 
 
-def check_args(args: argparse.Namespace) -> tuple[argparse.Namespace, CheckedSplits]:
+def check_args(args: argparse.Namespace) -> CheckedRun:
     """A new run's settings (after ``fill_defaults``) with the data yaml's absolute path and the resolved loss,
-    and the checked splits the engine trains on; a value no run could use is a ValueError naming the flag, a
+    with the checked splits the engine trains on; a value no run could use is a ValueError naming the flag, a
     data yaml Ultralytics' own check refuses (or whose labels YOLO's ``train`` refuses) a DataError."""
     check_run_flags(args.epochs, args.imgsz, args.batch, args.workers, args.fraction, args.seed)
     parse_process_device(args.device, torchrun_world_size())
@@ -186,7 +185,7 @@ def check_args(args: argparse.Namespace) -> tuple[argparse.Namespace, CheckedSpl
     # on is the same one line in both families
     splits = check_training_splits(data)
     check_nwd_needs(config, first_fraction(splits.train, args.fraction), args.imgsz)
-    return argparse.Namespace(**{**vars(args), "data": data, "loss_config": config}), splits
+    return CheckedRun(argparse.Namespace(**{**vars(args), "data": data, "loss_config": config}), splits)
 
 
 def check_weights(weights: str, backbone: str, num_classes: int) -> None:
@@ -207,11 +206,11 @@ def check_weights(weights: str, backbone: str, num_classes: int) -> None:
     check_weights_match(Path(weights), backbone, num_classes)
 
 
-def check_resume_args(args: argparse.Namespace) -> tuple[argparse.Namespace, CheckedSplits]:
-    """A resumed run continues with its own settings: a flag other than RESUMABLE that asks for another value
-    than the run's is an error naming it, it must have epochs left to train (``engine.resumed_args``, as
-    ``fit`` reads it) and data Ultralytics' check accepts (its checked splits returned beside ``args``), and a
-    loss given must be the run's own (in any order of methods)."""
+def check_resume_args(args: argparse.Namespace) -> CheckedRun:
+    """A resumed run continues with its own settings (``engine.resumed_args``): a flag other than RESUMABLE
+    that asks for another value than the run's is an error naming it, it must have epochs left to train and
+    data Ultralytics' check accepts, and a loss given must be the run's own (in any order of methods). The
+    checkpoint and the checked splits travel with the settings, so that ``fit`` reads neither again."""
     check_run_flags(workers=args.workers)  # torch refuses a negative one only when the resumed run starts
     parse_process_device(args.device, torchrun_world_size())
     check_resume_file(args.resume)
@@ -231,7 +230,7 @@ def check_resume_args(args: argparse.Namespace) -> tuple[argparse.Namespace, Che
                                   f"--resume {args.resume}")
         if note:
             LOGGER.info(note)
-    return args, splits
+    return CheckedRun(run, splits, checkpoint)
 
 
 def main(argv: list[str] | None = None, prog: str = "yolo-sizeloss train") -> int:
@@ -240,11 +239,11 @@ def main(argv: list[str] | None = None, prog: str = "yolo-sizeloss train") -> in
     1, before anything is written; the traceback only with ``--verbose``."""
     args = build_parser(prog).parse_args(argv)
 
-    def check() -> tuple[argparse.Namespace, CheckedSplits]:
+    def check() -> CheckedRun:
         check_faster_coco_eval()  # each epoch's validation evaluates with it: refused before the first epoch
         return check_resume_args(args) if args.resume else check_args(fill_defaults(args))
 
-    return run_guarded(prog, check, lambda checked: fit(*checked), args.verbose)
+    return run_guarded(prog, check, fit, args.verbose)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -63,6 +64,15 @@ from yolo_sizeloss.weighting_plot import plot_weighting
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 WARMUP_FACTOR = 1e-3  # first warm-up learning rate, as a fraction of --lr
 VAL_CONF, VAL_MAX_DET = 0.001, 300  # Ultralytics' validation defaults, for comparable mAP
+
+
+class CheckedRun(NamedTuple):
+    """What the command's checks hand ``fit``: the run's settings (a resumed run's own), the splits it trains
+    and validates on, and the checkpoint it continues from (None for a new run)."""
+
+    args: argparse.Namespace
+    splits: CheckedSplits
+    checkpoint: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -268,16 +278,11 @@ def make_train_loader(
     return loader, sampler
 
 
-def fit(args: argparse.Namespace, splits: CheckedSplits) -> Path:
-    """Train Faster R-CNN as the checked ``args`` say (``yolo_sizeloss.rcnn.cli``) on the images of the checked
-    ``splits``; return the run directory."""
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume, RCNN_ARCH)
-        args = resumed_args(checkpoint, args)
-    ctx = setup_distributed(args.device)
+def fit(run: CheckedRun) -> Path:
+    """Train Faster R-CNN as the command checked it (``yolo_sizeloss.rcnn.cli``); return the run directory."""
+    ctx = setup_distributed(run.args.device)
     try:
-        return _fit(args, splits, ctx, checkpoint)
+        return _fit(*run, ctx)
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
@@ -308,7 +313,7 @@ def training_nwd_settings(
     return resolved
 
 
-def _fit(args: argparse.Namespace, splits: CheckedSplits, ctx: DistContext, checkpoint: dict | None) -> Path:
+def _fit(args: argparse.Namespace, splits: CheckedSplits, checkpoint: dict | None, ctx: DistContext) -> Path:
     if args.batch < ctx.world_size:
         raise ValueError(f"--batch {args.batch}: must be at least the number of processes ({ctx.world_size})")
     train_records, val_records, data = first_fraction(splits.train, args.fraction), splits.val, splits.data
