@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from yolo_sizeloss.report import markdown_table
-from yolo_sizeloss.weighting_plot import read_results
+from yolo_sizeloss.results_csv import read_columns
 
 METRIC_PREFIXES = ("metrics/", "val/AP")  # columns in [0, 1], shown in percent
 
@@ -25,7 +25,7 @@ def epoch_gaps(runs: Path, mode: str, reference: str, seeds: list[int], column: 
     """Per epoch, the mean over ``seeds`` of (mode - reference) in ``column``, as far as every run reached."""
     per_seed = []
     for seed in seeds:
-        a, b = (read_results(runs / f"{label}-s{seed}" / "results.csv") for label in (mode, reference))
+        a, b = (read_columns(runs / f"{label}-s{seed}" / "results.csv") for label in (mode, reference))
         if column not in a or column not in b:
             raise ValueError(f"{column!r} is not a column of both {mode}-s{seed} and {reference}-s{seed}")
         per_seed.append([x - y for x, y in zip(a[column], b[column])])

@@ -406,7 +406,7 @@ def test_staging_the_assigner_switches_between_its_measure_and_the_stock_ciou():
 @pytest.mark.slow
 def test_nwd_modes_train_and_leave_stock_checkpoints(bccd_subset, tmp_path):
     from yolo_sizeloss.cli import train_main
-    from yolo_sizeloss.weighting_plot import read_results
+    from yolo_sizeloss.results_csv import read_columns
 
     # auto: the mean sqrt(w * h) of the subset's training boxes at the run's imgsz, from the label files and image sizes
     from PIL import Image
@@ -439,7 +439,7 @@ def test_nwd_modes_train_and_leave_stock_checkpoints(bccd_subset, tmp_path):
         run_dir = tmp_path / name
         saved = yaml.safe_load((run_dir / "loss.yaml").read_text())
         assert saved == {"loss": loss, "settings": load_loss_config(loss, variant)}
-        columns = read_results(run_dir / "results.csv")
+        columns = read_columns(run_dir / "results.csv")
         assert columns["train/box_loss"][0] > 0
         assert columns["nwd/constant"][0] == pytest.approx(expected_constant, rel=1e-3)
         # the NWD assigner raised the target scores, so the assigned sum exceeded the CIoU one

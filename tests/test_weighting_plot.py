@@ -4,7 +4,8 @@ import math
 
 from PIL import Image
 
-from yolo_sizeloss.weighting_plot import plot_weighting, read_results
+from yolo_sizeloss.results_csv import read_columns
+from yolo_sizeloss.weighting_plot import plot_weighting
 
 HEADER = ("                  epoch,                   time,         train/box_loss,             feedback/r,"
           "             feedback/q,          feedback/gain,   sizeloss/box_w_small,   sizeloss/box_w_other")
@@ -17,7 +18,7 @@ def test_weighting_columns_are_read_with_stripped_names_and_plotted(tmp_path):
         "2,101.3,3.9,0.03,0.11,3.67,1.7,1.05\n"
         "3,150.0,3.5,,0.10,2.5,1.6,1.1\n"
     )
-    columns = read_results(tmp_path / "results.csv")
+    columns = read_columns(tmp_path / "results.csv")
     assert columns["feedback/gain"] == [4.0, 3.67, 2.5] and columns["epoch"] == [1.0, 2.0, 3.0]
     assert math.isnan(columns["feedback/r"][2])  # an empty cell
     path = plot_weighting(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 from ultralytics.utils import LOGGER
@@ -15,6 +16,21 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return []
     with open(path, newline="") as f:
         return [{str(k).strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def read_columns(path: Path) -> dict[str, list[float]]:
+    """``read_rows`` as columns of floats (for plots and per-epoch differences); an empty or non-numeric
+    cell is NaN."""
+    rows = read_rows(path)
+    return {name: [_number(row.get(name)) for row in rows] for name in (rows[0] if rows else ())}
+
+
+def _number(cell: str | None) -> float:
+    """A results.csv cell as a float, NaN when it is not a number (or missing from a short row)."""
+    try:
+        return float(cell)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def continue_results(path: Path, epochs_done: int) -> float:

@@ -9,9 +9,9 @@ each stage's columns join the same panels.
 
 from __future__ import annotations
 
-import csv
-import math
 from pathlib import Path
+
+from yolo_sizeloss.results_csv import read_columns
 
 PANELS = (  # (title, the column prefix, the last parts of the column names it plots)
     ("feedback shares", "feedback/", ("r", "q")),
@@ -19,25 +19,6 @@ PANELS = (  # (title, the column prefix, the last parts of the column names it p
     ("mean weight per anchor", "sizeloss/", ("box_w_small", "box_w_other", "cls_w_small", "cls_w_other")),
 )
 PLOT_FILE = "weighting.png"
-
-
-def read_results(path: Path) -> dict[str, list[float]]:
-    """results.csv as columns of floats; names stripped (Ultralytics pads them with spaces), an empty
-    or non-numeric cell is NaN."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return {}
-    names = [name.strip() for name in rows[0]]
-    return {name: [_number(row[i]) if i < len(row) else math.nan for row in rows[1:]] for i, name in enumerate(names)}
-
-
-def _number(cell: str) -> float:
-    """A results.csv cell as a float, NaN when it is not a number."""
-    try:
-        return float(cell)
-    except ValueError:
-        return math.nan
 
 
 def plot_weighting(run_dir: str | Path) -> Path | None:
@@ -48,7 +29,7 @@ def plot_weighting(run_dir: str | Path) -> Path | None:
     results = run_dir / "results.csv"
     if not results.is_file():
         return None
-    columns = read_results(results)
+    columns = read_columns(results)
     panels = [(title, [c for c in columns if c.startswith(prefix) and c.rsplit("/", 1)[1] in parts])
               for title, prefix, parts in PANELS]
     panels = [(title, names) for title, names in panels if names]
