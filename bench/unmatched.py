@@ -23,6 +23,7 @@ from yolo_sizeloss.detections_file import load_detections
 from yolo_sizeloss.evaluation import unmatched_detections
 
 TILE = 96  # original pixels around each detection; BCCD's platelets are 20-40 px across
+LABEL_WIDTH = 110  # pixels left of each row for its report's name
 
 
 def crops(report: str, conf: float) -> list[Image.Image]:
@@ -52,14 +53,13 @@ def crops(report: str, conf: float) -> list[Image.Image]:
 
 def sheet(rows: list[list[Image.Image]], labels: list[str]) -> Image.Image:
     """The tiles of each report as one row (labelled on the left), on white."""
-    label_width = 110
-    width = label_width + TILE * max((len(r) for r in rows), default=1)
+    width = LABEL_WIDTH + TILE * max((len(r) for r in rows), default=1)
     out = Image.new("RGB", (width, TILE * len(rows)), "white")
     draw = ImageDraw.Draw(out)
     for k, (tiles, label) in enumerate(zip(rows, labels)):
         draw.text((4, k * TILE + TILE // 2 - 6), f"{label} ({len(tiles)})", fill=(0, 0, 0))
         for j, tile in enumerate(tiles):
-            out.paste(tile, (label_width + j * TILE, k * TILE))
+            out.paste(tile, (LABEL_WIDTH + j * TILE, k * TILE))
     return out
 
 

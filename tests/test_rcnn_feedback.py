@@ -85,15 +85,12 @@ def test_rcnn_terms_errors_name_file_line_and_range(tmp_path):
         load_loss_config("feedback", path)
 
 
-def test_every_method_together_is_accepted_by_the_command_line(capsys):
+def test_every_method_together_is_accepted_by_the_command_line():
     # the loss as check_args resolves it from the parsed flags: every method, in the order given
     spec = "+".join(reversed(METHODS))
     config = loss_config(fill_defaults(build_parser().parse_args(["--loss", spec])))
     assert list(config) == list(reversed(METHODS))
     assert config == load_loss_config(spec)  # each with its default settings
-    # a bogus method in the same place is refused with its own message (the data is valid: the default one)
-    assert main(["--loss", spec + "+bogus"]) == 2
-    assert f"error: unknown loss 'bogus' in '{spec}+bogus'" in capsys.readouterr().err
 
 
 def test_softmax_grad_libra_by_hand():
