@@ -3,8 +3,10 @@
 import csv
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -408,3 +410,21 @@ def test_nan_recovery_keeps_validation_losses_stock(bccd_subset, tmp_path):
     _, stock_items = ema.init_criterion()(preds, batch)
     assert items.keys() == stock_items.keys()
     assert all(torch.equal(items[k], stock_items[k]) for k in items), (items, stock_items)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_training_with_one_line_that_says_how_to_continue(bccd_subset, tmp_path):
+    """Ctrl-C (SIGINT) once printed Ultralytics' whole stack: now one line and the shell's exit code 130."""
+    run_dir = tmp_path / "stopped"
+    training = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--data", str(bccd_subset), "--model", "yolov8n.yaml", "--epochs", "50",
+         "--imgsz", "64", "--batch", "8", "--workers", "0", "--device", "cpu", "--project", str(tmp_path),
+         "--name", "stopped", "plots=False"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    while not (run_dir / "weights" / "last.pt").is_file() and training.poll() is None:  # an epoch finished
+        time.sleep(0.5)
+    training.send_signal(signal.SIGINT)
+    _, err = training.communicate(timeout=120)
+    assert training.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("train.py: interrupted (a training run continues from its last finished "
+                                            "epoch: --resume RUN/weights/last.pt)")
+    assert "Traceback" not in err

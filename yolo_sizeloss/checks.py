@@ -27,7 +27,12 @@ from ultralytics.nn.tasks import guess_model_task
 from ultralytics.utils import LOGGER
 
 from yolo_sizeloss.checkpoints import load_checkpoint
-from yolo_sizeloss.detections import ImageRecord, load_split, split_image_files, training_box_sizes
+from yolo_sizeloss.detections import (
+    ImageRecord,
+    load_split,
+    split_image_files,
+    training_box_sizes,
+)
 from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.paths import resolve_data, run_data_path
 
@@ -71,11 +76,16 @@ def one_line(error: BaseException | str) -> str:
     return " ".join(TERMINAL_CODES.sub("", str(error)).split()) or type(error).__name__
 
 
-def run_guarded(prog: str, check: Callable[[], Any], work: Callable[[Any], Any], verbose: bool) -> int:
+RESUME_HINT = " (a training run continues from its last finished epoch: --resume RUN/weights/last.pt)"
+
+
+def run_guarded(prog: str, check: Callable[[], Any], work: Callable[[Any], Any], verbose: bool,
+                interrupted: str = "") -> int:
     """Run ``work(check())`` and return the exit code: a ValueError or FileNotFoundError from ``check``
     (or a SettingsError from ``work``) is a usage error (exit 2, prefixed with ``prog``), a DataError
     exit 1, any other failure exit 1 with a pointer to ``--verbose``; each one ``error:`` line, after
-    the traceback when ``verbose``."""
+    the traceback when ``verbose``. Ctrl-C is one ``interrupted`` line (with the ``interrupted`` hint, what
+    the user can do next) and exit 130, as a shell reports it."""
 
     def report(error: Exception, code: int, hint: str = "") -> int:
         if verbose:  # the traceback, then the same line and exit code as without it
@@ -84,8 +94,16 @@ def run_guarded(prog: str, check: Callable[[], Any], work: Callable[[Any], Any],
         print(f"{prog}: error: {one_line(error)}{hint}", file=sys.stderr)
         return code
 
+    def stopped(error: KeyboardInterrupt) -> int:
+        if verbose:
+            traceback.print_exception(error)
+        print(f"{prog}: interrupted{interrupted}", file=sys.stderr)
+        return 130
+
     try:
         checked = check()
+    except KeyboardInterrupt as e:  # not an Exception: the label scan of a large data set can take a while
+        return stopped(e)
     except DataError as e:
         return report(e, 1)
     except (ValueError, FileNotFoundError) as e:  # LossConfigError is a ValueError
@@ -94,6 +112,8 @@ def run_guarded(prog: str, check: Callable[[], Any], work: Callable[[Any], Any],
         return report(e, 1, " (--verbose shows the traceback)")
     try:
         work(checked)
+    except KeyboardInterrupt as e:
+        return stopped(e)
     except SettingsError as e:
         return report(e, 2)
     except DataError as e:

@@ -28,6 +28,7 @@ from ultralytics.nn.tasks import yaml_model_load
 from yolo_sizeloss import convert, validate
 from yolo_sizeloss.checkpoints import RCNN_ARCH, checkpoint_kind, load_checkpoint, yolo_module
 from yolo_sizeloss.checks import (
+    RESUME_HINT,
     DataError,
     OneLineParser,
     check_data_yaml,
@@ -317,7 +318,7 @@ def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if is_faster_rcnn_request(argv):
         return rcnn_cli.main(argv, prog)
     args = build_yolo_parser(prog).parse_args(argv)
-    return run_guarded(prog, lambda: check_yolo_request(args), train_yolo, args.verbose)
+    return run_guarded(prog, lambda: check_yolo_request(args), train_yolo, args.verbose, RESUME_HINT)
 
 
 def val_main(argv: list[str] | None = None, prog: str | None = None) -> int:

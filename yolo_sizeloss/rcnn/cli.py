@@ -19,6 +19,7 @@ from ultralytics.utils import LOGGER
 
 from yolo_sizeloss.checkpoints import RCNN_ARCH, is_yolo_checkpoint, load_checkpoint
 from yolo_sizeloss.checks import (
+    RESUME_HINT,
     DataError,
     OneLineParser,
     check_nwd_needs,
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None, prog: str = "yolo-sizeloss train") -> in
         check_faster_coco_eval()  # each epoch's validation evaluates with it: refused before the first epoch
         return check_resume_args(args) if args.resume else check_args(fill_defaults(args))
 
-    return run_guarded(prog, check, fit, args.verbose)
+    return run_guarded(prog, check, fit, args.verbose, RESUME_HINT)
 
 
 if __name__ == "__main__":
