@@ -67,6 +67,9 @@ def bad_yamls(tmp_path):
     (["--model", "nothere.pt"], 2, "--model nothere.pt: no such file"),
     (["--model", "yolov8q-nothere.yaml"], 2, "--model yolov8q-nothere.yaml: no such file, nor one of Ultralytics'"),
     (["--model", "{dir}/broken.yaml"], 1, "broken.yaml: "),
+    # Ultralytics guesses 'detect' for it and fails on it after making the run folder
+    (["--model", "{dir}/missing_split.yaml"], 2, "missing_split.yaml: not a model yaml, which names a backbone and a "
+                                                 "head (it reads as a data yaml: give it to --data)"),
     (["--model", "{dir}/notes.txt"], 2, "notes.txt: give a model yaml (such as yolov8n.yaml) or a local .pt checkpoint"),
     (["--model", "{dir}"], 2, ": give a model yaml (such as yolov8n.yaml) or a local .pt checkpoint"),
     (["task=segment"], 2, "'task=segment': yolo-sizeloss trains detection models only"),

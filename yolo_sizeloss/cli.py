@@ -209,6 +209,9 @@ def check_yolo_model(model: str, flag: str = "--model") -> str:
                                     "(such as yolov8n.yaml)") from None
         except Exception as e:  # a yaml it cannot read
             raise DataError(f"{flag} {model}: {one_line(e)}") from e
+        if not {"backbone", "head"} <= set(network):  # Ultralytics would fail on it after making the run folder
+            data = " (it reads as a data yaml: give it to --data)" if {"names", "train"} & set(network) else ""
+            raise ValueError(f"{flag} {model}: not a model yaml, which names a backbone and a head{data}")
     elif Path(model).suffix != ".pt":
         raise ValueError(f"{flag} {model}: give a model yaml (such as yolov8n.yaml) or a local .pt checkpoint")
     elif not Path(model).is_file():
