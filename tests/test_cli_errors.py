@@ -70,6 +70,8 @@ def bad_yamls(tmp_path):
     # Ultralytics guesses 'detect' for it and fails on it after making the run folder
     (["--model", "{dir}/missing_split.yaml"], 2, "missing_split.yaml: not a model yaml, which names a backbone and a "
                                                  "head (it reads as a data yaml: give it to --data)"),
+    (["pretrained=nothere.pt"], 2, "'pretrained=nothere.pt': give a local .pt checkpoint (nothing is downloaded)"),
+    (["pretrained={dir}/notes.txt"], 2, "notes.txt': give a local .pt checkpoint"),
     (["--model", "{dir}/notes.txt"], 2, "notes.txt: give a model yaml (such as yolov8n.yaml) or a local .pt checkpoint"),
     (["--model", "{dir}"], 2, ": give a model yaml (such as yolov8n.yaml) or a local .pt checkpoint"),
     (["task=segment"], 2, "'task=segment': yolo-sizeloss trains detection models only"),
@@ -725,3 +727,20 @@ def test_path_help_says_what_the_command_prints(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert done.value.code == 0
     assert "Print the absolute path of a file the package ships" in out and "``" not in out
+
+
+def test_pretrained_weights_are_checked_as_model_weights_are(tmp_path):
+    """``pretrained=PATH`` was loaded only after the run folder existed, and Ultralytics downloads a name it
+    lacks; a local YOLO checkpoint is taken, by its absolute path, and a Faster R-CNN one named."""
+    import torch
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yolo_sizeloss.cli import parse_pairs
+
+    weights = tmp_path / "start.pt"
+    torch.save({"model": DetectionModel("yolov8n.yaml", nc=3, verbose=False)}, weights)
+    assert parse_pairs([f"pretrained={weights}"]) == {"pretrained": str(weights.resolve())}
+    assert parse_pairs(["pretrained=True"]) == {"pretrained": True}
+    torch.save({"arch": "faster_rcnn"}, tmp_path / "rcnn.pt")
+    with pytest.raises(ValueError, match="is a Faster R-CNN checkpoint: train from it with --arch faster_rcnn"):
+        parse_pairs([f"pretrained={tmp_path / 'rcnn.pt'}"])

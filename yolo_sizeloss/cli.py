@@ -117,6 +117,11 @@ def parse_pairs(pairs: list[str]) -> dict[str, Any]:
         raise ValueError(one_line(e)) from e
     if "optimizer" in parsed:
         check_optimizer(parsed["optimizer"])
+    if isinstance(parsed.get("pretrained"), str):  # weights to start from, which Ultralytics would download
+        weights = parsed["pretrained"]
+        if Path(weights).suffix != ".pt" or not Path(weights).is_file():
+            raise ValueError(f"'pretrained={weights}': give a local .pt checkpoint (nothing is downloaded) or True/False")
+        parsed["pretrained"] = check_yolo_model(weights, "pretrained=")
     return parsed
 
 
