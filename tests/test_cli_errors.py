@@ -48,6 +48,7 @@ def bad_yamls(tmp_path):
     shutil.copy(next((BCCD / "images" / "train").glob("*.jpg")), tmp_path / "images" / "train")
     (tmp_path / "missing_split.yaml").write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames: {{0: a}}\n")
     (tmp_path / "broken.yaml").write_text("train: [images/train\nnames: {0: a\n")
+    (tmp_path / "no_val.yaml").write_text(f"path: {tmp_path}\ntrain: images/train\nnames: {{0: a}}\n")
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
     return tmp_path
 
@@ -109,6 +110,9 @@ def bad_yamls(tmp_path):
     (["--arch", "faster_rcnn", "--lr", "nan"], 2, "--lr nan: must be positive and finite"),
     (["--arch", "faster_rcnn", "--data", "{dir}/missing_split.yaml"], 1, "images not found, missing path"),
     (["--arch", "faster_rcnn", "--data", "{dir}/broken.yaml"], 1, "broken.yaml: YAML syntax error"),
+    # Ultralytics' message names the yaml itself: once in the line (it was twice)
+    (["--data", "{dir}/no_val.yaml"], 1, "no_val.yaml: 'val:' key missing"),
+    (["--arch", "faster_rcnn", "--data", "{dir}/no_val.yaml"], 1, "no_val.yaml: 'val:' key missing"),
 ])
 def test_train_mistakes_are_one_line_and_leave_nothing(bad_yamls, tmp_path, capsys, logged, argv, code, message):
     project = tmp_path / "runs"

@@ -126,7 +126,8 @@ def test_an_annotation_listed_in_two_splits_warns_once(tmp_path):
 
 def test_unknown_class_is_an_error_naming_file_and_object(tmp_path):
     root = write_voc(tmp_path / "voc", [("RBC", 0, 0, 5, 5), ("Neutrophil", 0, 0, 5, 5)])
-    with pytest.raises(ConversionError, match=r"img\.xml: object 1: unknown class 'Neutrophil'"):
+    with pytest.raises(ConversionError, match=r"img\.xml: object 1: unknown class 'Neutrophil' \(not in --classes: RBC, WBC, "
+                                              r"Platelets; its default is BCCD's\)"):
         convert_voc(root, tmp_path / "out", splits=("train",), log=lambda s: None)
     assert not (tmp_path / "out").exists()  # nothing half-written
 
@@ -351,6 +352,18 @@ def test_repeated_names_convert_once_and_an_empty_list_warns(tmp_path):
     ]
 
 
+def test_a_data_yaml_without_a_val_split_is_named_when_written(tmp_path):
+    """Ultralytics' check refuses a data yaml without train or val only when a training starts."""
+    root = write_voc(tmp_path / "voc", [("RBC", 0, 0, 5, 5)])
+    (root / "ImageSets" / "Main" / "test.txt").write_text("img\n")
+    log = []
+    convert_voc(root, tmp_path / "out", splits=("train", "test"), log=log.append)
+    assert [line for line in log if line.startswith("WARNING")] == [
+        f"WARNING {tmp_path / 'out' / 'data.yaml'} lists no val split, which training needs (convert it with --splits, "
+        "or edit data.yaml)"]
+    assert "val" not in yaml.safe_load((tmp_path / "out" / "data.yaml").read_text())
+
+
 def test_an_unknown_flag_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main([str(BCCD_VOC_FIXTURE), str(tmp_path / "out"), "--clases", "a"])
@@ -378,6 +391,6 @@ def test_an_xml_size_other_than_the_images_warns_naming_both(tmp_path):
     root = write_voc(tmp_path / "voc", [("RBC", 10, 10, 50, 40)], size=(100, 80))
     Image.new("RGB", (200, 160)).save(root / "JPEGImages" / "img.jpg")
     summary, _, lines = convert(root, tmp_path)
-    assert summary.warnings == [f"{root / 'Annotations' / 'img.xml'}: <size> 100x80, but img.jpg is 200x160; "
-                                "boxes normalised by the XML's size"]
+    assert [w for w in summary.warnings if "img.xml" in w] == [
+        f"{root / 'Annotations' / 'img.xml'}: <size> 100x80, but img.jpg is 200x160; boxes normalised by the XML's size"]
     assert lines == ["0 0.300000 0.312500 0.400000 0.375000"]

@@ -330,7 +330,8 @@ def checked_data(data: str) -> tuple[str, dict]:
         with ultralytics_dropping(lambda record: record.levelno < logging.WARNING):
             return path, check_det_dataset(path, autodownload=False)
     except Exception as e:
-        raise DataError(f"{path}: {one_line(e).split(DOWNLOAD_NOTE)[0]}") from e
+        message = one_line(e).split(DOWNLOAD_NOTE)[0]
+        raise DataError(f"{path}: {message.removeprefix(path).lstrip(': ')}") from e  # some of them name it first
 
 
 @contextlib.contextmanager

@@ -105,7 +105,8 @@ def voc_to_yolo_lines(
         name = (obj.findtext("name") or "").strip()
         if name not in classes:
             raise ConversionError(
-                f"{xml_path}: object {index}: unknown class {name!r} (known: {', '.join(classes)})"
+                f"{xml_path}: object {index}: unknown class {name!r} (not in --classes: {', '.join(classes)}; "
+                "its default is BCCD's)"
             )
         box = [_read_number(obj, t, xml_path, index) for t in ("xmin", "ymin", "xmax", "ymax")]
         x0, y0 = max(box[0], 0.0), max(box[1], 0.0)
@@ -264,6 +265,10 @@ def plan_conversion(
             image = _find_image(src / "JPEGImages", stem, xml_path)
             plan.append((split, image, voc_to_yolo_lines(xml_path, image, classes, summary)))
         summary.images[split] = len(stems)
+    missing = [s for s in ("train", "val") if s not in (*splits, *present)]
+    if missing:  # Ultralytics' check refuses such a data yaml only when a training starts
+        summary.warnings.append(f"{dst / 'data.yaml'} lists no {' or '.join(missing)} split, which training needs "
+                                "(convert it with --splits, or edit data.yaml)")
     return Conversion(dst, classes, splits, plan, present, replaced, kept, summary)
 
 
