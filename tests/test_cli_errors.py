@@ -316,6 +316,19 @@ def test_cuda_without_an_index_is_the_first_cuda_device_as_in_ultralytics(monkey
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU, which this machine lacks
     assert parse_device("cuda") == parse_device("CUDA") == parse_device("0") == Device("cuda", (0,))
 
+@pytest.mark.parametrize("world_size, batch, message", [
+    ("1", "0", "--batch 0: must be at least 1"),  # not "(or -1: auto)": YOLO's automatic batch is not offered here
+    ("2", "1", "--batch 1: must be at least the number of processes (2)"),  # once found after the scan
+])
+def test_a_faster_rcnn_batch_too_small_is_a_usage_error_before_the_data_scan(tmp_path, capsys, logged, monkeypatch,
+                                                                              world_size, batch, message):
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    assert train_main(["--arch", "faster_rcnn", "--batch", batch, "--device", "cpu",
+                       "--project", str(tmp_path / "runs")]) == 2
+    assert one_error_line(capsys).endswith(message)
+    assert logged == [] and not (tmp_path / "runs").exists()
+
+
 def test_two_devices_without_torchrun_are_refused_before_the_data_scan(tmp_path, capsys, logged, monkeypatch):
     import torch
 
@@ -331,6 +344,21 @@ def test_two_devices_without_torchrun_are_refused_before_the_data_scan(tmp_path,
     assert val_main(["--model", str(checkpoint), "--data", "bccd.yaml", "--device", "0,1",
                      "--project", str(tmp_path / "runs")]) == 2
     assert "--device 0,1: 2 device(s) for 1 process(es)" in one_error_line(capsys)
+    assert logged == [] and not (tmp_path / "runs").exists()
+
+
+def test_val_of_a_faster_rcnn_checkpoint_at_an_image_size_it_cannot_take_is_a_usage_error(tmp_path, capsys, logged):
+    """torchvision's model refused it only once built (exit 1, pointing to the traceback), where train's
+    --imgsz is a usage error; YOLO's validator rounds a small size up instead."""
+    import torch
+
+    from yolo_sizeloss.validate import main as val_main
+
+    checkpoint = tmp_path / "rcnn.pt"
+    torch.save({"arch": "faster_rcnn", "train_args": {"data": "bccd.yaml"}}, checkpoint)
+    assert val_main(["--model", str(checkpoint), "--imgsz", "16", "--device", "cpu",
+                     "--project", str(tmp_path / "runs")]) == 2
+    assert one_error_line(capsys).endswith("error: --imgsz 16: must be at least 32")
     assert logged == [] and not (tmp_path / "runs").exists()
 
 

@@ -757,6 +757,23 @@ def test_resume_with_negative_workers_is_one_line_naming_the_flag_and_writes_not
 
 
 @pytest.mark.slow
+def test_resume_on_data_with_other_classes_is_one_line_and_writes_nothing(trained_run, tiny_data, tmp_path, capsys):
+    """A class added to the run's data yaml since: it was found only when the engine built the model (exit 1,
+    pointing to the traceback)."""
+    data = yaml.safe_load(tiny_data.read_text())
+    data["names"][3] = "Neutrophil"
+    grown = tmp_path / "grown.yaml"
+    grown.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    last = stopped_copy(trained_run, run, data=str(grown))
+    before = folder_state(run)
+    assert train_main(["--resume", str(last)]) == 1
+    assert capsys.readouterr().err.strip() == (f"yolo-sizeloss train: error: --resume {last}: the run trained 3 classes "
+                                               f"and its data {grown} now has 4")
+    assert folder_state(run) == before
+
+
+@pytest.mark.slow
 def test_a_new_run_in_a_reused_folder_writes_only_its_own_results(tiny_data, tmp_path):
     """--exist-ok reuses the folder of an earlier run: its results.csv goes, as Ultralytics' trainer deletes
     it on a new run, instead of the new rows following the old ones."""

@@ -69,7 +69,7 @@ from yolo_sizeloss.paired import check_group_pattern, check_resamples
 from yolo_sizeloss.paired_report import compare_report, load_metrics
 from yolo_sizeloss.paths import run_data_path
 from yolo_sizeloss.rcnn.engine import predict_checkpoint
-from yolo_sizeloss.rcnn.model import RCNN_NMS_IOU
+from yolo_sizeloss.rcnn.model import RCNN_NMS_IOU, check_imgsz as check_rcnn_imgsz
 from yolo_sizeloss.report import format_report, write_metrics, write_report
 
 KEPT_DETECTIONS = 300  # detections kept per image, as Ultralytics' validator (raised by a larger --max-det)
@@ -221,6 +221,8 @@ def check_args(args: argparse.Namespace) -> ValRequest | argparse.Namespace:
         raise DataError(flag_error("--model", args.model, e)) from e
     if kind == RCNN_ARCH:
         parse_process_device(args.device, world_size=1)  # a checkpoint is evaluated by one process
+        if args.imgsz is not None:  # YOLO's validator rounds a small one up; torchvision's model refuses it
+            check_rcnn_imgsz(args.imgsz)
     else:
         check_detection_network(yolo_module(checkpoint), args.model, "val evaluates")
     data = data or training_data(checkpoint, args.model)

@@ -159,11 +159,11 @@ def check_args(args: argparse.Namespace) -> CheckedRun:
     """A new run's settings (after ``fill_defaults``) with the data yaml's absolute path and the resolved loss,
     with the checked splits the engine trains on; a value no run could use is a ValueError naming the flag, a
     data yaml Ultralytics' own check refuses (or whose labels YOLO's ``train`` refuses) a DataError."""
-    check_run_flags(args.epochs, args.imgsz, args.batch, args.workers, args.fraction, args.seed)
+    check_run_flags(args.epochs, args.imgsz, None, args.workers, args.fraction, args.seed)
     parse_process_device(args.device, torchrun_world_size())
-    for flag, value in {"batch": args.batch, "lr-step": args.lr_step}.items():
-        if value < 1:  # no automatic batch on this path
-            raise ValueError(f"--{flag} {value}: must be at least 1")
+    check_batch(args.batch)
+    if args.lr_step < 1:
+        raise ValueError(f"--lr-step {args.lr_step}: must be at least 1")
     check_architecture(args.backbone, args.imgsz)
     if args.warmup_iters < 0:
         raise ValueError(f"--warmup-iters {args.warmup_iters}: must not be negative")
@@ -187,6 +187,15 @@ def check_args(args: argparse.Namespace) -> CheckedRun:
     splits = check_training_splits(data)
     check_nwd_needs(config, first_fraction(splits.train, args.fraction), args.imgsz)
     return CheckedRun(argparse.Namespace(**{**vars(args), "data": data, "loss_config": config}), splits)
+
+
+def check_batch(batch: int) -> None:
+    """``--batch``: the images of a step over all torchrun processes, at least one each (no automatic -1 here);
+    the engine would find too few only after the data scan and the model build."""
+    processes = torchrun_world_size()
+    if batch < processes:
+        raise ValueError(f"--batch {batch}: must be at least 1" if processes == 1 else
+                         f"--batch {batch}: must be at least the number of processes ({processes})")
 
 
 def check_weights(weights: str, backbone: str, num_classes: int) -> None:
@@ -226,6 +235,10 @@ def check_resume_args(args: argparse.Namespace) -> CheckedRun:
         raise DataError(f"--resume {args.resume}: not a Faster R-CNN training checkpoint (no {one_line(e)})") from e
     check_resume_is_latest(args.resume, checkpoint["epoch"])
     _, splits = check_resumed_data(args.resume, run.data)
+    if checkpoint["num_classes"] != splits.data["nc"] + 1:  # torchvision counts the background as a class
+        raise DataError(f"--resume {args.resume}: the run trained {checkpoint['num_classes'] - 1} classes and its data "
+                        f"{run.data} now has {splits.data['nc']}")
+    check_batch(run.batch)  # as many processes as the run started with, or others
     if any(getattr(args, k) is not None for k in LOSS_FLAGS):
         note = check_resumed_loss(checkpoint["loss"], loss_config(args, loss_name(checkpoint["loss"])),
                                   f"--resume {args.resume}")

@@ -314,8 +314,6 @@ def training_nwd_settings(
 
 
 def _fit(args: argparse.Namespace, splits: CheckedSplits, checkpoint: dict | None, ctx: DistContext) -> Path:
-    if args.batch < ctx.world_size:
-        raise ValueError(f"--batch {args.batch}: must be at least the number of processes ({ctx.world_size})")
     train_records, val_records, data = first_fraction(splits.train, args.fraction), splits.val, splits.data
     switches = LossSwitches.from_config(
         args.loss_config, training_nwd_settings(args.loss_config, train_records, args.imgsz, checkpoint, ctx.is_main))
@@ -398,9 +396,6 @@ def checkpoint_or_new_model(
     ``switches``, the loop's own (``stage_rpn_overlap`` and results.csv go by them)."""
     if checkpoint is None:
         return build_model(args.backbone, num_classes, args.imgsz, switches, args.weights)
-    if checkpoint["num_classes"] != num_classes:
-        raise ValueError(f"--resume {args.resume}: checkpoint has {checkpoint['num_classes'] - 1} classes, "
-                         f"data {args.data} has {num_classes - 1}")
     return model_from_checkpoint(checkpoint, switches=switches)
 
 

@@ -50,6 +50,11 @@ def check_architecture(backbone: str, imgsz: int) -> None:
     """A backbone and image size ``build_model`` can make; ValueError naming the flag."""
     if backbone not in BACKBONES:
         raise ValueError(f"--backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
+    check_imgsz(imgsz)
+
+
+def check_imgsz(imgsz: int) -> None:
+    """An image size torchvision's Faster R-CNN can take (training or evaluating); ValueError naming the flag."""
     if imgsz < 32:
         raise ValueError(f"--imgsz {imgsz}: must be at least 32")
 
