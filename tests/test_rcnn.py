@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -558,9 +559,9 @@ def test_each_record_holds_its_own_images_model_output(trained_run, tiny_data, t
 
 
 @pytest.mark.slow
-def test_val_applies_its_nms_iou_to_faster_rcnn_and_records_it(trained_run, tiny_data, tmp_path):
+def test_val_applies_its_nms_iou_to_faster_rcnn_and_records_it(trained_run, tiny_data, tmp_path, capfd):
     """val --iou was Ultralytics' NMS setting only: a Faster R-CNN checkpoint kept torchvision's 0.5
-    whatever was asked, and the report did not say which."""
+    whatever was asked, and the report did not say which. (And its prediction showed no progress.)"""
     from torchvision.ops import box_iou
 
     from yolo_sizeloss.detections_file import load_detections
@@ -579,6 +580,8 @@ def test_val_applies_its_nms_iou_to_faster_rcnn_and_records_it(trained_run, tiny
     for name, flags in (("default", []), ("strict", ["--iou", "0.2"])):
         assert val_main(["--model", best, "--data", str(tiny_data), "--split", "val", "--device", "cpu",
                          "--project", str(tmp_path), "--name", name, *flags]) == 0
+        out, err = capfd.readouterr()
+        assert re.search(r"val: 100%.* 1/1 ", out + err), out + err  # 2 images in one batch
     meta = {name: json.loads((tmp_path / name / "metrics.json").read_text())["meta"] for name in ("default", "strict")}
     assert (meta["default"]["iou"], meta["strict"]["iou"]) == (0.5, 0.2)
     # boxes are scaled back to the original image after NMS, which keeps their IoU up to rounding

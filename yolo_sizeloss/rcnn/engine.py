@@ -191,16 +191,18 @@ def reduced_loss_items(losses: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module, records: list[ImageRecord], device: torch.device, batch: int, workers: int
+    model: torch.nn.Module, records: list[ImageRecord], device: torch.device, batch: int, workers: int,
+    show_progress: bool,
 ) -> list[ImageRecord]:
-    """Copies of ``records`` with the model's detections (original image pixels, YOLO class ids)."""
+    """Copies of ``records`` with the model's detections (original image pixels, YOLO class ids); a progress bar
+    with ``show_progress`` (minutes on a CPU, as YOLO's validator shows its own)."""
     net = unwrap(model)
     net.eval()
     loader = DataLoader(
         DetectionDataset(records, flip_p=0.0), batch_size=batch, num_workers=workers, collate_fn=collate_detection
     )
     predicted = list(records)
-    for images, _, indices in loader:
+    for images, _, indices in TQDM(loader, desc="val", disable=not show_progress):
         for index, out in zip(indices, net([image.to(device) for image in images])):
             predicted[index] = dataclasses.replace(
                 records[index],
@@ -227,7 +229,7 @@ def validate(
     """Predict each rank's shard of ``records``, gather on rank 0 and return its mAPs there (``coco_map``;
     None elsewhere)."""
     shard = shard_indices(len(records), ctx)
-    predicted = predict(model, [records[i] for i in shard], ctx.device, batch, workers)
+    predicted = predict(model, [records[i] for i in shard], ctx.device, batch, workers, ctx.is_main)
     if ctx.world_size > 1:
         gathered: list = [None] * ctx.world_size
         dist.all_gather_object(gathered, list(zip(shard, predicted)))
@@ -493,4 +495,4 @@ def predict_checkpoint(
     torch_device = select_device(device or "", 0, 1)
     model = model_from_checkpoint(checkpoint, imgsz).to(torch_device)
     set_inference_limits(model, conf, max_det, iou)
-    return predict(model, records, torch_device, batch, workers)
+    return predict(model, records, torch_device, batch, workers, show_progress=True)
