@@ -1,5 +1,6 @@
 """The VOC -> YOLO converter, on real BCCD VOC files and on malformed inputs written here."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -253,6 +254,19 @@ def test_overwrite_replaces_the_converted_splits_and_says_what_it_replaced(tmp_p
     assert not (out / "labels" / "train.cache").exists()  # Ultralytics would otherwise reuse the old labels
     assert (out / "images" / "extra" / "other.jpg").read_bytes() == files[out / "images" / "extra" / "other.jpg"]
     assert yaml.safe_load((out / "data.yaml").read_text())["train"] == "images/train"
+
+
+def test_a_large_conversion_shows_its_progress(tmp_path, capsys, monkeypatch):
+    """Reading every annotation and image header, then copying every image, was minutes of silence on a
+    VOC-sized set; a small one keeps its output to the summary."""
+    from yolo_sizeloss import convert
+
+    stems = (BCCD_VOC_FIXTURE / "ImageSets" / "Main" / "train.txt").read_text().split()
+    monkeypatch.setattr(convert, "PROGRESS_FROM", len(stems))  # as if this set were large
+    code, stdout, _ = run_main([BCCD_VOC_FIXTURE, tmp_path / "out", "--splits", "train"], capsys)
+    assert code == 0
+    assert re.search(rf"reading train: 100%.* {len(stems)}/{len(stems)} ", stdout), stdout
+    assert re.search(rf"writing: 100%.* {len(stems)}/{len(stems)} ", stdout), stdout
 
 
 def test_overwriting_one_split_keeps_the_others_in_data_yaml(tmp_path, capsys):

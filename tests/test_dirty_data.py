@@ -1,5 +1,6 @@
 """A split with broken files counts exactly the images and boxes Ultralytics' stock validator counts."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +45,11 @@ def dirty_split(tmp_path) -> Path:
     return make_dirty_split(tmp_path)
 
 
-def test_check_split_skips_what_the_stock_validator_skips_and_says_why(dirty_split):
+def test_check_split_skips_what_the_stock_validator_skips_and_says_why(dirty_split, capfd):
     records, data, skipped = check_split(dirty_split, "test")
     root = dirty_split.parent / "images" / "test"
+    images = len(list(root.iterdir()))
+    assert re.search(rf"checking test labels: 100%.* {images}/{images} ", capfd.readouterr().out)  # as it reads them
     assert [(Path(s.file).name, s.boxes, s.whole_image) for s in skipped] == [
         ("BloodImage_00007.jpg", 18, True),
         ("BloodImage_00011.jpg", 19, True),

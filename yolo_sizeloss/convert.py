@@ -24,10 +24,12 @@ from pathlib import Path
 import yaml
 from PIL import Image
 from ultralytics.data.utils import IMG_FORMATS, exif_size
+from ultralytics.utils import TQDM
 
 from yolo_sizeloss.checks import DataError, OneLineParser, run_guarded
 
 BCCD_CLASSES = ("RBC", "WBC", "Platelets")
+PROGRESS_FROM = 1000  # images from which reading and writing show a bar (each takes seconds by then)
 
 
 class ConversionError(DataError):
@@ -258,7 +260,7 @@ def plan_conversion(
             summary.warnings.append(f"{list_file}: {len(listed) - len(stems)} repeated name(s), converted once")
         if not stems:  # Ultralytics would stop at training time with "No images found"
             summary.warnings.append(f"{list_file}: lists no images; the {split} split is empty")
-        for stem in stems:
+        for stem in TQDM(stems, desc=f"reading {split}", disable=len(stems) < PROGRESS_FROM):
             xml_path = src / "Annotations" / f"{stem}.xml"
             if not xml_path.is_file():
                 raise ConversionError(f"{list_file}: {stem}: annotation {xml_path} not found")
@@ -285,7 +287,7 @@ def write_conversion(conversion: Conversion, log=print) -> ConversionSummary:
     for split in splits:
         for sub in ("images", "labels"):
             (dst / sub / split).mkdir(parents=True)
-    for split, image, lines in conversion.images:
+    for split, image, lines in TQDM(conversion.images, desc="writing", disable=len(conversion.images) < PROGRESS_FROM):
         shutil.copy2(image, dst / "images" / split / image.name)
         (dst / "labels" / split / f"{image.stem}.txt").write_text("".join(f"{ln}\n" for ln in lines))
     data = {"path": str(dst.resolve()), **{s: f"images/{s}" for s in (*splits, *conversion.present)}}

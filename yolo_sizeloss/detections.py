@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from ultralytics.data.base import BaseDataset
 from ultralytics.data.utils import check_det_dataset, img2label_paths, verify_image_label
-from ultralytics.utils import LOGGER, NUM_THREADS
+from ultralytics.utils import LOGGER, NUM_THREADS, TQDM
 from ultralytics.utils.ops import xywhn2xyxy
 
 from yolo_sizeloss.paths import resolve_data
@@ -169,8 +169,8 @@ def check_split(data_yaml: str | Path, split: str) -> tuple[list[ImageRecord], d
     labels = img2label_paths(images)
     nkpt, ndim = data.get("kpt_shape", (0, 0))
     args = [(im, lb, "", False, len(data["names"]), nkpt, ndim, False) for im, lb in zip(images, labels)]
-    with ThreadPool(NUM_THREADS) as pool:
-        results = pool.map(verify_image_label, args)
+    with ThreadPool(NUM_THREADS) as pool:  # a bar: on a large data set this reading takes a while
+        results = list(TQDM(pool.imap(verify_image_label, args), total=len(args), desc=f"checking {split} labels"))
     records, skipped = [], []
     for image, label_file, (_, lb, shape, *_, msg) in zip(images, labels, results):
         reason, rows = msg.removeprefix(f"{image}: "), _label_rows(label_file)
