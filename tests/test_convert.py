@@ -269,6 +269,30 @@ def test_a_large_conversion_shows_its_progress(tmp_path, capsys, monkeypatch):
     assert re.search(rf"writing: 100%.* {len(stems)}/{len(stems)} ", stdout), stdout
 
 
+def test_a_write_that_fails_part_way_leaves_the_output_as_it_was(tmp_path, capsys, monkeypatch):
+    """--overwrite deleted the old splits before copying the new ones: a full disk part-way lost both."""
+    from yolo_sizeloss import convert
+
+    out = tmp_path / "out"
+    files = write_dataset(out)
+    real, copies = shutil.copy2, []
+
+    def disk_full_at_the_second_image(source, target):
+        copies.append(target)
+        if len(copies) == 2:
+            raise OSError(28, "No space left on device")
+        return real(source, target)
+
+    monkeypatch.setattr(convert.shutil, "copy2", disk_full_at_the_second_image)
+    code, _, stderr = run_main([BCCD_VOC_FIXTURE, out, "--splits", "train", "--overwrite"], capsys)
+    assert code == 1 and stderr.endswith("No space left on device (--verbose shows the traceback)\n")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files  # nothing replaced, nothing left over
+    fresh = tmp_path / "fresh"
+    copies.clear()
+    assert run_main([BCCD_VOC_FIXTURE, fresh, "--splits", "train"], capsys)[0] == 1
+    assert not fresh.exists()
+
+
 def test_overwriting_one_split_keeps_the_others_in_data_yaml(tmp_path, capsys):
     out = tmp_path / "out"
     assert run_main([BCCD_VOC_FIXTURE, out], capsys)[0] == 0

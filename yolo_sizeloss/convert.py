@@ -9,7 +9,8 @@ SRC holds ``Annotations/*.xml``, ``JPEGImages/*`` and ``ImageSets/Main/<split>.t
 with a warning, boxes past the image border are clipped with a warning, and the summary counts both.
 An unknown class, an unreadable XML file or a missing or unreadable image is an error that names the file.
 A DST that already holds images, labels or a data yaml is refused, naming what it holds, unless
-``overwrite`` is set; then the log names what is replaced.
+``overwrite`` is set; then the log names what is replaced, and the replaced splits stay until the new ones
+are written in full.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ultralytics.utils import TQDM
 from yolo_sizeloss.checks import DataError, OneLineParser, run_guarded
 
 BCCD_CLASSES = ("RBC", "WBC", "Platelets")
+STAGING = ".converting"  # DST's folder for the splits being written
 PROGRESS_FROM = 1000  # images from which reading and writing show a bar (each takes seconds by then)
 
 
@@ -282,14 +284,27 @@ def write_conversion(conversion: Conversion, log=print) -> ConversionSummary:
         log(f"replacing {', '.join(_describe(p, dst) for p in replaced)} in {dst}")
     if kept:
         log(f"keeping {', '.join(_describe(p, dst) for p in kept)} in {dst} (not part of this conversion)")
+    # the new splits are written beside the old ones and take their place only once complete, so that a full disk
+    # or Ctrl-C part-way leaves DST as it was
+    staging, made_dst = dst / STAGING, not dst.exists()
+    shutil.rmtree(staging, ignore_errors=True)  # a killed conversion's
+    try:
+        for split in splits:
+            for sub in ("images", "labels"):
+                (staging / sub / split).mkdir(parents=True)
+        for split, image, lines in TQDM(conversion.images, desc="writing", disable=len(conversion.images) < PROGRESS_FROM):
+            shutil.copy2(image, staging / "images" / split / image.name)
+            (staging / "labels" / split / f"{image.stem}.txt").write_text("".join(f"{ln}\n" for ln in lines))
+    except BaseException:
+        shutil.rmtree(dst if made_dst else staging, ignore_errors=True)
+        raise
     for path in replaced:  # a linked split folder loses its link, not what it links to
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     for split in splits:
         for sub in ("images", "labels"):
-            (dst / sub / split).mkdir(parents=True)
-    for split, image, lines in TQDM(conversion.images, desc="writing", disable=len(conversion.images) < PROGRESS_FROM):
-        shutil.copy2(image, dst / "images" / split / image.name)
-        (dst / "labels" / split / f"{image.stem}.txt").write_text("".join(f"{ln}\n" for ln in lines))
+            (dst / sub).mkdir(exist_ok=True)
+            (staging / sub / split).rename(dst / sub / split)
+    shutil.rmtree(staging)
     data = {"path": str(dst.resolve()), **{s: f"images/{s}" for s in (*splits, *conversion.present)}}
     data["names"] = dict(enumerate(conversion.classes))
     (dst / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
