@@ -247,7 +247,7 @@ def schedule_flags(args, seed: int) -> list[str]:
 
 def rarest_class(data: str) -> str:
     """The class with the fewest boxes in the data yaml's training labels (the first of a tie)."""
-    records, data_dict = load_split(data, "train")
+    records, data_dict = load_split(data, "train", progress=False)  # --status prints a table
     names = [data_dict["names"][k] for k in range(len(data_dict["names"]))]
     counts = np.bincount(np.concatenate([r.gt_classes for r in records]), minlength=len(names))
     return names[int(np.argmin(counts))]

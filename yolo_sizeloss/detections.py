@@ -153,7 +153,9 @@ def first_bad_label_row(label_file: str, classes: int) -> str | None:
     return None
 
 
-def check_split(data_yaml: str | Path, split: str) -> tuple[list[ImageRecord], dict, list[SkippedLabels]]:
+def check_split(
+    data_yaml: str | Path, split: str, progress: bool = True
+) -> tuple[list[ImageRecord], dict, list[SkippedLabels]]:
     """Ground truth of one split exactly as Ultralytics' detection validator counts it.
 
     Every image of the split goes through ``ultralytics.data.utils.verify_image_label`` with the
@@ -162,7 +164,8 @@ def check_split(data_yaml: str | Path, split: str) -> tuple[list[ImageRecord], d
     the wrong length) and the same duplicate rows removed. Like the stock validator, that check
     re-saves in place a JPEG whose data is complete but whose end marker is missing.
     Returns the kept images' records (boxes xyxy in pixels of the EXIF-oriented image), the checked
-    data dict, and what was left out, one ``SkippedLabels`` per affected image.
+    data dict, and what was left out, one ``SkippedLabels`` per affected image. ``progress``: a bar while the
+    images are read.
     """
     data = check_det_dataset(resolve_data(data_yaml))
     images = split_image_files(data, split)
@@ -170,7 +173,8 @@ def check_split(data_yaml: str | Path, split: str) -> tuple[list[ImageRecord], d
     nkpt, ndim = data.get("kpt_shape", (0, 0))
     args = [(im, lb, "", False, len(data["names"]), nkpt, ndim, False) for im, lb in zip(images, labels)]
     with ThreadPool(NUM_THREADS) as pool:  # a bar: on a large data set this reading takes a while
-        results = list(TQDM(pool.imap(verify_image_label, args), total=len(args), desc=f"checking {split} labels"))
+        results = list(TQDM(pool.imap(verify_image_label, args), total=len(args), desc=f"checking {split} labels",
+                            disable=not progress))
     records, skipped = [], []
     for image, label_file, (_, lb, shape, *_, msg) in zip(images, labels, results):
         reason, rows = msg.removeprefix(f"{image}: "), _label_rows(label_file)
@@ -204,12 +208,12 @@ def split_summary(records: list[ImageRecord], skipped: list[SkippedLabels]) -> s
     return skipped_summary(skipped, len(records) + sum(s.whole_image for s in skipped)) if skipped else ""
 
 
-def load_split(data_yaml: str | Path, split: str) -> tuple[list[ImageRecord], dict]:
+def load_split(data_yaml: str | Path, split: str, progress: bool = True) -> tuple[list[ImageRecord], dict]:
     """``check_split`` without the list of skipped labels, which is logged as a warning.
 
     Raises ValueError when no image of the split is left.
     """
-    records, data, skipped = check_split(data_yaml, split)
+    records, data, skipped = check_split(data_yaml, split, progress)
     where = f"{data.get('yaml_file', data_yaml)} split '{split}'"
     summary = split_summary(records, skipped)
     if not records:
