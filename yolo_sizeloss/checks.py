@@ -27,12 +27,7 @@ from ultralytics.nn.tasks import guess_model_task
 from ultralytics.utils import LOGGER
 
 from yolo_sizeloss.checkpoints import load_checkpoint
-from yolo_sizeloss.detections import (
-    ImageRecord,
-    load_split,
-    split_image_files,
-    training_box_sizes,
-)
+from yolo_sizeloss.detections import ImageRecord, load_split, split_image_files, training_box_sizes
 from yolo_sizeloss.methods.nwd import needs_training_boxes, resolve_nwd_auto
 from yolo_sizeloss.paths import resolve_data, run_data_path
 
