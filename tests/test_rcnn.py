@@ -603,7 +603,8 @@ def stopped_copy(trained_run: Path, run: Path, **train_args) -> Path:
 def count_split_reads(monkeypatch) -> list[str]:
     """The splits whose label files are read from now on (``detections.check_split``, which every reader calls)."""
     read, real = [], detections.check_split
-    monkeypatch.setattr(detections, "check_split", lambda data, split: read.append(split) or real(data, split))
+    monkeypatch.setattr(detections, "check_split",
+                        lambda data, split, *rest: read.append(split) or real(data, split, *rest))
     return read
 
 
