@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for mode in args.modes:
             load_loss_mode(mode)
-        check_yolo_model(args.weights, "--weights")
+        check_yolo_model(args.weights, f"--weights {args.weights}")
         names = checked_data(args.data)[1]["names"]  # Ultralytics' check of the yaml, read once
     except (ValueError, FileNotFoundError) as e:  # LossConfigError is a ValueError
         p.error(one_line(e))

@@ -774,5 +774,7 @@ def test_pretrained_weights_are_checked_as_model_weights_are(tmp_path):
     assert parse_pairs([f"pretrained={weights}"]) == {"pretrained": str(weights.resolve())}
     assert parse_pairs(["pretrained=True"]) == {"pretrained": True}
     torch.save({"arch": "faster_rcnn"}, tmp_path / "rcnn.pt")
-    with pytest.raises(ValueError, match="is a Faster R-CNN checkpoint: train from it with --arch faster_rcnn"):
-        parse_pairs([f"pretrained={tmp_path / 'rcnn.pt'}"])
+    rcnn = tmp_path / "rcnn.pt"
+    with pytest.raises(ValueError, match=re.escape(f"'pretrained={rcnn}' is a Faster R-CNN checkpoint: train from it "
+                                                   "with --arch faster_rcnn")):
+        parse_pairs([f"pretrained={rcnn}"])

@@ -31,6 +31,7 @@ from yolo_sizeloss.checks import (
     RESUME_HINT,
     DataError,
     OneLineParser,
+    after_path,
     check_data_yaml,
     check_detection_network,
     check_nwd_needs,
@@ -42,7 +43,6 @@ from yolo_sizeloss.checks import (
     check_run_flags,
     check_run_name,
     check_training_splits,
-    flag_error,
     non_empty,
     one_line,
     parse_device,
@@ -121,7 +121,7 @@ def parse_pairs(pairs: list[str]) -> dict[str, Any]:
         weights = parsed["pretrained"]
         if Path(weights).suffix != ".pt" or not Path(weights).is_file():
             raise ValueError(f"'pretrained={weights}': give a local .pt checkpoint (nothing is downloaded) or True/False")
-        parsed["pretrained"] = check_yolo_model(weights, "pretrained=")
+        parsed["pretrained"] = check_yolo_model(weights, f"'pretrained={weights}'")
     return parsed
 
 
@@ -203,35 +203,36 @@ def check_yolo_resume(args: argparse.Namespace, ckpt: dict) -> None:
     check_resumed_epochs(args.epochs, epoch + 1)
 
 
-def check_yolo_model(model: str, flag: str = "--model") -> str:
-    """``--model`` (or the script's ``flag``): a model yaml name or file, or a local YOLO ``.pt``;
-    anything else names the flag."""
+def check_yolo_model(model: str, named: str | None = None) -> str:
+    """``--model`` (or the argument messages call ``named``, such as ``--weights PATH``): a model yaml name
+    or file, or a local YOLO ``.pt``; anything else is an error that names the argument."""
+    named = named or f"--model {model}"
     if Path(model).suffix in (".yaml", ".yml"):
         try:  # Ultralytics' own lookup (yolov8n-p2.yaml is its yolov8-p2.yaml at scale n), here before any folder
             network = yaml_model_load(model)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{flag} {model}: no such file, nor one of Ultralytics' model yamls "
+            raise FileNotFoundError(f"{named}: no such file, nor one of Ultralytics' model yamls "
                                     "(such as yolov8n.yaml)") from None
         except Exception as e:  # a yaml it cannot read
-            raise DataError(f"{flag} {model}: {one_line(e)}") from e
+            raise DataError(f"{named}: {one_line(e)}") from e
         if not {"backbone", "head"} <= set(network):  # Ultralytics would fail on it after making the run folder
             data = " (it reads as a data yaml: give it to --data)" if {"names", "train"} & set(network) else ""
-            raise ValueError(f"{flag} {model}: not a model yaml, which names a backbone and a head{data}")
+            raise ValueError(f"{named}: not a model yaml, which names a backbone and a head{data}")
     elif Path(model).suffix != ".pt":
-        raise ValueError(f"{flag} {model}: give a model yaml (such as yolov8n.yaml) or a local .pt checkpoint")
+        raise ValueError(f"{named}: give a model yaml (such as yolov8n.yaml) or a local .pt checkpoint")
     elif not Path(model).is_file():
-        raise FileNotFoundError(f"{flag} {model}: no such file (nothing is downloaded; give a local .pt or a yaml)")
+        raise FileNotFoundError(f"{named}: no such file (nothing is downloaded; give a local .pt or a yaml)")
     else:
         try:
             checkpoint = load_checkpoint(model)
             kind = checkpoint_kind(checkpoint, model)
         except ValueError as e:
-            raise DataError(flag_error(flag, model, e)) from e
+            raise DataError(f"{named}: {after_path(e, model)}") from e
         if kind == RCNN_ARCH:
-            raise ValueError(f"{flag} {model} is a Faster R-CNN checkpoint: train from it with --arch faster_rcnn "
+            raise ValueError(f"{named} is a Faster R-CNN checkpoint: train from it with --arch faster_rcnn "
                              f"--weights {model}, or continue its run with --resume")
         network = yolo_module(checkpoint)
-    check_detection_network(network, f"{flag} {model}", "train trains")
+    check_detection_network(network, f"{named}", "train trains")
     return str(Path(model).resolve()) if Path(model).is_file() else model
 
 
