@@ -99,6 +99,7 @@ def test_perfect_predictions_give_ap_one_and_full_recall_everywhere():
     assert all(v["ap"] == one and v["ap50"] == one for v in metrics["per_class"].values())
     assert metrics["per_class"]["Platelets"]["input"] == {"ap_small": one, "ap_medium": None, "ap_large": None}
     assert metrics["per_class"]["RBC"]["input"] == {"ap_small": None, "ap_medium": one, "ap_large": one}
+    assert all(v["original"] == v["input"] for v in metrics["per_class"].values())  # unit scales: one frame
     assert set(metrics["recall_by_size"]) == {"0.01", "0.1", "0.3"}
     for row in metrics["recall_by_size"].values():
         assert row["small"] == {"recall": 1.0, "hits": 3, "total": 3}
@@ -375,5 +376,7 @@ def test_class_ap_by_size_is_each_classs_own_where_coco_averages_the_classes():
     halved = evaluate_records(records, NAMES, np.full(1, 0.5))
     assert halved["coco"]["input"]["ap_small"] == pytest.approx(2 / 3)
     assert halved["per_class"]["WBC"]["input"] == {"ap_small": pytest.approx(1.0), "ap_medium": None, "ap_large": None}
+    assert halved["per_class"]["WBC"]["original"] == by_size["WBC"]  # the original frame keeps it medium
     assert halved["per_class"]["WBC"]["ap"] == metrics["per_class"]["WBC"]["ap"]  # AP over all sizes: frame-free
-    assert "| Platelets | 0.000 | 0.000 | 0.000 | n/a | n/a |" in format_report(metrics)
+    assert "| Platelets | 0.000 | 0.000 | 0.000 | n/a | n/a | 0.000 | n/a | n/a |" in format_report(metrics)
+    assert "| WBC | 1.000 | 1.000 | 1.000 | n/a | n/a | n/a | 1.000 | n/a |" in format_report(halved)

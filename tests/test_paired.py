@@ -23,6 +23,7 @@ from yolo_sizeloss.evaluation import (
     coco_metrics,
     evaluate_records,
     letterbox_scales,
+    per_class_ap,
     run_cocoeval,
 )
 from yolo_sizeloss.paired import (
@@ -107,16 +108,22 @@ def test_a_drawn_image_counts_once_per_draw_as_a_distinct_image(bccd_test):
         for size in ("small", "medium", "large"):  # None (no such object drawn) is NaN here
             expected = math.nan if coco[f"ap_{size}"] is None else coco[f"ap_{size}"]
             assert values[f"coco.{frame}.ap_{size}"] == pytest.approx(expected, abs=1e-6, nan_ok=True)
+        for name, by_size in per_class_ap(drawn, bccd_test.names, scales).items():
+            for size in ("small", "medium", "large"):
+                expected = math.nan if by_size[f"ap_{size}"] is None else by_size[f"ap_{size}"]
+                assert values[f"per_class.{name}.{frame}.ap_{size}"] == pytest.approx(expected, abs=1e-6, nan_ok=True)
     assert values["coco.ap"] != pytest.approx(evaluation.metrics(np.unique(draw))[0], abs=1e-3)
 
 
 def test_identical_runs_differ_by_zero_with_zero_width_intervals(bccd_test):
     [differences] = paired_bootstrap([bccd_test, bccd_test], resamples=50)
-    # AP, AP50, 3 sizes x 2 frames, 3 classes, 3 classes x 3 sizes, recall at 3 thresholds
-    assert len(differences) == 23
-    # BCCD's test split at 416 has no small red or white cells and no large red cells or platelets
+    # AP, AP50, 3 sizes x 2 frames, 3 classes, 3 classes x 3 sizes x 2 frames, recall at 3 thresholds
+    assert len(differences) == 2 + 3 * 2 + 3 + 3 * 3 * 2 + 3
+    # BCCD's test split at 416 has no small red or white cells and no large red cells or platelets; in its
+    # 640 x 480 originals no small red or white cells and no medium white cells
     undefined = {f"per_class.{c}.input.ap_{s}" for c, s in (("RBC", "small"), ("RBC", "large"), ("WBC", "small"),
                                                             ("Platelets", "large"))}
+    undefined |= {f"per_class.{c}.original.ap_{s}" for c, s in (("RBC", "small"), ("WBC", "small"), ("WBC", "medium"))}
     for key, d in differences.items():
         expected = (None, None, None, False) if key in undefined else (0.0, 0.0, 0.0, False)
         assert (d["diff"], d["low"], d["high"], d["excludes_zero"]) == expected, key

@@ -453,7 +453,7 @@ def evaluate_records(
     max_det: int = COCO_MAX_DET,
 ) -> dict:
     """The whole report for detections in original pixels: ``coco`` (per frame), ``per_class`` (AP,
-    AP50 and, under ``input``, AP per COCO size in the input frame), ``recall_by_size`` and
+    AP50 and, under each frame's name, AP per COCO size in that frame), ``recall_by_size`` and
     ``fit_by_size`` (buckets in ``recall_frame``) and ``meta`` describing buckets and protocol.
 
     ``input_scales[i]`` maps image i from original to network-input pixels (``letterbox_scales``);
@@ -462,12 +462,16 @@ def evaluate_records(
     if recall_frame not in FRAMES:
         raise ValueError(f"recall_frame must be one of {FRAMES}, got {recall_frame!r}")
     scales = frame_scales(input_scales)
-    by_class = per_class_ap(records, names, scales["input"], max_det)
+    by_class = {frame: per_class_ap(records, names, scales[frame], max_det) for frame in FRAMES}
     return {
         "coco": {frame: coco_metrics(records, len(names), scales[frame], edges, max_det) for frame in FRAMES},
         "per_class": {
-            name: {"ap": ap["ap"], "ap50": ap["ap50"], "input": {f"ap_{size}": ap[f"ap_{size}"] for size in COCO_NAMES}}
-            for name, ap in by_class.items()
+            name: {
+                "ap": ap["ap"],
+                "ap50": ap["ap50"],
+                **{frame: {f"ap_{size}": by_class[frame][name][f"ap_{size}"] for size in COCO_NAMES} for frame in FRAMES},
+            }
+            for name, ap in by_class["input"].items()
         },
         "recall_by_size": recall_by_size(records, scales[recall_frame], edges),
         "fit_by_size": fit_by_size(records, scales[recall_frame], edges),

@@ -62,16 +62,17 @@ def metric_paths(
 ) -> dict[str, tuple[str, ...]]:
     """The compared metrics in table order: name -> path into a report (metrics.json). AP and AP50
     over all sizes are the same in both frames (a frame only moves objects between size buckets), so
-    they appear once; per class, AP per size is of the input frame."""
+    they appear once; per class, AP per size in the input frame, then in the original frame."""
     paths = {"coco.ap": ("coco", "original", "ap"), "coco.ap50": ("coco", "original", "ap50")}
     for frame in FRAMES:
         for size in COCO_NAMES:
             paths[f"coco.{frame}.ap_{size}"] = ("coco", frame, f"ap_{size}")
     for name in names:
         paths[f"per_class.{name}.ap"] = ("per_class", name, "ap")
-    for name in names:
-        for size in COCO_NAMES:
-            paths[f"per_class.{name}.input.ap_{size}"] = ("per_class", name, "input", f"ap_{size}")
+    for frame in ("input", "original"):
+        for name in names:
+            for size in COCO_NAMES:
+                paths[f"per_class.{name}.{frame}.ap_{size}"] = ("per_class", name, frame, f"ap_{size}")
     for t in thresholds:
         paths[f"recall.{recall_bucket}@{t:g}"] = ("recall_by_size", f"{t:g}", recall_bucket, "recall")
     return paths
@@ -156,6 +157,7 @@ class RunEvaluation:
         values += [mean_precision(input_[..., a]) for a in range(len(COCO_NAMES))]
         values += [mean_precision(original[:, :, k, 0]) for k in range(len(self.names))]
         values += [mean_precision(input_[:, :, k, a]) for k in range(len(self.names)) for a in range(len(COCO_NAMES))]
+        values += [mean_precision(original[:, :, k, a]) for k in range(len(self.names)) for a in range(1, 1 + len(COCO_NAMES))]
         total = self.small_total[draw].sum()
         values += [hits[draw].sum() / total if total else math.nan for hits in self.small_hits]
         return np.array(values, dtype=np.float64)

@@ -60,13 +60,14 @@ def format_report(metrics: dict) -> str:
                 for name, label in zip(meta["bucket_names"], bucket_labels(meta))
             ],
         ),
-        f"## Per class (AP50-95 and AP50: original frame; by size: the {frame_label['input']} frame)",
+        f"## Per class (AP50-95 and AP50 over all sizes; by size: the {frame_label['input']} frame, then the "
+        "original frame)",
         markdown_table(
-            ["class", "AP50-95", "AP50", "APs", "APm", "APl"],
+            ["class", "AP50-95", "AP50", "APs", "APm", "APl", "APs orig", "APm orig", "APl orig"],
             [
                 [name, format_value(v["ap"]), format_value(v["ap50"])]
                 # a report written before per-size class AP has none: n/a (val --update adds it)
-                + [format_value(v.get("input", {}).get(f"ap_{size}")) for size in COCO_NAMES]
+                + [format_value(v.get(frame, {}).get(f"ap_{size}")) for frame in ("input", "original") for size in COCO_NAMES]
                 for name, v in metrics["per_class"].items()
             ],
         ),
