@@ -98,11 +98,32 @@ def cell_text(c: dict | None) -> str:
     return f"{c['diff']:+.1f}{interval}"
 
 
+def set_tables(folder: Path, split: str, names: list[str]) -> list[dict]:
+    """A set's compare.py tables of ``split`` that exist: results.json, then those named in the set's
+    ``tables`` (``--table NAME``: more seeds of some modes)."""
+    paths = [table_files(folder, split, name)[0] for name in (None, *names)]
+    return [json.loads(path.read_text()) for path in paths if path.is_file()]
+
+
+def mode_cells(tables: list[dict], label: str) -> dict[str, dict | None]:
+    """``label``'s cells (column -> cell) from the table that holds it over the most seeds; None cells
+    where no table has it."""
+    best = {column: None for column in SHOWN}
+    for results in tables:
+        cells = {column: cell(results, label, column) for column in SHOWN}
+        if seed_count(cells) > seed_count(best):
+            best = cells
+    return best
+
+
+def seed_count(cells: dict[str, dict | None]) -> int:
+    return max((c["seeds"] for c in cells.values() if c), default=0)
+
+
 def rows(suite: dict, labels: list[str], split: str, root: Path) -> list[list[str]]:
     out = []
     for entry in suite["sets"]:
-        json_path, _, _ = table_files(root / entry["results"], split)
-        results = json.loads(json_path.read_text()) if json_path.is_file() else None
+        tables = set_tables(root / entry["results"], split, entry.get("tables", []))
         for label in labels:
             name = f"{entry['name']} ({entry['small']})"
             same = entry.get("trains_as", {}).get(label)
@@ -110,11 +131,11 @@ def rows(suite: dict, labels: list[str], split: str, root: Path) -> list[list[st
                 out.append([name, label, "", *["0"] * len(SHOWN), "all: trains the stock loss here"])
                 continue
             # the mode's own run where there is one, else the run of the loss it trains here
-            measured = label if results and label in results["differences"] else same or label
-            cells = {column: cell(results, measured, column) if results else None for column in SHOWN}
+            measured = label if any(label in results["differences"] for results in tables) else same or label
+            cells = mode_cells(tables, measured)
             if same:
                 label = f"{label} (trains as {same} here)"
-            seeds = max((c["seeds"] for c in cells.values() if c), default=0)
+            seeds = seed_count(cells)
             if not seeds:
                 out.append([name, label, "0", *["not run"] * len(SHOWN), ""])
                 continue

@@ -480,6 +480,31 @@ def test_a_faster_rcnn_run_at_another_lr_is_not_reused_by_a_harness_without_lr(t
         ["--arch", "faster_rcnn", "--epochs", "30", "--imgsz", "640", "--lr", "0.01", "--lr-step", "20"]), seed=0)
 
 
+def test_suite_reads_each_mode_from_the_table_with_the_most_seeds_of_it(tmp_path, monkeypatch, capsys):
+    """A set's ``tables`` (compare.py --table NAME) add seeds for some modes: a mode is read from the table
+    holding it over the most seeds, a mode in results.json alone from there, a named table not written
+    is skipped."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    suite = bench_script("suite")
+    per_seed = lambda *v: {str(i): x for i, x in enumerate(v)}  # noqa: E731
+    columns = ("Platelets AP", "Platelets APs input", "APs input", "APl orig", "mAP50-95", "AP", "R small@0.3")
+    table = lambda mode, *v: {"focus_class": "Platelets", "bootstrap": {},  # noqa: E731
+                              "differences": {mode: {c: _difference(per_seed(*v)) for c in columns}}}
+    three, five = table("nwd", 0.04, 0.05, 0.06), table("nwd", 0.02, 0.03, 0.04, 0.05, 0.06)
+    three["differences"]["nwd-box_only"] = table("nwd-box_only", 0.01, 0.01, 0.01)["differences"]["nwd-box_only"]
+    (tmp_path / "results.json").write_text(json.dumps(three))
+    (tmp_path / "results-seeds5.json").write_text(json.dumps(five))
+    (tmp_path / "results-one.json").write_text(json.dumps(table("nwd", 0.09)))
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"sets": [
+        {"name": "M", "kind": "mixed", "small": "7%", "results": str(tmp_path), "schedule": "s", "command": "c",
+         "tables": ["one", "seeds5", "unwritten"]}]}))
+    assert suite.main(["--modes", "nwd", "nwd:box_only", "--suite", str(tmp_path / "suite.yaml")]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:4]]
+    # +2 .. +6: mean 4, t-interval 4 -+ 2.776 * 1.581 / sqrt(5) = [+2.0, +6.0]
+    assert rows[0][1:4] == ["nwd", "5", "+4.0 [+2.0, +6.0]"]
+    assert rows[1][1:4] == ["nwd-box_only", "3", "+1.0 [+1.0, +1.0]"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--focus-class", "platelets"], "--focus-class platelets: not a class of BCCD (choose from RBC, WBC, Platelets)"),
     (["--split", "tset"], "--split tset: BCCD does not define it (choose from train, val, test)"),
