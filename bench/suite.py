@@ -100,7 +100,7 @@ def cell_text(c: dict | None) -> str:
 
 def set_tables(folder: Path, split: str, names: list[str]) -> list[dict]:
     """A set's compare.py tables of ``split`` that exist: results.json, then those named in the set's
-    ``tables`` (``--table NAME``: more seeds of some modes)."""
+    ``tables`` (``--table NAME``: more seeds of some modes, with the same focus class)."""
     paths = [table_files(folder, split, name)[0] for name in (None, *names)]
     return [json.loads(path.read_text()) for path in paths if path.is_file()]
 
@@ -117,6 +117,7 @@ def mode_cells(tables: list[dict], label: str) -> dict[str, dict | None]:
 
 
 def seed_count(cells: dict[str, dict | None]) -> int:
+    """The seeds behind a mode's cells (0 where no table has the mode)."""
     return max((c["seeds"] for c in cells.values() if c), default=0)
 
 
