@@ -232,7 +232,7 @@ def check_yolo_model(model: str, named: str | None = None) -> str:
             raise ValueError(f"{named} is a Faster R-CNN checkpoint: train from it with --arch faster_rcnn "
                              f"--weights {model}, or continue its run with --resume")
         network = yolo_module(checkpoint)
-    check_detection_network(network, f"{named}", "train trains")
+    check_detection_network(network, named, "train trains")
     return str(Path(model).resolve()) if Path(model).is_file() else model
 
 
